@@ -1,0 +1,63 @@
+// CPU loop helpers shared by the op families: per-sample chunked parallel loops over a
+// batch-outer dense layout, and deterministic block reductions.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common.h"
+
+namespace rglcd_fast {
+namespace cpu {
+
+constexpr int64_t kGrain = 32768;       // elements per parallel task
+constexpr int64_t kReduceBlock = 16384; // elements per reduction partial (fixed: results do not depend on threads)
+
+// Calls body(b, begin, end) on runs of flat indices that all belong to sample b.
+template <typename Body>
+inline void for_each_sample_run(int64_t begin, int64_t end, int64_t per_sample, const Body& body) {
+  while (begin < end) {
+    const int64_t b = begin / per_sample;
+    const int64_t stop = std::min(end, (b + 1) * per_sample);
+    body(b, begin, stop);
+    begin = stop;
+  }
+}
+
+template <typename Body>
+inline void parallel_sample_runs(int64_t n, int64_t per_sample, const Body& body) {
+  if (n == 0) return;
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) { for_each_sample_run(begin, end, per_sample, body); });
+}
+
+// Deterministic sum: fixed-size blocks summed in acc_t by body(b, begin, end) -> acc_t, then the
+// partials added in order in double.
+template <typename acc_t, typename Body>
+inline double blocked_sum(int64_t n, int64_t per_sample, const Body& body) {
+  const int64_t blocks = (n + kReduceBlock - 1) / kReduceBlock;
+  std::vector<double> partial(blocks, 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t k = b0; k < b1; ++k) {
+      acc_t s = 0;
+      for_each_sample_run(k * kReduceBlock, std::min(n, (k + 1) * kReduceBlock), per_sample,
+                          [&](int64_t b, int64_t i0, int64_t i1) { s += body(b, i0, i1); });
+      partial[k] = static_cast<double>(s);
+    }
+  });
+  double total = 0.0;
+  for (double p : partial) total += p;
+  return total;
+}
+
+// Per-sample values of an index tensor read on the host, and the schedule as acc_t.
+template <typename acc_t>
+inline std::vector<acc_t> schedule_values(const at::Tensor& alphas_cumprod) {
+  auto table = alphas_cumprod.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  const acc_t* p = table.template data_ptr<acc_t>();
+  return std::vector<acc_t>(p, p + table.numel());
+}
+
+}  // namespace cpu
+}  // namespace rglcd_fast

@@ -1,0 +1,58 @@
+"""Build rglcd_fast: the C++ extension always, the CUDA kernels when torch has CUDA and nvcc is found.
+
+Environment switches (every build choice is one):
+  RGLCD_FAST_NO_EXT=1          skip the extension; the pure-PyTorch references serve as the kernels
+  RGLCD_FAST_CUDA=auto|0|1     CUDA kernels: when possible (default), never, or always (fail if impossible)
+  TORCH_CUDA_ARCH_LIST         CUDA architectures (default "8.0;9.0")
+  MAX_JOBS                     parallel compile jobs (read by torch's ninja builder)
+"""
+import glob
+import os
+
+from setuptools import setup
+
+
+def _extensions():
+    if os.environ.get("RGLCD_FAST_NO_EXT", "0") == "1":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    cuda_mode = os.environ.get("RGLCD_FAST_CUDA", "auto")
+    if cuda_mode not in ("auto", "0", "1"):
+        raise ValueError(f"RGLCD_FAST_CUDA must be auto, 0 or 1, got {cuda_mode!r}")
+    cuda_possible = torch.version.cuda is not None and CUDA_HOME is not None
+    if cuda_mode == "1" and not cuda_possible:
+        raise RuntimeError("RGLCD_FAST_CUDA=1 but torch has no CUDA or nvcc was not found (set CUDA_HOME)")
+    with_cuda = cuda_possible and cuda_mode != "0"
+
+    debug = os.environ.get("RGLCD_FAST_DEBUG", "0") == "1"
+    cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags += ["-std=c++17", "-fopenmp"]
+    sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/module.cpp"]
+    extra = {"cxx": cxx_flags}
+    kwargs = dict(
+        name="rglcd_fast._C",
+        sources=sources,
+        include_dirs=[os.path.abspath("csrc")],
+        extra_link_args=["-fopenmp"],
+        py_limited_api=True,
+        define_macros=[("Py_LIMITED_API", "0x03090000")],
+    )
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        kwargs["sources"] += sorted(glob.glob("csrc/cuda/*.cu"))
+        extra["nvcc"] = ["-O3", "-std=c++17", "-lineinfo"]
+        kwargs["define_macros"].append(("RGLCD_FAST_WITH_CUDA", None))
+        ext = CUDAExtension(extra_compile_args=extra, **kwargs)
+    else:
+        ext = CppExtension(extra_compile_args=extra, **kwargs)
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+setup(
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
+)
