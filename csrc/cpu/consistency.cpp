@@ -180,13 +180,13 @@ std::tuple<at::Tensor, at::Tensor> consistency_loss_cpu(const at::Tensor& model_
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
     scalar_t* pp = pred.mutable_data_ptr<scalar_t>();
     const acc_t c = static_cast<acc_t>(huber_c);
-    total = cpu::blocked_sum<acc_t>(n, per_sample, [&](int64_t b, int64_t i0, int64_t i1) {
+    total = cpu::blocked_sum(n, per_sample, [&](int64_t b, int64_t i0, int64_t i1) {
       const Linear<acc_t> k = coeff[b];
-      acc_t s = 0;
+      double s = 0;  // double sums keep a long run as accurate as PyTorch's cascade summation
       for (int64_t i = i0; i < i1; ++i) {
         const acc_t v = k(xp[i], mp[i]);
         pp[i] = static_cast<scalar_t>(v);
-        s += loss_value(v - static_cast<acc_t>(yp[i]), loss_kind, c);
+        s += static_cast<double>(loss_value(v - static_cast<acc_t>(yp[i]), loss_kind, c));
       }
       return s;
     });

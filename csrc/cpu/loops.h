@@ -32,18 +32,18 @@ inline void parallel_sample_runs(int64_t n, int64_t per_sample, const Body& body
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) { for_each_sample_run(begin, end, per_sample, body); });
 }
 
-// Deterministic sum: fixed-size blocks summed in acc_t by body(b, begin, end) -> acc_t, then the
-// partials added in order in double.
-template <typename acc_t, typename Body>
+// Deterministic sum: fixed-size blocks, each summed by body(b, begin, end) -> double over its
+// per-sample runs, then the partials added in order (results do not depend on the thread count).
+template <typename Body>
 inline double blocked_sum(int64_t n, int64_t per_sample, const Body& body) {
   const int64_t blocks = (n + kReduceBlock - 1) / kReduceBlock;
   std::vector<double> partial(blocks, 0.0);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t k = b0; k < b1; ++k) {
-      acc_t s = 0;
+      double s = 0;
       for_each_sample_run(k * kReduceBlock, std::min(n, (k + 1) * kReduceBlock), per_sample,
                           [&](int64_t b, int64_t i0, int64_t i1) { s += body(b, i0, i1); });
-      partial[k] = static_cast<double>(s);
+      partial[k] = s;
     }
   });
   double total = 0.0;
