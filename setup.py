@@ -28,7 +28,7 @@ def _extensions():
 
     debug = os.environ.get("RGLCD_FAST_DEBUG", "0") == "1"
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags += ["-std=c++17", "-fopenmp"]
+    cxx_flags += ["-std=c++17", "-fopenmp", "-fno-math-errno"]
     sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/module.cpp"]
     extra = {"cxx": cxx_flags}
     kwargs = dict(

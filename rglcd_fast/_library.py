@@ -21,6 +21,37 @@ def define(name: str, signature: str, reference_kernel: Callable):
     return getattr(torch.ops.rglcd_fast, name).default
 
 
+def register_autograd(name: str, setup_context: Callable, backward: Callable) -> None:
+    """Autograd for rglcd_fast::<name>, with the contract of torch.library.register_autograd
+    (setup_context(ctx, inputs, output); backward(ctx, *grads) -> one gradient or None per input) but
+    a plain autograd.Function behind it: the generic wrapper costs ~100 µs of Python a call, which
+    would dominate these small fused ops. Unused output gradients arrive as None."""
+    op = getattr(torch.ops.rglcd_fast, name).default
+
+    class Node(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            with torch._C._AutoDispatchBelowAutograd():
+                output = op(*args)
+            ctx.set_materialize_grads(False)
+            setup_context(ctx, args, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    Node.__name__ = Node.__qualname__ = f"{name}_backward_node"
+
+    def autograd_kernel(*args):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return Node.apply(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    _LIB.impl(name, autograd_kernel, "Autograd")
+
+
 def qualname(name: str) -> str:
     return f"{NAMESPACE}::{name}"
 

@@ -88,15 +88,18 @@ std::tuple<at::Tensor, at::Tensor> linear_map_backward(const at::Tensor& grad, c
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* gm = mask[0] ? grad_m.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* gx = mask[1] ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
-    cpu::parallel_sample_runs(n, per_sample, [&](int64_t b, int64_t i0, int64_t i1) {
-      const Linear<acc_t> c = coeff[b];
-      const acc_t cx = c.has_x ? c.cx : acc_t(0);
-      for (int64_t i = i0; i < i1; ++i) {
-        const acc_t gi = static_cast<acc_t>(gp[i]);
-        if (gm) gm[i] = static_cast<scalar_t>(c.cm * gi);
-        if (gx) gx[i] = c.has_x ? static_cast<scalar_t>(cx * gi) : scalar_t(0);
-      }
-    });
+    cpu::with_flags(
+        [&](auto with_gm, auto with_gx) {
+          cpu::parallel_sample_runs(n, per_sample, [&](int64_t b, int64_t i0, int64_t i1) {
+            const Linear<acc_t> c = coeff[b];
+            for (int64_t i = i0; i < i1; ++i) {
+              const acc_t gi = static_cast<acc_t>(gp[i]);
+              if constexpr (decltype(with_gm)::value) gm[i] = static_cast<scalar_t>(c.cm * gi);
+              if constexpr (decltype(with_gx)::value) gx[i] = c.has_x ? static_cast<scalar_t>(c.cx * gi) : scalar_t(0);
+            }
+          });
+        },
+        gm != nullptr, gx != nullptr);
   });
   return {mask[0] ? layout.deliver(grad_m) : grad_m, mask[1] ? layout.deliver(grad_x) : grad_x};
 }
@@ -180,16 +183,20 @@ std::tuple<at::Tensor, at::Tensor> consistency_loss_cpu(const at::Tensor& model_
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
     scalar_t* pp = pred.mutable_data_ptr<scalar_t>();
     const acc_t c = static_cast<acc_t>(huber_c);
-    total = cpu::blocked_sum(n, per_sample, [&](int64_t b, int64_t i0, int64_t i1) {
-      const Linear<acc_t> k = coeff[b];
-      double s = 0;  // double sums keep a long run as accurate as PyTorch's cascade summation
-      for (int64_t i = i0; i < i1; ++i) {
-        const acc_t v = k(xp[i], mp[i]);
-        pp[i] = static_cast<scalar_t>(v);
-        s += static_cast<double>(loss_value(v - static_cast<acc_t>(yp[i]), loss_kind, c));
-      }
-      return s;
-    });
+    cpu::with_flags(
+        [&](auto huber) {
+          constexpr LossType kind = decltype(huber)::value ? LossType::Huber : LossType::L2;
+          total = cpu::blocked_sum(n, per_sample, [&](int64_t b, int64_t i0, int64_t i1) {
+            const Linear<acc_t> k = coeff[b];
+            // double sums keep a long run as accurate as PyTorch's cascade summation
+            return cpu::lane_sum(i0, i1, [&](int64_t i) {
+              const acc_t v = k(xp[i], mp[i]);
+              pp[i] = static_cast<scalar_t>(v);
+              return loss_value(v - static_cast<acc_t>(yp[i]), kind, c);
+            });
+          });
+        },
+        loss_kind == LossType::Huber);
   });
   const auto loss_dtype = m.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor loss = at::full({}, total / static_cast<double>(n), m.options().dtype(loss_dtype));
@@ -225,16 +232,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> consistency_loss_backward_cpu(
     scalar_t* gx = mask[1] ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* gy = mask[2] ? grad_y.mutable_data_ptr<scalar_t>() : nullptr;
     const acc_t c = static_cast<acc_t>(huber_c), scale = static_cast<acc_t>(g_over_n);
-    cpu::parallel_sample_runs(n, per_sample, [&](int64_t b, int64_t i0, int64_t i1) {
-      const Linear<acc_t> k = coeff[b];
-      for (int64_t i = i0; i < i1; ++i) {
-        const acc_t r = scale * loss_derivative(k(xp[i], mp[i]) - static_cast<acc_t>(yp[i]), loss_kind, c);
-        const acc_t h = gpp ? r + static_cast<acc_t>(gpp[i]) : r;
-        if (gm) gm[i] = static_cast<scalar_t>(k.cm * h);
-        if (gx) gx[i] = static_cast<scalar_t>(k.cx * h);
-        if (gy) gy[i] = static_cast<scalar_t>(-r);
-      }
-    });
+    cpu::with_flags(
+        [&](auto huber, auto with_gp, auto with_gm, auto with_gx, auto with_gy) {
+          constexpr LossType kind = decltype(huber)::value ? LossType::Huber : LossType::L2;
+          cpu::parallel_sample_runs(n, per_sample, [&](int64_t b, int64_t i0, int64_t i1) {
+            const Linear<acc_t> k = coeff[b];
+            for (int64_t i = i0; i < i1; ++i) {
+              const acc_t r = scale * loss_derivative(k(xp[i], mp[i]) - static_cast<acc_t>(yp[i]), kind, c);
+              const acc_t h = with_gp ? r + static_cast<acc_t>(gpp[i]) : r;
+              if constexpr (decltype(with_gm)::value) gm[i] = static_cast<scalar_t>(k.cm * h);
+              if constexpr (decltype(with_gx)::value) gx[i] = static_cast<scalar_t>(k.cx * h);
+              if constexpr (decltype(with_gy)::value) gy[i] = static_cast<scalar_t>(-r);
+            }
+          });
+        },
+        loss_kind == LossType::Huber, gpp != nullptr, gm != nullptr, gx != nullptr, gy != nullptr);
   });
   return {mask[0] ? layout.deliver(grad_m) : grad_m, mask[1] ? layout.deliver(grad_x) : grad_x,
           mask[2] ? layout.deliver(grad_y) : grad_y};

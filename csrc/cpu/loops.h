@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -49,6 +50,38 @@ inline double blocked_sum(int64_t n, int64_t per_sample, const Body& body) {
   double total = 0.0;
   for (double p : partial) total += p;
   return total;
+}
+
+// Sum of term(i) over [begin, end) in double, in 8 independent lanes so the loop vectorises
+// (a single running sum is a serial dependency chain the compiler may not reorder).
+template <typename Term>
+inline double lane_sum(int64_t begin, int64_t end, const Term& term) {
+  constexpr int kLanes = 8;
+  double lanes[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) lanes[j] += static_cast<double>(term(i + j));
+  }
+  for (; i < end; ++i) lanes[0] += static_cast<double>(term(i));
+  double total = 0;
+  for (double lane : lanes) total += lane;
+  return total;
+}
+
+// Calls body(std::bool_constant<flags>...) so that loop-invariant flags become compile-time
+// constants: the inner loops then carry no branches and vectorise.
+template <typename Body>
+inline void with_flags(const Body& body, bool flag) {
+  if (flag) {
+    body(std::true_type{});
+  } else {
+    body(std::false_type{});
+  }
+}
+
+template <typename Body, typename... Rest>
+inline void with_flags(const Body& body, bool flag, Rest... rest) {
+  with_flags([&](auto first) { with_flags([&](auto... others) { body(first, others...); }, rest...); }, flag);
 }
 
 // Per-sample values of an index tensor read on the host, and the schedule as acc_t.

@@ -121,10 +121,13 @@ def _register_map_autograd(name, backward_op):
     def backward(ctx, grad):
         timesteps, alphas_cumprod = ctx.saved_tensors
         mask = list(ctx.needs_input_grad[:2])
+        no_grads = (None,) * (5 + len(ctx.extra))
+        if grad is None or not any(mask):
+            return no_grads
         grad_m, grad_x = backward_op(grad, timesteps, alphas_cumprod, *ctx.extra, mask)
-        return (grad_m if mask[0] else None, grad_x if mask[1] else None) + (None,) * (3 + len(ctx.extra))
+        return (grad_m if mask[0] else None, grad_x if mask[1] else None) + no_grads[2:]
 
-    torch.library.register_autograd(lib.qualname(name), backward, setup_context=setup_context)
+    lib.register_autograd(name, setup_context, backward)
 
 
 _register_map_autograd("predicted_x0", _predicted_x0_backward)
@@ -142,13 +145,18 @@ def _loss_backward(ctx, grad_loss, grad_model_pred):
     model_output, sample, timesteps, target, alphas_cumprod = ctx.saved_tensors
     needs = ctx.needs_input_grad
     mask = [needs[0], needs[1], needs[3]]
+    if (grad_loss is None and grad_model_pred is None) or not any(mask):
+        return (None,) * 10
+    if grad_loss is None:  # only model_pred was used
+        grad_loss = torch.zeros((), dtype=torch.float64 if model_output.dtype == torch.float64 else torch.float32,
+                                device=model_output.device)
     grad_m, grad_x, grad_target = _consistency_loss_backward(
         grad_loss, grad_model_pred, model_output, sample, timesteps, target, alphas_cumprod, *ctx.params, mask)
     return (grad_m if mask[0] else None, grad_x if mask[1] else None, None,
             grad_target if mask[2] else None) + (None,) * 6
 
 
-torch.library.register_autograd(lib.qualname("consistency_loss"), _loss_backward, setup_context=_loss_setup_context)
+lib.register_autograd("consistency_loss", _loss_setup_context, _loss_backward)
 
 # ---- public functions ---------------------------------------------------------------------------
 
