@@ -28,7 +28,7 @@ def _extensions():
 
     debug = os.environ.get("RGLCD_FAST_DEBUG", "0") == "1"
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags += ["-std=c++17", "-fopenmp", "-fno-math-errno"]
+    cxx_flags += ["-fopenmp", "-fno-math-errno"]  # torch's builder adds the C++ standard it needs
     sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/module.cpp"]
     extra = {"cxx": cxx_flags}
     kwargs = dict(
@@ -42,7 +42,7 @@ def _extensions():
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         kwargs["sources"] += sorted(glob.glob("csrc/cuda/*.cu"))
-        extra["nvcc"] = ["-O3", "-std=c++17", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "-lineinfo"]
         kwargs["define_macros"].append(("RGLCD_FAST_WITH_CUDA", None))
         ext = CUDAExtension(extra_compile_args=extra, **kwargs)
     else:

@@ -82,6 +82,26 @@ RGLCD_HD Linear<acc_t> consistency_coefficients(acc_t alpha_bar, acc_t t, Predic
   return {c_skip + c_out * x0.cx, c_out * x0.cm};
 }
 
+// The consistency-family maps: per-sample coefficients from (ᾱ_t, t); shared by every backend.
+struct X0Map {
+  PredictionType type;
+  template <typename acc_t>
+  RGLCD_HD Linear<acc_t> operator()(acc_t alpha_bar, acc_t) const { return x0_coefficients(alpha_bar, type); }
+};
+struct EpsMap {
+  PredictionType type;
+  template <typename acc_t>
+  RGLCD_HD Linear<acc_t> operator()(acc_t alpha_bar, acc_t) const { return eps_coefficients(alpha_bar, type); }
+};
+struct ConsistencyMap {
+  PredictionType type;
+  double timestep_scaling, sigma_data;
+  template <typename acc_t>
+  RGLCD_HD Linear<acc_t> operator()(acc_t alpha_bar, acc_t t) const {
+    return consistency_coefficients(alpha_bar, t, type, acc_t(timestep_scaling), acc_t(sigma_data));
+  }
+};
+
 enum class LossType : int { L2 = 0, Huber = 1 };
 
 inline LossType parse_loss_type(std::string_view s) {
@@ -104,7 +124,7 @@ RGLCD_HD acc_t loss_derivative(acc_t d, LossType type, acc_t c) {
 // ---- host-side argument handling -------------------------------------------------------------
 
 // Per-sample index tensors are [B] or a single element broadcast over the batch.
-inline int64_t per_sample_index(int64_t numel, int64_t b) { return numel == 1 ? 0 : b; }
+RGLCD_HD int64_t per_sample_index(int64_t numel, int64_t b) { return numel == 1 ? 0 : b; }
 
 inline int64_t batch_size(const at::Tensor& t) { return t.dim() == 0 ? 1 : t.size(0); }
 

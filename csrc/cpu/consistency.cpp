@@ -26,26 +26,6 @@ std::vector<Linear<acc_t>> batch_coefficients(const at::Tensor& timesteps, const
   return out;
 }
 
-// The three forward maps differ only in their coefficients.
-struct X0Map {
-  PredictionType type;
-  template <typename acc_t>
-  Linear<acc_t> operator()(acc_t alpha_bar, acc_t) const { return x0_coefficients(alpha_bar, type); }
-};
-struct EpsMap {
-  PredictionType type;
-  template <typename acc_t>
-  Linear<acc_t> operator()(acc_t alpha_bar, acc_t) const { return eps_coefficients(alpha_bar, type); }
-};
-struct ConsistencyMap {
-  PredictionType type;
-  double timestep_scaling, sigma_data;
-  template <typename acc_t>
-  Linear<acc_t> operator()(acc_t alpha_bar, acc_t t) const {
-    return consistency_coefficients(alpha_bar, t, type, acc_t(timestep_scaling), acc_t(sigma_data));
-  }
-};
-
 void check_same_shape(const at::Tensor& a, const at::Tensor& b, const char* name) {
   TORCH_CHECK_VALUE(a.sizes() == b.sizes(), name, ": expected shape ", a.sizes(), ", got ", b.sizes());
 }

@@ -1,0 +1,110 @@
+"""GPU op benchmark: for each op family, eager reference vs torch.compile of the reference vs
+rglcd_fast, forward / backward / forward+backward, at Stable Diffusion latent shapes, fp32 and bf16.
+Reports median µs (CUDA events through triton's do_bench), the kernel time alone (profiler), the
+achieved GB/s of our kernels, % of the device-to-device copy bandwidth measured in the same run, the
+bandwidth floor, and the speedups. Writes benchmarks/results/ops_<card>.md.
+
+    python benchmarks/bench_ops.py [--families consistency,solver,reward] [--quick] [--out FILE]
+"""
+import argparse
+import datetime
+import os
+import subprocess
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(HERE, "..", "tests")]
+
+from gpu_cases import LATENT_SHAPES  # noqa: E402
+
+FAMILY_MODULES = ("consistency", "solver", "reward")  # benchmarks/bench_<family>.py, each with gpu_cases()
+
+PROVIDERS = ("eager", "compile", "rglcd_fast")
+
+
+def do_bench(fn):
+    from triton.testing import do_bench as triton_do_bench
+    return triton_do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3  # µs
+
+
+def copy_bandwidth_gbs():
+    """Device-to-device copy of 1 GiB, bytes read + written over the median time."""
+    src = torch.randn(256 * 1024 * 1024, device="cuda")
+    dst = torch.empty_like(src)
+    us = do_bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / (us * 1e-6) / 1e9
+
+
+def kernel_us(fn, iters=20):
+    """Device time of the kernels fn launches (no Python or launch gaps), per call."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    total = sum(e.device_time_total for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return total / iters
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", default=",".join(FAMILY_MODULES))
+    parser.add_argument("--quick", action="store_true", help="one latent shape and dtype (smoke test)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    import rglcd_fast
+    if not rglcd_fast.has_cuda_kernels():
+        sys.exit(f"rglcd_fast has no CUDA kernels here ({rglcd_fast.extension_load_error()})")
+    card = torch.cuda.get_device_name()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=HERE).stdout.strip() or os.environ.get("RGLCD_COMMIT", "unknown")
+    copy_gbs = copy_bandwidth_gbs()
+    dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
+
+    rows = []
+    for family in args.families.split(","):
+        module = __import__(f"bench_{family}")
+        for case in module.gpu_cases(quick=args.quick, dtypes=dtypes):
+            timings = {}
+            for provider in PROVIDERS:
+                fn = case.make(provider)
+                timings[provider] = do_bench(fn)
+                if provider == "rglcd_fast":
+                    kernel = kernel_us(fn)
+            floor_us = case.min_bytes / (copy_gbs * 1e9) * 1e6
+            achieved = case.our_bytes / (kernel * 1e-6) / 1e9 if kernel > 0 else float("nan")
+            rows.append((case.name, case.shape_name, case.dtype_name, timings, kernel, achieved,
+                         100 * achieved / copy_gbs, floor_us))
+            t = timings
+            print(f"{case.name:42s} {case.shape_name:12s} {case.dtype_name:5s} eager {t['eager']:8.1f} "
+                  f"compile {t['compile']:8.1f} ours {t['rglcd_fast']:7.1f} (kernel {kernel:6.1f}) µs  "
+                  f"{achieved:6.0f} GB/s {100 * achieved / copy_gbs:4.0f}%  "
+                  f"x{t['eager'] / t['rglcd_fast']:.1f} eager x{t['compile'] / t['rglcd_fast']:.1f} compile",
+                  flush=True)
+
+    lines = [f"# Op benchmark: {card}", "",
+             f"torch {torch.__version__}, CUDA {torch.version.cuda}; commit {commit}; "
+             f"{datetime.date.today().isoformat()}. Medians of CUDA-event timings (triton do_bench), µs. "
+             f"'kernel' is the device time of our kernels alone (profiler). Copy bandwidth measured in this "
+             f"run: {copy_gbs:,.0f} GB/s (bytes read + written); the floor moves each input once and each "
+             f"output once at that rate. Latent shapes: "
+             + ", ".join(f"{k} = {'×'.join(map(str, v))}" for k, v in LATENT_SHAPES.items()) + ".", "",
+             "| op | shape | dtype | eager | compile | rglcd_fast | kernel | GB/s | % copy bw | floor | vs eager | vs compile |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, shape, dtype, t, kernel, achieved, pct, floor_us in rows:
+        lines.append(f"| {name} | {shape} | {dtype} | {t['eager']:.1f} | {t['compile']:.1f} | "
+                     f"{t['rglcd_fast']:.1f} | {kernel:.1f} | {achieved:,.0f} | {pct:.0f}% | {floor_us:.1f} | "
+                     f"{t['eager'] / t['rglcd_fast']:.1f}× | {t['compile'] / t['rglcd_fast']:.1f}× |")
+    card_id = card.replace("NVIDIA ", "").replace(" ", "_")
+    out = args.out or os.path.join(HERE, "results", f"ops_{card_id}.md")
+    with open(out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

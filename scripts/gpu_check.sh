@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# On the lent GPU machine (device tool): build rglcd_fast from source, run the whole test suite
+# (CUDA cases included), the op tests under compute-sanitizer, and the op benchmark.
+#   device run:  bash scripts/gpu_check.sh [tests|sanitizer|bench|all]...   (carry .whl: see shared/wheels)
+# Logs go to $OUT (the device tool brings them back); the benchmark table to benchmarks/results/.
+set -uo pipefail
+OUT=${OUT:-/tmp/rglcd_out}
+mkdir -p "$OUT"
+stages=${*:-all}
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+if ls .whl/*.whl >/dev/null 2>&1; then  # diffusers (the schedulers' equivalence tests) is not on the image
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/device.txt"
+
+start=$(date +%s)
+python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - start )) s"
+python3 -c "import rglcd_fast as r; assert r.has_cuda_kernels(), r.extension_load_error(); print('CUDA kernels active')" || exit 1
+
+status=0
+run_stage() { [[ " $stages " == *" all "* || " $stages " == *" $1 "* ]]; }
+if run_stage tests; then
+  python3 -m pytest -q -rs tests 2>&1 | tee "$OUT/tests.log" | tail -15
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+if run_stage sanitizer; then
+  for tool in memcheck racecheck initcheck; do
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
+      python3 -m pytest -q -x tests -k "cuda and not compile and not opcheck" -p no:cacheprovider \
+      > "$OUT/sanitizer_$tool.log" 2>&1
+    code=$?
+    echo "compute-sanitizer $tool: exit $code; $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitizer_$tool.log" | tail -2 | tr '\n' ' ')"
+    [ $code -eq 0 ] || status=1
+  done
+fi
+if run_stage bench; then
+  python3 benchmarks/bench_ops.py ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40
+  cp benchmarks/results/ops_*.md "$OUT/" 2>/dev/null
+fi
+exit $status
