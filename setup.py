@@ -36,8 +36,8 @@ def _extensions():
         sources=sources,
         include_dirs=[os.path.abspath("csrc")],
         extra_link_args=["-fopenmp"],
-        py_limited_api=True,
-        define_macros=[("Py_LIMITED_API", "0x03090000")],
+        py_limited_api=True,  # torch's builder defines Py_LIMITED_API to match
+        define_macros=[],
     )
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")

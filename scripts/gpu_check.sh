@@ -7,6 +7,9 @@ set -uo pipefail
 OUT=${OUT:-/tmp/rglcd_out}
 mkdir -p "$OUT"
 stages=${*:-all}
+# The image's default compiler (/opt/gcc) links libstdc++ statically: C++ exceptions thrown by our
+# kernels then crash instead of reaching Python. The system g++ shares torch's libstdc++.
+export CC=${CC:-gcc} CXX=${CXX:-g++}
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 if ls .whl/*.whl >/dev/null 2>&1; then  # diffusers (the schedulers' equivalence tests) is not on the image
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
