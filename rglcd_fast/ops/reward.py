@@ -116,7 +116,7 @@ torch.library.register_autograd(lib.qualname("pairwise_preference_loss"), _pairw
 # ---- public functions ---------------------------------------------------------------------------
 
 
-def reward_head(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale=100.0) -> torch.Tensor:
+def reward_head(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale) -> torch.Tensor:
     """CLIP-style reward: score = logit_scale · ⟨u/‖u‖, v/‖v‖⟩ over the last dim.
 
     image_features [..., D]; text_features [..., D] broadcastable to it (e.g. [K, B, D] candidates
