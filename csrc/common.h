@@ -121,6 +121,113 @@ RGLCD_HD acc_t loss_derivative(acc_t d, LossType type, acc_t c) {
   return type == LossType::Huber ? d / std::sqrt(d * d + c * c) : acc_t(2) * d;
 }
 
+// ---- reward family (DESIGN.md §2 "Latent reward head", §1 step 9) ----------------------------
+
+// Per-row sums of the reward head: ⟨u, v⟩, ‖u‖², ‖v‖².
+template <typename acc_t>
+struct CosineSums {
+  acc_t dot, uu, vv;
+};
+
+// score = scale · ⟨u/‖u‖, v/‖v‖⟩ (no epsilon: a zero row gives NaN, as CLIP's x / x.norm()).
+template <typename acc_t>
+RGLCD_HD acc_t cosine_score(const CosineSums<acc_t>& s, acc_t scale) {
+  return scale * (s.dot / (std::sqrt(s.uu) * std::sqrt(s.vv)));
+}
+
+// Backward of the score for one row with upstream gradient g, as linear combinations of the row's
+// own features: grad_u = cross·v + self_u·u, grad_v = cross·u + self_v·v, grad_scale = g·c.
+template <typename acc_t>
+struct CosineGrad {
+  acc_t cross, self_u, self_v, grad_scale;
+};
+
+template <typename acc_t>
+RGLCD_HD CosineGrad<acc_t> cosine_score_grad(const CosineSums<acc_t>& s, acc_t scale, acc_t g) {
+  const acc_t nu = std::sqrt(s.uu), nv = std::sqrt(s.vv), c = s.dot / (nu * nv), gs = g * scale;
+  return {gs / (nu * nv), -gs * c / s.uu, -gs * c / s.vv, g * c};
+}
+
+enum class PreferenceKind : int { KL = 0, CrossEntropy = 1 };
+
+inline PreferenceKind parse_preference_kind(std::string_view s) {
+  if (s == "kl") return PreferenceKind::KL;
+  if (s == "ce") return PreferenceKind::CrossEntropy;
+  TORCH_CHECK_VALUE(false, "kind must be 'kl' or 'ce', got '", s, "'");
+}
+
+// torch.argmax over two values: NaN counts as the maximum, a tie goes to the first.
+template <typename T>
+RGLCD_HD int pair_argmax(T a, T b) { return (a >= b || a != a) ? 0 : 1; }
+
+// a − b as a two-way (log-)softmax sees it after subtracting the maximum: NaN when either is +inf.
+template <typename acc_t>
+RGLCD_HD acc_t pair_difference(acc_t a, acc_t b) {
+  const acc_t m = a > b ? a : b;
+  return (m - m) + (a - b);
+}
+
+// The two-way softmax of logits (a, b) as a function of d = a − b: (σ(d), σ(−d)) and their logs,
+// numerically stable (log σ(d) = min(d, 0) − log1p(e^−|d|)), from one exp and one log1p.
+template <typename acc_t>
+struct TwoWay {
+  acc_t p0, p1, log_p0, log_p1;
+};
+
+template <typename acc_t>
+RGLCD_HD TwoWay<acc_t> two_way_softmax(acc_t d) {
+  const acc_t e = std::exp(-std::abs(d)), l = std::log1p(e);
+  const acc_t big = acc_t(1) / (acc_t(1) + e), small = e / (acc_t(1) + e);
+  const bool positive = d >= acc_t(0);  // false for NaN: everything below is NaN then
+  return {positive ? big : small, positive ? small : big, (positive ? acc_t(0) : d) - l,
+          (positive ? -d : acc_t(0)) - l};
+}
+
+template <typename acc_t>
+RGLCD_HD acc_t sigmoid(acc_t d) {
+  const acc_t e = std::exp(-std::abs(d));
+  return d >= acc_t(0) ? acc_t(1) / (acc_t(1) + e) : e / (acc_t(1) + e);
+}
+
+// The target distribution (p0, p1) of one pair (i, j) of candidates: KL: the expert's two-way softmax
+// of E_i − E_j; CE: one-hot on argmax(E_i, E_j).
+template <typename acc_t>
+struct PairTarget {
+  TwoWay<acc_t> p;
+  bool one_hot;
+};
+
+template <typename acc_t>
+RGLCD_HD PairTarget<acc_t> pair_target(acc_t ei, acc_t ej, PreferenceKind kind) {
+  if (kind == PreferenceKind::CrossEntropy) {
+    const bool first = pair_argmax(ei, ej) == 0;
+    return {{acc_t(first ? 1 : 0), acc_t(first ? 0 : 1), acc_t(0), acc_t(0)}, true};  // logs unused
+  }
+  return {two_way_softmax(pair_difference(ei, ej)), false};
+}
+
+// p0 alone (the backward needs no logs).
+template <typename acc_t>
+RGLCD_HD acc_t pair_target_p0(acc_t ei, acc_t ej, PreferenceKind kind) {
+  if (kind == PreferenceKind::CrossEntropy) return pair_argmax(ei, ej) == 0 ? acc_t(1) : acc_t(0);
+  return sigmoid(pair_difference(ei, ej));
+}
+
+// Loss of one pair at student difference d = S_i − S_j, q = two-way softmax of d: KL(p ‖ q) with
+// torch's kl_div conventions (0·log 0 = 0, 0·log q kept: NaN for a NaN q), or CE −log q_label.
+template <typename acc_t>
+RGLCD_HD acc_t pair_loss(const PairTarget<acc_t>& t, acc_t d) {
+  const TwoWay<acc_t> q = two_way_softmax(d);
+  if (t.one_hot) return -(t.p.p0 > acc_t(0) ? q.log_p0 : q.log_p1);
+  const acc_t h0 = t.p.p0 > acc_t(0) ? t.p.p0 * t.p.log_p0 : acc_t(0);
+  const acc_t h1 = t.p.p1 > acc_t(0) ? t.p.p1 * t.p.log_p1 : acc_t(0);
+  return (h0 + h1) - t.p.p0 * q.log_p0 - t.p.p1 * q.log_p1;
+}
+
+// ∂loss/∂S_i = −∂loss/∂S_j = q0 − p0, for p0 = pair_target_p0.
+template <typename acc_t>
+RGLCD_HD acc_t pair_loss_grad(acc_t p0, acc_t d) { return sigmoid(d) - p0; }
+
 // ---- host-side argument handling -------------------------------------------------------------
 
 // Per-sample index tensors are [B] or a single element broadcast over the batch.

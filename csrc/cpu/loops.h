@@ -33,23 +33,50 @@ inline void parallel_sample_runs(int64_t n, int64_t per_sample, const Body& body
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) { for_each_sample_run(begin, end, per_sample, body); });
 }
 
-// Deterministic sum: fixed-size blocks, each summed by body(b, begin, end) -> double over its
+// Deterministic reduction: fixed-size blocks, each reduced by body(b, begin, end) -> T over its
 // per-sample runs, then the partials added in order (results do not depend on the thread count).
-template <typename Body>
-inline double blocked_sum(int64_t n, int64_t per_sample, const Body& body) {
+// T is any value type with T{} as zero and +=.
+template <typename T, typename Body>
+inline T blocked_reduce(int64_t n, int64_t per_sample, const Body& body) {
   const int64_t blocks = (n + kReduceBlock - 1) / kReduceBlock;
-  std::vector<double> partial(blocks, 0.0);
+  std::vector<T> partial(blocks, T{});
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t k = b0; k < b1; ++k) {
-      double s = 0;
+      T s{};
       for_each_sample_run(k * kReduceBlock, std::min(n, (k + 1) * kReduceBlock), per_sample,
                           [&](int64_t b, int64_t i0, int64_t i1) { s += body(b, i0, i1); });
       partial[k] = s;
     }
   });
-  double total = 0.0;
-  for (double p : partial) total += p;
+  T total{};
+  for (const T& p : partial) total += p;
   return total;
+}
+
+template <typename Body>
+inline double blocked_sum(int64_t n, int64_t per_sample, const Body& body) {
+  return blocked_reduce<double>(n, per_sample, body);
+}
+
+// Element offsets of the rows of t (all dimensions but the last, in row-major order), read from
+// its strides: any layout of the leading dimensions, broadcast (stride 0) ones included.
+inline std::vector<int64_t> row_offsets(const at::Tensor& t) {
+  const int64_t dims = t.dim() - 1;
+  int64_t rows = 1;
+  for (int64_t d = 0; d < dims; ++d) rows *= t.size(d);
+  std::vector<int64_t> out(rows);
+  std::vector<int64_t> index(std::max<int64_t>(dims, 0), 0);
+  int64_t offset = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    out[r] = offset;
+    for (int64_t d = dims - 1; d >= 0; --d) {  // odometer increment
+      offset += t.stride(d);
+      if (++index[d] < t.size(d)) break;
+      offset -= t.stride(d) * t.size(d);
+      index[d] = 0;
+    }
+  }
+  return out;
 }
 
 // Sum of term(i) over [begin, end) in double, in 8 independent lanes so the loop vectorises

@@ -3,3 +3,6 @@ from .consistency import (boundary_scalings, consistency_loss, consistency_outpu
                           predicted_x0)
 
 __all__ = ["boundary_scalings", "predicted_x0", "predicted_eps", "consistency_output", "consistency_loss"]
+from .reward import pairwise_preference_loss, reward_head
+
+__all__ += ["reward_head", "pairwise_preference_loss"]

@@ -69,3 +69,24 @@ def choice(name: str, value: str, options) -> str:
     if value not in options:
         raise ValueError(f"{name}: expected one of {', '.join(map(repr, options))}, got {value!r}")
     return value
+
+
+def scalar(name: str, value, device: torch.device) -> torch.Tensor:
+    """A float or a one-value float tensor ([] or [1]); a float becomes a filled 0-d float32 tensor
+    (no host copy)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.full((), float(value), dtype=torch.float32, device=device)
+    tensor(name, value)
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{name}: expected a float or a floating tensor, got {value.dtype}")
+    if value.dim() > 1 or value.numel() != 1:
+        raise ValueError(f"{name}: expected a single value (shape [] or [1]), got shape {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {value.device}")
+    return value
+
+
+def broadcastable_to(name: str, value: torch.Tensor, shape, target_name: str) -> None:
+    """ValueError naming the argument unless value's shape broadcasts to `shape` (without growing it)."""
+    if value.dim() > len(shape) or any(v != 1 and v != s for v, s in zip(reversed(value.shape), reversed(shape))):
+        raise ValueError(f"{name}: shape {tuple(value.shape)} does not broadcast to {target_name} {tuple(shape)}")
