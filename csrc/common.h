@@ -9,6 +9,7 @@
 #include <c10/util/strides.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 #include <string_view>
 
@@ -27,6 +28,20 @@ inline PredictionType parse_prediction_type(std::string_view s) {
   if (s == "v_prediction") return PredictionType::VPrediction;
   if (s == "sample") return PredictionType::Sample;
   TORCH_CHECK_VALUE(false, "prediction_type must be 'epsilon', 'v_prediction' or 'sample', got '", s, "'");
+}
+
+// Calls body(tag) with the prediction type as a compile-time constant (decltype(tag)::value), so that
+// loops over elements carry no per-element switch and vectorise.
+template <PredictionType T>
+using PredictionTag = std::integral_constant<PredictionType, T>;
+
+template <typename Body>
+inline void with_prediction_type(PredictionType type, const Body& body) {
+  switch (type) {
+    case PredictionType::Epsilon: body(PredictionTag<PredictionType::Epsilon>{}); break;
+    case PredictionType::VPrediction: body(PredictionTag<PredictionType::VPrediction>{}); break;
+    default: body(PredictionTag<PredictionType::Sample>{}); break;
+  }
 }
 
 // A per-sample linear map of (sample x, model output m): value = cx * x + cm * m. has_x is false

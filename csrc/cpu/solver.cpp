@@ -156,15 +156,18 @@ std::tuple<at::Tensor, at::Tensor> guided_ddim_step_cpu(const at::Tensor& cond_o
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* pp = x_prev.mutable_data_ptr<scalar_t>();
     scalar_t* op = pred_x0.mutable_data_ptr<scalar_t>();
-    cpu::parallel_sample_runs(n, per_sample, [&](int64_t b, int64_t i0, int64_t i1) {
-      const DdimCoefficients<acc_t> c = coeff[b].step;
-      const acc_t wb = w[b];
-      for (int64_t i = i0; i < i1; ++i) {
-        const acc_t m = guided(acc(cp[i]), acc(up[i]), wb), xi = acc(xp[i]);
-        const acc_t x0 = x0_from(xi, m, c.a, c.s, type);
-        op[i] = static_cast<scalar_t>(x0);
-        pp[i] = static_cast<scalar_t>(c.sqrt_prev * x0 + c.c_dir * eps_from(xi, m, c.a, c.s, type));
-      }
+    with_prediction_type(type, [&](auto tag) {
+      constexpr PredictionType kType = decltype(tag)::value;
+      cpu::parallel_sample_runs(n, per_sample, [&](int64_t b, int64_t i0, int64_t i1) {
+        const DdimCoefficients<acc_t> c = coeff[b].step;
+        const acc_t wb = w[b];
+        for (int64_t i = i0; i < i1; ++i) {
+          const acc_t m = guided(acc(cp[i]), acc(up[i]), wb), xi = acc(xp[i]);
+          const acc_t x0 = x0_from(xi, m, c.a, c.s, kType);
+          op[i] = static_cast<scalar_t>(x0);
+          pp[i] = static_cast<scalar_t>(c.sqrt_prev * x0 + c.c_dir * eps_from(xi, m, c.a, c.s, kType));
+        }
+      });
     });
   });
   return {layout.deliver(x_prev), layout.deliver(pred_x0)};
@@ -268,21 +271,24 @@ std::tuple<at::Tensor, at::Tensor> lcm_step_cpu(const at::Tensor& model_output, 
     const scalar_t* mp = in.m.const_data_ptr<scalar_t>();
     const scalar_t* xp = in.x.const_data_ptr<scalar_t>();
     const scalar_t* zp = in.z.defined() ? in.z.const_data_ptr<scalar_t>() : nullptr;
-    const auto x0_at = [&](int64_t b, int64_t i) {
-      return x0_from(acc(xp[i]), acc(mp[i]), coeff[b].a, coeff[b].s, type);
-    };
-    const auto clamps = x0_clamps<acc_t>(options, in.batch, in.per_sample, x0_at);
     scalar_t* pp = prev.mutable_data_ptr<scalar_t>();
     scalar_t* dp = denoised.mutable_data_ptr<scalar_t>();
-    cpu::parallel_sample_runs(in.n, in.per_sample, [&](int64_t b, int64_t i0, int64_t i1) {
-      const LcmCoefficients<acc_t> c = coeff[b];
-      const X0Clamp<acc_t> limit = clamps[b];
-      for (int64_t i = i0; i < i1; ++i) {
-        const acc_t xi = acc(xp[i]);
-        const acc_t d = c.c_out * limit(x0_from(xi, acc(mp[i]), c.a, c.s, type)) + c.c_skip * xi;
-        dp[i] = static_cast<scalar_t>(d);
-        pp[i] = static_cast<scalar_t>(zp ? c.sqrt_prev * d + c.sigma_prev * acc(zp[i]) : d);
-      }
+    with_prediction_type(type, [&](auto tag) {
+      constexpr PredictionType kType = decltype(tag)::value;
+      const auto x0_at = [&](int64_t b, int64_t i) {
+        return x0_from(acc(xp[i]), acc(mp[i]), coeff[b].a, coeff[b].s, kType);
+      };
+      const auto clamps = x0_clamps<acc_t>(options, in.batch, in.per_sample, x0_at);
+      cpu::parallel_sample_runs(in.n, in.per_sample, [&](int64_t b, int64_t i0, int64_t i1) {
+        const LcmCoefficients<acc_t> c = coeff[b];
+        const X0Clamp<acc_t> limit = clamps[b];
+        for (int64_t i = i0; i < i1; ++i) {
+          const acc_t xi = acc(xp[i]);
+          const acc_t d = c.c_out * limit(x0_from(xi, acc(mp[i]), c.a, c.s, kType)) + c.c_skip * xi;
+          dp[i] = static_cast<scalar_t>(d);
+          pp[i] = static_cast<scalar_t>(zp ? c.sqrt_prev * d + c.sigma_prev * acc(zp[i]) : d);
+        }
+      });
     });
   });
   return {in.layout.deliver(prev), in.layout.deliver(denoised)};
@@ -315,25 +321,28 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cpu(const at::Tensor& model_output,
     const scalar_t* mp = in.m.const_data_ptr<scalar_t>();
     const scalar_t* xp = in.x.const_data_ptr<scalar_t>();
     const scalar_t* zp = eta > 0 ? in.z.const_data_ptr<scalar_t>() : nullptr;  // noise is unused when eta = 0
-    const auto x0_at = [&](int64_t b, int64_t i) {
-      return x0_from(acc(xp[i]), acc(mp[i]), coeff[b].a, coeff[b].s, type);
-    };
-    const auto clamps = x0_clamps<acc_t>(options, in.batch, in.per_sample, x0_at);
     scalar_t* pp = prev.mutable_data_ptr<scalar_t>();
     scalar_t* op = pred_x0.mutable_data_ptr<scalar_t>();
-    cpu::parallel_sample_runs(in.n, in.per_sample, [&](int64_t b, int64_t i0, int64_t i1) {
-      const DdimCoefficients<acc_t> c = coeff[b];
-      const X0Clamp<acc_t> limit = clamps[b];
-      for (int64_t i = i0; i < i1; ++i) {
-        const acc_t xi = acc(xp[i]), mi = acc(mp[i]);
-        const acc_t x0 = limit(x0_from(xi, mi, c.a, c.s, type));
-        // use_clipped_model_output: ε re-derived from the clipped x0, (x - a·x0) / s
-        const acc_t eps = use_clipped_model_output ? eps_from(xi, x0, c.a, c.s, PredictionType::Sample)
-                                                   : eps_from(xi, mi, c.a, c.s, type);
-        const acc_t p = c.sqrt_prev * x0 + c.c_dir * eps;
-        op[i] = static_cast<scalar_t>(x0);
-        pp[i] = static_cast<scalar_t>(zp ? p + c.std_dev * acc(zp[i]) : p);
-      }
+    with_prediction_type(type, [&](auto tag) {
+      constexpr PredictionType kType = decltype(tag)::value;
+      const auto x0_at = [&](int64_t b, int64_t i) {
+        return x0_from(acc(xp[i]), acc(mp[i]), coeff[b].a, coeff[b].s, kType);
+      };
+      const auto clamps = x0_clamps<acc_t>(options, in.batch, in.per_sample, x0_at);
+      cpu::parallel_sample_runs(in.n, in.per_sample, [&](int64_t b, int64_t i0, int64_t i1) {
+        const DdimCoefficients<acc_t> c = coeff[b];
+        const X0Clamp<acc_t> limit = clamps[b];
+        for (int64_t i = i0; i < i1; ++i) {
+          const acc_t xi = acc(xp[i]), mi = acc(mp[i]);
+          const acc_t x0 = limit(x0_from(xi, mi, c.a, c.s, kType));
+          // use_clipped_model_output: ε re-derived from the clipped x0, (x - a·x0) / s
+          const acc_t eps = use_clipped_model_output ? eps_from(xi, x0, c.a, c.s, PredictionType::Sample)
+                                                     : eps_from(xi, mi, c.a, c.s, kType);
+          const acc_t p = c.sqrt_prev * x0 + c.c_dir * eps;
+          op[i] = static_cast<scalar_t>(x0);
+          pp[i] = static_cast<scalar_t>(zp ? p + c.std_dev * acc(zp[i]) : p);
+        }
+      });
     });
   });
   return {in.layout.deliver(prev), in.layout.deliver(pred_x0)};
