@@ -115,8 +115,9 @@ def test_broadcast_per_sample_arguments(shape):
     full = [v.reshape(1).expand(x.shape[0]) for v in (t, prev, w)]
     torch.testing.assert_close(ops.guided_ddim_step(c, u, x, t, prev, w, ac),
                                ops.guided_ddim_step(c, u, x, *full, ac), rtol=0, atol=0)
-    torch.testing.assert_close(ops.guided_ddim_step(c, u, x, t, prev, 7.5, ac),
-                               ops.guided_ddim_step(c, u, x, *full, ac), rtol=0, atol=0)
+    for scale in (7.5, w.double(), w.half()):  # any float type; the kernel reads it as acc_t
+        torch.testing.assert_close(ops.guided_ddim_step(c, u, x, t, prev, scale, ac),
+                                   ops.guided_ddim_step(c, u, x, *full, ac), rtol=0, atol=0)
     torch.testing.assert_close(ops.lcm_step(u, x, t, prev, ac, z, thresholding=True),
                                ops.lcm_step(u, x, full[0], full[1], ac, z, thresholding=True), rtol=0, atol=0)
     torch.testing.assert_close(ops.ddim_step(u, x, t, prev, ac, z, eta=0.3),
@@ -162,7 +163,7 @@ def test_threshold_quantile_matches_torch():
         args = lcm_args(m, x, t, prev, ac, None, 1.0, "sample", "threshold")
         args = args[:12] + (ratio, 3.0)
         ours = ops.lcm_step(*args)[1]
-        c_skip, c_out = ops.boundary_scalings(t)
+        _, c_out = ops.boundary_scalings(t)
         s = torch.quantile(m.abs(), ratio, dim=1).clamp(1, 3.0)[:, None]
         torch.testing.assert_close(ours, c_out[:, None] * (m.clamp(-s, s) / s), rtol=1e-6, atol=1e-6)
 

@@ -4,6 +4,7 @@ step() semantics (inference: forward only). Each op: schema, fake kernel, autogr
 differentiable (the backward is itself an op) and a validating public function. Outputs follow
 empty_like(sample)."""
 import math
+import numbers
 
 import torch
 
@@ -100,9 +101,9 @@ torch.library.register_autograd(lib.qualname("guided_ddim_step"), _guided_backwa
 
 
 def _number(name, value, valid=None, expected=""):
-    """A Python float (or int), optionally checked: ValueError naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a Python float, got {type(value).__name__}")
+    """A real number (Python or NumPy; not a tensor), optionally checked: ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
     value = float(value)
     if valid is not None and not valid(value):
         raise ValueError(f"{name}: expected {expected}, got {value}")
