@@ -9,6 +9,7 @@
 #include <c10/util/strides.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 #include <string_view>
 
@@ -27,6 +28,20 @@ inline PredictionType parse_prediction_type(std::string_view s) {
   if (s == "v_prediction") return PredictionType::VPrediction;
   if (s == "sample") return PredictionType::Sample;
   TORCH_CHECK_VALUE(false, "prediction_type must be 'epsilon', 'v_prediction' or 'sample', got '", s, "'");
+}
+
+// Calls body(tag) with the prediction type as a compile-time constant (decltype(tag)::value), so that
+// loops over elements carry no per-element switch and vectorise.
+template <PredictionType T>
+using PredictionTag = std::integral_constant<PredictionType, T>;
+
+template <typename Body>
+inline void with_prediction_type(PredictionType type, const Body& body) {
+  switch (type) {
+    case PredictionType::Epsilon: body(PredictionTag<PredictionType::Epsilon>{}); break;
+    case PredictionType::VPrediction: body(PredictionTag<PredictionType::VPrediction>{}); break;
+    default: body(PredictionTag<PredictionType::Sample>{}); break;
+  }
 }
 
 // A per-sample linear map of (sample x, model output m): value = cx * x + cm * m. has_x is false
@@ -101,6 +116,123 @@ struct ConsistencyMap {
     return consistency_coefficients(alpha_bar, t, type, acc_t(timestep_scaling), acc_t(sigma_data));
   }
 };
+
+// ---- solver steps (DESIGN.md §2: the guided DDIM step, diffusers' LCM and DDIM steps) ----------
+
+// ᾱ at the previous timestep: the schedule, or final_alpha_cumprod for a negative one (diffusers'
+// `alphas_cumprod[prev] if prev >= 0 else final_alpha_cumprod`).
+template <typename acc_t>
+RGLCD_HD acc_t alpha_bar_prev(const acc_t* table, int64_t prev, acc_t final_alpha_cumprod) {
+  return prev >= 0 ? table[prev] : final_alpha_cumprod;
+}
+
+// Classifier-free guidance in the LCM paper's form, m_c + w (m_c - m_u). x0 and ε are linear in the
+// model output, so guiding them (as the LCD script does) equals mapping the guided output.
+template <typename acc_t>
+RGLCD_HD acc_t guided(acc_t cond, acc_t uncond, acc_t w) {
+  return cond + w * (cond - uncond);
+}
+
+// torch.clamp: NaN stays NaN (in the value or in the bounds).
+template <typename acc_t>
+RGLCD_HD acc_t clamp_nan(acc_t v, acc_t lo, acc_t hi) {
+  return v < lo ? lo : (v > hi ? hi : v);
+}
+
+// torch.lerp's formula, which torch.quantile uses for its linear interpolation.
+template <typename acc_t>
+RGLCD_HD acc_t lerp(acc_t start, acc_t end, acc_t weight) {
+  return (weight < acc_t(0.5) && weight > acc_t(-0.5)) ? start + weight * (end - start)
+                                                       : end - (end - start) * (acc_t(1) - weight);
+}
+
+// The clip / dynamic-thresholding of predicted x0 (diffusers clip_sample / _threshold_sample):
+// off, clamp(x0, -bound, bound), or clamp(x0, -s, s) / s with the per-sample s as bound.
+enum class X0Limit : int { None = 0, Clip = 1, Threshold = 2 };
+
+template <typename acc_t>
+struct X0Clamp {
+  X0Limit kind;
+  acc_t bound;
+
+  RGLCD_HD acc_t operator()(acc_t v) const {
+    if (kind == X0Limit::None) return v;
+    const acc_t c = clamp_nan(v, -bound, bound);
+    return kind == X0Limit::Threshold ? c / bound : c;
+  }
+};
+
+// The threshold s of _threshold_sample from the ratio-quantile q of |x0| over the sample.
+template <typename acc_t>
+RGLCD_HD acc_t threshold_from_quantile(acc_t q, acc_t sample_max_value) {
+  return clamp_nan(q, acc_t(1), sample_max_value);
+}
+
+// DDIM variance σ_t² / η² of diffusers' _get_variance.
+template <typename acc_t>
+RGLCD_HD acc_t ddim_variance(acc_t alpha_bar, acc_t alpha_bar_prev) {
+  return ((acc_t(1) - alpha_bar_prev) / (acc_t(1) - alpha_bar)) * (acc_t(1) - alpha_bar / alpha_bar_prev);
+}
+
+// x0 and ε from (x, m) evaluated in diffusers' operation order, e.g. (x - σ·m) / α rather than the
+// folded x/α - (σ/α)·m of x0_coefficients: at high noise (α ≈ 0.07) the folded form's float32 error is
+// up to ~15x larger where x and σ·m cancel, which the sampling steps' clip / threshold exposes.
+// Same values as x0_coefficients / eps_coefficients (which give the derivatives).
+template <typename acc_t>
+RGLCD_HD acc_t x0_from(acc_t x, acc_t m, acc_t a, acc_t s, PredictionType type) {
+  switch (type) {
+    case PredictionType::Epsilon: return (x - s * m) / a;
+    case PredictionType::VPrediction: return a * x - s * m;
+    default: return m;
+  }
+}
+
+template <typename acc_t>
+RGLCD_HD acc_t eps_from(acc_t x, acc_t m, acc_t a, acc_t s, PredictionType type) {
+  switch (type) {
+    case PredictionType::Epsilon: return m;
+    case PredictionType::VPrediction: return a * m + s * x;
+    default: return (x - a * m) / s;
+  }
+}
+
+// Per-sample scalars of a DDIM step (diffusers DDIMScheduler.step), a = sqrt(ᾱ_t), s = sqrt(1 - ᾱ_t):
+// prev = sqrt_prev·x0 + c_dir·ε + std_dev·z, with c_dir = sqrt(1 - ᾱ_prev - std_dev²).
+// With eta = 0 this is also the LCD teacher's solver step (c_dir = sqrt(1 - ᾱ_prev)).
+template <typename acc_t>
+struct DdimCoefficients {
+  acc_t a, s, sqrt_prev, c_dir, std_dev;
+};
+
+template <typename acc_t>
+RGLCD_HD DdimCoefficients<acc_t> ddim_coefficients(acc_t alpha_bar, acc_t alpha_bar_prev, acc_t eta) {
+  DdimCoefficients<acc_t> c;
+  c.a = std::sqrt(alpha_bar);
+  c.s = std::sqrt(acc_t(1) - alpha_bar);
+  c.std_dev = eta * std::sqrt(ddim_variance(alpha_bar, alpha_bar_prev));
+  c.sqrt_prev = std::sqrt(alpha_bar_prev);
+  c.c_dir = std::sqrt(acc_t(1) - alpha_bar_prev - c.std_dev * c.std_dev);
+  return c;
+}
+
+// Per-sample scalars of an LCM step (diffusers LCMScheduler.step), a = sqrt(ᾱ_t), s = sqrt(1 - ᾱ_t):
+// denoised = c_out·x0 + c_skip·x; prev = sqrt_prev·denoised + sigma_prev·z (not the last step).
+template <typename acc_t>
+struct LcmCoefficients {
+  acc_t a, s, c_skip, c_out, sqrt_prev, sigma_prev;
+};
+
+template <typename acc_t>
+RGLCD_HD LcmCoefficients<acc_t> lcm_coefficients(acc_t alpha_bar, acc_t alpha_bar_prev, acc_t t,
+                                                 acc_t timestep_scaling, acc_t sigma_data) {
+  LcmCoefficients<acc_t> c;
+  c.a = std::sqrt(alpha_bar);
+  c.s = std::sqrt(acc_t(1) - alpha_bar);
+  boundary_scalings(t, timestep_scaling, sigma_data, c.c_skip, c.c_out);
+  c.sqrt_prev = std::sqrt(alpha_bar_prev);
+  c.sigma_prev = std::sqrt(acc_t(1) - alpha_bar_prev);
+  return c;
+}
 
 enum class LossType : int { L2 = 0, Huber = 1 };
 
@@ -288,6 +420,21 @@ inline void check_index_range_cpu(const at::Tensor& idx, int64_t upper, const ch
     TORCH_CHECK_VALUE((allow_negative || p[i] >= 0) && p[i] < upper, name, ": value ", p[i],
                       " is outside the schedule [0, ", upper, ")");
   }
+}
+
+
+// A per-sample index tensor (timesteps, indices) read on the CPU: int64, [B] or one value, in range.
+inline at::Tensor per_sample_index_cpu(const at::Tensor& t, int64_t batch, int64_t upper, const char* name,
+                                       bool allow_negative) {
+  const at::Tensor idx = as_index(t);
+  TORCH_CHECK_VALUE(idx.numel() == 1 || idx.numel() == batch, name, ": expected ", batch,
+                    " values (one per sample) or one, got ", idx.numel());
+  check_index_range_cpu(idx, upper, name, allow_negative);
+  return idx;
+}
+
+inline void check_same_shape(const at::Tensor& a, const at::Tensor& b, const char* name) {
+  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), name, ": expected shape ", a.sizes(), ", got ", b.sizes());
 }
 
 }  // namespace rglcd_fast

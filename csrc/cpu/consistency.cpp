@@ -12,10 +12,7 @@ namespace {
 template <typename acc_t, typename CoeffFn>
 std::vector<Linear<acc_t>> batch_coefficients(const at::Tensor& timesteps, const at::Tensor& alphas_cumprod,
                                               int64_t batch, const CoeffFn& coefficients_at) {
-  const at::Tensor ts = as_index(timesteps);
-  TORCH_CHECK_VALUE(ts.numel() == 1 || ts.numel() == batch, "timesteps: expected ", batch,
-                    " values (one per sample) or one, got ", ts.numel());
-  check_index_range_cpu(ts, alphas_cumprod.numel(), "timesteps", false);
+  const at::Tensor ts = per_sample_index_cpu(timesteps, batch, alphas_cumprod.numel(), "timesteps", false);
   const std::vector<acc_t> table = cpu::schedule_values<acc_t>(alphas_cumprod);
   const int64_t* t = ts.data_ptr<int64_t>();
   std::vector<Linear<acc_t>> out(batch);
@@ -26,9 +23,6 @@ std::vector<Linear<acc_t>> batch_coefficients(const at::Tensor& timesteps, const
   return out;
 }
 
-void check_same_shape(const at::Tensor& a, const at::Tensor& b, const char* name) {
-  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), name, ": expected shape ", a.sizes(), ", got ", b.sizes());
-}
 
 template <typename Map>
 at::Tensor linear_map(const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& timesteps,

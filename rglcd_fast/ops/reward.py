@@ -88,12 +88,13 @@ def _reward_head_setup_context(ctx, inputs, output):
 def _reward_head_grad(ctx, grad):
     image_features, text_features, logit_scale = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:3])
+    if grad is None or not any(mask):
+        return None, None, None
     grads = _reward_head_backward(grad, image_features, text_features, logit_scale, mask)
     return tuple(g if wanted else None for g, wanted in zip(grads, mask))
 
 
-torch.library.register_autograd(lib.qualname("reward_head"), _reward_head_grad,
-                                setup_context=_reward_head_setup_context)
+lib.register_autograd("reward_head", _reward_head_setup_context, _reward_head_grad)
 
 
 def _pairwise_setup_context(ctx, inputs, output):
@@ -106,12 +107,11 @@ def _pairwise_setup_context(ctx, inputs, output):
 def _pairwise_grad(ctx, grad_loss, grad_accuracy):
     logits, expert_logits = ctx.saved_tensors
     grad = _pairwise_preference_loss_backward(grad_loss, logits, expert_logits, ctx.kind) \
-        if ctx.needs_input_grad[0] else None
+        if ctx.needs_input_grad[0] and grad_loss is not None else None
     return grad, None, None  # the expert logits are a target
 
 
-torch.library.register_autograd(lib.qualname("pairwise_preference_loss"), _pairwise_grad,
-                                setup_context=_pairwise_setup_context)
+lib.register_autograd("pairwise_preference_loss", _pairwise_setup_context, _pairwise_grad)
 
 # ---- public functions ---------------------------------------------------------------------------
 

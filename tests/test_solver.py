@@ -1,0 +1,533 @@
+"""Solver family: the guided DDIM solver step of LCD training, and the LCM / DDIM sampling steps as
+drop-ins for diffusers' LCMScheduler.step and DDIMScheduler.step."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+import rglcd_fast
+from helpers import (LAYOUTS, assert_close, check_against_reference, device_dtype_params, in_layout, randn,
+                     sd_alphas_cumprod)
+from rglcd_fast import ops
+from rglcd_fast.reference import solver as ref
+
+PREDICTION_TYPES = ["epsilon", "v_prediction", "sample"]
+SHAPE = (3, 4, 9, 7)  # odd sizes
+# x0 limits as (op keyword arguments = diffusers scheduler config entries)
+LIMITS = {
+    "none": {},
+    "clip": dict(clip_sample=True, clip_sample_range=1.5),
+    "threshold": dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.5),
+}
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def make_inputs(device, dtype, shape=SHAPE, seed=0):
+    """(cond, uncond, sample, noise, timesteps, prev_timesteps, guidance, alphas_cumprod); the first sample
+    at t = 999, the last one's prev_timestep negative (the final step)."""
+    g = torch.Generator().manual_seed(seed)
+    cond, uncond, sample, noise = (randn(*shape, dtype=dtype, device=device, generator=g) for _ in range(4))
+    t = torch.randint(20, 1000, (shape[0],), generator=g)
+    if shape[0] > 1:
+        t[0], t[-1] = 999, 19
+    prev = t - 20
+    w = torch.empty(shape[0]).uniform_(5, 15, generator=g)
+    return cond, uncond, sample, noise, t.to(device), prev.to(device), w.to(device), sd_alphas_cumprod(device)
+
+
+def lcm_args(m, x, t, prev, ac, noise=None, final=1.0, prediction_type="epsilon", limit="none", scaling=10.0):
+    kw = {**dict(clip_sample=False, clip_sample_range=1.0, thresholding=False, dynamic_thresholding_ratio=0.995,
+                 sample_max_value=1.0), **LIMITS[limit]}
+    return (m, x, t, prev, ac, noise, final, prediction_type, scaling, kw["clip_sample"], kw["clip_sample_range"],
+            kw["thresholding"], kw["dynamic_thresholding_ratio"], kw["sample_max_value"])
+
+
+def ddim_args(m, x, t, prev, ac, noise=None, final=1.0, eta=0.0, prediction_type="epsilon", limit="none",
+              use_clipped=False):
+    lcm = lcm_args(m, x, t, prev, ac, noise, final, prediction_type, limit)
+    return lcm[:7] + (eta, prediction_type) + lcm[9:] + (use_clipped,)
+
+
+def test_ops_are_registered():
+    for name in ["guided_ddim_step", "guided_ddim_step_backward", "lcm_step", "ddim_step"]:
+        assert hasattr(torch.ops.rglcd_fast, name)
+
+
+# ---- forward (and backward) vs the references ------------------------------------------------
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_guided_matches_reference(prediction_type, device, dtype):
+    c, u, x, _, t, prev, w, ac = make_inputs(device, dtype)
+    check_against_reference(ops.guided_ddim_step, ref.guided_ddim_step,
+                            (c, u, x, t, prev.clamp(min=0), w, ac, prediction_type), grad_argnums=(0, 1, 2))
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("limit", list(LIMITS))
+def test_lcm_matches_reference(limit, prediction_type, device, dtype):
+    _, m, x, z, t, prev, _, ac = make_inputs(device, dtype)
+    m = 3 * m  # x0 beyond the clip range and the threshold
+    for noise, final in [(z, 1.0), (None, 1.0), (z, ac[0].item())]:
+        check_against_reference(ops.lcm_step, ref.lcm_step,
+                                lcm_args(m, x, t, prev, ac, noise, final, prediction_type, limit))
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("limit", list(LIMITS))
+def test_ddim_matches_reference(limit, prediction_type, device, dtype):
+    _, m, x, z, t, prev, _, ac = make_inputs(device, dtype)
+    m = 3 * m
+    for noise, final, eta, use_clipped in [(None, 1.0, 0.0, False), (z, ac[0].item(), 0.5, False),
+                                           (z, 1.0, 1.0, True), (z, 1.0, 0.0, True)]:
+        check_against_reference(ops.ddim_step, ref.ddim_step,
+                                ddim_args(m, x, t, prev, ac, noise, final, eta, prediction_type, limit, use_clipped))
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layouts(layout, device):
+    c, u, x, z, t, prev, w, ac = make_inputs(device, torch.float32)
+    cl, ul, xl = (in_layout(v, layout) for v in (c, u, x))
+    expected_strides = torch.empty_like(xl).stride()
+    outs = check_against_reference(ops.guided_ddim_step, ref.guided_ddim_step,
+                                   (cl, u, xl, t, prev.clamp(min=0), w, ac, "v_prediction"), grad_argnums=(0, 1, 2))
+    assert all(o.stride() == expected_strides for o in outs)
+    outs = check_against_reference(ops.lcm_step, ref.lcm_step,
+                                   lcm_args(ul, xl, t, prev, ac, z, limit="threshold"))
+    assert all(o.stride() == expected_strides for o in outs)
+    outs = check_against_reference(ops.ddim_step, ref.ddim_step,
+                                   ddim_args(cl, xl, t, prev, ac, in_layout(z, layout), eta=0.5, limit="threshold",
+                                             use_clipped=True))
+    assert all(o.stride() == expected_strides for o in outs)
+
+
+@pytest.mark.parametrize("shape", [(), (1,)])
+def test_broadcast_per_sample_arguments(shape):
+    c, u, x, z, _, _, _, ac = make_inputs("cpu", torch.float32)
+    t, prev, w = torch.tensor(259).reshape(shape), torch.tensor(239).reshape(shape), torch.tensor(7.5).reshape(shape)
+    full = [v.reshape(1).expand(x.shape[0]) for v in (t, prev, w)]
+    torch.testing.assert_close(ops.guided_ddim_step(c, u, x, t, prev, w, ac),
+                               ops.guided_ddim_step(c, u, x, *full, ac), rtol=0, atol=0)
+    for scale in (7.5, w.double(), w.half()):  # any float type; the kernel reads it as acc_t
+        torch.testing.assert_close(ops.guided_ddim_step(c, u, x, t, prev, scale, ac),
+                                   ops.guided_ddim_step(c, u, x, *full, ac), rtol=0, atol=0)
+    torch.testing.assert_close(ops.lcm_step(u, x, t, prev, ac, z, thresholding=True),
+                               ops.lcm_step(u, x, full[0], full[1], ac, z, thresholding=True), rtol=0, atol=0)
+    torch.testing.assert_close(ops.ddim_step(u, x, t, prev, ac, z, eta=0.3),
+                               ops.ddim_step(u, x, full[0], full[1], ac, z, eta=0.3), rtol=0, atol=0)
+    # a per-sample guidance scale broadcast against one timestep, and the reverse
+    check_against_reference(ops.guided_ddim_step, ref.guided_ddim_step, (c, u, x, t, full[1], full[2] + 1, ac))
+    check_against_reference(ops.guided_ddim_step, ref.guided_ddim_step, (c, u, x, full[0], prev, w, ac))
+
+
+def test_empty_batch():
+    c, u, x, z, t, prev, w, ac = make_inputs("cpu", torch.float32, shape=(0, 4, 5, 5))
+    c.requires_grad_()
+    x_prev, pred_x0 = ops.guided_ddim_step(c, u, x, t, prev, w, ac)
+    assert x_prev.shape == pred_x0.shape == x.shape
+    (grad,) = torch.autograd.grad((x_prev.sum() + pred_x0.sum()), c)
+    assert grad.shape == c.shape
+    for out in [*ops.lcm_step(u, x, t, prev, ac, z, thresholding=True),
+                *ops.ddim_step(u, x, t, prev, ac, z, eta=0.5, thresholding=True)]:
+        assert out.shape == x.shape
+
+
+def test_other_ranks():
+    """Batch-first tensors of any rank: [B, N] tokens, [B, C, F, H, W] video latents."""
+    for shape in [(5, 33), (2, 4, 3, 5, 6)]:
+        c, u, x, z, t, prev, w, ac = make_inputs("cpu", torch.float32, shape=shape)
+        check_against_reference(ops.guided_ddim_step, ref.guided_ddim_step,
+                                (c, u, x, t, prev.clamp(min=0), w, ac, "v_prediction"), grad_argnums=(0, 1, 2))
+        check_against_reference(ops.lcm_step, ref.lcm_step, lcm_args(3 * u, x, t, prev, ac, z, limit="threshold"))
+        check_against_reference(ops.ddim_step, ref.ddim_step,
+                                ddim_args(3 * u, x, t, prev, ac, z, eta=0.5, limit="threshold", use_clipped=True))
+
+
+def test_threshold_quantile_matches_torch():
+    """Per-sample s = clamp(quantile(|x0|, ratio), 1, max): sizes where ratio·(n − 1) falls on, just off and
+    between elements, ties, and a sample entirely below 1."""
+    ac = sd_alphas_cumprod()
+    g = torch.Generator().manual_seed(3)
+    for n, ratio in [(1, 0.995), (2, 0.5), (7, 0.5), (201, 0.995), (4096, 0.995), (1000, 1.0), (33, 0.01)]:
+        m = torch.randn(4, n, generator=g) * 4
+        m[1] = m[1].round()  # ties
+        m[2] *= 0.1          # s clamps to 1
+        x, t, prev = torch.zeros_like(m), torch.full((4,), 500), torch.full((4,), 480)
+        args = lcm_args(m, x, t, prev, ac, None, 1.0, "sample", "threshold")
+        args = args[:12] + (ratio, 3.0)
+        ours = ops.lcm_step(*args)[1]
+        _, c_out = ops.boundary_scalings(t)
+        s = torch.quantile(m.abs(), ratio, dim=1).clamp(1, 3.0)[:, None]
+        torch.testing.assert_close(ours, c_out[:, None] * (m.clamp(-s, s) / s), rtol=1e-6, atol=1e-6)
+
+
+# ---- the references (and the ops) are drop-ins for diffusers ------------------------------------
+
+
+def fake_model(x, t, base):
+    """A deterministic stand-in for the UNet: a function of (sample, timestep)."""
+    return 0.8 * x * torch.cos(t / 300) + base * torch.sin(t / 170 + 0.3)
+
+
+def assert_tight(actual, expected, name, tol=5e-6, scale=None):
+    """float32: within tol of the largest magnitude involved (a few float32 ulps after many steps)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, name
+    assert torch.equal(torch.isfinite(actual), torch.isfinite(expected)), f"{name}: non-finite positions differ"
+    scale = max(1.0, expected.abs().max().item(), scale or 0.0)
+    error = (actual - expected).abs().max().item()
+    assert error <= tol * scale, f"{name}: error {error:.3g} (scale {scale:.3g})"
+
+
+def _step_config(scheduler):
+    """Our keyword arguments from the scheduler's config (its defaults included: DDIM clips by default)."""
+    keys = ("prediction_type", "clip_sample", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio",
+            "sample_max_value") + (("timestep_scaling",) if isinstance(scheduler, LCMScheduler) else ())
+    return {k: scheduler.config[k] for k in keys}
+
+
+def _schedule_for(scheduler, dtype):
+    return scheduler.alphas_cumprod.to(torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+class LcmDriver:
+    """LCMScheduler.step and our lcm_step on the same schedule: prev_timesteps is the next timestep
+    of the schedule, and noise is drawn as the scheduler draws it (before every step but the last)."""
+
+    def __init__(self, config, steps):
+        self.scheduler = LCMScheduler(**config)
+        self.scheduler.set_timesteps(steps)
+        self.final = float(self.scheduler.final_alpha_cumprod)
+        self.kw = _step_config(self.scheduler)
+
+    def last(self, i):
+        return i == len(self.scheduler.timesteps) - 1
+
+    def diffusers(self, m, i, t, x, generator):
+        return self.scheduler.step(m, t, x, generator=generator, return_dict=False)
+
+    def noise(self, m, i, generator):
+        return None if self.last(i) else randn_tensor(m.shape, generator=generator, dtype=m.dtype)
+
+    def step(self, module, m, x, i, t, noise):
+        prev = t if self.last(i) else self.scheduler.timesteps[i + 1]
+        return module.lcm_step(m, x, t, prev, _schedule_for(self.scheduler, m.dtype), noise, self.final, **self.kw)
+
+
+class DdimDriver:
+    """DDIMScheduler.step and our ddim_step: prev_timesteps = t - T // num_inference_steps; with eta > 0 the
+    variance noise either passed to diffusers (variance_noise) or drawn by it from the generator."""
+
+    def __init__(self, config, steps, eta, use_clipped, noise_via="variance_noise"):
+        self.scheduler = DDIMScheduler(**config)
+        self.scheduler.set_timesteps(steps)
+        self.eta, self.use_clipped, self.noise_via = eta, use_clipped, noise_via
+        self.final = float(self.scheduler.final_alpha_cumprod)
+        self.kw = _step_config(self.scheduler)
+
+    def diffusers(self, m, i, t, x, generator):
+        kw = dict(eta=self.eta, use_clipped_model_output=self.use_clipped, return_dict=False)
+        if self.eta > 0 and self.noise_via == "variance_noise":
+            return self.scheduler.step(m, t, x, variance_noise=self.noise(m, i, generator), **kw)
+        return self.scheduler.step(m, t, x, generator=generator, **kw)
+
+    def noise(self, m, i, generator):
+        return randn_tensor(m.shape, generator=generator, dtype=m.dtype) if self.eta > 0 else None
+
+    def step(self, module, m, x, i, t, noise):
+        prev = t - self.scheduler.config.num_train_timesteps // self.scheduler.num_inference_steps
+        return module.ddim_step(m, x, t, prev, _schedule_for(self.scheduler, m.dtype), noise, self.final, self.eta,
+                                use_clipped_model_output=self.use_clipped, **self.kw)
+
+
+def run_loop(driver, dtype, seed=0, shape=(2, 4, 8, 8)):
+    """Runs diffusers' loop and ours side by side, the noise drawn from same-seeded generators.
+    float32: each loop on its own trajectory, every step's outputs (ours and the reference's) compared
+    tightly with diffusers'. float16 / bfloat16: each of our steps on diffusers' own inputs, judged by the
+    dtype-error rule (the exact answer: the float64 reference on the same inputs)."""
+    g_diffusers, g_ours = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    x_d = randn_tensor(shape, generator=g_diffusers, dtype=dtype)
+    x_o = randn_tensor(shape, generator=g_ours, dtype=dtype)
+    timesteps = driver.scheduler.timesteps
+    for i, t in enumerate(timesteps):
+        m_d = fake_model(x_d, t, base)
+        out_d = driver.diffusers(m_d, i, t, x_d, g_diffusers)
+        noise = driver.noise(m_d, i, g_ours)
+        if dtype == torch.float32:
+            m_o = fake_model(x_o, t, base)
+            ours = driver.step(ops, m_o, x_o, i, t, noise)
+            refs = driver.step(ref, m_o, x_o, i, t, noise)
+            for k in range(2):
+                assert_tight(ours[k], out_d[k], f"step {i} (t={int(t)}) output {k}")
+                assert_tight(refs[k], out_d[k], f"reference step {i} (t={int(t)}) output {k}")
+            x_o = ours[0]
+        else:
+            ours = driver.step(ops, m_d, x_d, i, t, noise)
+            exact = driver.step(ref, m_d.double(), x_d.double(), i, t, None if noise is None else noise.double())
+            for k in range(2):
+                assert_close(ours[k], out_d[k], exact[k], f"step {i} (t={int(t)}) output {k}")
+        x_d = out_d[0]
+    assert torch.equal(g_ours.get_state(), g_diffusers.get_state())  # the same draws, as many
+
+
+LCM_CONFIGS = list(itertools.product(PREDICTION_TYPES, LIMITS, [True, False]))
+
+
+@pytest.mark.parametrize("prediction_type,limit,set_alpha_to_one", LCM_CONFIGS)
+def test_lcm_loop_matches_diffusers(prediction_type, limit, set_alpha_to_one):
+    config = dict(SD_SCHEDULE, prediction_type=prediction_type, set_alpha_to_one=set_alpha_to_one, **LIMITS[limit])
+    for steps in (1, 2, 4, 7, 50):
+        run_loop(LcmDriver(config, steps), torch.float32)
+
+
+DDIM_CONFIGS = list(itertools.product(PREDICTION_TYPES, LIMITS, [True, False], [0.0, 0.5]))
+
+
+@pytest.mark.parametrize("prediction_type,limit,set_alpha_to_one,eta", DDIM_CONFIGS)
+def test_ddim_loop_matches_diffusers(prediction_type, limit, set_alpha_to_one, eta):
+    config = dict(SD_SCHEDULE, prediction_type=prediction_type, set_alpha_to_one=set_alpha_to_one, **LIMITS[limit])
+    use_clipped = not set_alpha_to_one  # both values for every (type, limit, eta)
+    noise_via = "variance_noise" if set_alpha_to_one else "generator"
+    for steps in (1, 2, 5, 50):
+        run_loop(DdimDriver(config, steps, eta, use_clipped, noise_via), torch.float32)
+
+
+@pytest.mark.parametrize("spacing", [dict(timestep_spacing="leading", steps_offset=1),
+                                     dict(timestep_spacing="trailing"), dict(timestep_spacing="linspace")])
+def test_ddim_loop_timestep_spacings(spacing):
+    config = dict(SD_SCHEDULE, set_alpha_to_one=False, **spacing)
+    for steps in (1, 3, 20):
+        run_loop(DdimDriver(config, steps, 0.5, False), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("limit", list(LIMITS))
+def test_loops_low_precision(limit, dtype):
+    config = dict(SD_SCHEDULE, prediction_type="epsilon", set_alpha_to_one=False, **LIMITS[limit])
+    run_loop(LcmDriver(config, 4), dtype)
+    config["prediction_type"] = "v_prediction"
+    run_loop(DdimDriver(config, 10, 0.5, limit != "none"), dtype)
+
+
+# ---- the guided step is the LCD script's teacher step ------------------------------------------
+
+
+class ScriptSolver:
+    """The LCD script's numpy-built DDIM solver tables and step (train_lcm_distill_sd_wds.py), kept
+    numerically as it is: the ᾱ_prev table comes out float64 (np.asarray over a Python-float list)."""
+
+    def __init__(self, alpha_cumprods, timesteps=1000, ddim_timesteps=50):
+        step_ratio = timesteps // ddim_timesteps
+        ddim_ts = (np.arange(1, ddim_timesteps + 1) * step_ratio).round().astype(np.int64) - 1
+        prev = np.asarray([alpha_cumprods[0]] + alpha_cumprods[ddim_ts[:-1]].tolist())
+        self.ddim_timesteps = torch.from_numpy(ddim_ts).long()
+        self.ddim_alpha_cumprods_prev = torch.from_numpy(prev)
+
+    def ddim_step(self, pred_x0, pred_noise, timestep_index):
+        a_prev = ref.extract_into_tensor(self.ddim_alpha_cumprods_prev, timestep_index, pred_x0.dim())
+        return a_prev.sqrt() * pred_x0 + (1.0 - a_prev).sqrt() * pred_noise
+
+
+def script_extract(a, t, x_shape):
+    return a.gather(-1, t).reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
+
+
+def script_x0_and_noise(model_output, timesteps, sample, prediction_type, alphas, sigmas):
+    alphas, sigmas = script_extract(alphas, timesteps, sample.shape), script_extract(sigmas, timesteps, sample.shape)
+    if prediction_type == "epsilon":
+        return (sample - sigmas * model_output) / alphas, model_output
+    if prediction_type == "sample":
+        return model_output, (sample - alphas * model_output) / sigmas
+    return alphas * sample - sigmas * model_output, alphas * model_output + sigmas * sample
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_guided_matches_lcd_script(prediction_type):
+    noise_scheduler = DDPMScheduler(**SD_SCHEDULE, prediction_type=prediction_type)
+    ac = noise_scheduler.alphas_cumprod
+    alpha_schedule, sigma_schedule = torch.sqrt(ac), torch.sqrt(1 - ac)
+    solver = ScriptSolver(ac.numpy(), timesteps=1000, ddim_timesteps=50)
+    g = torch.Generator().manual_seed(5)
+    bsz = 6
+    latents, noise = torch.randn(bsz, 4, 8, 8, generator=g), torch.randn(bsz, 4, 8, 8, generator=g)
+    index = torch.randint(0, 50, (bsz,), generator=g)
+    index[0], index[1] = 0, 49
+    topk = 1000 // 50
+    start_timesteps = solver.ddim_timesteps[index]
+    timesteps = start_timesteps - topk
+    timesteps = torch.where(timesteps < 0, torch.zeros_like(timesteps), timesteps)
+    noisy = noise_scheduler.add_noise(latents, noise, start_timesteps)
+    w = (15 - 5) * torch.rand((bsz,), generator=g) + 5
+    cond, uncond = torch.randn(bsz, 4, 8, 8, generator=g), torch.randn(bsz, 4, 8, 8, generator=g)
+
+    cond_x0, cond_noise = script_x0_and_noise(cond, start_timesteps, noisy, prediction_type, alpha_schedule,
+                                              sigma_schedule)
+    uncond_x0, uncond_noise = script_x0_and_noise(uncond, start_timesteps, noisy, prediction_type, alpha_schedule,
+                                                  sigma_schedule)
+    w4 = w.reshape(bsz, 1, 1, 1)
+    pred_x0 = cond_x0 + w4 * (cond_x0 - uncond_x0)
+    pred_noise = cond_noise + w4 * (cond_noise - uncond_noise)
+    x_prev = solver.ddim_step(pred_x0, pred_noise, index)
+    assert x_prev.dtype == torch.float64  # the script's float64 ᾱ_prev table: ours computes in float32
+
+    # prev_timesteps = max(t_start − T/N, 0) selects exactly the script's ᾱ_prev
+    assert torch.equal(ac[timesteps].double(), solver.ddim_alpha_cumprods_prev[index])
+    for fn in (ref.guided_ddim_step, ops.guided_ddim_step):
+        ours_prev, ours_x0 = fn(cond, uncond, noisy, start_timesteps, timesteps, w, ac, prediction_type)
+        assert_tight(ours_x0, pred_x0, "pred_x0", tol=1e-6)
+        # x_prev = sqrt(ᾱ_prev)·x0 + sqrt(1 - ᾱ_prev)·ε: its rounding is relative to the terms
+        assert_tight(ours_prev.double(), x_prev, "x_prev", tol=1e-6, scale=pred_x0.abs().max().item())
+
+
+# ---- autograd, opcheck, compile -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_gradcheck_float64(prediction_type):
+    c, u, x, _, t, prev, w, ac = make_inputs("cpu", torch.float64, shape=(2, 3, 4, 5))
+    c, u, x = (v.requires_grad_() for v in (c, u, x))
+    prev = prev.clamp(min=0)
+    assert torch.autograd.gradcheck(lambda a, b, d: ops.guided_ddim_step(a, b, d, t, prev, w, ac, prediction_type),
+                                    (c, u, x))
+    # one output used: the other's gradient arrives as None
+    assert torch.autograd.gradcheck(lambda a, b, d: ops.guided_ddim_step(a, b, d, t, prev, w, ac, prediction_type)[1],
+                                    (c, u, x))
+
+
+def _opcheck_samples():
+    c, u, x, z, t, prev, w, ac = make_inputs("cpu", torch.float32, shape=(2, 3, 4, 5))
+    cg, ug, xg = (v.clone().requires_grad_() for v in (c, u, x))
+    prev0 = prev.clamp(min=0)
+    ns = torch.ops.rglcd_fast
+    yield ns.guided_ddim_step.default, (cg, ug, xg, t, prev0, w, ac, "epsilon")
+    yield ns.guided_ddim_step.default, (cg, u, x, t[:1], prev0, w[:1], ac, "sample")
+    yield ns.guided_ddim_step_backward.default, (c, u, t, prev0, w, ac, "v_prediction", [True, True, True])
+    yield ns.guided_ddim_step_backward.default, (None, u, t, prev0, w, ac, "epsilon", [True, False, True])
+    yield ns.lcm_step.default, lcm_args(3 * u, x, t, prev, ac, z, 0.999, "epsilon", "threshold")
+    yield ns.lcm_step.default, lcm_args(u, x, t, prev, ac, None, 1.0, "v_prediction", "clip")
+    yield ns.ddim_step.default, ddim_args(3 * u, x, t, prev, ac, z, 1.0, 0.5, "sample", "threshold", True)
+    yield ns.ddim_step.default, ddim_args(u, x, t, prev, ac, None, 1.0, 0.0, "epsilon", "none", False)
+
+
+@pytest.mark.parametrize("sample", list(range(len(list(_opcheck_samples())))))
+def test_opcheck(sample):
+    op, args = list(_opcheck_samples())[sample]
+    torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph_matches_eager():
+    c, u, x, z, t, prev, w, ac = make_inputs("cpu", torch.float32)
+
+    def teacher(c, u, x, t, prev, w, ac):
+        x_prev, pred_x0 = ops.guided_ddim_step(c, u, x, t, prev, w, ac, "v_prediction")
+        return x_prev.square().mean() + pred_x0.mean(), x_prev
+
+    def sampler(m, x, z, t, prev, ac):
+        lcm = ops.lcm_step(m, x, t, prev, ac, z, 0.999, thresholding=True, sample_max_value=2.0)
+        ddim = ops.ddim_step(m, lcm[0], t, prev, ac, z, 1.0, eta=0.5, clip_sample=True, use_clipped_model_output=True)
+        return lcm + ddim
+
+    prev0 = prev.clamp(min=0)
+    cg = c.clone().requires_grad_()
+    eager = teacher(cg, u, x, t, prev0, w, ac)
+    (eager_grad,) = torch.autograd.grad(eager[0], cg)
+    cc = c.clone().requires_grad_()
+    compiled = torch.compile(teacher, fullgraph=True)(cc, u, x, t, prev0, w, ac)
+    (compiled_grad,) = torch.autograd.grad(compiled[0], cc)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(compiled_grad, eager_grad)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(sampler, fullgraph=True)(3 * u, x, z, t, prev, ac),
+                                   sampler(3 * u, x, z, t, prev, ac))
+
+
+# ---- non-finite values, bad inputs -----------------------------------------------------------------
+
+
+def test_nan_and_inf_propagate():
+    c, u, x, z, t, prev, w, ac = make_inputs("cpu", torch.float32)
+    c[1, 2, 3, 4] = float("nan")
+    u[0, 1, 1, 1] = float("inf")
+    x[2, 0, 0, 0] = float("inf")
+    z[0, 3, 2, 1] = float("nan")
+    for pt in PREDICTION_TYPES:
+        ours = ops.guided_ddim_step(c, u, x, t, prev.clamp(min=0), w, ac, pt)
+        theirs = ref.guided_ddim_step(c, u, x, t, prev.clamp(min=0), w, ac, pt)
+        for o, r in zip(ours, theirs):  # guidance is applied to the outputs: Inf - Inf may differ from NaN
+            assert torch.equal(torch.isfinite(o), torch.isfinite(r))
+            assert not torch.isfinite(r).all()
+        for limit in LIMITS:
+            outs = check_against_reference(ops.lcm_step, ref.lcm_step, lcm_args(c, x, t, prev, ac, z, 1.0, pt, limit))
+            assert not all(torch.isfinite(o).all() for o in outs)
+            check_against_reference(ops.ddim_step, ref.ddim_step,
+                                    ddim_args(c, x, t, prev, ac, z, 1.0, 0.5, pt, limit, True))
+
+
+def test_inference_ops_refuse_grad():
+    _, m, x, z, t, prev, _, ac = make_inputs("cpu", torch.float32)
+    mg = m.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="lcm_step"):
+        ops.lcm_step(mg, x, t, prev, ac, z)
+    with pytest.raises(RuntimeError, match="ddim_step"):
+        ops.ddim_step(m, x, t, prev, ac, mg, eta=0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(ops.lcm_step(mg, x, t, prev, ac, z), ops.lcm_step(m, x, t, prev, ac, z))
+        ops.ddim_step(mg, x, t, prev, ac)
+
+
+def test_bad_inputs_name_the_argument():
+    c, u, x, z, t, prev, w, ac = make_inputs("cpu", torch.float32)
+    p0 = prev.clamp(min=0)
+    g = ops.guided_ddim_step
+    cases = [
+        (TypeError, "uncond_output", lambda: g(c, u.half(), x, t, p0, w, ac)),
+        (ValueError, "sample", lambda: g(c, u, x[:, :2], t, p0, w, ac)),
+        (TypeError, "timesteps", lambda: g(c, u, x, t.float(), p0, w, ac)),
+        (ValueError, "timesteps", lambda: g(c, u, x, t + 1000, p0, w, ac)),
+        (ValueError, "prev_timesteps", lambda: g(c, u, x, t, prev, w, ac)),  # negative: not in the guided step
+        (ValueError, "prev_timesteps", lambda: g(c, u, x, t, p0[:2], w, ac)),
+        (TypeError, "guidance_scale", lambda: g(c, u, x, t, p0, w.long(), ac)),
+        (ValueError, "guidance_scale", lambda: g(c, u, x, t, p0, w[:2], ac)),
+        (ValueError, "prediction_type", lambda: g(c, u, x, t, p0, w, ac, "flow")),
+        (TypeError, "alphas_cumprod", lambda: g(c, u, x, t, p0, w, ac.half())),
+        (TypeError, "noise", lambda: ops.lcm_step(u, x, t, prev, ac, z.double())),
+        (ValueError, "noise", lambda: ops.lcm_step(u, x, t, prev, ac, z[:1])),
+        (ValueError, "prev_timesteps", lambda: ops.lcm_step(u, x, t, prev + 1000, ac, z)),
+        (ValueError, "timesteps", lambda: ops.lcm_step(u, x, t - 1000, prev, ac, z)),
+        (ValueError, "clip_sample_range", lambda: ops.lcm_step(u, x, t, prev, ac, clip_sample=True,
+                                                               clip_sample_range=0.0)),
+        (ValueError, "dynamic_thresholding_ratio", lambda: ops.lcm_step(u, x, t, prev, ac, thresholding=True,
+                                                                        dynamic_thresholding_ratio=1.5)),
+        (ValueError, "dynamic_thresholding_ratio", lambda: ops.ddim_step(u, x, t, prev, ac,
+                                                                         dynamic_thresholding_ratio=0.0)),
+        (ValueError, "sample_max_value", lambda: ops.ddim_step(u, x, t, prev, ac, sample_max_value=0.5)),
+        (ValueError, "final_alpha_cumprod", lambda: ops.ddim_step(u, x, t, prev, ac, final_alpha_cumprod=0.0)),
+        (TypeError, "final_alpha_cumprod", lambda: ops.lcm_step(u, x, t, prev, ac, final_alpha_cumprod="one")),
+        (ValueError, "eta", lambda: ops.ddim_step(u, x, t, prev, ac, z, eta=-0.1)),
+        (ValueError, "noise", lambda: ops.ddim_step(u, x, t, prev, ac, None, eta=0.5)),
+        (ValueError, "prediction_type", lambda: ops.ddim_step(u, x, t, prev, ac, prediction_type="flow")),
+        (ValueError, "model_output", lambda: ops.lcm_step(u[0, 0, 0, 0], x[0, 0, 0, 0], t[:1], prev[:1], ac)),
+    ]
+    if rglcd_fast.has_extension():  # the compiled kernels check what they are given when called directly
+        cases += [
+            (ValueError, "prev_timesteps", lambda: torch.ops.rglcd_fast.lcm_step(*lcm_args(u, x, t, prev + 1000, ac))),
+            (ValueError, "timesteps", lambda: torch.ops.rglcd_fast.ddim_step(*ddim_args(u, x, t - 1000, prev, ac))),
+            (ValueError, "prev_timesteps", lambda: torch.ops.rglcd_fast.guided_ddim_step(c, u, x, t, prev, w, ac,
+                                                                                        "epsilon")),
+            (ValueError, "noise", lambda: torch.ops.rglcd_fast.ddim_step(*ddim_args(u, x, t, prev, ac, eta=0.5))),
+            (ValueError, "sample_max_value", lambda: torch.ops.rglcd_fast.lcm_step(
+                *lcm_args(u, x, t, prev, ac)[:13], 0.5)),
+        ]
+    if torch.cuda.is_available():
+        cases.append((ValueError, "sample", lambda: g(c, u, x.cuda(), t, p0, w, ac)))
+        cases.append((ValueError, "timesteps", lambda: ops.lcm_step(u.cuda(), x.cuda(), t, prev.cuda(), ac.cuda())))
+    for error, name, call in cases:
+        with pytest.raises(error, match=rf"(?<!\w){name}\b"):  # "timesteps" must not match "prev_timesteps"
+            call()
