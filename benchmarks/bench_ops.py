@@ -24,6 +24,11 @@ FAMILY_MODULES = ("consistency", "solver", "reward")  # benchmarks/bench_<family
 PROVIDERS = ("eager", "compile", "rglcd_fast")
 
 
+# The backward-only cases call backward repeatedly on one compiled graph (retain_graph), which
+# torch.compile's donated buffers forbid.
+torch._functorch.config.donated_buffer = False
+
+
 def do_bench(fn):
     from triton.testing import do_bench as triton_do_bench
     return triton_do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3  # µs
