@@ -25,6 +25,29 @@ def sd_alphas_cumprod(device="cpu", num_train_timesteps=1000):
     return torch.cumprod(1.0 - betas, dim=0).to(device)
 
 
+# Sampling-step x0 limits as (op keyword arguments = diffusers scheduler config entries)
+LIMITS = {
+    "none": {},
+    "clip": dict(clip_sample=True, clip_sample_range=1.5),
+    "threshold": dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.5),
+}
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def fake_model(x, t, base):
+    """A deterministic stand-in for the UNet: a function of (sample, timestep)."""
+    return 0.8 * x * torch.cos(t / 300) + base * torch.sin(t / 170 + 0.3)
+
+
+def assert_tight(actual, expected, name, tol=5e-6, scale=None):
+    """float32: within tol of the largest magnitude involved (a few float32 ulps after many steps)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, name
+    assert torch.equal(torch.isfinite(actual), torch.isfinite(expected)), f"{name}: non-finite positions differ"
+    scale = max(1.0, expected.abs().max().item(), scale or 0.0)
+    error = (actual - expected).abs().max().item()
+    assert error <= tol * scale, f"{name}: error {error:.3g} (scale {scale:.3g})"
+
+
 LAYOUTS = ["contiguous", "channels_last", "strided", "batch_inner"]
 
 

@@ -1,0 +1,132 @@
+"""Drop-in diffusers schedulers whose step() runs one fused op.
+
+`FusedLCMScheduler` and `FusedDDIMScheduler` subclass diffusers' `LCMScheduler` / `DDIMScheduler`:
+same config, from_config / save_pretrained, set_timesteps, add_noise, scale_model_input and return
+types; step() gives the same result for the same generator (noise is drawn exactly as diffusers
+draws it) in one kernel, without synchronising with the device, so a denoising loop with them can
+be captured in a CUDA graph:
+
+    pipe.scheduler = FusedLCMScheduler.from_config(pipe.scheduler.config)
+"""
+import torch
+from diffusers import DDIMScheduler, LCMScheduler
+from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from . import ops
+
+
+class _FusedStepMixin:
+    """What both fused schedulers need to call the ops from host-side state only."""
+
+    def _schedule_on(self, device: torch.device) -> torch.Tensor:
+        """alphas_cumprod on `device`, copied there once (diffusers keeps it on the CPU)."""
+        if self.alphas_cumprod.device == device:
+            return self.alphas_cumprod
+        cache = self.__dict__.setdefault("_rglcd_schedule", {})
+        cached = cache.get(device)
+        if cached is None or cached.shape != self.alphas_cumprod.shape:
+            cached = cache[device] = self.alphas_cumprod.to(device)
+        return cached
+
+    def _final_alpha_cumprod(self) -> float:
+        return float(self.final_alpha_cumprod)  # a CPU tensor: no device sync
+
+    @staticmethod
+    def _timestep_tensor(timestep, device: torch.device) -> torch.Tensor:
+        """The timestep as a tensor on `device`: a fill kernel for a number (no host-to-device copy)."""
+        if isinstance(timestep, torch.Tensor):
+            return timestep if timestep.device == device else timestep.to(device)
+        return torch.full((), int(timestep), dtype=torch.long, device=device)
+
+    def _timestep_value_on_host(self, timestep) -> int:
+        """The timestep's value without a device sync when it is a number, a CPU tensor, or an element
+        of self.timesteps (as pipelines pass them); any other device tensor is read back once."""
+        if not isinstance(timestep, torch.Tensor):
+            return int(timestep)
+        host = self.__dict__.get("_rglcd_host_timesteps")
+        if (timestep.device.type != "cpu" and host is not None and timestep.dim() == 0
+                and timestep.untyped_storage().data_ptr() == self.timesteps.untyped_storage().data_ptr()):
+            return int(host[timestep.storage_offset() - self.timesteps.storage_offset()])
+        return int(timestep.item())
+
+    def _remember_host_timesteps(self):
+        self._rglcd_host_timesteps = self.timesteps.cpu()
+
+
+class FusedLCMScheduler(_FusedStepMixin, LCMScheduler):
+    """diffusers' LCMScheduler with step() as the fused `lcm_step` op."""
+
+    _compatibles = [*LCMScheduler._compatibles, "LCMScheduler"]
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self._remember_host_timesteps()
+
+    def _init_step_index(self, timestep):
+        if self.begin_index is None:
+            host = self._rglcd_host_timesteps
+            self._step_index = self.index_for_timestep(self._timestep_value_on_host(timestep), host)
+        else:
+            self._step_index = self._begin_index
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
+             generator: torch.Generator | None = None, return_dict: bool = True):
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
+                             "the scheduler")
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        device = sample.device
+        prev_step_index = self.step_index + 1
+        prev_timestep = self.timesteps[prev_step_index] if prev_step_index < len(self.timesteps) else timestep
+        noise = None
+        if self.step_index != self.num_inference_steps - 1:
+            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                 dtype=sample.dtype)
+        config = self.config
+        prev_sample, denoised = ops.lcm_step(
+            model_output, sample, self._timestep_tensor(timestep, device), self._timestep_tensor(prev_timestep, device),
+            self._schedule_on(device), noise=noise, final_alpha_cumprod=self._final_alpha_cumprod(),
+            prediction_type=config.prediction_type, timestep_scaling=config.timestep_scaling,
+            clip_sample=config.clip_sample, clip_sample_range=config.clip_sample_range,
+            thresholding=config.thresholding, dynamic_thresholding_ratio=config.dynamic_thresholding_ratio,
+            sample_max_value=config.sample_max_value)
+        self._step_index += 1
+        if not return_dict:
+            return prev_sample, denoised
+        return LCMSchedulerOutput(prev_sample=prev_sample, denoised=denoised)
+
+
+class FusedDDIMScheduler(_FusedStepMixin, DDIMScheduler):
+    """diffusers' DDIMScheduler with step() as the fused `ddim_step` op."""
+
+    _compatibles = [*DDIMScheduler._compatibles, "DDIMScheduler"]
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
+             use_clipped_model_output: bool = False, generator: torch.Generator | None = None,
+             variance_noise: torch.Tensor | None = None, return_dict: bool = True):
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
+                             "the scheduler")
+        device = sample.device
+        t = self._timestep_tensor(timestep, device)
+        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps  # negative: final ᾱ, in the kernel
+        noise = None
+        if eta > 0:
+            if variance_noise is not None and generator is not None:
+                raise ValueError("Cannot pass both generator and variance_noise. Please make sure that either "
+                                 "`generator` or `variance_noise` stays `None`.")
+            noise = variance_noise if variance_noise is not None else randn_tensor(
+                model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+        config = self.config
+        prev_sample, pred_original_sample = ops.ddim_step(
+            model_output, sample, t, prev_t, self._schedule_on(device), noise=noise,
+            final_alpha_cumprod=self._final_alpha_cumprod(), eta=float(eta), prediction_type=config.prediction_type,
+            clip_sample=config.clip_sample, clip_sample_range=config.clip_sample_range,
+            thresholding=config.thresholding, dynamic_thresholding_ratio=config.dynamic_thresholding_ratio,
+            sample_max_value=config.sample_max_value, use_clipped_model_output=use_clipped_model_output)
+        if not return_dict:
+            return prev_sample, pred_original_sample
+        return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
