@@ -2,12 +2,12 @@
 drop-ins for diffusers' LCMScheduler.step and DDIMScheduler.step."""
 import itertools
 
-import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+import lcd_script
 import rglcd_fast
 from helpers import (LAYOUTS, LIMITS, SD_SCHEDULE, assert_close, assert_tight, check_against_reference,
                      device_dtype_params, fake_model, in_layout, randn, sd_alphas_cumprod)
@@ -298,41 +298,12 @@ def test_loops_low_precision(limit, dtype):
 # ---- the guided step is the LCD script's teacher step ------------------------------------------
 
 
-class ScriptSolver:
-    """The LCD script's numpy-built DDIM solver tables and step (train_lcm_distill_sd_wds.py), kept
-    numerically as it is: the ᾱ_prev table comes out float64 (np.asarray over a Python-float list)."""
-
-    def __init__(self, alpha_cumprods, timesteps=1000, ddim_timesteps=50):
-        step_ratio = timesteps // ddim_timesteps
-        ddim_ts = (np.arange(1, ddim_timesteps + 1) * step_ratio).round().astype(np.int64) - 1
-        prev = np.asarray([alpha_cumprods[0]] + alpha_cumprods[ddim_ts[:-1]].tolist())
-        self.ddim_timesteps = torch.from_numpy(ddim_ts).long()
-        self.ddim_alpha_cumprods_prev = torch.from_numpy(prev)
-
-    def ddim_step(self, pred_x0, pred_noise, timestep_index):
-        a_prev = ref.extract_into_tensor(self.ddim_alpha_cumprods_prev, timestep_index, pred_x0.dim())
-        return a_prev.sqrt() * pred_x0 + (1.0 - a_prev).sqrt() * pred_noise
-
-
-def script_extract(a, t, x_shape):
-    return a.gather(-1, t).reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
-
-
-def script_x0_and_noise(model_output, timesteps, sample, prediction_type, alphas, sigmas):
-    alphas, sigmas = script_extract(alphas, timesteps, sample.shape), script_extract(sigmas, timesteps, sample.shape)
-    if prediction_type == "epsilon":
-        return (sample - sigmas * model_output) / alphas, model_output
-    if prediction_type == "sample":
-        return model_output, (sample - alphas * model_output) / sigmas
-    return alphas * sample - sigmas * model_output, alphas * model_output + sigmas * sample
-
-
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 def test_guided_matches_lcd_script(prediction_type):
     noise_scheduler = DDPMScheduler(**SD_SCHEDULE, prediction_type=prediction_type)
     ac = noise_scheduler.alphas_cumprod
     alpha_schedule, sigma_schedule = torch.sqrt(ac), torch.sqrt(1 - ac)
-    solver = ScriptSolver(ac.numpy(), timesteps=1000, ddim_timesteps=50)
+    solver = lcd_script.DDIMSolver(ac.numpy(), timesteps=1000, ddim_timesteps=50)
     g = torch.Generator().manual_seed(5)
     bsz = 6
     latents, noise = torch.randn(bsz, 4, 8, 8, generator=g), torch.randn(bsz, 4, 8, 8, generator=g)
@@ -346,10 +317,11 @@ def test_guided_matches_lcd_script(prediction_type):
     w = (15 - 5) * torch.rand((bsz,), generator=g) + 5
     cond, uncond = torch.randn(bsz, 4, 8, 8, generator=g), torch.randn(bsz, 4, 8, 8, generator=g)
 
-    cond_x0, cond_noise = script_x0_and_noise(cond, start_timesteps, noisy, prediction_type, alpha_schedule,
-                                              sigma_schedule)
-    uncond_x0, uncond_noise = script_x0_and_noise(uncond, start_timesteps, noisy, prediction_type, alpha_schedule,
-                                                  sigma_schedule)
+    schedules = (start_timesteps, noisy, prediction_type, alpha_schedule, sigma_schedule)
+    cond_x0 = lcd_script.get_predicted_original_sample(cond, *schedules)
+    cond_noise = lcd_script.get_predicted_noise(cond, *schedules)
+    uncond_x0 = lcd_script.get_predicted_original_sample(uncond, *schedules)
+    uncond_noise = lcd_script.get_predicted_noise(uncond, *schedules)
     w4 = w.reshape(bsz, 1, 1, 1)
     pred_x0 = cond_x0 + w4 * (cond_x0 - uncond_x0)
     pred_noise = cond_noise + w4 * (cond_noise - uncond_noise)
