@@ -1,0 +1,91 @@
+"""The fast sampler and `rglcd-fast sample` on tiny random pipelines (no downloads)."""
+import os
+
+import pytest
+import torch
+from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline
+from PIL import Image
+
+from rglcd_fast.cli import main
+from rglcd_fast.sample import LCMSampler
+from rglcd_fast.schedulers import FusedLCMScheduler
+from tiny_pipeline import save_tiny_lcm_lora, save_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def lcm_folder(tmp_path_factory):
+    return save_tiny_pipeline(str(tmp_path_factory.mktemp("lcm")), lcm=True)
+
+
+@pytest.fixture(scope="module")
+def base_and_lora(tmp_path_factory):
+    base = save_tiny_pipeline(str(tmp_path_factory.mktemp("base")), lcm=False)
+    return base, save_tiny_lcm_lora(base, str(tmp_path_factory.mktemp("lora")))
+
+
+def test_sampler_matches_the_diffusers_lcm_pipeline(lcm_folder):
+    sampler = LCMSampler.from_pretrained(lcm_folder, device="cpu")
+    ours = sampler.latents(["a digit seven", "a digit one"], steps=4, guidance_scale=8.0, seed=3)
+    pipe = LatentConsistencyModelPipeline.from_pretrained(lcm_folder, safety_checker=None, feature_extractor=None)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    generator = torch.Generator().manual_seed(3)
+    theirs = pipe(["a digit seven", "a digit one"], num_inference_steps=4, guidance_scale=8.0, generator=generator,
+                  output_type="latent").images
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    images = sampler(["a digit seven"], steps=2, seed=0)
+    assert len(images) == 1 and isinstance(images[0], Image.Image) and images[0].size == (16, 16)
+
+
+def test_lcm_lora_in_stable_diffusion_pipeline_and_sampler(base_and_lora):
+    base, lora = base_and_lora
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    pipe.load_lora_weights(lora)
+    kw = dict(num_inference_steps=3, guidance_scale=1.0, output_type="latent")
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    expected = pipe("a digit two", generator=torch.Generator().manual_seed(1), **kw).images
+    pipe.scheduler = FusedLCMScheduler.from_config(pipe.scheduler.config)
+    actual = pipe("a digit two", generator=torch.Generator().manual_seed(1), **kw).images
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+    # the sampler fuses the same LoRA into the base UNet and samples without guidance, as the pipeline at w = 1
+    sampler = LCMSampler.from_pretrained(base, lora=lora, device="cpu")
+    torch.testing.assert_close(sampler.latents("a digit two", steps=3, seed=1), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_sampler_errors(lcm_folder, base_and_lora, tmp_path):
+    with pytest.raises(FileNotFoundError, match="model"):
+        LCMSampler.from_pretrained(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="missing unet"):
+        LCMSampler.from_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="time_cond_proj_dim"):
+        LCMSampler.from_pretrained(base_and_lora[0], device="cpu")
+    with pytest.raises(FileNotFoundError, match="lora"):
+        LCMSampler.from_pretrained(base_and_lora[0], lora=str(tmp_path / "nope"), device="cpu")
+    sampler = LCMSampler.from_pretrained(lcm_folder, device="cpu")
+    for kwargs, name in [(dict(steps=0), "steps"), (dict(steps=9), "steps"), (dict(height=13), "height"),
+                         (dict(width=-8), "width"), (dict(cuda_graph=True), "cuda_graph")]:
+        with pytest.raises(ValueError, match=name):
+            sampler.latents("a digit", **kwargs)
+    with pytest.raises(ValueError, match="prompts"):
+        sampler.latents([])
+
+
+def test_cli_sample_writes_a_grid(lcm_folder, tmp_path, capsys):
+    out = str(tmp_path / "grid.png")
+    code = main(["sample", "--model", lcm_folder, "--prompt", "a digit seven", "--prompt", "a digit one",
+                 "--num-images", "2", "--steps", "2", "--seed", "0", "--out", out, "--quiet"])
+    assert code == 0 and os.path.exists(out)
+    assert Image.open(out).size == (32, 32)  # 2 prompts (rows) x 2 images (columns) of 16 px
+    assert "wrote" in capsys.readouterr().out
+    assert main(["sample", "--model", str(tmp_path / "missing"), "--prompt", "x", "--out", out]) == 2
+    assert "model: no such folder" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_equals_eager(lcm_folder):
+    sampler = LCMSampler.from_pretrained(lcm_folder, device="cuda", dtype=torch.float32)
+    for seed in (0, 5):  # the second replay re-seeds the graph's noise
+        eager = sampler.latents(["a digit seven", "a digit one"], steps=4, seed=seed)
+        graphed = sampler.latents(["a digit seven", "a digit one"], steps=4, seed=seed, cuda_graph=True)
+        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+    assert len(sampler._graphs) == 1
