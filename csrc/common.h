@@ -8,7 +8,9 @@
 
 #include <c10/util/strides.h>
 
+#include <algorithm>
 #include <cmath>
+#include <optional>
 #include <type_traits>
 #include <vector>
 #include <string_view>
@@ -166,6 +168,24 @@ struct X0Clamp {
 template <typename acc_t>
 RGLCD_HD acc_t threshold_from_quantile(acc_t q, acc_t sample_max_value) {
   return clamp_nan(q, acc_t(1), sample_max_value);
+}
+
+// torch.quantile's positions for the ratio-quantile of n >= 1 sorted values: rank = ratio·(n − 1)
+// computed in acc_t (torch computes it in the quantile's dtype), the indices at its floor and ceiling
+// and the lerp weight; quantile = lerp(sorted[below], sorted[above], weight), NaN if any value is NaN.
+// (The indices are capped at n − 1: rank can round past it only beyond torch.quantile's 2^24 limit.)
+template <typename acc_t>
+struct QuantileRank {
+  int64_t below, above;
+  acc_t weight;
+};
+
+template <typename acc_t>
+inline QuantileRank<acc_t> quantile_rank(double ratio, int64_t n) {
+  const acc_t rank = static_cast<acc_t>(ratio) * static_cast<acc_t>(n - 1);
+  const int64_t below = static_cast<int64_t>(rank);
+  const int64_t above = static_cast<int64_t>(std::ceil(rank));
+  return {std::min(below, n - 1), std::min(above, n - 1), rank - static_cast<acc_t>(below)};
 }
 
 // DDIM variance σ_t² / η² of diffusers' _get_variance.
@@ -436,5 +456,60 @@ inline at::Tensor per_sample_index_cpu(const at::Tensor& t, int64_t batch, int64
 inline void check_same_shape(const at::Tensor& a, const at::Tensor& b, const char* name) {
   TORCH_CHECK_VALUE(a.sizes() == b.sizes(), name, ": expected shape ", a.sizes(), ", got ", b.sizes());
 }
+
+// A per-sample float tensor (guidance scales): [B] or one value, flat, contiguous, as `dtype` on its
+// own device (no host read).
+inline at::Tensor per_sample_values(const at::Tensor& t, int64_t batch, c10::ScalarType dtype, const char* name) {
+  const at::Tensor v = t.reshape({-1}).to(dtype).contiguous();
+  TORCH_CHECK_VALUE(v.numel() == 1 || v.numel() == batch, name, ": expected ", batch,
+                    " values (one per sample) or one, got ", v.numel());
+  return v;
+}
+
+// ---- solver family: arguments shared by the backends ---------------------------------------------
+
+constexpr double kLcmSigmaData = 0.5;  // LCMScheduler's fixed sigma_data
+
+// The x0 clip / threshold options shared by the LCM and DDIM steps.
+struct X0Options {
+  X0Limit kind;
+  double clip_sample_range, dynamic_thresholding_ratio, sample_max_value;
+};
+
+inline X0Options x0_options(bool clip_sample, double clip_sample_range, bool thresholding,
+                            double dynamic_thresholding_ratio, double sample_max_value) {
+  TORCH_CHECK_VALUE(clip_sample_range > 0, "clip_sample_range: expected a positive range, got ", clip_sample_range);
+  TORCH_CHECK_VALUE(dynamic_thresholding_ratio > 0 && dynamic_thresholding_ratio <= 1,
+                    "dynamic_thresholding_ratio: expected a value in (0, 1], got ", dynamic_thresholding_ratio);
+  TORCH_CHECK_VALUE(sample_max_value >= 1, "sample_max_value: expected a value >= 1, got ", sample_max_value);
+  const X0Limit kind = thresholding ? X0Limit::Threshold : (clip_sample ? X0Limit::Clip : X0Limit::None);
+  return {kind, clip_sample_range, dynamic_thresholding_ratio, sample_max_value};
+}
+
+// The inputs of a sampling step (model_output, sample, optional noise: same shape and dtype) in the
+// working layout of `sample`.
+struct StepInputs {
+  Layout layout;
+  at::Tensor m, x, z;  // z undefined without noise
+  int64_t n, batch, per_sample;
+
+  StepInputs(const at::Tensor& model_output, const at::Tensor& sample, const std::optional<at::Tensor>& noise)
+      : layout(sample) {
+    check_same_shape(sample, model_output, "model_output");
+    m = layout.input(model_output);
+    x = layout.input(sample);
+    if (noise.has_value() && noise->defined()) {
+      check_same_shape(sample, *noise, "noise");
+      TORCH_CHECK_TYPE(noise->scalar_type() == sample.scalar_type(), "noise: expected dtype ", sample.scalar_type(),
+                       ", got ", noise->scalar_type());
+      z = layout.input(*noise);
+    }
+    TORCH_CHECK_TYPE(model_output.scalar_type() == sample.scalar_type(), "model_output: expected dtype ",
+                     sample.scalar_type(), ", got ", model_output.scalar_type());
+    n = x.numel();
+    batch = batch_size(x);
+    per_sample = batch ? n / batch : 1;
+  }
+};
 
 }  // namespace rglcd_fast

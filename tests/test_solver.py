@@ -9,7 +9,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 import lcd_script
 import rglcd_fast
-from helpers import (LAYOUTS, LIMITS, SD_SCHEDULE, assert_close, assert_tight, check_against_reference,
+from helpers import (DEVICES, LAYOUTS, LIMITS, SD_SCHEDULE, assert_close, assert_tight, check_against_reference,
                      device_dtype_params, fake_model, in_layout, randn, sd_alphas_cumprod)
 from rglcd_fast import ops
 from rglcd_fast.reference import solver as ref
@@ -143,16 +143,19 @@ def test_other_ranks():
                                 ddim_args(3 * u, x, t, prev, ac, z, eta=0.5, limit="threshold", use_clipped=True))
 
 
-def test_threshold_quantile_matches_torch():
+@pytest.mark.parametrize("device", DEVICES)
+def test_threshold_quantile_matches_torch(device):
     """Per-sample s = clamp(quantile(|x0|, ratio), 1, max): sizes where ratio·(n − 1) falls on, just off and
-    between elements, ties, and a sample entirely below 1."""
-    ac = sd_alphas_cumprod()
+    between elements, ties, and a sample entirely below 1 (CUDA: the quantile computed on the device)."""
+    ac = sd_alphas_cumprod(device)
     g = torch.Generator().manual_seed(3)
     for n, ratio in [(1, 0.995), (2, 0.5), (7, 0.5), (201, 0.995), (4096, 0.995), (1000, 1.0), (33, 0.01)]:
         m = torch.randn(4, n, generator=g) * 4
         m[1] = m[1].round()  # ties
         m[2] *= 0.1          # s clamps to 1
-        x, t, prev = torch.zeros_like(m), torch.full((4,), 500), torch.full((4,), 480)
+        m = m.to(device)
+        x, t, prev = (torch.zeros_like(m), torch.full((4,), 500, device=device),
+                      torch.full((4,), 480, device=device))
         args = lcm_args(m, x, t, prev, ac, None, 1.0, "sample", "threshold")
         args = args[:12] + (ratio, 3.0)
         ours = ops.lcm_step(*args)[1]
@@ -402,8 +405,9 @@ def test_compile_fullgraph_matches_eager():
 # ---- non-finite values, bad inputs -----------------------------------------------------------------
 
 
-def test_nan_and_inf_propagate():
-    c, u, x, z, t, prev, w, ac = make_inputs("cpu", torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_and_inf_propagate(device):
+    c, u, x, z, t, prev, w, ac = make_inputs(device, torch.float32)
     c[1, 2, 3, 4] = float("nan")
     u[0, 1, 1, 1] = float("inf")
     x[2, 0, 0, 0] = float("inf")
@@ -482,3 +486,98 @@ def test_bad_inputs_name_the_argument():
     for error, name, call in cases:
         with pytest.raises(error, match=rf"(?<!\w){name}\b"):  # "timesteps" must not match "prev_timesteps"
             call()
+
+
+# ---- CUDA only: no host sync (NaN for an out-of-range timestep, graph capture), float64 ----------
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _sampling_outputs(c, u, x, z, t, prev, w, ac):
+    """Every solver op once, the sampling steps with thresholding (the device-side quantile)."""
+    limits = dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.5)
+    return (*ops.guided_ddim_step(c, u, x, t, prev.clamp(min=0), w, ac, "v_prediction"),
+            *ops.lcm_step(3 * u, x, t, prev, ac, z, 0.999, **limits),
+            *ops.ddim_step(3 * u, x, t, prev, ac, z, 1.0, eta=0.5, use_clipped_model_output=True, **limits))
+
+
+@requires_cuda
+def test_cuda_out_of_range_timestep_gives_nan():
+    """The CUDA kernels cannot raise without a host sync: a timestep outside the schedule makes its own
+    sample's outputs NaN and leaves the other samples exactly as they were (the CPU raises a ValueError:
+    test_bad_inputs_name_the_argument)."""
+    c, u, x, z, t, prev, w, ac = make_inputs("cuda", torch.float32)
+    p0 = prev.clamp(min=0)
+    good = _sampling_outputs(c, u, x, z, t, prev, w, ac)
+    others = [0, 2]
+    bad_t = t.clone()
+    bad_t[1] = 1000
+    for out, ref_out in zip(_sampling_outputs(c, u, x, z, bad_t, prev, w, ac), good):
+        assert torch.isnan(out[1]).all()
+        assert torch.equal(out[others], ref_out[others])
+    bad_prev = prev.clone()
+    bad_prev[1] = 1000  # only prev_sample / x_prev depend on ᾱ_prev
+    outs = _sampling_outputs(c, u, x, z, t, bad_prev, w, ac)
+    for k, (out, ref_out) in enumerate(zip(outs, good)):
+        if k % 2 == 0:
+            assert torch.isnan(out[1]).all()
+            assert torch.equal(out[others], ref_out[others])
+        else:
+            assert torch.equal(out, ref_out)
+    negative = p0.clone()
+    negative[1] = -20  # the guided step has no final step: a negative prev_timestep is out of range
+    x_prev, pred_x0 = ops.guided_ddim_step(c, u, x, t, negative, w, ac)
+    assert torch.isnan(x_prev[1]).all() and torch.isfinite(x_prev[others]).all() and torch.isfinite(pred_x0).all()
+    grads = torch.ops.rglcd_fast.guided_ddim_step_backward(c, u, bad_t, p0, w, ac, "epsilon", [True, True, True])
+    assert all(torch.isnan(g[1]).all() and torch.isfinite(g[others]).all() for g in grads)
+
+
+@requires_cuda
+def test_cuda_graph_capture():
+    """Every op (the device-side thresholding included) captures into a CUDA graph, i.e. never syncs
+    with the host, and the replay recomputes from the new contents of the captured inputs."""
+    inputs = make_inputs("cuda", torch.float32)
+    c, u, x, z, t, prev, w, ac = inputs
+    p0 = prev.clamp(min=0)
+
+    def run():
+        backward = torch.ops.rglcd_fast.guided_ddim_step_backward(c, u, t, p0, w, ac, "sample", [True, True, True])
+        return _sampling_outputs(*inputs) + tuple(backward)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graphs recommends
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    g = torch.Generator(device="cuda").manual_seed(7)
+    for v in (c, u, x, z):
+        v.copy_(torch.randn(v.shape, generator=g, device="cuda"))
+    t.copy_(torch.randint(20, 1000, t.shape, generator=g, device="cuda"))
+    w.uniform_(1, 3, generator=g)
+    graph.replay()
+    expected = run()
+    for k, (a, b) in enumerate(zip(captured, expected)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=f"output {k}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_cuda_float64_matches_cpu(prediction_type):
+    """float64 runs on CUDA too (the tests above cover fp32/fp16/bf16): the same results as the CPU kernels."""
+    cpu = make_inputs("cpu", torch.float64)
+    cuda = [v.cuda() for v in cpu]
+    for limit in LIMITS:
+        def outputs(c, u, x, z, t, prev, w, ac):
+            p0 = prev.clamp(min=0)
+            ns = torch.ops.rglcd_fast
+            return (*ns.guided_ddim_step(c, u, x, t, p0, w, ac, prediction_type),
+                    *ns.guided_ddim_step_backward(c, u, t, p0, w, ac, prediction_type, [True, True, True]),
+                    *ns.lcm_step(*lcm_args(3 * u, x, t, prev, ac, z, 0.999, prediction_type, limit)),
+                    *ns.ddim_step(*ddim_args(3 * u, x, t, prev, ac, z, 1.0, 0.5, prediction_type, limit, True)))
+
+        for k, (a, b) in enumerate(zip(outputs(*cuda), outputs(*cpu))):
+            assert a.dtype == torch.float64 and a.is_cuda
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-12, atol=1e-12, msg=f"{limit}: output {k}")

@@ -12,8 +12,6 @@
 namespace rglcd_fast {
 namespace {
 
-constexpr double kLcmSigmaData = 0.5;  // LCMScheduler's fixed sigma_data
-
 // Per-sample (ᾱ_t, ᾱ_prev, t) from timesteps and prev_timesteps ([B] or one each); a negative
 // prev_timestep (where allowed) means the final step: ᾱ_prev = final_alpha_cumprod.
 template <typename acc_t>
@@ -42,22 +40,6 @@ StepSchedule<acc_t> step_schedule(const at::Tensor& timesteps, const at::Tensor&
   return out;
 }
 
-// The x0 clip / threshold options shared by the LCM and DDIM steps.
-struct X0Options {
-  X0Limit kind;
-  double clip_sample_range, dynamic_thresholding_ratio, sample_max_value;
-};
-
-X0Options x0_options(bool clip_sample, double clip_sample_range, bool thresholding, double dynamic_thresholding_ratio,
-                     double sample_max_value) {
-  TORCH_CHECK_VALUE(clip_sample_range > 0, "clip_sample_range: expected a positive range, got ", clip_sample_range);
-  TORCH_CHECK_VALUE(dynamic_thresholding_ratio > 0 && dynamic_thresholding_ratio <= 1,
-                    "dynamic_thresholding_ratio: expected a value in (0, 1], got ", dynamic_thresholding_ratio);
-  TORCH_CHECK_VALUE(sample_max_value >= 1, "sample_max_value: expected a value >= 1, got ", sample_max_value);
-  const X0Limit kind = thresholding ? X0Limit::Threshold : (clip_sample ? X0Limit::Clip : X0Limit::None);
-  return {kind, clip_sample_range, dynamic_thresholding_ratio, sample_max_value};
-}
-
 // The per-sample clamp of x0. Thresholding: s = clamp(quantile(|x0|, ratio), 1, sample_max_value) over
 // the sample's elements, with torch.quantile's linear interpolation (rank = ratio·(n - 1) in acc_t,
 // as torch computes it in the quantile's dtype) and its NaN rule (any NaN: s = NaN), one
@@ -66,10 +48,8 @@ template <typename acc_t, typename X0At>
 std::vector<X0Clamp<acc_t>> x0_clamps(const X0Options& o, int64_t batch, int64_t per_sample, const X0At& x0_at) {
   std::vector<X0Clamp<acc_t>> out(batch, X0Clamp<acc_t>{o.kind, static_cast<acc_t>(o.clip_sample_range)});
   if (o.kind != X0Limit::Threshold || per_sample == 0) return out;
-  const acc_t rank = static_cast<acc_t>(o.dynamic_thresholding_ratio) * static_cast<acc_t>(per_sample - 1);
-  const int64_t below = static_cast<int64_t>(rank);
-  const int64_t above = static_cast<int64_t>(std::ceil(rank));
-  const acc_t weight = rank - static_cast<acc_t>(below);
+  const QuantileRank<acc_t> rank = quantile_rank<acc_t>(o.dynamic_thresholding_ratio, per_sample);
+  const int64_t below = rank.below, above = rank.above;
   const acc_t max_value = static_cast<acc_t>(o.sample_max_value);
   at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> values(per_sample);
@@ -85,7 +65,7 @@ std::vector<X0Clamp<acc_t>> x0_clamps(const X0Options& o, int64_t batch, int64_t
         std::nth_element(values.begin(), values.begin() + below, values.end());
         const acc_t v_below = values[below];
         const acc_t v_above = above == below ? v_below : *std::min_element(values.begin() + below + 1, values.end());
-        q = lerp(v_below, v_above, weight);
+        q = lerp(v_below, v_above, rank.weight);
       }
       out[b].bound = threshold_from_quantile(q, max_value);
     }
@@ -102,9 +82,8 @@ inline acc_t acc(scalar_t v) {
 
 template <typename acc_t>
 std::vector<acc_t> guidance_values(const at::Tensor& guidance_scale, int64_t batch) {
-  const at::Tensor w = guidance_scale.reshape({-1}).to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-  TORCH_CHECK_VALUE(w.numel() == 1 || w.numel() == batch, "guidance_scale: expected ", batch,
-                    " values (one per sample) or one, got ", w.numel());
+  const at::Tensor w =
+      per_sample_values(guidance_scale, batch, c10::CppTypeToScalarType<acc_t>::value, "guidance_scale");
   const acc_t* p = w.const_data_ptr<acc_t>();
   std::vector<acc_t> out(batch);
   for (int64_t b = 0; b < batch; ++b) out[b] = p[per_sample_index(w.numel(), b)];
@@ -221,30 +200,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> guided_ddim_step_backward_cpu(
 }
 
 // ---- sampling steps (inference) -----------------------------------------------------------------
-
-struct StepInputs {
-  Layout layout;
-  at::Tensor m, x, z;  // z undefined without noise
-  int64_t n, batch, per_sample;
-
-  StepInputs(const at::Tensor& model_output, const at::Tensor& sample, const std::optional<at::Tensor>& noise)
-      : layout(sample) {
-    check_same_shape(sample, model_output, "model_output");
-    m = layout.input(model_output);
-    x = layout.input(sample);
-    if (noise.has_value() && noise->defined()) {
-      check_same_shape(sample, *noise, "noise");
-      TORCH_CHECK_TYPE(noise->scalar_type() == sample.scalar_type(), "noise: expected dtype ", sample.scalar_type(),
-                       ", got ", noise->scalar_type());
-      z = layout.input(*noise);
-    }
-    TORCH_CHECK_TYPE(model_output.scalar_type() == sample.scalar_type(), "model_output: expected dtype ",
-                     sample.scalar_type(), ", got ", model_output.scalar_type());
-    n = x.numel();
-    batch = batch_size(x);
-    per_sample = batch ? n / batch : 1;
-  }
-};
 
 // diffusers LCMScheduler.step: x0, clip / threshold, denoised = c_out·x0 + c_skip·x, and
 // prev = sqrt(ᾱ_prev)·denoised + sqrt(1 - ᾱ_prev)·noise, or prev = denoised without noise (last step).

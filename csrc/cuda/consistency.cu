@@ -11,58 +11,6 @@
 namespace rglcd_fast {
 namespace {
 
-using cuda::Vec;
-
-// Per-sample schedule look-up: timesteps (int64, one or B values) and ᾱ in acc_t.
-template <typename acc_t>
-struct SampleSchedule {
-  const int64_t* timesteps;
-  int64_t timesteps_numel;
-  const acc_t* table;
-  int64_t length;
-
-  template <typename Map>
-  __device__ __forceinline__ Linear<acc_t> coefficients(const Map& map, int64_t b) const {
-    const int64_t t = timesteps[per_sample_index(timesteps_numel, b)];
-    return map(cuda::schedule_at(table, length, t), static_cast<acc_t>(t));
-  }
-};
-
-// Owns the (possibly converted) index and schedule tensors behind a SampleSchedule.
-struct ScheduleTensors {
-  at::Tensor timesteps, table;
-  ScheduleTensors(const at::Tensor& ts, const at::Tensor& alphas_cumprod, int64_t batch, at::ScalarType acc_type)
-      : timesteps(as_index(ts)), table(alphas_cumprod.to(acc_type).contiguous()) {
-    TORCH_CHECK_VALUE(timesteps.numel() == 1 || timesteps.numel() == batch, "timesteps: expected ", batch,
-                      " values (one per sample) or one, got ", timesteps.numel());
-  }
-  template <typename acc_t>
-  SampleSchedule<acc_t> view() const {
-    return {timesteps.const_data_ptr<int64_t>(), timesteps.numel(), table.const_data_ptr<acc_t>(), table.numel()};
-  }
-};
-
-template <typename scalar_t, int N>
-__device__ __forceinline__ Vec<scalar_t, N> load(const scalar_t* p) {
-  return *reinterpret_cast<const Vec<scalar_t, N>*>(p);
-}
-
-template <typename scalar_t, int N>
-__device__ __forceinline__ void store(scalar_t* p, const Vec<scalar_t, N>& v) {
-  *reinterpret_cast<Vec<scalar_t, N>*>(p) = v;
-}
-
-// Runs launch(std::integral_constant<int, W>) for the widest vector the pointers allow.
-template <typename scalar_t, typename Launch>
-void with_vector_width(int64_t per_sample, std::initializer_list<const void*> pointers, const Launch& launch) {
-  constexpr int wide = 16 / sizeof(scalar_t);
-  if (cuda::vector_width<scalar_t>(per_sample, pointers) == wide) {
-    launch(std::integral_constant<int, wide>{});
-  } else {
-    launch(std::integral_constant<int, 1>{});
-  }
-}
-
 template <typename scalar_t, int VEC, typename Map>
 __global__ void linear_map_kernel(const scalar_t* __restrict__ m, const scalar_t* __restrict__ x,
                                   scalar_t* __restrict__ out, int64_t n, int64_t per_sample,
@@ -161,11 +109,6 @@ __global__ void loss_backward_kernel(const at::opmath_type<scalar_t>* __restrict
   if (grad_m) store(grad_m + i, gm);
   if (grad_x) store(grad_x + i, gx);
   if (grad_y) store(grad_y + i, gy);
-}
-
-template <typename T>
-T* pointer_or_null(at::Tensor& t, bool wanted) {
-  return wanted ? t.mutable_data_ptr<T>() : nullptr;
 }
 
 template <typename Map>

@@ -1,5 +1,6 @@
 // CUDA helpers shared by the op families: 16-byte vector access, per-sample schedule look-ups,
-// launch shapes and deterministic block reductions.
+// launch shapes and deterministic block reductions. Host-side helpers here only read metadata or
+// enqueue work on the current stream: nothing synchronises with the device.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -68,4 +69,80 @@ __device__ __forceinline__ acc_t block_sum(acc_t value) {
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 }  // namespace cuda
+
+using cuda::Vec;
+
+template <typename scalar_t, int N>
+__device__ __forceinline__ Vec<scalar_t, N> load(const scalar_t* p) {
+  return *reinterpret_cast<const Vec<scalar_t, N>*>(p);
+}
+
+template <typename scalar_t, int N>
+__device__ __forceinline__ void store(scalar_t* p, const Vec<scalar_t, N>& v) {
+  *reinterpret_cast<Vec<scalar_t, N>*>(p) = v;
+}
+
+// Runs launch(std::integral_constant<int, W>) for the widest vector the pointers allow.
+template <typename scalar_t, typename Launch>
+void with_vector_width(int64_t per_sample, std::initializer_list<const void*> pointers, const Launch& launch) {
+  constexpr int wide = 16 / sizeof(scalar_t);
+  if (cuda::vector_width<scalar_t>(per_sample, pointers) == wide) {
+    launch(std::integral_constant<int, wide>{});
+  } else {
+    launch(std::integral_constant<int, 1>{});
+  }
+}
+
+template <typename T>
+T* pointer_or_null(at::Tensor& t, bool wanted) {
+  return wanted ? t.mutable_data_ptr<T>() : nullptr;
+}
+
+// A per-sample index tensor (timesteps, indices) as int64 on its own device, [B] or one value. Its
+// range is not checked here (that would read it on the host): the kernels map an out-of-range value
+// to NaN through schedule_at.
+inline at::Tensor per_sample_index_cuda(const at::Tensor& t, int64_t batch, const char* name) {
+  at::Tensor idx = as_index(t);
+  TORCH_CHECK_VALUE(idx.numel() == 1 || idx.numel() == batch, name, ": expected ", batch,
+                    " values (one per sample) or one, got ", idx.numel());
+  return idx;
+}
+
+// ValueError naming the argument unless t lives on `device` (a kernel must not read another device's
+// memory, let alone the host's).
+inline void check_device(const at::Tensor& t, const c10::Device& device, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == device, name, ": expected device ", device, ", got ", t.device());
+}
+
+// Per-sample schedule look-up: timesteps (int64, one or B values) and ᾱ in acc_t.
+template <typename acc_t>
+struct SampleSchedule {
+  const int64_t* timesteps;
+  int64_t timesteps_numel;
+  const acc_t* table;
+  int64_t length;
+
+  __device__ __forceinline__ int64_t timestep(int64_t b) const {
+    return timesteps[per_sample_index(timesteps_numel, b)];
+  }
+  // ᾱ[t], NaN outside the schedule.
+  __device__ __forceinline__ acc_t alpha_bar(int64_t t) const { return cuda::schedule_at(table, length, t); }
+
+  template <typename Map>
+  __device__ __forceinline__ Linear<acc_t> coefficients(const Map& map, int64_t b) const {
+    const int64_t t = timestep(b);
+    return map(alpha_bar(t), static_cast<acc_t>(t));
+  }
+};
+
+// Owns the (possibly converted) index and schedule tensors behind a SampleSchedule.
+struct ScheduleTensors {
+  at::Tensor timesteps, table;
+  ScheduleTensors(const at::Tensor& ts, const at::Tensor& alphas_cumprod, int64_t batch, at::ScalarType acc_type)
+      : timesteps(per_sample_index_cuda(ts, batch, "timesteps")), table(alphas_cumprod.to(acc_type).contiguous()) {}
+  template <typename acc_t>
+  SampleSchedule<acc_t> view() const {
+    return {timesteps.const_data_ptr<int64_t>(), timesteps.numel(), table.const_data_ptr<acc_t>(), table.numel()};
+  }
+};
 }  // namespace rglcd_fast

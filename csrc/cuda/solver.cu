@@ -1,0 +1,483 @@
+// CUDA kernels of the solver family (DESIGN.md §2): the teacher's guided DDIM solver step of LCD
+// training (with backward), and the LCM and DDIM sampling steps with diffusers' step() semantics
+// (clip / dynamic thresholding, final_alpha_cumprod, eta and noise), forward only. Same semantics as
+// csrc/cpu/solver.cpp, except that an out-of-range timestep gives NaN for its sample instead of a
+// ValueError (raising would need a host sync).
+//
+// One thread handles one 16-byte vector and computes its sample's step coefficients from
+// timesteps[b], prev_timesteps[b] (and guidance_scale[b]) and the schedule: each step reads its
+// inputs once and writes both outputs in the same pass. Dynamic thresholding needs the per-sample
+// quantile of |x0| first, which stays on the device: one kernel writes |x0| (acc_t, in diffusers'
+// operation order as the step kernel evaluates it) into a [B, per_sample] buffer, at::sort orders each
+// row (asynchronous, and NaN sorts last, as torch.quantile relies on), a one-thread-per-sample kernel
+// takes torch.quantile's rank / lerp and the clamp to [1, sample_max_value], and the step kernel reads
+// the resulting s[b]. No op reads device memory on the host, so every op is CUDA-graph capturable.
+#include <torch/library.h>
+
+#include "common.h"
+#include "cuda/kernel_utils.cuh"
+
+namespace rglcd_fast {
+namespace {
+
+template <typename scalar_t>
+__device__ __forceinline__ at::opmath_type<scalar_t> acc(scalar_t v) {
+  return static_cast<at::opmath_type<scalar_t>>(v);
+}
+
+__device__ __forceinline__ int64_t flat_index(int vec) {
+  return (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * vec;
+}
+
+// ᾱ_t, ᾱ_prev and t of one sample. A negative prev_timestep means the final step (ᾱ_prev =
+// final_alpha_cumprod) where allowed; any other value outside the schedule gives NaN.
+template <typename acc_t>
+struct StepValues {
+  acc_t alpha_bar, alpha_bar_prev, t;
+};
+
+template <typename acc_t>
+struct StepSchedule {
+  SampleSchedule<acc_t> current;  // timesteps and the ᾱ table
+  const int64_t* prev_timesteps;
+  int64_t prev_numel;
+  acc_t final_alpha_cumprod;
+  bool allow_final;
+
+  __device__ __forceinline__ StepValues<acc_t> sample(int64_t b) const {
+    const int64_t t = current.timestep(b);
+    const int64_t p = prev_timesteps[per_sample_index(prev_numel, b)];
+    const acc_t prev = (allow_final && p < 0) ? final_alpha_cumprod : current.alpha_bar(p);
+    return {current.alpha_bar(t), prev, static_cast<acc_t>(t)};
+  }
+};
+
+// Owns the index and schedule tensors behind a StepSchedule (checked for count and device only).
+struct StepScheduleTensors {
+  ScheduleTensors current;
+  at::Tensor prev;
+
+  StepScheduleTensors(const at::Tensor& timesteps, const at::Tensor& prev_timesteps, const at::Tensor& alphas_cumprod,
+                      int64_t batch, at::ScalarType acc_type)
+      : current(timesteps, alphas_cumprod, batch, acc_type),
+        prev(per_sample_index_cuda(prev_timesteps, batch, "prev_timesteps")) {}
+
+  template <typename acc_t>
+  StepSchedule<acc_t> view(double final_alpha_cumprod, bool allow_final) const {
+    return {current.view<acc_t>(), prev.const_data_ptr<int64_t>(), prev.numel(),
+            static_cast<acc_t>(final_alpha_cumprod), allow_final};
+  }
+};
+
+void check_schedule_devices(const c10::Device& device, const at::Tensor& timesteps, const at::Tensor& prev_timesteps,
+                            const at::Tensor& alphas_cumprod) {
+  check_device(timesteps, device, "timesteps");
+  check_device(prev_timesteps, device, "prev_timesteps");
+  check_device(alphas_cumprod, device, "alphas_cumprod");
+}
+
+// A per-sample value ([B] or one) read in the kernel.
+template <typename acc_t>
+struct PerSample {
+  const acc_t* values;
+  int64_t numel;
+  __device__ __forceinline__ acc_t operator[](int64_t b) const { return values[per_sample_index(numel, b)]; }
+};
+
+// ---- guided DDIM solver step (LCD training, the teacher's side) ---------------------------------
+
+// m = m_c + w (m_c - m_u); x0 = x0(m, x); ε = ε(m, x); x_prev = sqrt(ᾱ_prev) x0 + sqrt(1 - ᾱ_prev) ε.
+template <typename scalar_t, int VEC, PredictionType kType>
+__global__ void guided_ddim_step_kernel(const scalar_t* __restrict__ cond, const scalar_t* __restrict__ uncond,
+                                        const scalar_t* __restrict__ x, scalar_t* __restrict__ x_prev,
+                                        scalar_t* __restrict__ pred_x0, int64_t n, int64_t per_sample,
+                                        StepSchedule<at::opmath_type<scalar_t>> schedule,
+                                        PerSample<at::opmath_type<scalar_t>> guidance) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t i = flat_index(VEC);
+  if (i >= n) return;
+  const int64_t b = i / per_sample;
+  const StepValues<acc_t> s = schedule.sample(b);
+  const DdimCoefficients<acc_t> c = ddim_coefficients(s.alpha_bar, s.alpha_bar_prev, acc_t(0));
+  const acc_t w = guidance[b];
+  const auto cv = load<scalar_t, VEC>(cond + i), uv = load<scalar_t, VEC>(uncond + i), xv = load<scalar_t, VEC>(x + i);
+  Vec<scalar_t, VEC> pv, ov;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const acc_t m = guided(acc(cv.v[j]), acc(uv.v[j]), w), xj = acc(xv.v[j]);
+    const acc_t x0 = x0_from(xj, m, c.a, c.s, kType);
+    ov.v[j] = static_cast<scalar_t>(x0);
+    pv.v[j] = static_cast<scalar_t>(c.sqrt_prev * x0 + c.c_dir * eps_from(xj, m, c.a, c.s, kType));
+  }
+  store(x_prev + i, pv);
+  store(pred_x0 + i, ov);
+}
+
+// Linear backward: with g_m = (sqrt_prev·x0.cm + c_dir·ε.cm)·g_prev + x0.cm·g_x0,
+// grad_cond = (1 + w)·g_m, grad_uncond = -w·g_m, grad_sample = (sqrt_prev·x0.cx + c_dir·ε.cx)·g_prev + x0.cx·g_x0.
+// A missing upstream gradient counts as zero; an unrequested output pointer is null.
+template <typename scalar_t, int VEC>
+__global__ void guided_ddim_step_backward_kernel(const scalar_t* __restrict__ grad_prev,
+                                                 const scalar_t* __restrict__ grad_x0, scalar_t* __restrict__ grad_c,
+                                                 scalar_t* __restrict__ grad_u, scalar_t* __restrict__ grad_x,
+                                                 int64_t n, int64_t per_sample,
+                                                 StepSchedule<at::opmath_type<scalar_t>> schedule,
+                                                 PerSample<at::opmath_type<scalar_t>> guidance, PredictionType type) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t i = flat_index(VEC);
+  if (i >= n) return;
+  const int64_t b = i / per_sample;
+  const StepValues<acc_t> s = schedule.sample(b);
+  const DdimCoefficients<acc_t> c = ddim_coefficients(s.alpha_bar, s.alpha_bar_prev, acc_t(0));
+  const Linear<acc_t> x0 = x0_coefficients(s.alpha_bar, type), eps = eps_coefficients(s.alpha_bar, type);
+  // x_prev as one linear map of (x, m); has_x = false maps carry cx = 0.
+  const Linear<acc_t> prev{c.sqrt_prev * x0.cx + c.c_dir * eps.cx, c.sqrt_prev * x0.cm + c.c_dir * eps.cm};
+  const acc_t w = guidance[b], wc = acc_t(1) + w, wu = -w;
+  Vec<scalar_t, VEC> gpv, g0v;
+  if (grad_prev) gpv = load<scalar_t, VEC>(grad_prev + i);
+  if (grad_x0) g0v = load<scalar_t, VEC>(grad_x0 + i);
+  Vec<scalar_t, VEC> gcv, guv, gxv;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const acc_t a = grad_prev ? acc(gpv.v[j]) : acc_t(0), z = grad_x0 ? acc(g0v.v[j]) : acc_t(0);
+    const acc_t gm = prev.cm * a + x0.cm * z;
+    gcv.v[j] = static_cast<scalar_t>(wc * gm);
+    guv.v[j] = static_cast<scalar_t>(wu * gm);
+    gxv.v[j] = static_cast<scalar_t>(prev.cx * a + x0.cx * z);
+  }
+  if (grad_c) store(grad_c + i, gcv);
+  if (grad_u) store(grad_u + i, guv);
+  if (grad_x) store(grad_x + i, gxv);
+}
+
+std::tuple<at::Tensor, at::Tensor> guided_ddim_step_cuda(const at::Tensor& cond_output,
+                                                         const at::Tensor& uncond_output, const at::Tensor& sample,
+                                                         const at::Tensor& timesteps,
+                                                         const at::Tensor& prev_timesteps,
+                                                         const at::Tensor& guidance_scale,
+                                                         const at::Tensor& alphas_cumprod,
+                                                         c10::string_view prediction_type) {
+  check_same_shape(sample, cond_output, "cond_output");
+  check_same_shape(sample, uncond_output, "uncond_output");
+  const PredictionType type = parse_prediction_type(prediction_type);
+  const c10::Device device = sample.device();
+  check_device(cond_output, device, "cond_output");
+  check_device(uncond_output, device, "uncond_output");
+  check_device(guidance_scale, device, "guidance_scale");
+  check_schedule_devices(device, timesteps, prev_timesteps, alphas_cumprod);
+  const c10::cuda::CUDAGuard guard(device);
+  const Layout layout(sample);
+  const at::Tensor mc = layout.input(cond_output), mu = layout.input(uncond_output), x = layout.input(sample);
+  at::Tensor x_prev = layout.output(), pred_x0 = layout.output();
+  const int64_t n = x.numel(), batch = batch_size(x), per_sample = batch ? n / batch : 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rglcd_fast_guided_ddim_step_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    const StepScheduleTensors schedule(timesteps, prev_timesteps, alphas_cumprod, batch, acc_type);
+    const at::Tensor w = per_sample_values(guidance_scale, batch, acc_type, "guidance_scale");
+    if (n == 0) return;
+    const scalar_t *cp = mc.const_data_ptr<scalar_t>(), *up = mu.const_data_ptr<scalar_t>(),
+                   *xp = x.const_data_ptr<scalar_t>();
+    scalar_t *pp = x_prev.mutable_data_ptr<scalar_t>(), *op = pred_x0.mutable_data_ptr<scalar_t>();
+    with_prediction_type(type, [&](auto tag) {
+      constexpr PredictionType kType = decltype(tag)::value;
+      with_vector_width<scalar_t>(per_sample, {cp, up, xp, pp, op}, [&](auto width) {
+        constexpr int W = decltype(width)::value;
+        guided_ddim_step_kernel<scalar_t, W, kType><<<cuda::blocks_for(n / W), cuda::kThreads, 0,
+                                                      cuda::current_stream()>>>(
+            cp, up, xp, pp, op, n, per_sample, schedule.view<acc_t>(1.0, false),
+            PerSample<acc_t>{w.const_data_ptr<acc_t>(), w.numel()});
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+  return {layout.deliver(x_prev), layout.deliver(pred_x0)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> guided_ddim_step_backward_cuda(
+    const std::optional<at::Tensor>& grad_x_prev, const std::optional<at::Tensor>& grad_pred_x0,
+    const at::Tensor& timesteps, const at::Tensor& prev_timesteps, const at::Tensor& guidance_scale,
+    const at::Tensor& alphas_cumprod, c10::string_view prediction_type, std::array<bool, 3> mask) {
+  const bool has_gp = grad_x_prev.has_value() && grad_x_prev->defined();
+  const bool has_g0 = grad_pred_x0.has_value() && grad_pred_x0->defined();
+  TORCH_CHECK_VALUE(has_gp || has_g0, "guided_ddim_step_backward: expected grad_x_prev or grad_pred_x0");
+  if (has_gp && has_g0) {
+    check_same_shape(*grad_x_prev, *grad_pred_x0, "grad_pred_x0");
+    check_device(*grad_pred_x0, grad_x_prev->device(), "grad_pred_x0");
+  }
+  const PredictionType type = parse_prediction_type(prediction_type);
+  const at::Tensor& like_input = has_gp ? *grad_x_prev : *grad_pred_x0;
+  const c10::Device device = like_input.device();
+  check_device(guidance_scale, device, "guidance_scale");
+  check_schedule_devices(device, timesteps, prev_timesteps, alphas_cumprod);
+  const c10::cuda::CUDAGuard guard(device);
+  const Layout layout(like_input);
+  const at::Tensor gprev = has_gp ? layout.input(*grad_x_prev) : at::Tensor();
+  const at::Tensor gx0 = has_g0 ? layout.input(*grad_pred_x0) : at::Tensor();
+  const at::Tensor& like = layout.reference;
+  at::Tensor grad_c = mask[0] ? layout.output() : unrequested(like);
+  at::Tensor grad_u = mask[1] ? layout.output() : unrequested(like);
+  at::Tensor grad_x = mask[2] ? layout.output() : unrequested(like);
+  const int64_t n = like.numel(), batch = batch_size(like), per_sample = batch ? n / batch : 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "rglcd_fast_guided_ddim_step_bwd_cuda",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    const StepScheduleTensors schedule(timesteps, prev_timesteps, alphas_cumprod, batch, acc_type);
+    const at::Tensor w = per_sample_values(guidance_scale, batch, acc_type, "guidance_scale");
+    if (n == 0 || !(mask[0] || mask[1] || mask[2])) return;
+    const scalar_t* gp = has_gp ? gprev.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* g0 = has_g0 ? gx0.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gc = pointer_or_null<scalar_t>(grad_c, mask[0]);
+    scalar_t* gu = pointer_or_null<scalar_t>(grad_u, mask[1]);
+    scalar_t* gx = pointer_or_null<scalar_t>(grad_x, mask[2]);
+    with_vector_width<scalar_t>(per_sample, {gp, g0, gc, gu, gx}, [&](auto width) {
+      constexpr int W = decltype(width)::value;
+      guided_ddim_step_backward_kernel<scalar_t, W><<<cuda::blocks_for(n / W), cuda::kThreads, 0,
+                                                      cuda::current_stream()>>>(
+          gp, g0, gc, gu, gx, n, per_sample, schedule.view<acc_t>(1.0, false),
+          PerSample<acc_t>{w.const_data_ptr<acc_t>(), w.numel()}, type);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {mask[0] ? layout.deliver(grad_c) : grad_c, mask[1] ? layout.deliver(grad_u) : grad_u,
+          mask[2] ? layout.deliver(grad_x) : grad_x};
+}
+
+// ---- sampling steps (inference) -----------------------------------------------------------------
+
+// The per-sample clamp of x0: the clip range, or the threshold s[b] computed on the device.
+template <typename acc_t>
+struct X0Limits {
+  X0Limit kind;
+  acc_t clip_sample_range;
+  const acc_t* thresholds;  // [B] when thresholding, else null
+
+  __device__ __forceinline__ X0Clamp<acc_t> clamp(int64_t b) const {
+    return {kind, thresholds ? thresholds[b] : clip_sample_range};
+  }
+};
+
+// |x0| of every element, as the step kernels evaluate x0 (x0_from: diffusers' operation order).
+template <typename scalar_t, int VEC, PredictionType kType>
+__global__ void abs_x0_kernel(const scalar_t* __restrict__ m, const scalar_t* __restrict__ x,
+                              at::opmath_type<scalar_t>* __restrict__ out, int64_t n, int64_t per_sample,
+                              SampleSchedule<at::opmath_type<scalar_t>> schedule) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t i = flat_index(VEC);
+  if (i >= n) return;
+  const acc_t alpha_bar = schedule.alpha_bar(schedule.timestep(i / per_sample));
+  const acc_t a = std::sqrt(alpha_bar), s = std::sqrt(acc_t(1) - alpha_bar);
+  const auto mv = load<scalar_t, VEC>(m + i), xv = load<scalar_t, VEC>(x + i);
+  Vec<acc_t, VEC> ov;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) ov.v[j] = std::abs(x0_from(acc(xv.v[j]), acc(mv.v[j]), a, s, kType));
+  store(out + i, ov);
+}
+
+// s[b] = clamp(quantile(|x0|, ratio), 1, sample_max_value) from each sample's sorted |x0| (NaN last:
+// any NaN makes the quantile NaN, as torch.quantile).
+template <typename acc_t>
+__global__ void thresholds_kernel(const acc_t* __restrict__ sorted, acc_t* __restrict__ thresholds, int64_t batch,
+                                  int64_t per_sample, QuantileRank<acc_t> rank, acc_t sample_max_value) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= batch) return;
+  const acc_t* row = sorted + b * per_sample;
+  const acc_t last = row[per_sample - 1];
+  const acc_t q = last != last ? last : lerp(row[rank.below], row[rank.above], rank.weight);
+  thresholds[b] = threshold_from_quantile(q, sample_max_value);
+}
+
+// The device-side thresholds s[b] of dynamic thresholding (an acc_t tensor [B]); undefined when the
+// options do not threshold.
+template <typename scalar_t, PredictionType kType>
+at::Tensor device_thresholds(const StepInputs& in, const X0Options& options, const ScheduleTensors& schedule) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (options.kind != X0Limit::Threshold || in.n == 0) return at::Tensor();
+  const auto acc_options = in.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor values = at::empty({in.batch, in.per_sample}, acc_options);
+  const scalar_t *mp = in.m.const_data_ptr<scalar_t>(), *xp = in.x.const_data_ptr<scalar_t>();
+  acc_t* vp = values.mutable_data_ptr<acc_t>();
+  const cudaStream_t stream = cuda::current_stream();
+  with_vector_width<scalar_t>(in.per_sample, {mp, xp, vp}, [&](auto width) {
+    constexpr int W = decltype(width)::value;
+    abs_x0_kernel<scalar_t, W, kType><<<cuda::blocks_for(in.n / W), cuda::kThreads, 0, stream>>>(
+        mp, xp, vp, in.n, in.per_sample, schedule.view<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  const at::Tensor sorted = std::get<0>(at::sort(values, /*dim=*/1));
+  at::Tensor thresholds = at::empty({in.batch}, acc_options);
+  thresholds_kernel<acc_t><<<cuda::blocks_for(in.batch), cuda::kThreads, 0, stream>>>(
+      sorted.const_data_ptr<acc_t>(), thresholds.mutable_data_ptr<acc_t>(), in.batch, in.per_sample,
+      quantile_rank<acc_t>(options.dynamic_thresholding_ratio, in.per_sample),
+      static_cast<acc_t>(options.sample_max_value));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return thresholds;
+}
+
+template <typename acc_t>
+X0Limits<acc_t> x0_limits(const X0Options& options, const at::Tensor& thresholds) {
+  return {options.kind, static_cast<acc_t>(options.clip_sample_range),
+          thresholds.defined() ? thresholds.const_data_ptr<acc_t>() : nullptr};
+}
+
+// diffusers LCMScheduler.step: x0, clip / threshold, denoised = c_out·x0 + c_skip·x, and
+// prev = sqrt(ᾱ_prev)·denoised + sqrt(1 - ᾱ_prev)·noise, or prev = denoised without noise (last step).
+template <typename scalar_t, int VEC, PredictionType kType>
+__global__ void lcm_step_kernel(const scalar_t* __restrict__ m, const scalar_t* __restrict__ x,
+                                const scalar_t* __restrict__ noise, scalar_t* __restrict__ prev,
+                                scalar_t* __restrict__ denoised, int64_t n, int64_t per_sample,
+                                StepSchedule<at::opmath_type<scalar_t>> schedule,
+                                at::opmath_type<scalar_t> timestep_scaling, X0Limits<at::opmath_type<scalar_t>> limits) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t i = flat_index(VEC);
+  if (i >= n) return;
+  const int64_t b = i / per_sample;
+  const StepValues<acc_t> s = schedule.sample(b);
+  const LcmCoefficients<acc_t> c =
+      lcm_coefficients(s.alpha_bar, s.alpha_bar_prev, s.t, timestep_scaling, acc_t(kLcmSigmaData));
+  const X0Clamp<acc_t> limit = limits.clamp(b);
+  const auto mv = load<scalar_t, VEC>(m + i), xv = load<scalar_t, VEC>(x + i);
+  Vec<scalar_t, VEC> zv;
+  if (noise) zv = load<scalar_t, VEC>(noise + i);
+  Vec<scalar_t, VEC> pv, dv;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const acc_t xj = acc(xv.v[j]);
+    const acc_t d = c.c_out * limit(x0_from(xj, acc(mv.v[j]), c.a, c.s, kType)) + c.c_skip * xj;
+    dv.v[j] = static_cast<scalar_t>(d);
+    pv.v[j] = static_cast<scalar_t>(noise ? c.sqrt_prev * d + c.sigma_prev * acc(zv.v[j]) : d);
+  }
+  store(prev + i, pv);
+  store(denoised + i, dv);
+}
+
+std::tuple<at::Tensor, at::Tensor> lcm_step_cuda(const at::Tensor& model_output, const at::Tensor& sample,
+                                                 const at::Tensor& timesteps, const at::Tensor& prev_timesteps,
+                                                 const at::Tensor& alphas_cumprod,
+                                                 const std::optional<at::Tensor>& noise, double final_alpha_cumprod,
+                                                 c10::string_view prediction_type, double timestep_scaling,
+                                                 bool clip_sample, double clip_sample_range, bool thresholding,
+                                                 double dynamic_thresholding_ratio, double sample_max_value) {
+  const PredictionType type = parse_prediction_type(prediction_type);
+  const X0Options options =
+      x0_options(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value);
+  const c10::Device device = sample.device();
+  check_device(model_output, device, "model_output");
+  if (noise.has_value() && noise->defined()) check_device(*noise, device, "noise");
+  check_schedule_devices(device, timesteps, prev_timesteps, alphas_cumprod);
+  const c10::cuda::CUDAGuard guard(device);
+  const StepInputs in(model_output, sample, noise);
+  at::Tensor prev = in.layout.output(), denoised = in.layout.output();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "rglcd_fast_lcm_step_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const StepScheduleTensors schedule(timesteps, prev_timesteps, alphas_cumprod, in.batch,
+                                       c10::CppTypeToScalarType<acc_t>::value);
+    if (in.n == 0) return;
+    const scalar_t *mp = in.m.const_data_ptr<scalar_t>(), *xp = in.x.const_data_ptr<scalar_t>();
+    const scalar_t* zp = in.z.defined() ? in.z.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t *pp = prev.mutable_data_ptr<scalar_t>(), *dp = denoised.mutable_data_ptr<scalar_t>();
+    with_prediction_type(type, [&](auto tag) {
+      constexpr PredictionType kType = decltype(tag)::value;
+      const at::Tensor thresholds = device_thresholds<scalar_t, kType>(in, options, schedule.current);
+      with_vector_width<scalar_t>(in.per_sample, {mp, xp, zp, pp, dp}, [&](auto width) {
+        constexpr int W = decltype(width)::value;
+        lcm_step_kernel<scalar_t, W, kType><<<cuda::blocks_for(in.n / W), cuda::kThreads, 0, cuda::current_stream()>>>(
+            mp, xp, zp, pp, dp, in.n, in.per_sample, schedule.view<acc_t>(final_alpha_cumprod, true),
+            static_cast<acc_t>(timestep_scaling), x0_limits<acc_t>(options, thresholds));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+  return {in.layout.deliver(prev), in.layout.deliver(denoised)};
+}
+
+// diffusers DDIMScheduler.step: x0 and ε, clip / threshold x0, ε re-derived from the clipped x0 when
+// use_clipped_model_output, prev = sqrt(ᾱ_prev)·x0 + sqrt(1 - ᾱ_prev - σ_t²)·ε (+ σ_t·noise when eta > 0;
+// noise is null otherwise).
+template <typename scalar_t, int VEC, PredictionType kType>
+__global__ void ddim_step_kernel(const scalar_t* __restrict__ m, const scalar_t* __restrict__ x,
+                                 const scalar_t* __restrict__ noise, scalar_t* __restrict__ prev,
+                                 scalar_t* __restrict__ pred_x0, int64_t n, int64_t per_sample,
+                                 StepSchedule<at::opmath_type<scalar_t>> schedule, at::opmath_type<scalar_t> eta,
+                                 X0Limits<at::opmath_type<scalar_t>> limits, bool use_clipped_model_output) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t i = flat_index(VEC);
+  if (i >= n) return;
+  const int64_t b = i / per_sample;
+  const StepValues<acc_t> s = schedule.sample(b);
+  const DdimCoefficients<acc_t> c = ddim_coefficients(s.alpha_bar, s.alpha_bar_prev, eta);
+  const X0Clamp<acc_t> limit = limits.clamp(b);
+  const auto mv = load<scalar_t, VEC>(m + i), xv = load<scalar_t, VEC>(x + i);
+  Vec<scalar_t, VEC> zv;
+  if (noise) zv = load<scalar_t, VEC>(noise + i);
+  Vec<scalar_t, VEC> pv, ov;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const acc_t xj = acc(xv.v[j]), mj = acc(mv.v[j]);
+    const acc_t x0 = limit(x0_from(xj, mj, c.a, c.s, kType));
+    // use_clipped_model_output: ε re-derived from the clipped x0, (x - a·x0) / s
+    const acc_t eps = use_clipped_model_output ? eps_from(xj, x0, c.a, c.s, PredictionType::Sample)
+                                               : eps_from(xj, mj, c.a, c.s, kType);
+    const acc_t p = c.sqrt_prev * x0 + c.c_dir * eps;
+    ov.v[j] = static_cast<scalar_t>(x0);
+    pv.v[j] = static_cast<scalar_t>(noise ? p + c.std_dev * acc(zv.v[j]) : p);
+  }
+  store(prev + i, pv);
+  store(pred_x0 + i, ov);
+}
+
+std::tuple<at::Tensor, at::Tensor> ddim_step_cuda(const at::Tensor& model_output, const at::Tensor& sample,
+                                                  const at::Tensor& timesteps, const at::Tensor& prev_timesteps,
+                                                  const at::Tensor& alphas_cumprod,
+                                                  const std::optional<at::Tensor>& noise, double final_alpha_cumprod,
+                                                  double eta, c10::string_view prediction_type, bool clip_sample,
+                                                  double clip_sample_range, bool thresholding,
+                                                  double dynamic_thresholding_ratio, double sample_max_value,
+                                                  bool use_clipped_model_output) {
+  const PredictionType type = parse_prediction_type(prediction_type);
+  const X0Options options =
+      x0_options(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value);
+  TORCH_CHECK_VALUE(eta >= 0, "eta: expected a non-negative value, got ", eta);
+  const c10::Device device = sample.device();
+  check_device(model_output, device, "model_output");
+  if (noise.has_value() && noise->defined()) check_device(*noise, device, "noise");
+  check_schedule_devices(device, timesteps, prev_timesteps, alphas_cumprod);
+  const c10::cuda::CUDAGuard guard(device);
+  const StepInputs in(model_output, sample, noise);
+  TORCH_CHECK_VALUE(eta == 0 || in.z.defined(), "noise: required when eta > 0 (got eta = ", eta, ")");
+  at::Tensor prev = in.layout.output(), pred_x0 = in.layout.output();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "rglcd_fast_ddim_step_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const StepScheduleTensors schedule(timesteps, prev_timesteps, alphas_cumprod, in.batch,
+                                       c10::CppTypeToScalarType<acc_t>::value);
+    if (in.n == 0) return;
+    const scalar_t *mp = in.m.const_data_ptr<scalar_t>(), *xp = in.x.const_data_ptr<scalar_t>();
+    const scalar_t* zp = eta > 0 ? in.z.const_data_ptr<scalar_t>() : nullptr;  // noise is unused when eta = 0
+    scalar_t *pp = prev.mutable_data_ptr<scalar_t>(), *op = pred_x0.mutable_data_ptr<scalar_t>();
+    with_prediction_type(type, [&](auto tag) {
+      constexpr PredictionType kType = decltype(tag)::value;
+      const at::Tensor thresholds = device_thresholds<scalar_t, kType>(in, options, schedule.current);
+      with_vector_width<scalar_t>(in.per_sample, {mp, xp, zp, pp, op}, [&](auto width) {
+        constexpr int W = decltype(width)::value;
+        ddim_step_kernel<scalar_t, W, kType><<<cuda::blocks_for(in.n / W), cuda::kThreads, 0,
+                                               cuda::current_stream()>>>(
+            mp, xp, zp, pp, op, in.n, in.per_sample, schedule.view<acc_t>(final_alpha_cumprod, true),
+            static_cast<acc_t>(eta), x0_limits<acc_t>(options, thresholds), use_clipped_model_output);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+  return {in.layout.deliver(prev), in.layout.deliver(pred_x0)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rglcd_fast, CUDA, m) {
+  m.impl("guided_ddim_step", &guided_ddim_step_cuda);
+  m.impl("guided_ddim_step_backward", &guided_ddim_step_backward_cuda);
+  m.impl("lcm_step", &lcm_step_cuda);
+  m.impl("ddim_step", &ddim_step_cuda);
+}
+
+}  // namespace rglcd_fast
