@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (device tool): build rglcd_fast from source, run the whole test suite
 # (CUDA cases included), the op tests under compute-sanitizer, and the op benchmark.
-#   device run:  bash scripts/gpu_check.sh [tests|sanitizer|bench|all]...   (carry .whl: see shared/wheels)
+#   device run:  bash scripts/gpu_check.sh [tests|sanitizer|bench|sampling|all]...   (carry .whl: see shared/wheels)
 # Logs go to $OUT (the device tool brings them back); the benchmark table to benchmarks/results/.
 set -uo pipefail
 OUT=${OUT:-/tmp/rglcd_out}
@@ -42,6 +42,12 @@ if run_stage sanitizer; then
 fi
 if run_stage bench; then
   python3 benchmarks/bench_ops.py ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   cp benchmarks/results/ops_*.md "$OUT/" 2>/dev/null
+fi
+if run_stage sampling; then
+  python3 benchmarks/bench_sampling.py ${SAMPLING_ARGS:-} 2>&1 | tee "$OUT/sampling.log" | tail -20
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  cp benchmarks/results/sampling_*.md "$OUT/" 2>/dev/null
 fi
 exit $status
