@@ -48,6 +48,7 @@ struct RowGeometry {
   int64_t image_stride[kMaxRowDims];
   int64_t text_row_stride[kMaxRowDims];
   int64_t members;  // image rows per text row (the product of the broadcast sizes)
+  bool narrow;      // every row index fits 32 bits: 32-bit divisions (a 64-bit one is a slow call)
 
   struct Place {
     int64_t image_offset, text_row, slot;  // slot = text_row · members + rank among its members
@@ -60,8 +61,15 @@ struct RowGeometry {
 #pragma unroll
     for (int d = kMaxRowDims - 1; d >= 0; --d) {
       if (d < dims) {
-        const int64_t i = r % size[d];
-        r /= size[d];
+        int64_t i;
+        if (narrow) {
+          const uint32_t r32 = static_cast<uint32_t>(r), s32 = static_cast<uint32_t>(size[d]);
+          i = r32 % s32;
+          r = r32 / s32;
+        } else {
+          i = r % size[d];
+          r /= size[d];
+        }
         image += i * image_stride[d];
         text += i * text_row_stride[d];
         if (text_row_stride[d] == 0) {
@@ -124,6 +132,7 @@ struct FeatureGeometry {
     rows = image.numel() / dim;
     text_rows = text.numel() / dim;
     geometry.members = text_rows > 0 ? rows / text_rows : 0;
+    geometry.narrow = rows <= static_cast<int64_t>(std::numeric_limits<uint32_t>::max());
   }
 
   // 16-byte vectors when the feature dim, every row offset and the pointers allow.
@@ -169,7 +178,7 @@ __device__ __forceinline__ CosineSums<at::opmath_type<scalar_t>> warp_cosine_sum
                                                                                   int64_t dim, int lane) {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t dot = 0, uu = 0, vv = 0;
-#pragma unroll 2
+#pragma unroll 4  // several loads in flight per lane: at these sizes the kernels are latency bound
   for (int64_t i = static_cast<int64_t>(lane) * VEC; i < dim; i += kWarp * VEC) {
     const auto x = load_vec<scalar_t, VEC>(u + i), y = load_vec<scalar_t, VEC>(v + i);
 #pragma unroll
@@ -222,6 +231,7 @@ __global__ void __launch_bounds__(kRowThreads)
   const CosineGrad<acc_t> c = cosine_score_grad(sums, logit_scale.load<acc_t>(), static_cast<acc_t>(grad[r]));
   if (grad_u != nullptr) {
     scalar_t* out = grad_u + r * dim;
+#pragma unroll 4
     for (int64_t i = static_cast<int64_t>(lane) * VEC; i < dim; i += kWarp * VEC) {
       const auto x = load_vec<scalar_t, VEC>(ur + i), y = load_vec<scalar_t, VEC>(vr + i);
       Vec<scalar_t, VEC> o;
@@ -245,16 +255,17 @@ __global__ void __launch_bounds__(kTextThreads)
                                      scalar_t* __restrict__ grad_v, int64_t text_blocks, int64_t chunks,
                                      int64_t members, int64_t rows, int64_t dim, DeviceScalar grad_scale) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t block = blockIdx.x;
+  const unsigned block = blockIdx.x;  // < 2^31 (grid_size), so 32-bit division
   if (block < text_blocks) {
-    const int64_t j = block / chunks;
-    const int64_t i = ((block % chunks) * kTextThreads + threadIdx.x) * VEC;
+    const int64_t j = block / static_cast<unsigned>(chunks);
+    const int64_t i = (static_cast<int64_t>(block % static_cast<unsigned>(chunks)) * kTextThreads + threadIdx.x) * VEC;
     if (i >= dim) return;
     const auto y = load_vec<scalar_t, VEC>(v + j * dim + i);
     acc_t acc[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) acc[k] = acc_t(0);
     const RowCoefficients<acc_t>* row = coefficients + j * members;
+#pragma unroll 2  // a text row broadcast over many image rows is a serial loop here: keep loads in flight
     for (int64_t m = 0; m < members; ++m) {
       const RowCoefficients<acc_t> c = row[m];
       const auto x = load_vec<scalar_t, VEC>(u + c.image_offset + i);
