@@ -300,6 +300,36 @@ RGLCD_HD CosineGrad<acc_t> cosine_score_grad(const CosineSums<acc_t>& s, acc_t s
   return {gs / (nu * nv), -gs * c / s.uu, -gs * c / s.vv, g * c};
 }
 
+// Argument checks of the reward head shared by the backends: features [..., D] with D > 0, the text
+// features of the same dtype and feature dim, broadcastable to the image features.
+inline void check_reward_features(const at::Tensor& image_features, const at::Tensor& text_features) {
+  TORCH_CHECK_VALUE(image_features.dim() >= 1, "image_features: expected [..., D], got a 0-d tensor");
+  TORCH_CHECK_VALUE(text_features.dim() >= 1 && text_features.dim() <= image_features.dim(),
+                    "text_features: expected [..., D] broadcastable to image_features ", image_features.sizes(),
+                    ", got ", text_features.sizes());
+  TORCH_CHECK_VALUE(text_features.size(-1) == image_features.size(-1), "text_features: expected feature dim ",
+                    image_features.size(-1), " (as image_features), got ", text_features.size(-1));
+  TORCH_CHECK_VALUE(image_features.size(-1) > 0, "image_features: the feature dim is empty");
+  TORCH_CHECK_TYPE(text_features.scalar_type() == image_features.scalar_type(), "text_features: expected dtype ",
+                   image_features.scalar_type(), " (as image_features), got ", text_features.scalar_type());
+  const int64_t lead = image_features.dim() - text_features.dim();
+  for (int64_t d = 0; d < text_features.dim(); ++d) {
+    const int64_t t = text_features.size(d), i = image_features.size(lead + d);
+    TORCH_CHECK_VALUE(t == i || t == 1, "text_features: shape ", text_features.sizes(),
+                      " does not broadcast to image_features ", image_features.sizes());
+  }
+}
+
+// Logits S and expert logits E of the pairwise preference loss: [K, B], K >= 2, one shape and dtype.
+inline void check_pair_logits(const at::Tensor& logits, const at::Tensor& expert_logits) {
+  TORCH_CHECK_VALUE(logits.dim() == 2 && logits.size(0) >= 2, "logits: expected [K, B] with K >= 2 candidates, got ",
+                    logits.sizes());
+  TORCH_CHECK_VALUE(expert_logits.sizes() == logits.sizes(), "expert_logits: expected shape ", logits.sizes(),
+                    ", got ", expert_logits.sizes());
+  TORCH_CHECK_TYPE(expert_logits.scalar_type() == logits.scalar_type(), "expert_logits: expected dtype ",
+                   logits.scalar_type(), " (as logits), got ", expert_logits.scalar_type());
+}
+
 enum class PreferenceKind : int { KL = 0, CrossEntropy = 1 };
 
 inline PreferenceKind parse_preference_kind(std::string_view s) {

@@ -1,5 +1,6 @@
 """Reward family: the CLIP-style reward head and the latent reward model's pairwise preference loss."""
 import math
+import os
 
 import pytest
 import torch
@@ -85,9 +86,10 @@ def test_reward_head_layouts(layout, device):
     check_against_reference(ops.reward_head, ref.reward_head, (image, text, scale), grad_argnums=(0, 1, 2))
 
 
-def test_reward_head_empty():
+@pytest.mark.parametrize("device", DEVICES)
+def test_reward_head_empty(device):
     for image_shape, text_shape in [((3, 0, 8), (0, 8)), ((0, 4, 8), (4, 8))]:
-        image, text, scale = make_features(image_shape, text_shape)
+        image, text, scale = make_features(image_shape, text_shape, device=device)
         image.requires_grad_(), text.requires_grad_(), scale.requires_grad_()
         scores = ops.reward_head(image, text, scale)
         assert scores.shape == image_shape[:-1]
@@ -96,8 +98,9 @@ def test_reward_head_empty():
         assert not grads[1].any() and not grads[2].any()
 
 
-def test_reward_head_nan_and_inf_propagate():
-    image, text, scale = make_features((3, 4, 10), (4, 10))
+@pytest.mark.parametrize("device", DEVICES)
+def test_reward_head_nan_and_inf_propagate(device):
+    image, text, scale = make_features((3, 4, 10), (4, 10), device=device)
     image[0, 1] = 0.0  # a zero vector: NaN, as CLIP's x / x.norm()
     image[1, 2, 3] = float("nan")
     image[2, 0, 5] = float("inf")
@@ -131,18 +134,20 @@ def test_pairwise_loss_matches_reference(shape, kind, device, dtype):
     assert loss.dtype == accuracy.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_pairwise_loss_layouts(kind):
-    latent, expert = make_logits((5, 3))
+def test_pairwise_loss_layouts(kind, device):
+    latent, expert = make_logits((5, 3), device)
     latent_t = latent.t().contiguous().t()  # column-major [K, B]
     expert_s = torch.stack([expert, expert], dim=-1)[..., 1]  # stride 2
     check_against_reference(ops.pairwise_preference_loss, ref.pairwise_preference_loss, (latent_t, expert_s, kind),
                             grad_argnums=(0,))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_pairwise_loss_empty_batch(kind):
-    latent, expert = make_logits((3, 0))
+def test_pairwise_loss_empty_batch(kind, device):
+    latent, expert = make_logits((3, 0), device)
     latent.requires_grad_()
     loss, accuracy = ops.pairwise_preference_loss(latent, expert, kind)
     ref_loss, ref_accuracy = ref.pairwise_preference_loss(latent, expert, kind)
@@ -179,19 +184,21 @@ def test_pairwise_accuracy_ties():
         assert accuracy == ref_accuracy == torch.tensor(1 / 3)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_pairwise_loss_extreme_logits(kind):
+def test_pairwise_loss_extreme_logits(kind, device):
     """Far-apart logits (saturated sigmoids) stay finite and match the reference."""
-    latent = torch.tensor([[80.0, -80.0, 1e4], [-80.0, 80.0, -1e4], [0.0, 0.0, 0.0]])
-    expert = torch.tensor([[200.0, -200.0, 0.0], [-200.0, 200.0, 1e5], [0.0, 1.0, -1e5]])
+    latent = torch.tensor([[80.0, -80.0, 1e4], [-80.0, 80.0, -1e4], [0.0, 0.0, 0.0]], device=device)
+    expert = torch.tensor([[200.0, -200.0, 0.0], [-200.0, 200.0, 1e5], [0.0, 1.0, -1e5]], device=device)
     loss, _ = check_against_reference(ops.pairwise_preference_loss, ref.pairwise_preference_loss,
                                       (latent, expert, kind), grad_argnums=(0,))
     assert torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_pairwise_loss_nan_and_inf_propagate(kind):
-    latent, expert = make_logits((3, 6))
+def test_pairwise_loss_nan_and_inf_propagate(kind, device):
+    latent, expert = make_logits((3, 6), device)
     latent[1, 0] = float("nan")
     latent[0, 2] = float("inf")
     latent[2, 3] = float("-inf")
@@ -203,8 +210,9 @@ def test_pairwise_loss_nan_and_inf_propagate(kind):
     assert loss.isnan()
 
 
-def test_expert_logits_get_no_gradient():
-    latent, expert = make_logits((3, 4))
+@pytest.mark.parametrize("device", DEVICES)
+def test_expert_logits_get_no_gradient(device):
+    latent, expert = make_logits((3, 4), device)
     latent.requires_grad_(), expert.requires_grad_()
     loss, _ = ops.pairwise_preference_loss(latent, expert)
     grads = torch.autograd.grad(loss, (latent, expert), allow_unused=True)
@@ -234,40 +242,98 @@ def test_deterministic_across_thread_counts():
         assert torch.equal(a, b)
 
 
+def _cuda_step_ops(image, text, scale, latent, expert, grad_scores, grad_loss):
+    """Forward and backward of both ops through the raw ops (no autograd): what a CUDA graph captures."""
+    ns = torch.ops.rglcd_fast
+    scores = ns.reward_head(image, text, scale)
+    grads = ns.reward_head_backward(grad_scores, image, text, scale, [True, True, True])
+    loss, accuracy = ns.pairwise_preference_loss(latent, expert, "kl")
+    grad_latent = ns.pairwise_preference_loss_backward(grad_loss, latent, expert, "kl")
+    return (scores, *grads, loss, accuracy, grad_latent)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_bitwise_reproducible(dtype):
+    """No float atomics: the same inputs give the same bits, run after run (grad_v with 8 image rows
+    per text row, grad_scale over 2048 rows, the loss over several warps of b)."""
+    image, text, scale = make_features((8, 256, 1024), (256, 1024), device="cuda", dtype=dtype)
+    latent, expert = make_logits((3, 4000), "cuda", dtype)
+    g = torch.Generator().manual_seed(1)
+    grad_scores = randn(8, 256, dtype=dtype, device="cuda", generator=g)
+    grad_loss = torch.tensor(0.7, device="cuda")
+    first = _cuda_step_ops(image, text, scale, latent, expert, grad_scores, grad_loss)
+    for _ in range(3):
+        for a, b in zip(first, _cuda_step_ops(image, text, scale, latent, expert, grad_scores, grad_loss)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") == "1",
+                    reason="graph capture needs the caching allocator (off under compute-sanitizer)")
+def test_cuda_graph_capture():
+    """No host synchronisation and no host reads: all four ops capture in a CUDA graph, and replaying
+    it on new inputs (the scale and the upstream gradient included) matches eager."""
+    image, text, scale = make_features((3, 16, 1024), (16, 1024), device="cuda")
+    latent, expert = make_logits((3, 16), "cuda")
+    grad_scores = torch.randn(3, 16, device="cuda")
+    grad_loss = torch.tensor(1.0, device="cuda")
+    static = [image, text, scale, latent, expert, grad_scores, grad_loss]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        _cuda_step_ops(*static)  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = _cuda_step_ops(*static)
+    new = [torch.randn_like(t) for t in static[:2]] + [torch.tensor(42.0, device="cuda")] + \
+          [torch.randn_like(t) for t in static[3:6]] + [torch.tensor(-0.3, device="cuda")]
+    for dst, src in zip(static, new):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(outputs, _cuda_step_ops(*new)):
+        assert torch.equal(a, b)
+
+
 # ---- gradcheck, opcheck, compile, bad inputs -----------------------------------------------------
 
 
-def test_gradcheck_float64():
-    image, text, scale = make_features((2, 3, 5), (3, 5), dtype=torch.float64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_float64(device):
+    image, text, scale = make_features((2, 3, 5), (3, 5), device=device, dtype=torch.float64)
     scale = scale.double()
     inputs = tuple(t.clone().requires_grad_() for t in (image, text, scale))
     assert torch.autograd.gradcheck(ops.reward_head, inputs)
-    inputs = tuple(t.clone().requires_grad_() for t in make_features((4, 6), (1, 6), dtype=torch.float64)[:2])
+    inputs = tuple(t.clone().requires_grad_()
+                   for t in make_features((4, 6), (1, 6), device=device, dtype=torch.float64)[:2])
     assert torch.autograd.gradcheck(lambda u, v: ops.reward_head(u, v, 3.0), inputs)
-    latent, expert = make_logits((4, 5), dtype=torch.float64)
+    latent, expert = make_logits((4, 5), device=device, dtype=torch.float64)
     for kind in KINDS:
         assert torch.autograd.gradcheck(lambda s: ops.pairwise_preference_loss(s, expert, kind),
                                         (latent.clone().requires_grad_(),))
 
 
-def _opcheck_samples():
-    image, text, scale = make_features((3, 4, 16), (4, 16))
+def _opcheck_samples(device="cpu"):
+    image, text, scale = make_features((3, 4, 16), (4, 16), device=device)
     image_g, text_g, scale_g = (t.clone().requires_grad_() for t in (image, text, scale))
-    grad = torch.randn(3, 4)
+    grad = torch.randn(3, 4).to(device)
     ns = torch.ops.rglcd_fast
     yield ns.reward_head.default, (image_g, text_g, scale_g)
     yield ns.reward_head.default, (image.transpose(0, 1), text_g[:, None], scale)
     yield ns.reward_head_backward.default, (grad, image, text, scale, [True, True, True])
     yield ns.reward_head_backward.default, (grad, image, text, scale, [False, True, False])
-    latent, expert = make_logits((3, 5))
+    latent, expert = make_logits((3, 5), device)
     for kind in KINDS:
         yield ns.pairwise_preference_loss.default, (latent.clone().requires_grad_(), expert, kind)
-        yield ns.pairwise_preference_loss_backward.default, (torch.tensor(0.7), latent, expert, kind)
+        yield ns.pairwise_preference_loss_backward.default, (torch.tensor(0.7, device=device), latent, expert, kind)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sample", list(range(len(list(_opcheck_samples())))))
-def test_opcheck(sample):
-    op, args = list(_opcheck_samples())[sample]
+def test_opcheck(sample, device):
+    op, args = list(_opcheck_samples(device))[sample]
     torch.library.opcheck(op, args)
 
 

@@ -74,21 +74,7 @@ struct FeatureRows {
   int64_t rows, dim;
 
   FeatureRows(const at::Tensor& image_features, const at::Tensor& text_features) {
-    TORCH_CHECK_VALUE(image_features.dim() >= 1, "image_features: expected [..., D], got a 0-d tensor");
-    TORCH_CHECK_VALUE(text_features.dim() >= 1 && text_features.dim() <= image_features.dim(),
-                      "text_features: expected [..., D] broadcastable to image_features ", image_features.sizes(),
-                      ", got ", text_features.sizes());
-    TORCH_CHECK_VALUE(text_features.size(-1) == image_features.size(-1), "text_features: expected feature dim ",
-                      image_features.size(-1), " (as image_features), got ", text_features.size(-1));
-    TORCH_CHECK_VALUE(image_features.size(-1) > 0, "image_features: the feature dim is empty");
-    TORCH_CHECK_TYPE(text_features.scalar_type() == image_features.scalar_type(), "text_features: expected dtype ",
-                     image_features.scalar_type(), " (as image_features), got ", text_features.scalar_type());
-    const int64_t lead = image_features.dim() - text_features.dim();
-    for (int64_t d = 0; d < text_features.dim(); ++d) {
-      const int64_t t = text_features.size(d), i = image_features.size(lead + d);
-      TORCH_CHECK_VALUE(t == i || t == 1, "text_features: shape ", text_features.sizes(),
-                        " does not broadcast to image_features ", image_features.sizes());
-    }
+    check_reward_features(image_features, text_features);
     dim = image_features.size(-1);
     image = image_features.stride(-1) == 1 ? image_features : image_features.contiguous();
     text = text_features.contiguous();
@@ -216,15 +202,6 @@ template <typename scalar_t>
 PairLogits<scalar_t> pair_logits(const at::Tensor& logits, const at::Tensor& expert) {
   return {logits.const_data_ptr<scalar_t>(), expert.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(1),
           expert.stride(0), expert.stride(1)};
-}
-
-void check_pair_logits(const at::Tensor& logits, const at::Tensor& expert_logits) {
-  TORCH_CHECK_VALUE(logits.dim() == 2 && logits.size(0) >= 2, "logits: expected [K, B] with K >= 2 candidates, got ",
-                    logits.sizes());
-  TORCH_CHECK_VALUE(expert_logits.sizes() == logits.sizes(), "expert_logits: expected shape ", logits.sizes(),
-                    ", got ", expert_logits.sizes());
-  TORCH_CHECK_TYPE(expert_logits.scalar_type() == logits.scalar_type(), "expert_logits: expected dtype ",
-                   logits.scalar_type(), " (as logits), got ", expert_logits.scalar_type());
 }
 
 struct LossAndHits {

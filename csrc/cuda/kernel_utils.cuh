@@ -68,6 +68,64 @@ __device__ __forceinline__ acc_t block_sum(acc_t value) {
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
+
+// ---- added for the reward family: warp sums, one-value tensors read and written on the device ----
+
+// Sum over a warp, every lane gets the total: a xor butterfly, so a fixed order, and since each
+// step adds the same two values on both lanes, bitwise the same total on every lane.
+template <typename T>
+__device__ __forceinline__ T warp_all_sum(T value) {
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  return value;
+}
+
+// One value of a floating tensor ([] or [1], any floating dtype) that a kernel reads or writes on
+// the device: no host copy (graph capturable) and no dtype-conversion launch. A CPU tensor is read
+// on the host instead (a plain load, no device synchronisation) and passed by value.
+struct DeviceScalar {
+  enum Kind : int { Float = 0, Double = 1, Half = 2, BFloat16 = 3, Immediate = 4 };
+  void* ptr;
+  Kind kind;
+  double value;  // Immediate
+
+  static DeviceScalar of(const at::Tensor& t) {
+    TORCH_CHECK_VALUE(t.numel() == 1, "expected a single value, got shape ", t.sizes());
+    if (!t.is_cuda()) return {nullptr, Immediate, t.item<double>()};
+    Kind kind;
+    switch (t.scalar_type()) {
+      case at::kFloat: kind = Float; break;
+      case at::kDouble: kind = Double; break;
+      case at::kHalf: kind = Half; break;
+      case at::kBFloat16: kind = BFloat16; break;
+      default: TORCH_CHECK_TYPE(false, "expected a floating tensor, got ", t.scalar_type());
+    }
+    return {t.data_ptr(), kind, 0.0};
+  }
+
+  template <typename T>
+  __device__ __forceinline__ T load() const {
+    switch (kind) {
+      case Float: return static_cast<T>(*static_cast<const float*>(ptr));
+      case Double: return static_cast<T>(*static_cast<const double*>(ptr));
+      case Half: return static_cast<T>(static_cast<float>(*static_cast<const c10::Half*>(ptr)));
+      case BFloat16: return static_cast<T>(static_cast<float>(*static_cast<const c10::BFloat16*>(ptr)));
+      default: return static_cast<T>(value);
+    }
+  }
+
+  // v in the tensor's dtype, converted as at::full(sizes, double) converts on the CPU (through float
+  // for half and bfloat16).
+  __device__ __forceinline__ void store(double v) const {
+    switch (kind) {
+      case Float: *static_cast<float*>(ptr) = static_cast<float>(v); break;
+      case Double: *static_cast<double*>(ptr) = v; break;
+      case Half: *static_cast<c10::Half*>(ptr) = static_cast<c10::Half>(static_cast<float>(v)); break;
+      case BFloat16: *static_cast<c10::BFloat16*>(ptr) = static_cast<c10::BFloat16>(static_cast<float>(v)); break;
+      default: break;
+    }
+  }
+};
+
 }  // namespace cuda
 
 using cuda::Vec;
