@@ -7,9 +7,9 @@ set -uo pipefail
 OUT=${OUT:-/tmp/rglcd_out}
 mkdir -p "$OUT"
 stages=${*:-all}
-# The image's default compiler (/opt/gcc) links libstdc++ statically: C++ exceptions thrown by our
-# kernels then crash instead of reaching Python. The system g++ shares torch's libstdc++.
-export CC=${CC:-gcc} CXX=${CXX:-g++}
+# The image's default compiler (CC/CXX point at /opt/gcc) links libstdc++ statically: C++ exceptions
+# thrown by our kernels then crash instead of reaching Python. The system g++ shares torch's libstdc++.
+export CC=gcc CXX=g++
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 if ls .whl/*.whl >/dev/null 2>&1; then  # diffusers (the schedulers' equivalence tests) is not on the image
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
@@ -20,7 +20,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/device.txt"
 
 start=$(date +%s)
-python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+python3 setup.py build_ext --inplace --force > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"
 python3 -c "import rglcd_fast as r; assert r.has_cuda_kernels(), r.extension_load_error(); print('CUDA kernels active')" || exit 1
 

@@ -5,9 +5,13 @@ Low-precision error is judged against the error PyTorch itself makes in that dty
 run once on the inputs as given (PyTorch's answer in that dtype) and once on the same inputs cast to
 float64 (the exact answer); the op may be off the exact answer by at most twice PyTorch's own error
 plus one unit of the dtype's precision."""
+import os
+
 import torch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# CUDA graphs need the caching allocator (compute-sanitizer runs set PYTORCH_NO_CUDA_MEMORY_CACHING=1)
+CUDA_GRAPHS = torch.cuda.is_available() and os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING", "0") != "1"
 LOW_PRECISION = [torch.float16, torch.bfloat16]
 
 

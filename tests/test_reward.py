@@ -1,12 +1,11 @@
 """Reward family: the CLIP-style reward head and the latent reward model's pairwise preference loss."""
 import math
-import os
 
 import pytest
 import torch
 
 import rglcd_fast
-from helpers import DEVICES, check_against_reference, device_dtype_params, randn
+from helpers import CUDA_GRAPHS, DEVICES, check_against_reference, device_dtype_params, randn
 from rglcd_fast import ops
 from rglcd_fast.reference import reward as ref
 
@@ -268,9 +267,7 @@ def test_cuda_bitwise_reproducible(dtype):
             assert torch.equal(a, b)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.skipif(os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") == "1",
-                    reason="graph capture needs the caching allocator (off under compute-sanitizer)")
+@pytest.mark.skipif(not CUDA_GRAPHS, reason="graph capture needs CUDA and its caching allocator")
 def test_cuda_graph_capture():
     """No host synchronisation and no host reads: all four ops capture in a CUDA graph, and replaying
     it on new inputs (the scale and the upstream gradient included) matches eager."""

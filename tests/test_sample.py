@@ -6,6 +6,7 @@ import torch
 from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline
 from PIL import Image
 
+from helpers import CUDA_GRAPHS
 from rglcd_fast.cli import main
 from rglcd_fast.sample import LCMSampler
 from rglcd_fast.schedulers import FusedLCMScheduler
@@ -81,7 +82,7 @@ def test_cli_sample_writes_a_grid(lcm_folder, tmp_path, capsys):
     assert "model: no such folder" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.skipif(not CUDA_GRAPHS, reason="CUDA graphs need CUDA and its caching allocator")
 def test_cuda_graph_equals_eager(lcm_folder):
     sampler = LCMSampler.from_pretrained(lcm_folder, device="cuda", dtype=torch.float32)
     for seed in (0, 5):  # the second replay re-seeds the graph's noise
