@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import torch
+import torch._functorch.config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..", "tests")]
@@ -70,6 +71,26 @@ def main():
     copy_gbs = copy_bandwidth_gbs()
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
 
+    card_id = card.replace("NVIDIA ", "").replace(" ", "_")
+    out = args.out or os.path.join(HERE, "results", f"ops_{card_id}.md")
+
+    def write_table():  # after every case, so an interrupted run keeps what it measured
+        lines = [f"# Op benchmark: {card}", "",
+                 f"torch {torch.__version__}, CUDA {torch.version.cuda}; commit {commit}; "
+                 f"{datetime.date.today().isoformat()}. Medians of CUDA-event timings (triton do_bench), µs. "
+                 f"'kernel' is the device time of our kernels alone (profiler). Copy bandwidth measured in this "
+                 f"run: {copy_gbs:,.0f} GB/s (bytes read + written); the floor moves each input once and each "
+                 f"output once at that rate. Latent shapes: "
+                 + ", ".join(f"{k} = {'×'.join(map(str, v))}" for k, v in LATENT_SHAPES.items()) + ".", "",
+                 "| op | shape | dtype | eager | compile | rglcd_fast | kernel | GB/s | % copy bw | floor | vs eager | vs compile |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, shape, dtype, t, kernel, achieved, pct, floor_us in rows:
+            lines.append(f"| {name} | {shape} | {dtype} | {t['eager']:.1f} | {t['compile']:.1f} | "
+                         f"{t['rglcd_fast']:.1f} | {kernel:.1f} | {achieved:,.0f} | {pct:.0f}% | {floor_us:.1f} | "
+                         f"{t['eager'] / t['rglcd_fast']:.1f}× | {t['compile'] / t['rglcd_fast']:.1f}× |")
+        with open(out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
     rows = []
     for family in args.families.split(","):
         module = __import__(f"bench_{family}")
@@ -90,24 +111,8 @@ def main():
                   f"{achieved:6.0f} GB/s {100 * achieved / copy_gbs:4.0f}%  "
                   f"x{t['eager'] / t['rglcd_fast']:.1f} eager x{t['compile'] / t['rglcd_fast']:.1f} compile",
                   flush=True)
+            write_table()
 
-    lines = [f"# Op benchmark: {card}", "",
-             f"torch {torch.__version__}, CUDA {torch.version.cuda}; commit {commit}; "
-             f"{datetime.date.today().isoformat()}. Medians of CUDA-event timings (triton do_bench), µs. "
-             f"'kernel' is the device time of our kernels alone (profiler). Copy bandwidth measured in this "
-             f"run: {copy_gbs:,.0f} GB/s (bytes read + written); the floor moves each input once and each "
-             f"output once at that rate. Latent shapes: "
-             + ", ".join(f"{k} = {'×'.join(map(str, v))}" for k, v in LATENT_SHAPES.items()) + ".", "",
-             "| op | shape | dtype | eager | compile | rglcd_fast | kernel | GB/s | % copy bw | floor | vs eager | vs compile |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, shape, dtype, t, kernel, achieved, pct, floor_us in rows:
-        lines.append(f"| {name} | {shape} | {dtype} | {t['eager']:.1f} | {t['compile']:.1f} | "
-                     f"{t['rglcd_fast']:.1f} | {kernel:.1f} | {achieved:,.0f} | {pct:.0f}% | {floor_us:.1f} | "
-                     f"{t['eager'] / t['rglcd_fast']:.1f}× | {t['compile'] / t['rglcd_fast']:.1f}× |")
-    card_id = card.replace("NVIDIA ", "").replace(" ", "_")
-    out = args.out or os.path.join(HERE, "results", f"ops_{card_id}.md")
-    with open(out, "w") as f:
-        f.write("\n".join(lines) + "\n")
     print(f"wrote {out}")
 
 

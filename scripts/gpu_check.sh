@@ -2,7 +2,9 @@
 # On the lent GPU machine (device tool): build rglcd_fast from source, run the whole test suite
 # (CUDA cases included), the op tests under compute-sanitizer, and the op benchmark.
 #   device run:  bash scripts/gpu_check.sh [tests|sanitizer|bench|sampling|all]...   (carry .whl: see shared/wheels)
-# Logs go to $OUT (the device tool brings them back); the benchmark table to benchmarks/results/.
+# Logs and benchmark tables go to $OUT (the device tool brings them back; commit the tables under
+# benchmarks/results/ as ops_<card>.md and sampling_<card>.md). RGLCD_COMMIT names the commit measured
+# where the copy on the device has no git history.
 set -uo pipefail
 OUT=${OUT:-/tmp/rglcd_out}
 mkdir -p "$OUT"
@@ -26,8 +28,8 @@ python3 -c "import rglcd_fast as r; assert r.has_cuda_kernels(), r.extension_loa
 
 status=0
 run_stage() { [[ " $stages " == *" all "* || " $stages " == *" $1 "* ]]; }
-if run_stage tests; then
-  python3 -m pytest -q -rs tests 2>&1 | tee "$OUT/tests.log" | tail -15
+if run_stage tests; then  # PYTEST_ARGS selects, e.g. "-k cuda_graph"
+  python3 -m pytest -q -rs tests ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -15
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 if run_stage sanitizer; then
@@ -41,13 +43,11 @@ if run_stage sanitizer; then
   done
 fi
 if run_stage bench; then
-  python3 benchmarks/bench_ops.py ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40
+  python3 benchmarks/bench_ops.py --out "$OUT/ops.md" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  cp benchmarks/results/ops_*.md "$OUT/" 2>/dev/null
 fi
 if run_stage sampling; then
-  python3 benchmarks/bench_sampling.py ${SAMPLING_ARGS:-} 2>&1 | tee "$OUT/sampling.log" | tail -20
+  python3 benchmarks/bench_sampling.py --out "$OUT/sampling.md" ${SAMPLING_ARGS:-} 2>&1 | tee "$OUT/sampling.log" | tail -20
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  cp benchmarks/results/sampling_*.md "$OUT/" 2>/dev/null
 fi
 exit $status

@@ -25,7 +25,7 @@ class _Graph:
     """A captured denoising loop and the static tensors it reads and writes."""
     graph: "torch.cuda.CUDAGraph"
     prompt_embeds: torch.Tensor
-    latents: torch.Tensor
+    generator: torch.Generator
     denoised: torch.Tensor
     keep_alive: tuple  # tensors made before the capture that the graph reads (guidance embedding, timesteps)
 
@@ -138,16 +138,16 @@ class LCMSampler:
         self._check_size(height, width)
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph: needs a CUDA device, the sampler runs on {self.device}")
-        generator = torch.Generator(self.device).manual_seed(seed)
         prompt_embeds = self.encode_prompts(prompts)
-        latents = self.initial_latents(len(prompts), height, width, generator)
         self.scheduler.set_timesteps(steps, device=self.device)
         if not cuda_graph:
+            generator = torch.Generator(self.device).manual_seed(seed)
+            latents = self.initial_latents(len(prompts), height, width, generator)
             w_embedding = self._guidance(guidance_scale, len(prompts))
             return self.denoise(prompt_embeds, latents, w_embedding, generator, progress)
-        graph = self._graph_for(prompt_embeds, latents, steps, guidance_scale, generator)
+        graph = self._graph_for(prompt_embeds, height, width, steps, guidance_scale)
         graph.prompt_embeds.copy_(prompt_embeds)
-        graph.latents.copy_(latents)
+        graph.generator.manual_seed(seed)  # the graph draws the initial latents and the noise from here
         graph.graph.replay()
         if progress is not None:
             progress.update(steps)
@@ -156,26 +156,32 @@ class LCMSampler:
     def __call__(self, prompts, **kwargs) -> list[Image.Image]:
         return self.decode(self.latents(prompts, **kwargs))
 
-    def _graph_for(self, prompt_embeds, latents, steps, guidance_scale, generator) -> _Graph:
-        """The captured loop for this (batch, size, steps, guidance), captured on first use. The graph
-        draws the per-step noise from `generator` at replay time (its state registered with the graph)."""
-        key = (tuple(latents.shape), tuple(prompt_embeds.shape), steps, float(guidance_scale))
+    def _graph_for(self, prompt_embeds, height, width, steps, guidance_scale) -> _Graph:
+        """The captured loop for this (batch, size, steps, guidance), captured on first use. It draws the
+        initial latents and the per-step noise from its own generator, whose state is registered with
+        the graph: seeding that generator before a replay gives the eager loop's draws for that seed."""
+        key = (tuple(prompt_embeds.shape), height, width, steps, float(guidance_scale))
         if key not in self._graphs:
-            static_embeds, static_latents = prompt_embeds.clone(), latents.clone()
-            w_embedding = self._guidance(guidance_scale, latents.shape[0])
-            rng_state = generator.get_state()  # replay draws from here, as the eager loop would
+            batch = prompt_embeds.shape[0]
+            static_embeds = prompt_embeds.clone()
+            w_embedding = self._guidance(guidance_scale, batch)
+            generator = torch.Generator(self.device)
+
+            def sample():
+                latents = self.initial_latents(batch, height, width, generator)
+                return self.denoise(static_embeds, latents, w_embedding, generator)
+
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up outside the graph: lazy initialisation, autotuning
-                self.denoise(static_embeds, static_latents, w_embedding, generator)
+                sample()
             torch.cuda.current_stream().wait_stream(side)
             self.scheduler.set_timesteps(steps, device=self.device)
             graph = torch.cuda.CUDAGraph()
             graph.register_generator_state(generator)
             with torch.cuda.graph(graph):
-                denoised = self.denoise(static_embeds, static_latents, w_embedding, generator)
-            generator.set_state(rng_state)
-            self._graphs[key] = _Graph(graph, static_embeds, static_latents, denoised,
+                denoised = sample()
+            self._graphs[key] = _Graph(graph, static_embeds, generator, denoised,
                                        (w_embedding, self.scheduler.timesteps))
         return self._graphs[key]
 
