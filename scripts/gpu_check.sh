@@ -28,14 +28,16 @@ python3 -c "import rglcd_fast as r; assert r.has_cuda_kernels(), r.extension_loa
 
 status=0
 run_stage() { [[ " $stages " == *" all "* || " $stages " == *" $1 "* ]]; }
-if run_stage tests; then  # PYTEST_ARGS selects, e.g. "-k cuda_graph"
-  python3 -m pytest -q -rs tests ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -15
+if run_stage tests; then  # PYTEST_ARGS: what to run (default: all of tests/)
+  python3 -m pytest -q -rs ${PYTEST_ARGS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -15
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 if run_stage sanitizer; then
-  for tool in memcheck racecheck initcheck; do
+  # The op tests' CUDA cases (SANITIZER_TOOLS / SANITIZER_SELECT narrow it to fit a device call).
+  for tool in ${SANITIZER_TOOLS:-memcheck racecheck initcheck}; do
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
-      python3 -m pytest -q -x tests -k "cuda and not compile and not opcheck" -p no:cacheprovider \
+      python3 -m pytest -q -x tests/test_consistency.py tests/test_solver.py tests/test_reward.py \
+      -k "${SANITIZER_SELECT:-cuda and not compile and not opcheck}" -p no:cacheprovider \
       > "$OUT/sanitizer_$tool.log" 2>&1
     code=$?
     echo "compute-sanitizer $tool: exit $code; $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitizer_$tool.log" | tail -2 | tr '\n' ' ')"
