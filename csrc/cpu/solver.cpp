@@ -234,16 +234,21 @@ std::tuple<at::Tensor, at::Tensor> lcm_step_cpu(const at::Tensor& model_output, 
         return x0_from(acc(xp[i]), acc(mp[i]), coeff[b].a, coeff[b].s, kType);
       };
       const auto clamps = x0_clamps<acc_t>(options, in.batch, in.per_sample, x0_at);
-      cpu::parallel_sample_runs(in.n, in.per_sample, [&](int64_t b, int64_t i0, int64_t i1) {
-        const LcmCoefficients<acc_t> c = coeff[b];
-        const X0Clamp<acc_t> limit = clamps[b];
-        for (int64_t i = i0; i < i1; ++i) {
-          const acc_t xi = acc(xp[i]);
-          const acc_t d = c.c_out * limit(x0_from(xi, acc(mp[i]), c.a, c.s, kType)) + c.c_skip * xi;
-          dp[i] = static_cast<scalar_t>(d);
-          pp[i] = static_cast<scalar_t>(zp ? c.sqrt_prev * d + c.sigma_prev * acc(zp[i]) : d);
-        }
-      });
+      // noise and limit as compile-time flags: branch-free inner loops that vectorise
+      cpu::with_flags(
+          [&](auto with_noise, auto limited) {
+            cpu::parallel_sample_runs(in.n, in.per_sample, [&](int64_t b, int64_t i0, int64_t i1) {
+              const LcmCoefficients<acc_t> c = coeff[b];
+              const X0Clamp<acc_t> limit = clamps[b];
+              for (int64_t i = i0; i < i1; ++i) {
+                const acc_t xi = acc(xp[i]), x0 = x0_from(xi, acc(mp[i]), c.a, c.s, kType);
+                const acc_t d = c.c_out * (limited ? limit(x0) : x0) + c.c_skip * xi;
+                dp[i] = static_cast<scalar_t>(d);
+                pp[i] = static_cast<scalar_t>(with_noise ? c.sqrt_prev * d + c.sigma_prev * acc(zp[i]) : d);
+              }
+            });
+          },
+          zp != nullptr, options.kind != X0Limit::None);
     });
   });
   return {in.layout.deliver(prev), in.layout.deliver(denoised)};
@@ -284,20 +289,24 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cpu(const at::Tensor& model_output,
         return x0_from(acc(xp[i]), acc(mp[i]), coeff[b].a, coeff[b].s, kType);
       };
       const auto clamps = x0_clamps<acc_t>(options, in.batch, in.per_sample, x0_at);
-      cpu::parallel_sample_runs(in.n, in.per_sample, [&](int64_t b, int64_t i0, int64_t i1) {
-        const DdimCoefficients<acc_t> c = coeff[b];
-        const X0Clamp<acc_t> limit = clamps[b];
-        for (int64_t i = i0; i < i1; ++i) {
-          const acc_t xi = acc(xp[i]), mi = acc(mp[i]);
-          const acc_t x0 = limit(x0_from(xi, mi, c.a, c.s, kType));
-          // use_clipped_model_output: ε re-derived from the clipped x0, (x - a·x0) / s
-          const acc_t eps = use_clipped_model_output ? eps_from(xi, x0, c.a, c.s, PredictionType::Sample)
-                                                     : eps_from(xi, mi, c.a, c.s, kType);
-          const acc_t p = c.sqrt_prev * x0 + c.c_dir * eps;
-          op[i] = static_cast<scalar_t>(x0);
-          pp[i] = static_cast<scalar_t>(zp ? p + c.std_dev * acc(zp[i]) : p);
-        }
-      });
+      cpu::with_flags(
+          [&](auto with_noise, auto limited, auto clipped_eps) {
+            cpu::parallel_sample_runs(in.n, in.per_sample, [&](int64_t b, int64_t i0, int64_t i1) {
+              const DdimCoefficients<acc_t> c = coeff[b];
+              const X0Clamp<acc_t> limit = clamps[b];
+              for (int64_t i = i0; i < i1; ++i) {
+                const acc_t xi = acc(xp[i]), mi = acc(mp[i]), raw = x0_from(xi, mi, c.a, c.s, kType);
+                const acc_t x0 = limited ? limit(raw) : raw;
+                // use_clipped_model_output: ε re-derived from the clipped x0, (x - a·x0) / s
+                const acc_t eps = clipped_eps ? eps_from(xi, x0, c.a, c.s, PredictionType::Sample)
+                                              : eps_from(xi, mi, c.a, c.s, kType);
+                const acc_t p = c.sqrt_prev * x0 + c.c_dir * eps;
+                op[i] = static_cast<scalar_t>(x0);
+                pp[i] = static_cast<scalar_t>(with_noise ? p + c.std_dev * acc(zp[i]) : p);
+              }
+            });
+          },
+          zp != nullptr, options.kind != X0Limit::None, use_clipped_model_output);
     });
   });
   return {in.layout.deliver(prev), in.layout.deliver(pred_x0)};
