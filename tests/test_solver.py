@@ -345,6 +345,9 @@ def test_guided_matches_lcd_script(prediction_type):
 
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 def test_gradcheck_float64(prediction_type):
+    """guided_ddim_step only: lcm_step and ddim_step are inference ops with no autograd (they replace
+    scheduler.step in sampling loops; clip / dynamic thresholding have no useful gradient), so there is no
+    backward to check; test_inference_ops_refuse_grad checks that they refuse inputs that require grad."""
     c, u, x, _, t, prev, w, ac = make_inputs("cpu", torch.float64, shape=(2, 3, 4, 5))
     c, u, x = (v.requires_grad_() for v in (c, u, x))
     prev = prev.clamp(min=0)
