@@ -29,7 +29,7 @@ def _extensions():
     debug = os.environ.get("RGLCD_FAST_DEBUG", "0") == "1"
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags += ["-fopenmp", "-fno-math-errno"]  # torch's builder adds the C++ standard it needs
-    sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/module.cpp"]
+    sources = sorted(glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/autograd/*.cpp")) + ["csrc/module.cpp"]
     extra = {"cxx": cxx_flags}
     kwargs = dict(
         name="rglcd_fast._C",

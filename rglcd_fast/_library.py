@@ -10,6 +10,7 @@ import torch
 NAMESPACE = "rglcd_fast"
 _LIB = torch.library.Library(NAMESPACE, "DEF")
 _REFERENCE_KERNELS: dict[str, Callable] = {}
+_PYTHON_AUTOGRAD: dict[str, Callable] = {}
 _STATE = {"extension": False, "cuda_kernels": False, "load_error": None, "loaded": False}
 _BACKENDS = ("CPU", "CUDA")
 
@@ -25,7 +26,8 @@ def register_autograd(name: str, setup_context: Callable, backward: Callable) ->
     """Autograd for rglcd_fast::<name>, with the contract of torch.library.register_autograd
     (setup_context(ctx, inputs, output); backward(ctx, *grads) -> one gradient or None per input) but
     a plain autograd.Function behind it: the generic wrapper costs ~100 µs of Python a call, which
-    would dominate these small fused ops. Unused output gradients arrive as None."""
+    would dominate these small fused ops. Unused output gradients arrive as None. Registered by load()
+    unless the compiled library has its own (C++) autograd for the op (csrc/autograd/)."""
     op = getattr(torch.ops.rglcd_fast, name).default
 
     class Node(torch.autograd.Function):
@@ -49,7 +51,7 @@ def register_autograd(name: str, setup_context: Callable, backward: Callable) ->
         with torch._C._AutoDispatchBelowAutograd():
             return op(*args)
 
-    _LIB.impl(name, autograd_kernel, "Autograd")
+    _PYTHON_AUTOGRAD[name] = autograd_kernel
 
 
 def qualname(name: str) -> str:
@@ -77,6 +79,9 @@ def load() -> None:
         for key in _BACKENDS:
             if not _has_kernel(name, key):
                 _LIB.impl(name, _REFERENCE_KERNELS[name], key)
+    for name, kernel in _PYTHON_AUTOGRAD.items():
+        if not _has_kernel(name, "Autograd"):
+            _LIB.impl(name, kernel, "Autograd")
 
 
 def has_extension() -> bool:
