@@ -2,23 +2,17 @@
 // the same contract as their Python autograd in rglcd_fast/ops/consistency.py, which serves where this
 // library is absent, without Python frames in the forward or the backward (the Python autograd layer
 // costs tens of µs a call, more than these fused kernels take on a GPU).
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <string>
+
+#include "autograd/op_handles.h"
 
 namespace rglcd_fast {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-// rglcd_fast::<name>, called below the autograd key.
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 using LossSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                           const at::Tensor&, const at::Tensor&, c10::string_view,
@@ -66,8 +60,7 @@ class ConsistencyLoss : public torch::autograd::Function<ConsistencyLoss> {
       grad_loss = at::zeros({}, model_output.options().dtype(
                                     model_output.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
     }
-    const std::optional<at::Tensor> grad_pred =
-        grads[1].defined() ? std::optional<at::Tensor>(grads[1]) : std::nullopt;
+    const std::optional<at::Tensor> grad_pred = optional_grad(grads[1]);
     const auto params = ctx->saved_data["params"].toDoubleVector();
     const std::string prediction_type = ctx->saved_data["prediction_type"].toStringRef();
     const std::string loss_type = ctx->saved_data["loss_type"].toStringRef();
