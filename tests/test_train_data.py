@@ -112,6 +112,10 @@ def test_tar_shards_folder_single_and_brace(tmp_path):
     assert [it["caption"] for it in _all(one)] == [f"caption {k}" for k in range(4, 8)]
     listed = ImageCaptionDataset.from_path([str(d / "shard-00002.tar"), str(d / "shard-00000.tar")], R)
     assert listed[0]["caption"] == "caption 8"
+    # a data set that has opened shards still pickles (spawned DataLoader workers)
+    import pickle
+    again = pickle.loads(pickle.dumps(ds))
+    assert again[3]["caption"] == "caption 3"
 
 
 def test_braceexpand():

@@ -235,6 +235,11 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def __getstate__(self):   # open shard handles do not travel to worker processes
+        state = self.__dict__.copy()
+        state["_files"], state["_pid"] = {}, None
+        return state
+
     def _warn(self, msg):
         if not self._warned:
             self._warned = True
@@ -468,9 +473,6 @@ class ResumableDataLoader:
         return s
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("batch_size", self.batch_size) != self.batch_size and state["index"] % self.batch_size:
-            raise ValueError(f"state was saved with batch_size={state['batch_size']} mid-batch; "
-                             f"cannot resume with batch_size={self.batch_size}")
         self.sampler.load_state_dict(state)
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         self.skipped = int(state.get("skipped", 0))
