@@ -1,0 +1,101 @@
+"""One RG-LCD training step's math (DESIGN.md §1 steps 2-8), on the fused ops.
+
+`DistillationStep` holds the schedule and the DDIM solver; calling it with the student, teacher and
+target (EMA) UNets, a batch of latents and prompt embeddings returns the distillation loss, the
+reward loss and the total, with model_pred (the student's one-step prediction) for the reward and the
+latent reward model's update. The optimiser, EMA update and LRM update belong to the trainer.
+"""
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .. import ops
+from ..lcd import DDIMSolver, guidance_scale_embedding
+
+
+@dataclass
+class DistillationConfig:
+    num_ddim_timesteps: int = 50  # N
+    w_min: float = 5.0
+    w_max: float = 15.0
+    loss_type: str = "huber"
+    huber_c: float = 0.001
+    timestep_scaling: float = 10.0
+    reward_scale: float = 1.0
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    distill_loss: torch.Tensor
+    reward_loss: torch.Tensor | None
+    model_pred: torch.Tensor  # the student's consistency output f(m_s, x, t_start), differentiable
+    target: torch.Tensor
+    start_timesteps: torch.Tensor
+
+
+class DistillationStep:
+    def __init__(self, noise_scheduler, config: DistillationConfig = DistillationConfig(), device="cpu"):
+        self.noise_scheduler = noise_scheduler
+        self.config = config
+        self.prediction_type = noise_scheduler.config.prediction_type
+        num_train_timesteps = noise_scheduler.config.num_train_timesteps
+        if num_train_timesteps % config.num_ddim_timesteps:
+            raise ValueError(f"num_ddim_timesteps: must divide num_train_timesteps ({num_train_timesteps}), "
+                             f"got {config.num_ddim_timesteps}")
+        self.topk = num_train_timesteps // config.num_ddim_timesteps
+        self.solver = DDIMSolver(noise_scheduler.alphas_cumprod.numpy(), num_train_timesteps,
+                                 config.num_ddim_timesteps).to(device)
+        self.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+
+    def draw(self, latents: torch.Tensor, generator: torch.Generator | None = None):
+        """DESIGN.md §1 steps 2-3: DDIM index n, t_start, t = max(t_start - T/N, 0), w ~ U[w_min, w_max],
+        noise, and the noisy latents; drawn on the CPU generator so runs reproduce across devices."""
+        bsz = latents.shape[0]
+        index = torch.randint(0, self.config.num_ddim_timesteps, (bsz,), generator=generator).to(latents.device)
+        start_timesteps = self.solver.ddim_timesteps[index]
+        timesteps = (start_timesteps - self.topk).clamp(min=0)
+        w = ((self.config.w_max - self.config.w_min) * torch.rand(bsz, generator=generator)
+             + self.config.w_min).to(latents.device)
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, start_timesteps)
+        return index, start_timesteps, timesteps, w, noisy
+
+    def __call__(self, student, teacher, target_unet, latents, prompt_embeds, uncond_prompt_embeds,
+                 reward_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 generator: torch.Generator | None = None) -> StepOutput:
+        """student / teacher / target_unet: diffusers UNet2DConditionModel-like callables (student and
+        target take the guidance embedding as timestep_cond). reward_fn maps model_pred (latents, in the
+        VAE's scaled space) to per-sample rewards [B] to maximise (the direct RM through the VAE decoder,
+        or the latent proxy RM); None trains plain LCD."""
+        index, start_timesteps, timesteps, w, noisy = self.draw(latents, generator)
+        w_embedding = guidance_scale_embedding(w, embedding_dim=student.config.time_cond_proj_dim).to(
+            device=latents.device, dtype=latents.dtype)
+
+        # 4. student
+        noise_pred = student(noisy, start_timesteps, timestep_cond=w_embedding,
+                             encoder_hidden_states=prompt_embeds).sample
+        with torch.no_grad():
+            # 5. teacher: cond and uncond in one batched call, then the fused CFG + DDIM solver step
+            both = teacher(torch.cat([noisy, noisy]), torch.cat([start_timesteps, start_timesteps]),
+                           encoder_hidden_states=torch.cat([prompt_embeds, uncond_prompt_embeds])).sample
+            cond_output, uncond_output = both.chunk(2)
+            x_prev, _ = ops.guided_ddim_step(cond_output, uncond_output, noisy, start_timesteps, timesteps, w,
+                                             self.alphas_cumprod, self.prediction_type)
+            # 6. target (EMA student) at (x_prev, t)
+            target_output = target_unet(x_prev, timesteps, timestep_cond=w_embedding,
+                                        encoder_hidden_states=prompt_embeds).sample
+            target = ops.consistency_output(target_output, x_prev, timesteps, self.alphas_cumprod,
+                                            self.prediction_type, self.config.timestep_scaling)
+        # 7. distillation loss, fused with the student's consistency output
+        distill_loss, model_pred = ops.consistency_loss(
+            noise_pred, noisy, start_timesteps, target, self.alphas_cumprod, self.prediction_type,
+            self.config.loss_type, self.config.huber_c, self.config.timestep_scaling)
+        # 8. reward of the one-step prediction
+        reward_loss = None
+        loss = distill_loss
+        if reward_fn is not None:
+            reward_loss = -reward_fn(model_pred).mean()
+            loss = distill_loss + self.config.reward_scale * reward_loss
+        return StepOutput(loss, distill_loss, reward_loss, model_pred, target, start_timesteps)
