@@ -1,0 +1,92 @@
+"""The expert reward model interface and torch-only image preprocessing.
+
+Convention used by every adapter:
+  * ``score(images, prompts) -> [B]``: the reward as the model itself reports it (CLIP score: the
+    cosine; PickScore: exp(logit_scale)·cos; HPSv2: 100·cos; aesthetic: the MLP's rating).
+  * ``logit_scale``: the factor that turns the score into the logits the pairwise preference loss
+    compares (DESIGN.md §1 step 9), so ``logits(images, prompts) == logit_scale * score(images, prompts)``.
+Images are float tensors [B, 3, H, W] in [0, 1]; the models are frozen (eval mode, no gradient to their
+weights) but differentiable with respect to the images (the "direct" reward variant).
+"""
+import torch
+import torch.nn.functional as F
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def preprocess(images: torch.Tensor, size, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, dtype=None) -> torch.Tensor:
+    """CLIP preprocessing with torch ops only: resize the shortest side to ``size`` (bicubic, antialias),
+    centre crop to size×size, normalise with mean/std. images [B, 3, H, W] in [0, 1]; size an int or
+    (h, w). Differentiable in the images. Returns [B, 3, h, w] in ``dtype`` (default: the images')."""
+    if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise ValueError(f"images: expected a float tensor [B, 3, H, W] in [0, 1], got {shape}")
+    if not images.is_floating_point():
+        raise TypeError(f"images: expected a float tensor in [0, 1], got {images.dtype}")
+    out_h, out_w = (size, size) if isinstance(size, int) else tuple(size)
+    x = images if images.dtype in (torch.float32, torch.float64) else images.float()
+    h, w = x.shape[-2:]
+    scale = max(out_h / h, out_w / w)
+    new_h, new_w = max(out_h, round(h * scale)), max(out_w, round(w * scale))
+    if (new_h, new_w) != (h, w):
+        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+    top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
+    x = x[..., top:top + out_h, left:left + out_w]
+    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    x = (x - mean_t) / std_t
+    return x.to(dtype) if dtype is not None else x.to(images.dtype)
+
+
+class RewardModel(torch.nn.Module):
+    """A frozen expert reward model. Subclasses implement ``score``; ``logits`` is
+    ``logit_scale * score`` unless overridden (to avoid a round trip through the division)."""
+
+    name = "reward"
+
+    def freeze(self):
+        """Eval mode and no gradient to the weights (images stay differentiable)."""
+        super().train(False)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True):
+        # An expert stays in eval mode (dropout off) whatever the caller's module tree asks.
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.parameters():
+            return p.dtype
+        return torch.float32
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """The factor from score to preference logits: a 0-d float32 tensor on the model's device."""
+        return torch.ones((), device=self.device)
+
+    def score(self, images: torch.Tensor, prompts) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def logits(self, images: torch.Tensor, prompts) -> torch.Tensor:
+        return self.score(images, prompts) * self.logit_scale.to(torch.float32)
+
+    def forward(self, images: torch.Tensor, prompts) -> torch.Tensor:
+        return self.score(images, prompts)
+
+    @staticmethod
+    def _check_prompts(images, prompts):
+        if isinstance(prompts, str):
+            prompts = [prompts] * images.shape[0]
+        prompts = list(prompts)
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"prompts: expected {images.shape[0]} (one per image), got {len(prompts)}")
+        return prompts
