@@ -8,7 +8,7 @@ from diffusers import DDPMScheduler
 
 import lcd_script
 from helpers import SD_SCHEDULE
-from rglcd_fast.train import DistillationConfig, DistillationStep
+from rglcd_fast.train import DistillationConfig, DistillationStep, update_ema
 from tiny_pipeline import tiny_unet
 
 
@@ -88,3 +88,19 @@ def test_step_equals_the_eager_lcd_math(with_reward):
 def test_config_errors():
     with pytest.raises(ValueError, match="num_ddim_timesteps"):
         DistillationStep(DDPMScheduler(**SD_SCHEDULE), DistillationConfig(num_ddim_timesteps=48))
+
+
+def test_ema_update():
+    torch.manual_seed(0)
+    student, target = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    expected = [0.95 * t.detach() + 0.05 * s.detach() for t, s in zip(target.parameters(), student.parameters())]
+    update_ema(target, student, 0.95)
+    for t, e in zip(target.parameters(), expected):
+        torch.testing.assert_close(t.detach(), e)
+    update_ema(target, student, 0.0)  # decay 0: a copy
+    for t, s in zip(target.parameters(), student.parameters()):
+        torch.testing.assert_close(t, s)
+    with pytest.raises(ValueError, match="decay"):
+        update_ema(target, student, 1.5)
+    with pytest.raises(ValueError, match="target"):
+        update_ema(torch.nn.Linear(4, 2), student)

@@ -35,6 +35,22 @@ class StepOutput:
     start_timesteps: torch.Tensor
 
 
+@torch.no_grad()
+def update_ema(target: torch.nn.Module, student: torch.nn.Module, decay: float = 0.95) -> None:
+    """DESIGN.md §1 step 8: target <- decay·target + (1 - decay)·student, over matching parameters, in
+    one fused multi-tensor update (the target may hold a lower precision than the student)."""
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay: expected a value in [0, 1], got {decay}")
+    target_params, student_params = list(target.parameters()), list(student.parameters())
+    if len(target_params) != len(student_params):
+        raise ValueError(f"target: {len(target_params)} parameters, but the student has {len(student_params)}")
+    for a, b in zip(target_params, student_params):
+        if a.shape != b.shape:
+            raise ValueError(f"target: parameter shape {tuple(a.shape)} differs from the student's {tuple(b.shape)}")
+    sources = [p.detach().to(dtype=t.dtype, device=t.device) for t, p in zip(target_params, student_params)]
+    torch._foreach_lerp_(target_params, sources, 1.0 - decay)
+
+
 class DistillationStep:
     def __init__(self, noise_scheduler, config: DistillationConfig = DistillationConfig(), device="cpu"):
         self.noise_scheduler = noise_scheduler
