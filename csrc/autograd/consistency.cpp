@@ -1,4 +1,4 @@
-// Autograd in C++ for the consistency ops on the training path (consistency_loss, consistency_output):
+// Autograd in C++ for the consistency ops (consistency_loss, consistency_output, predicted_x0/eps):
 // the same contract as their Python autograd in rglcd_fast/ops/consistency.py, which serves where this
 // library is absent, without Python frames in the forward or the backward (the Python autograd layer
 // costs tens of µs a call, more than these fused kernels take on a GPU).
@@ -21,6 +21,11 @@ using LossBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, c10::string_view, c10::string_view, double, double, double,
     std::array<bool, 3>);
+using MapSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                c10::string_view);
+using MapBackwardSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&, c10::string_view,
+                                                                std::array<bool, 2>);
 using OutputSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                    c10::string_view, double, double);
 using OutputBackwardSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
@@ -106,6 +111,49 @@ class ConsistencyOutput : public torch::autograd::Function<ConsistencyOutput> {
   }
 };
 
+// predicted_x0 / predicted_eps: linear in (model_output, sample), so grad_m = c_m·g and grad_x = c_x·g
+// come from the backward op alone. Name is the op, Name_backward its backward.
+template <const char* kName, const char* kBackwardName>
+class PredictedMap : public torch::autograd::Function<PredictedMap<kName, kBackwardName>> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& model_output, const at::Tensor& sample,
+                            const at::Tensor& timesteps, const at::Tensor& alphas_cumprod,
+                            c10::string_view prediction_type) {
+    static const auto op = find_op<MapSignature>(kName);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor out = op.call(model_output, sample, timesteps, alphas_cumprod, prediction_type);
+    ctx->save_for_backward({timesteps, alphas_cumprod});
+    ctx->saved_data["prediction_type"] = std::string(prediction_type);
+    ctx->set_materialize_grads(false);
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<MapBackwardSignature>(kBackwardName);
+    const std::array<bool, 2> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
+    variable_list out(5);
+    if (!grads[0].defined() || !(mask[0] || mask[1])) return out;
+    const auto saved = ctx->get_saved_variables();
+    auto [grad_m, grad_x] = op.call(grads[0], saved[0], saved[1], ctx->saved_data["prediction_type"].toStringRef(),
+                                    mask);
+    if (mask[0]) out[0] = grad_m;
+    if (mask[1]) out[1] = grad_x;
+    return out;
+  }
+};
+
+constexpr char kPredictedX0[] = "rglcd_fast::predicted_x0";
+constexpr char kPredictedX0Backward[] = "rglcd_fast::predicted_x0_backward";
+constexpr char kPredictedEps[] = "rglcd_fast::predicted_eps";
+constexpr char kPredictedEpsBackward[] = "rglcd_fast::predicted_eps_backward";
+
+template <const char* kName, const char* kBackwardName>
+at::Tensor predicted_map_autograd(const at::Tensor& model_output, const at::Tensor& sample,
+                                  const at::Tensor& timesteps, const at::Tensor& alphas_cumprod,
+                                  c10::string_view prediction_type) {
+  return PredictedMap<kName, kBackwardName>::apply(model_output, sample, timesteps, alphas_cumprod, prediction_type);
+}
+
 std::tuple<at::Tensor, at::Tensor> consistency_loss_autograd(const at::Tensor& model_output, const at::Tensor& sample,
                                                              const at::Tensor& timesteps, const at::Tensor& target,
                                                              const at::Tensor& alphas_cumprod,
@@ -129,6 +177,8 @@ at::Tensor consistency_output_autograd(const at::Tensor& model_output, const at:
 TORCH_LIBRARY_IMPL(rglcd_fast, Autograd, m) {
   m.impl("consistency_loss", &consistency_loss_autograd);
   m.impl("consistency_output", &consistency_output_autograd);
+  m.impl("predicted_x0", &predicted_map_autograd<kPredictedX0, kPredictedX0Backward>);
+  m.impl("predicted_eps", &predicted_map_autograd<kPredictedEps, kPredictedEpsBackward>);
 }
 
 }  // namespace rglcd_fast
