@@ -1,4 +1,6 @@
 """Training pieces for RG-LCD distillation."""
+from .checkpoint import (RngState, capture_rng_state, latest_checkpoint, list_checkpoints,
+                         load_checkpoint, resolve_resume, restore_rng_state, save_checkpoint)
 from .data import (ImageCaptionDataset, ResumableDataLoader, ResumableSampler, braceexpand,
                    collate_image_caption, make_dataloader, preprocess_image)
 from .step import DistillationConfig, DistillationStep, StepOutput
@@ -6,3 +8,5 @@ from .step import DistillationConfig, DistillationStep, StepOutput
 __all__ = ["ImageCaptionDataset", "ResumableDataLoader", "ResumableSampler", "braceexpand",
            "collate_image_caption", "make_dataloader", "preprocess_image", "DistillationConfig",
            "DistillationStep", "StepOutput"]
+__all__ += ["RngState", "capture_rng_state", "restore_rng_state", "save_checkpoint", "load_checkpoint",
+            "latest_checkpoint", "list_checkpoints", "resolve_resume"]
