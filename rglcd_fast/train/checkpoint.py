@@ -219,10 +219,13 @@ def _write_rng(folder: str, rng: Any, rank: int) -> None:
         raise TypeError("checkpoint entry 'rng' must come from capture_rng_state()")
     state = rng.state if isinstance(rng, RngState) else rng
     path = os.path.join(folder, f"rng_rank{rank}.pt")
-    with open(path, "wb") as f:
+    # written aside then renamed: rank 0 checks the files exist, so a rank failing mid-write must not
+    # leave a truncated rng_rank<r>.pt behind
+    with open(path + ".part", "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(path + ".part", path)
 
 
 def _dist_info(rank, world_size):
@@ -286,7 +289,12 @@ def save_checkpoint(output_dir: str, step: int, state: Mapping[str, Any], keep: 
     ``torch.distributed.barrier`` when ``world_size > 1``. ``keep``: how many complete checkpoints to
     keep, the new one included (``None`` keeps all). An existing ``checkpoint-<step>`` is refused with
     :class:`FileExistsError` unless ``overwrite=True`` (then it is replaced after the new one is complete;
-    the old one is moved aside and deleted)."""
+    the old one is moved aside, the new one renamed in, then the old one deleted; a crash between the two
+    renames leaves neither under ``checkpoint-<step>``, the old one in a ``.tmp-checkpoint-<step>-old-*``
+    folder that the next successful save removes).
+
+    ``latest_checkpoint`` orders by step: after resuming from an older checkpoint, newer ones of the
+    abandoned run still count as "latest" until pruned or removed."""
     step = int(step)
     rank, world_size = _dist_info(rank, world_size)
     if world_size > 1 and barrier is None:
