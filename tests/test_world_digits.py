@@ -3,7 +3,8 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from rglcd_fast.world import DIGIT_WORDS, DigitsDataset, load_digits, prompt_for, save_tokenizer, split_halves
+from rglcd_fast.world import (DIGIT_WORDS, DigitReward, DigitsDataset, load_classifier, load_digits, prompt_for,
+                              prompted_digit, save_tokenizer, split_halves, train_classifier)
 from rglcd_fast.world.digits import PROMPT_TEMPLATES, to_rgb_images
 
 
@@ -46,3 +47,37 @@ def test_tokenizer_keeps_prompt_words_whole(tmp_path):
     ids = tokenizer("a blurry zebra 42").input_ids
     assert tokenizer.unk_token_id not in ids[1:-1]
     assert len(tokenizer("a handwritten digit seven", padding="max_length").input_ids) == 16
+
+
+def test_shipped_classifiers_generalise_to_the_other_half():
+    images, labels = load_digits()
+    for name, half in (("expert", 0), ("evaluator", 1)):
+        held_out = DigitsDataset(split_halves(len(labels))[1 - half])
+        with torch.no_grad():
+            accuracy = (load_classifier(name)(held_out.images).argmax(1) == held_out.labels).float().mean()
+        assert accuracy > 0.95, (name, accuracy)
+
+
+def test_digit_reward_is_the_prompted_logit():
+    reward = DigitReward.from_pretrained(logit_scale=2.0)
+    data = DigitsDataset(indices=[3, 4])
+    images = ((data.images + 1) / 2).requires_grad_()
+    prompts = [prompt_for(int(data.labels[0])), "a handwritten digit two"]
+    score = reward.score(images, prompts)
+    logits = reward.classifier(images * 2 - 1)
+    torch.testing.assert_close(score, torch.stack([logits[0, int(data.labels[0])], logits[1, 2]]))
+    torch.testing.assert_close(reward.logits(images, prompts), 2.0 * score)
+    (grad,) = torch.autograd.grad(score.sum(), images)
+    assert grad.abs().sum() > 0 and all(p.grad is None and not p.requires_grad for p in reward.parameters())
+    assert reward.score(torch.nn.functional.interpolate(images, size=64), prompts).shape == (2,)
+    assert prompted_digit("The handwritten number NINE") == 9
+    with pytest.raises(ValueError, match="prompts"):
+        reward.score(images, ["a cat", "a dog"])
+
+
+def test_classifier_training_is_deterministic():
+    a, b = train_classifier("expert", epochs=1), train_classifier("expert", epochs=1)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    with pytest.raises(FileNotFoundError, match="expert"):
+        load_classifier("expert", folder="/nonexistent")
