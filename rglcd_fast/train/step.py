@@ -67,14 +67,18 @@ class DistillationStep:
 
     def draw(self, latents: torch.Tensor, generator: torch.Generator | None = None):
         """DESIGN.md §1 steps 2-3: DDIM index n, t_start, t = max(t_start - T/N, 0), w ~ U[w_min, w_max],
-        noise, and the noisy latents; drawn on the CPU generator so runs reproduce across devices."""
+        noise, and the noisy latents. Drawn on the generator's device (the latents' without one): a CPU
+        generator reproduces runs across devices, a CUDA one spares the host the noise and its copy."""
         bsz = latents.shape[0]
-        index = torch.randint(0, self.config.num_ddim_timesteps, (bsz,), generator=generator).to(latents.device)
+        draw_on = generator.device if generator is not None else latents.device
+        index = torch.randint(0, self.config.num_ddim_timesteps, (bsz,), generator=generator,
+                              device=draw_on).to(latents.device)
         start_timesteps = self.solver.ddim_timesteps[index]
         timesteps = (start_timesteps - self.topk).clamp(min=0)
-        w = ((self.config.w_max - self.config.w_min) * torch.rand(bsz, generator=generator)
+        w = ((self.config.w_max - self.config.w_min) * torch.rand(bsz, generator=generator, device=draw_on)
              + self.config.w_min).to(latents.device)
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device=draw_on)
+        noise = noise.to(latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, start_timesteps)
         return index, start_timesteps, timesteps, w, noisy
 
