@@ -23,6 +23,25 @@ def _sample(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from .train.config import config_from_args
+    from .train.trainer import Trainer
+
+    trainer = Trainer(config_from_args(args))
+    outputs = trainer.train()
+    trainer.finish()
+    if trainer.accelerator.is_main_process:
+        print(f"student (diffusers LCM pipeline): {outputs['pipeline']}")
+        for name in ("lora", "unet_target", "lrm", "samples", "logs"):
+            if outputs.get(name):
+                print(f"{name}: {outputs[name]}")
+        lora = f" --lora {outputs['lora']}" if "lora" in outputs else ""
+        prompt = trainer.validation_prompts()[0]
+        print(f'sample from it: rglcd-fast sample --model {outputs["pipeline"]}{lora} --prompt "{prompt}" '
+              f"--steps 2 --num-images 4 --out grid.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rglcd-fast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -46,14 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", default="grid.png", help="the image grid to write (PNG)")
     sample.add_argument("--quiet", action="store_true", help="no progress bar")
     sample.set_defaults(run=_sample)
+
+    train = commands.add_parser("train", help="RG-LCD distillation; with no arguments, on the embedded digits world",
+                                description="RG-LCD training (DESIGN.md §1). Settings come from the defaults (the "
+                                "digits world preset when --teacher is digits), then --config, then the flags.")
+    from .train.config import add_arguments
+    add_arguments(train)
+    train.set_defaults(run=_train)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    errors = (FileNotFoundError, ValueError)
+    if args.command == "train":
+        from .train.trainer import NonFiniteLossError
+        errors += (NonFiniteLossError,)
     try:
         return args.run(args)
-    except (FileNotFoundError, ValueError) as error:
+    except errors as error:
         print(f"rglcd-fast {args.command}: {error}", file=sys.stderr)
         return 2
 

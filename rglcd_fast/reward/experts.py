@@ -336,12 +336,19 @@ REWARD_MODELS = {"clip": ClipScore, "pickscore": PickScore, "aesthetic": Aesthet
 
 
 def load_reward_model(name, path, device=None, dtype=None, **kwargs) -> RewardModel:
-    """Load an expert reward model by name (clip, pickscore, aesthetic, hpsv2, imagereward) from a local
-    path (a CLIP folder; for hpsv2/imagereward a checkpoint file or its folder). Extra keyword arguments go
-    to the adapter's from_pretrained (aesthetic: head_path; hpsv2: model_name; imagereward: med_config)."""
+    """Load an expert reward model by name (clip, pickscore, aesthetic, hpsv2, imagereward, digits) from a
+    local path (a CLIP folder; for hpsv2/imagereward a checkpoint file or its folder; for digits, the digits
+    world's classifier folder, None: the shipped one). Extra keyword arguments go to the adapter's
+    from_pretrained (aesthetic: head_path; hpsv2: model_name; imagereward: med_config)."""
     key = str(name).lower().replace("-", "").replace("_", "")
+    if key == "digits":  # the embedded world's expert (imported here: the world builds on this package)
+        from ..world.classifiers import WEIGHTS_DIR, DigitReward
+        path = WEIGHTS_DIR if path is None else path
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"reward model 'digits': folder not found: {path}")
+        return DigitReward.from_pretrained(path, **kwargs).to(device=device, dtype=dtype)
     if key not in REWARD_MODELS:
-        raise ValueError(f"unknown reward model {name!r}; expected one of: {', '.join(REWARD_MODELS)}")
+        raise ValueError(f"unknown reward model {name!r}; expected one of: {', '.join(REWARD_MODELS)}, digits")
     if path is None or not os.path.exists(path):
         raise FileNotFoundError(f"reward model {key!r}: path not found: {path}")
     return REWARD_MODELS[key].from_pretrained(path, device=device, dtype=dtype, **kwargs)

@@ -110,7 +110,7 @@ class LCMSampler:
 
     @torch.no_grad()
     def decode(self, denoised: torch.Tensor) -> list[Image.Image]:
-        images = self.vae.decode(denoised / self.vae.config.scaling_factor, return_dict=False)[0]
+        images = self.vae.decode((denoised / self.vae.config.scaling_factor).to(self.vae.dtype), return_dict=False)[0]
         images = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in images]
 

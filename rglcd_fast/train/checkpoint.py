@@ -399,7 +399,12 @@ def load_checkpoint(path: str, state: Mapping[str, Any], map_location="cpu", *,
     with open(os.path.join(path, MANIFEST)) as f:
         manifest = json.load(f)
     entries = manifest["entries"]
-    device = str(map_location) if isinstance(map_location, torch.device) else map_location
+    if isinstance(map_location, (str, torch.device)):  # safetensors names the CPU "cpu", never "cpu:0"
+        map_location = torch.device(map_location)
+        device = "cpu" if map_location.type == "cpu" else str(map_location)
+        map_location = torch.device(device)
+    else:
+        device = "cpu"
     out: Dict[str, Any] = {}
     for name, obj in state.items():
         if name == "rng":

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 
 from .. import ops
 from ..lcd import DDIMSolver, guidance_scale_embedding
@@ -90,22 +91,24 @@ class DistillationStep:
         VAE's scaled space) to per-sample rewards [B] to maximise (the direct RM through the VAE decoder,
         or the latent proxy RM); None trains plain LCD."""
         index, start_timesteps, timesteps, w, noisy = self.draw(latents, generator)
-        w_embedding = guidance_scale_embedding(w, embedding_dim=student.config.time_cond_proj_dim).to(
+        # a LoRA student (LCM-LoRA) has no guidance embedding
+        embedding_dim = extract_model_from_parallel(student).config.time_cond_proj_dim
+        w_embedding = None if not embedding_dim else guidance_scale_embedding(w, embedding_dim=embedding_dim).to(
             device=latents.device, dtype=latents.dtype)
 
-        # 4. student
+        # 4. student (its output in the latents' dtype: under autocast the UNets answer in half precision)
         noise_pred = student(noisy, start_timesteps, timestep_cond=w_embedding,
-                             encoder_hidden_states=prompt_embeds).sample
+                             encoder_hidden_states=prompt_embeds).sample.to(latents.dtype)
         with torch.no_grad():
             # 5. teacher: cond and uncond in one batched call, then the fused CFG + DDIM solver step
             both = teacher(torch.cat([noisy, noisy]), torch.cat([start_timesteps, start_timesteps]),
                            encoder_hidden_states=torch.cat([prompt_embeds, uncond_prompt_embeds])).sample
-            cond_output, uncond_output = both.chunk(2)
+            cond_output, uncond_output = both.to(latents.dtype).chunk(2)
             x_prev, _ = ops.guided_ddim_step(cond_output, uncond_output, noisy, start_timesteps, timesteps, w,
                                              self.alphas_cumprod, self.prediction_type)
             # 6. target (EMA student) at (x_prev, t)
             target_output = target_unet(x_prev, timesteps, timestep_cond=w_embedding,
-                                        encoder_hidden_states=prompt_embeds).sample
+                                        encoder_hidden_states=prompt_embeds).sample.to(latents.dtype)
             target = ops.consistency_output(target_output, x_prev, timesteps, self.alphas_cumprod,
                                             self.prediction_type, self.config.timestep_scaling)
         # 7. distillation loss, fused with the student's consistency output

@@ -1,0 +1,177 @@
+"""The trainer's settings: one dataclass, readable from a YAML/JSON file and overridable from the command
+line (every field is a `--flag`). Defaults follow the public LCD / RG-LCD scripts; `teacher: digits`
+selects the embedded digits world (DESIGN.md §4), whose preset overrides the sizes and lengths."""
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+REWARD_MODES = ("lrm", "direct", "none")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    # ---- models and data
+    teacher: str = "digits"  # a diffusers Stable Diffusion folder, or "digits" (the embedded world)
+    data: Optional[str] = None  # image folder / JSONL manifest / tar shards; None: the digits world's data
+    resolution: Optional[int] = None  # pixels; None: the teacher's UNet sample_size × the VAE factor
+    output_dir: str = "rglcd-output"
+    # ---- student
+    use_lora: bool = False  # LoRA student (as train_lcm_distill_lora_sd.py: no w-embedding, target = student)
+    lora_rank: int = 64
+    lora_alpha: int = 64
+    time_cond_proj_dim: int = 256  # the full student's guidance (w) embedding size
+    # ---- distillation (DESIGN.md §1)
+    num_ddim_timesteps: int = 50
+    w_min: float = 5.0
+    w_max: float = 15.0
+    loss_type: str = "huber"
+    huber_c: float = 0.001
+    timestep_scaling: float = 10.0
+    ema_decay: float = 0.95
+    # ---- optimisation
+    max_train_steps: int = 1000
+    train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: Optional[float] = None  # None: 1e-6 for a full student, 1e-4 for LoRA
+    lr_scheduler: str = "constant"  # any diffusers.optimization scheduler name
+    lr_warmup_steps: int = 500
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"
+    seed: int = 0
+    # ---- reward guidance (DESIGN.md §1 steps 8-9)
+    reward_mode: str = "lrm"  # lrm (latent proxy), direct (decode and score), none (plain LCD)
+    reward_model: str = "digits"  # expert RM: digits, clip, pickscore, aesthetic, hpsv2, imagereward
+    reward_model_path: Optional[str] = None  # its folder or file (digits: the shipped weights)
+    reward_scale: float = 1.0
+    lrm_learning_rate: float = 1e-5
+    lrm_batch_size: int = 8  # samples of each batch the LRM update uses
+    lrm_loss: str = "kl"  # kl or ce
+    rm_loss_scale: float = 1.0
+    lrm_widths: tuple = (64, 128, 256)
+    lrm_embed_dim: int = 512
+    lrm_init_clip: Optional[str] = None  # an image-space CLIP folder to start the LRM's text tower from
+    # ---- bookkeeping
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: Optional[int] = 3
+    resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
+    logging_steps: int = 10
+    validation_steps: int = 500  # sample grid every N steps (and at the end); 0: only at the end
+    validation_prompts: list = field(default_factory=list)  # default: the data's first captions
+    validation_lcm_steps: tuple = (1, 2, 4)
+    max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
+    dataloader_num_workers: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.reward_mode not in REWARD_MODES:
+            raise ValueError(f"reward_mode: expected one of {', '.join(REWARD_MODES)}, got {self.reward_mode!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision: expected one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        if self.loss_type not in ("huber", "l2"):
+            raise ValueError(f"loss_type: expected 'huber' or 'l2', got {self.loss_type!r}")
+        if self.lrm_loss not in ("kl", "ce"):
+            raise ValueError(f"lrm_loss: expected 'kl' or 'ce', got {self.lrm_loss!r}")
+        if not self.w_min <= self.w_max:
+            raise ValueError(f"w_min: must be <= w_max ({self.w_max}), got {self.w_min}")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ValueError(f"ema_decay: expected a value in [0, 1], got {self.ema_decay}")
+        for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "lrm_batch_size",
+                     "checkpointing_steps", "logging_steps", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        self.lrm_widths = tuple(self.lrm_widths)
+        self.validation_lcm_steps = tuple(self.validation_lcm_steps)
+        if self.learning_rate is None:
+            self.learning_rate = 1e-4 if self.use_lora else 1e-6
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, default=list)
+
+
+# The digits world (DESIGN.md §4): 8×8 latents, a small LRM, a run of a few minutes on two CPU cores.
+DIGITS_PRESET = dict(
+    time_cond_proj_dim=32, max_train_steps=300, train_batch_size=32, learning_rate=1e-4, lr_warmup_steps=20,
+    lrm_learning_rate=1e-3, lrm_batch_size=32, lrm_widths=(32, 64), lrm_embed_dim=64, reward_scale=1.0,
+    checkpointing_steps=100, logging_steps=10, validation_steps=100, output_dir="rglcd-digits")
+
+
+def _read_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config: no such file {path!r}")
+    with open(path) as f:
+        text = f.read()
+    if path.endswith(".json"):
+        values = json.loads(text)
+    else:
+        import yaml
+        values = yaml.safe_load(text) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config: {path!r} must hold a mapping of setting names to values")
+    return values
+
+
+def make_config(file: Optional[str] = None, **overrides) -> TrainConfig:
+    """Defaults, then the digits preset when the teacher is the digits world, then the file, then the
+    overrides. Unknown names raise, naming them."""
+    values = _read_file(file) if file else {}
+    values.update(overrides)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"config: unknown setting(s) {', '.join(unknown)}")
+    teacher = values.get("teacher", TrainConfig.teacher)
+    preset = DIGITS_PRESET if teacher == "digits" else {}
+    return TrainConfig(**{**preset, **values})
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _parse_optional(kind):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null") else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config FILE plus one --flag per TrainConfig field (absent from the namespace unless given;
+    "none" sets an optional field to None)."""
+    parser.add_argument("--config", default=None, help="a YAML or JSON file of settings")
+    hints = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for name, f in hints.items():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = "--" + name.replace("_", "-")
+        text = str(f.type)
+        wrap = _parse_optional if "Optional" in text else (lambda kind: kind)
+        if isinstance(default, bool):
+            parser.add_argument(flag, type=_parse_bool, default=argparse.SUPPRESS, metavar="BOOL", help=f"default {default}")
+        elif isinstance(default, (list, tuple)):
+            item = int if name in ("lrm_widths", "validation_lcm_steps") else str
+            parser.add_argument(flag, type=item, nargs="+", default=argparse.SUPPRESS, help=f"default {list(default)}")
+        else:
+            kind = int if "int" in text else float if "float" in text else str
+            parser.add_argument(flag, type=wrap(kind), default=argparse.SUPPRESS, help=f"default {default}")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return make_config(args.config, **{k: v for k, v in vars(args).items() if k in names})

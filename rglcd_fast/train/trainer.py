@@ -1,0 +1,403 @@
+"""The RG-LCD trainer (DESIGN.md §1): accelerate runs the same code on the CPU, one GPU or many
+(`accelerate launch`). Each optimiser step: encode images and prompts, `DistillationStep` (student,
+teacher CFG + fused solver step, EMA target, fused consistency loss, reward of the one-step prediction),
+backward, clip, AdamW, LR schedule, EMA update, LRM update. Checkpoints are atomic and resume exactly;
+non-finite losses skip the update; outputs are a diffusers LCM pipeline folder (or LoRA weights), the
+LRM, logs.csv, TensorBoard events and sample grids."""
+import csv
+import math
+import os
+import shutil
+import time
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import capture_rng_state, load_checkpoint, resolve_resume, save_checkpoint
+from .config import TrainConfig
+from .data import ImageCaptionDataset, ResumableDataLoader
+from .models import RewardGuidance, Teacher, make_lrm, make_student
+from .step import DistillationConfig, DistillationStep, update_ema
+
+LOG_COLUMNS = ("step", "loss", "distill_loss", "reward", "lrm_loss", "lrm_accuracy", "lr", "step_time_s",
+               "images_per_s", "nonfinite_skipped", "data_skipped")
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, accelerator=None):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        self.config = config
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
+            cpu=not torch.cuda.is_available(),  # several CPU processes (torchrun, accelerate launch): gloo
+            log_with="tensorboard", project_config=ProjectConfiguration(
+                project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")))
+        acc = self.accelerator
+        set_seed(config.seed)
+        self.device = acc.device
+        self.weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
+
+        # models (DESIGN.md §1): frozen teacher parts, trainable student, EMA target
+        self.teacher = Teacher.from_pretrained(config.teacher, self.device, self.weight_dtype)
+        student = make_student(self.teacher.unet, config.use_lora, config.time_cond_proj_dim, config.lora_rank,
+                               config.lora_alpha)
+        if config.gradient_checkpointing:
+            student.enable_gradient_checkpointing()
+        # LoRA (as train_lcm_distill_lora_sd.py): the target is the student itself, without gradient
+        self.target = None if config.use_lora else make_target(student)
+        params = [p for p in student.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                      weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
+                                      fused=self.device.type == "cuda")
+        from diffusers.optimization import get_scheduler
+        lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
+                                     num_warmup_steps=config.lr_warmup_steps * acc.num_processes,
+                                     num_training_steps=config.max_train_steps * acc.num_processes)
+        self.student, self.optimizer, self.lr_scheduler = acc.prepare(student, optimizer, lr_scheduler)
+
+        self.distill = DistillationStep(self.teacher.noise_scheduler, DistillationConfig(
+            num_ddim_timesteps=config.num_ddim_timesteps, w_min=config.w_min, w_max=config.w_max,
+            loss_type=config.loss_type, huber_c=config.huber_c, timestep_scaling=config.timestep_scaling,
+            reward_scale=config.reward_scale), device=self.device)
+        self.guidance = self._make_reward_guidance()
+
+        self.resolution = config.resolution or self.teacher.default_resolution
+        self.loader = ResumableDataLoader(self._dataset(), config.train_batch_size, shuffle=True, seed=config.seed,
+                                          rank=acc.process_index, world_size=acc.num_processes,
+                                          drop_last_batch=True, num_workers=config.dataloader_num_workers)
+        # one generator per rank for every draw of the step (posterior sample, n, w, noise)
+        self.generator = torch.Generator(self.device).manual_seed(config.seed + acc.process_index)
+        self.uncond_embeds = self.teacher.encode_prompts([""])
+        self.step = 0
+        self.nonfinite_skipped = 0
+
+    # ---- construction ----------------------------------------------------------------------------
+
+    def _make_reward_guidance(self):
+        config = self.config
+        if config.reward_mode == "none":
+            return None
+        from ..reward import load_reward_model
+        expert = load_reward_model(config.reward_model, config.reward_model_path, device=self.device)
+        lrm = optimizer = None
+        if config.reward_mode == "lrm":
+            lrm = make_lrm(self.teacher, config.lrm_widths, config.lrm_embed_dim, config.lrm_init_clip).to(self.device)
+            optimizer = torch.optim.AdamW(lrm.parameters(), lr=config.lrm_learning_rate,
+                                          weight_decay=config.adam_weight_decay)
+        reduce = self._mean_over_ranks if self.accelerator.num_processes > 1 else None
+        return RewardGuidance(config.reward_mode, self.teacher, expert, lrm, optimizer, config.lrm_loss,
+                              config.rm_loss_scale, config.lrm_batch_size, reduce)
+
+    def _mean_over_ranks(self, tensors):
+        """All-reduce (mean) a list of tensors in place through one flat buffer."""
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        flat = self.accelerator.reduce(flat, reduction="mean")
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def _dataset(self):
+        if self.config.data is None:
+            if self.config.teacher != "digits":
+                raise ValueError("data: a training set is needed for this teacher (an image folder with captions, "
+                                 "a JSONL manifest or tar shards)")
+            from ..world.digits import DigitsDataset
+            return DigitsDataset(resolution=self.resolution)
+        return ImageCaptionDataset.from_path(self.config.data, self.resolution)
+
+    # ---- state -----------------------------------------------------------------------------------
+
+    def _state(self) -> dict:
+        """What a checkpoint holds: everything the next step depends on."""
+        acc = self.accelerator
+        state = {"student": acc.unwrap_model(self.student), "optimizer": self.optimizer,
+                 "lr_scheduler": self.lr_scheduler, "data": self.loader,
+                 "trainer": {"step": self.step, "nonfinite_skipped": self.nonfinite_skipped},
+                 "rng": capture_rng_state({"train": self.generator})}
+        if self.target is not None:
+            state["target"] = self.target
+        if self.guidance is not None and self.guidance.lrm is not None:
+            state["lrm"] = self.guidance.lrm
+            state["lrm_optimizer"] = self.guidance.lrm_optimizer
+        if acc.scaler is not None:
+            state["grad_scaler"] = acc.scaler
+        return state
+
+    def save_checkpoint(self) -> str:
+        acc = self.accelerator
+        return save_checkpoint(self.config.output_dir, self.step, self._state(), keep=self.config.checkpoints_total_limit,
+                               overwrite=True, barrier=acc.wait_for_everyone, rank=acc.process_index,
+                               world_size=acc.num_processes)
+
+    def resume(self, checkpoint: str) -> None:
+        state = self._state()
+        state["rng"] = {"train": self.generator}
+        state["trainer"] = None
+        info = load_checkpoint(checkpoint, state, map_location=self.device, rank=self.accelerator.process_index)
+        self.step = int(info["trainer"]["step"])
+        self.nonfinite_skipped = int(info["trainer"]["nonfinite_skipped"])
+
+    # ---- one optimiser step ----------------------------------------------------------------------
+
+    def _micro_step(self, batch, skip_update: bool):
+        """Forward, backward (unless the loss is non-finite on any rank) and, when accelerate says the
+        accumulation is complete, the optimiser step; skip_update (a non-finite loss earlier in this
+        accumulation) or a non-finite loss now drops the accumulated gradients instead. Returns
+        (metrics, finite)."""
+        acc, config = self.accelerator, self.config
+        prompts = batch["caption"]
+        latents = self.teacher.encode_images(batch["pixel_values"], self.generator)
+        prompt_embeds = self.teacher.encode_prompts(prompts)
+        uncond = self.uncond_embeds.expand(len(prompts), -1, -1)
+        target_unet = self.target if self.target is not None else acc.unwrap_model(self.student)
+        reward_fn = None if self.guidance is None else (lambda pred: self.guidance.reward(pred, prompts))
+        with acc.accumulate(self.student):
+            with acc.autocast():
+                out = self.distill(self.student, self.teacher.unet, target_unet, latents, prompt_embeds, uncond,
+                                   reward_fn=reward_fn, generator=self.generator)
+            bad = (~torch.isfinite(out.loss.detach())).float()
+            finite = acc.reduce(bad, reduction="sum").item() == 0 if acc.num_processes > 1 else bad.item() == 0
+            if finite:
+                acc.backward(out.loss)
+            if finite and not skip_update:
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(self.student.parameters(), config.max_grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            elif acc.sync_gradients:
+                self.optimizer.optimizer.zero_grad(set_to_none=True)
+        metrics = {"loss": out.loss.detach(), "distill_loss": out.distill_loss.detach()}
+        if out.reward_loss is not None:
+            metrics["reward"] = -out.reward_loss.detach()
+        if finite and self.guidance is not None:
+            lrm = self.guidance.update_lrm(out.model_pred, out.target, latents, prompts)
+            if lrm is not None:
+                metrics["lrm_loss"], metrics["lrm_accuracy"] = lrm
+        return metrics, finite
+
+    # ---- the loop --------------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        """Runs to max_train_steps (resuming when asked) and writes the outputs; returns their paths."""
+        acc, config = self.accelerator, self.config
+        checkpoint = resolve_resume(config.resume_from_checkpoint, config.output_dir)
+        if checkpoint is not None:
+            self.resume(checkpoint)
+        log = None
+        if acc.is_main_process:
+            os.makedirs(config.output_dir, exist_ok=True)
+            config.save(os.path.join(config.output_dir, "config.json"))
+            log = _CsvLog(os.path.join(config.output_dir, "logs.csv"), resume_step=self.step)
+        acc.init_trackers("rglcd", config={k: v for k, v in config.to_dict().items()
+                                           if isinstance(v, (int, float, str, bool))})
+        batches = self.loader.infinite()
+        progress = tqdm(total=config.max_train_steps, initial=self.step, desc="RG-LCD",
+                        disable=not (config.progress and acc.is_main_process))
+        window, nonfinite_in_row, last_log = [], 0, time.perf_counter()
+        images_per_step = config.train_batch_size * config.gradient_accumulation_steps * acc.num_processes
+        while self.step < config.max_train_steps:
+            step_finite = True
+            for _ in range(config.gradient_accumulation_steps):
+                metrics, finite = self._micro_step(next(batches), skip_update=not step_finite)
+                step_finite &= finite
+                window.append(metrics)
+            if self.target is not None and step_finite:
+                update_ema(self.target, acc.unwrap_model(self.student), config.ema_decay)
+            self.step += 1
+            progress.update()
+            nonfinite_in_row = 0 if step_finite else nonfinite_in_row + 1
+            if not step_finite:
+                self.nonfinite_skipped += 1
+                tqdm.write(f"step {self.step}: non-finite loss, update skipped ({nonfinite_in_row} in a row)")
+                if nonfinite_in_row >= config.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"{nonfinite_in_row} non-finite losses in a row (at step {self.step}); stopping. The last "
+                        f"checkpoint in {config.output_dir} holds the last good state: lower the learning rate or "
+                        "reward_scale, or check the data")
+            if self.step % config.logging_steps == 0 or self.step == config.max_train_steps:
+                now = time.perf_counter()
+                seconds = (now - last_log) / max(1, len(window) // config.gradient_accumulation_steps)
+                row = self._log_row(window, seconds, images_per_step)
+                acc.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=self.step)
+                if log is not None:
+                    log.write(row)
+                progress.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "reward") if row[k] is not None})
+                window, last_log = [], time.perf_counter()
+            if self.step % config.checkpointing_steps == 0 or self.step == config.max_train_steps:
+                self.save_checkpoint()
+            if config.validation_steps and self.step % config.validation_steps == 0 and self.step < config.max_train_steps:
+                self.sample_grid()
+        progress.close()
+        return self.save_outputs()
+
+    def finish(self) -> None:
+        """Close the trackers (TensorBoard) and the process group: call once, after train()."""
+        self.accelerator.end_training()
+
+    def _log_row(self, window, seconds, images_per_step) -> dict:
+        def mean(name):
+            values = [m[name] for m in window if name in m]
+            return torch.stack(values).float().mean().item() if values else None
+
+        return {"step": self.step, "loss": mean("loss"), "distill_loss": mean("distill_loss"), "reward": mean("reward"),
+                "lrm_loss": mean("lrm_loss"), "lrm_accuracy": mean("lrm_accuracy"),
+                "lr": self.lr_scheduler.get_last_lr()[0], "step_time_s": seconds,
+                "images_per_s": images_per_step / seconds if seconds > 0 else None,
+                "nonfinite_skipped": self.nonfinite_skipped, "data_skipped": self.loader.skipped}
+
+    # ---- outputs ---------------------------------------------------------------------------------
+
+    def validation_prompts(self) -> list:
+        if self.config.validation_prompts:
+            return list(self.config.validation_prompts)
+        if self.config.teacher == "digits":
+            from ..world.digits import prompt_for
+            return [prompt_for(d) for d in range(10)]
+        dataset = self.loader.dataset
+        return [dataset[i]["caption"] for i in range(min(4, len(dataset)))]
+
+    def sampler(self):
+        """An LCMSampler over the current student (eval mode while sampling) and the teacher's VAE and
+        text encoder."""
+        from ..sample import LCMSampler
+        from ..schedulers import FusedLCMScheduler
+
+        student = self.accelerator.unwrap_model(self.student)
+        return LCMSampler(unet=student, vae=self.teacher.vae, text_encoder=self.teacher.text_encoder,
+                          tokenizer=self.teacher.tokenizer,
+                          scheduler=FusedLCMScheduler.from_config(self.teacher.noise_scheduler.config),
+                          device=self.device, dtype=next(student.parameters()).dtype)
+
+    def sample_grid(self, path=None):
+        """Main process: a grid, one row per LCM step count of validation_lcm_steps, one column per
+        validation prompt, same seed every time; written to samples/step-<step>.png."""
+        if not self.accelerator.is_main_process:
+            return None
+        from ..sample import image_grid
+
+        path = path or os.path.join(self.config.output_dir, "samples", f"step-{self.step:06d}.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        student, prompts = self.accelerator.unwrap_model(self.student), self.validation_prompts()
+        sampler = self.sampler()
+        student.eval()
+        try:
+            images = [image for steps in self.config.validation_lcm_steps
+                      for image in sampler(prompts, steps=steps, seed=self.config.seed, height=self.resolution,
+                                           width=self.resolution)]
+        finally:
+            student.train()
+        image_grid(images, columns=len(prompts)).save(path)
+        return path
+
+    def save_outputs(self) -> dict:
+        """Main process writes, every rank waits: pipeline/ (a diffusers LCM pipeline folder: the student's
+        UNet, or the teacher's plus lora/ for LoRA), unet_target/, lrm/, and the final sample grid."""
+        acc, config = self.accelerator, self.config
+        outputs = {"pipeline": os.path.join(config.output_dir, "pipeline"),
+                   "logs": os.path.join(config.output_dir, "logs.csv")}
+        if config.use_lora:
+            outputs["lora"] = os.path.join(config.output_dir, "lora")
+        if self.target is not None:
+            outputs["unet_target"] = os.path.join(config.output_dir, "unet_target")
+        if self.guidance is not None and self.guidance.lrm is not None:
+            outputs["lrm"] = os.path.join(config.output_dir, "lrm")
+        if acc.is_main_process:
+            student = acc.unwrap_model(self.student)
+            _write_folder(outputs["pipeline"], lambda tmp: self._save_pipeline(tmp, student))
+            if config.use_lora:
+                _write_folder(outputs["lora"], lambda tmp: _save_lora(tmp, student))
+            if self.target is not None:
+                _write_folder(outputs["unet_target"], self.target.save_pretrained)
+            if "lrm" in outputs:
+                _write_folder(outputs["lrm"], self.guidance.lrm.save_pretrained)
+            outputs["samples"] = self.sample_grid()
+        acc.wait_for_everyone()
+        return outputs
+
+    def _save_pipeline(self, folder, student):
+        """The teacher's VAE, text encoder and tokenizer copied as they are, the UNet (the student's; the
+        teacher's for LoRA), an LCMScheduler with the teacher's schedule, and model_index.json."""
+        import json
+
+        from diffusers import LCMScheduler
+
+        os.makedirs(folder)
+        for part in ("vae", "text_encoder", "tokenizer"):
+            shutil.copytree(os.path.join(self.teacher.folder, part), os.path.join(folder, part))
+        if self.config.use_lora:
+            shutil.copytree(os.path.join(self.teacher.folder, "unet"), os.path.join(folder, "unet"))
+        else:
+            student.save_pretrained(os.path.join(folder, "unet"))
+        LCMScheduler.from_config(self.teacher.noise_scheduler.config).save_pretrained(os.path.join(folder, "scheduler"))
+        import diffusers
+        index = {"_class_name": "StableDiffusionPipeline" if self.config.use_lora else "LatentConsistencyModelPipeline",
+                 "_diffusers_version": diffusers.__version__, "unet": ["diffusers", "UNet2DConditionModel"],
+                 "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+                 "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "LCMScheduler"],
+                 "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None],
+                 "requires_safety_checker": False}
+        with open(os.path.join(folder, "model_index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+
+
+def make_target(student):
+    """The EMA target: a frozen copy of the student (DESIGN.md §1 step 6)."""
+    import copy
+
+    target = copy.deepcopy(student).requires_grad_(False)
+    return target.train()
+
+
+def _save_lora(folder, student):
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(student))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+
+
+def _write_folder(path, write):
+    """write(tmp) into a temporary sibling folder, then swap it into place: a crash leaves the old
+    folder or the new one, never half of one."""
+    tmp, old = path + ".tmp", path + ".old"
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    write(tmp)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class _CsvLog:
+    """logs.csv: one row per logging step; a resumed run appends (rows after the checkpoint's step, from
+    the interrupted run, are dropped first)."""
+
+    def __init__(self, path, resume_step: int = 0):
+        self.path = path
+        if os.path.isfile(path):
+            with open(path, newline="") as f:
+                rows = [row for row in csv.DictReader(f) if int(row["step"]) <= resume_step]
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+                writer.writeheader()
+                writer.writerows(rows)
+
+    def write(self, row: dict) -> None:
+        exists = os.path.isfile(self.path)
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+            if not exists:
+                writer.writeheader()
+            writer.writerow({k: ("" if v is None else (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v))
+                             for k, v in row.items()})

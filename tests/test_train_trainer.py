@@ -1,0 +1,231 @@
+"""The RG-LCD trainer end to end on a tiny randomly initialised SD teacher (no downloads): every reward
+mode and LoRA, exact resume, non-finite loss handling, the outputs diffusers and our sampler load, the
+config file and command line, and two processes (gloo)."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from rglcd_fast.train.config import TrainConfig, make_config
+from rglcd_fast.train.trainer import NonFiniteLossError, Trainer
+from tiny_pipeline import save_tiny_pipeline
+
+WORDS = ("zero", "one", "two", "three")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny base SD folder and 12 captioned 16×16 images (captions name a digit, for the digits expert)."""
+    root = tmp_path_factory.mktemp("world")
+    teacher = save_tiny_pipeline(str(root / "teacher"), lcm=False)
+    data = root / "data"
+    data.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(12):
+        pixels = (torch.rand(16, 16, 3, generator=g) * 255).byte().numpy()
+        Image.fromarray(pixels).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a digit {WORDS[i % 4]}")
+    return teacher, str(data)
+
+
+def tiny_config(world, out, **overrides) -> TrainConfig:
+    teacher, data = world
+    settings = dict(teacher=teacher, data=data, output_dir=str(out), max_train_steps=4, train_batch_size=4,
+                    time_cond_proj_dim=8, lrm_widths=(8, 16), lrm_embed_dim=8, lrm_batch_size=2,
+                    checkpointing_steps=2, logging_steps=1, validation_steps=0, validation_lcm_steps=(1,),
+                    lora_rank=2, lora_alpha=2, progress=False, learning_rate=1e-3, lrm_learning_rate=1e-3,
+                    lr_warmup_steps=1)
+    settings.update(overrides)
+    return make_config(**settings)
+
+
+def weights(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("mode", ["lrm", "direct", "none"])
+def test_every_reward_mode_trains_and_writes_its_outputs(world, tmp_path, mode):
+    from diffusers import LatentConsistencyModelPipeline
+
+    from rglcd_fast.reward import LatentRewardModel
+    from rglcd_fast.sample import LCMSampler
+
+    trainer = Trainer(tiny_config(world, tmp_path, reward_mode=mode))
+    before = weights(trainer.accelerator.unwrap_model(trainer.student))
+    outputs = trainer.train()
+    after = weights(trainer.accelerator.unwrap_model(trainer.student))
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the student did not change"
+
+    with open(outputs["logs"]) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert all(float(r["loss"]) == float(r["loss"]) for r in rows)  # finite numbers, not blanks
+    assert (rows[0]["reward"] != "") == (mode != "none")
+    assert (rows[0]["lrm_accuracy"] != "") == (mode == "lrm")
+    assert any(name.startswith("events.out.tfevents") for _, _, files in os.walk(tmp_path / "logs") for name in files)
+    assert Image.open(outputs["samples"]).size == (4 * 16, 16)  # one row (1 step), the data's first 4 captions
+
+    pipe = LatentConsistencyModelPipeline.from_pretrained(outputs["pipeline"])
+    assert pipe.unet.config.time_cond_proj_dim == 8
+    assert_same(weights(pipe.unet), after)
+    sampler = LCMSampler.from_pretrained(outputs["pipeline"], device="cpu")
+    assert len(sampler(["a digit one"], steps=2)) == 1
+    assert ("lrm" in outputs) == (mode == "lrm")
+    if mode == "lrm":
+        lrm = LatentRewardModel.from_pretrained(outputs["lrm"])
+        assert_same(weights(lrm), weights(trainer.guidance.lrm))
+        assert lrm.logits(torch.randn(2, 4, 4, 4), ["a digit one", "a digit two"]).shape == (2,)
+    assert os.listdir(tmp_path / "checkpoint-4")
+
+
+def test_validation_grid_has_a_row_per_step_count_and_a_column_per_prompt(world, tmp_path):
+    trainer = Trainer(tiny_config(world, tmp_path, max_train_steps=1, validation_lcm_steps=(1, 2, 4),
+                                  validation_prompts=["a digit one", "a digit two"]))
+    path = trainer.sample_grid(str(tmp_path / "grid.png"))
+    assert Image.open(path).size == (2 * 16, 3 * 16)
+
+
+def test_lora_student_writes_weights_diffusers_loads(world, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from rglcd_fast.sample import LCMSampler
+
+    trainer = Trainer(tiny_config(world, tmp_path, use_lora=True))
+    assert trainer.target is None  # LCM-LoRA: the student is its own target
+    outputs = trainer.train()
+    pipe = StableDiffusionPipeline.from_pretrained(outputs["pipeline"], safety_checker=None)
+    pipe.load_lora_weights(outputs["lora"])
+    sampler = LCMSampler.from_pretrained(outputs["pipeline"], lora=outputs["lora"], device="cpu")
+    assert len(sampler(["a digit one"], steps=1)) == 1
+
+
+@pytest.mark.parametrize("mode", ["lrm", "none"])
+def test_resume_matches_an_uninterrupted_run_exactly(world, tmp_path, mode):
+    straight = Trainer(tiny_config(world, tmp_path / "straight", reward_mode=mode, gradient_accumulation_steps=2))
+    straight.train()
+
+    interrupted = tiny_config(world, tmp_path / "resumed", reward_mode=mode, gradient_accumulation_steps=2,
+                              max_train_steps=2)
+    Trainer(interrupted).train()
+    resumed = Trainer(tiny_config(world, tmp_path / "resumed", reward_mode=mode, gradient_accumulation_steps=2,
+                                  resume_from_checkpoint="latest"))
+    resumed.train()
+    assert resumed.step == 4
+    for part in ("student", "target"):
+        assert_same(weights(getattr(straight, part) if part == "target" else straight.accelerator.unwrap_model(straight.student)),
+                    weights(getattr(resumed, part) if part == "target" else resumed.accelerator.unwrap_model(resumed.student)))
+    if mode == "lrm":
+        assert_same(weights(straight.guidance.lrm), weights(resumed.guidance.lrm))
+    assert torch.equal(straight.generator.get_state(), resumed.generator.get_state())
+    with open(tmp_path / "straight" / "logs.csv") as a, open(tmp_path / "resumed" / "logs.csv") as b:
+        rows_a, rows_b = list(csv.DictReader(a)), list(csv.DictReader(b))
+    assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
+
+
+def test_a_nonfinite_loss_skips_the_update_and_is_counted(world, tmp_path):
+    trainer = Trainer(tiny_config(world, tmp_path, reward_mode="none", max_train_steps=3))
+    step, calls = trainer.distill, []
+
+    def poisoned(*args, **kwargs):
+        out = step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            out.loss = out.loss * float("nan")
+        return out
+
+    trainer.distill = poisoned
+    trainer.train()
+    assert trainer.nonfinite_skipped == 1
+    with open(tmp_path / "logs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[1]["loss"] == "nan" and int(rows[-1]["nonfinite_skipped"]) == 1
+
+
+def test_nonfinite_losses_in_a_row_stop_the_run_without_touching_the_weights(world, tmp_path):
+    trainer = Trainer(tiny_config(world, tmp_path, max_nonfinite_steps=2, reward_scale=float("nan")))
+    before = weights(trainer.accelerator.unwrap_model(trainer.student))
+    with pytest.raises(NonFiniteLossError, match="2 non-finite losses in a row"):
+        trainer.train()
+    assert_same(before, weights(trainer.accelerator.unwrap_model(trainer.student)))
+
+
+def test_config_file_flags_and_errors(tmp_path):
+    from rglcd_fast.cli import build_parser
+    from rglcd_fast.train.config import DIGITS_PRESET, config_from_args
+
+    path = tmp_path / "run.yaml"
+    path.write_text("max_train_steps: 7\nreward_mode: direct\nlrm_widths: [16, 32]\n")
+    args = build_parser().parse_args(["train", "--config", str(path), "--reward-mode", "none",
+                                      "--resume-from-checkpoint", "latest", "--use-lora", "true"])
+    config = config_from_args(args)
+    assert (config.max_train_steps, config.reward_mode, config.lrm_widths) == (7, "none", (16, 32))
+    assert config.use_lora and config.learning_rate == 1e-4 and config.resume_from_checkpoint == "latest"
+    assert make_config().train_batch_size == DIGITS_PRESET["train_batch_size"]  # the digits world preset
+    assert make_config(teacher="/some/sd").train_batch_size == TrainConfig.train_batch_size
+    assert make_config(teacher="/some/sd").learning_rate == 1e-6  # the LCD script's full-student default
+    with pytest.raises(ValueError, match="unknown setting.*nope"):
+        make_config(nope=1)
+    with pytest.raises(ValueError, match="reward_mode"):
+        make_config(reward_mode="pixels")
+    with pytest.raises(FileNotFoundError, match="config"):
+        make_config(str(tmp_path / "missing.yaml"))
+
+
+def test_bad_teacher_and_data_are_named(world, tmp_path):
+    with pytest.raises(FileNotFoundError, match="teacher"):
+        Trainer(tiny_config(world, tmp_path, teacher=str(tmp_path / "nowhere")))
+    with pytest.raises(ValueError, match="data"):
+        Trainer(tiny_config(world, tmp_path, data=None))
+
+
+TWO_RANKS = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_train_trainer import tiny_config, weights
+from rglcd_fast.train.trainer import Trainer
+resume = None if sys.argv[1] == "none" else sys.argv[1]
+trainer = Trainer(tiny_config(({teacher!r}, {data!r}), {out!r}, max_train_steps=int(sys.argv[2]), resume_from_checkpoint=resume))
+trainer.train()
+state = weights(trainer.accelerator.unwrap_model(trainer.student))
+flat = torch.cat([v.flatten().float() for v in state.values()])
+gathered = trainer.accelerator.gather(flat[None])
+assert torch.equal(gathered[0], gathered[1]), "ranks out of sync"
+lrm = torch.cat([p.detach().flatten() for p in trainer.guidance.lrm.parameters()])
+assert torch.equal(*trainer.accelerator.gather(lrm[None])), "LRM out of sync"
+if trainer.accelerator.is_main_process:
+    torch.save(state, {out!r} + "/final-" + sys.argv[2] + ("-resumed" if resume else "") + ".pt")
+"""
+
+
+def test_two_processes_stay_in_sync_and_resume(world, tmp_path):
+    teacher, data = world
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS.format(tests=os.path.dirname(__file__), teacher=teacher, data=data,
+                                       out=str(tmp_path / "out")))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def launch(*args):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+               str(script), *args]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    launch("none", "2")
+    assert sorted(os.listdir(tmp_path / "out" / "checkpoint-2")).count("rng_rank1.pt") == 1
+    launch("latest", "4")
+    final = torch.load(tmp_path / "out" / "final-4-resumed.pt")
+    launch_dir = tmp_path / "straight"
+    script.write_text(TWO_RANKS.format(tests=os.path.dirname(__file__), teacher=teacher, data=data,
+                                       out=str(launch_dir)))
+    launch("none", "4")
+    assert_same(torch.load(launch_dir / "final-4.pt"), final)
