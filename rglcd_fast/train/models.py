@@ -150,11 +150,9 @@ class RewardGuidance:
         return torch.func.functional_call(self.lrm, weights, (latents, list(prompts)))
 
     def update_lrm(self, model_pred, target, latents, prompts):
-        """One LRM optimiser step on the pairwise preference loss over {student prediction, target, real
-        latents} of the first lrm_batch_size samples; returns (loss, accuracy), detached, or None when
-        the mode has no LRM."""
-        if self.mode != "lrm":
-            return None
+        """One LRM optimiser step (a fused AdamW: its found_inf flag skips a non-finite step) on the
+        pairwise preference loss over {student prediction, target, real latents} of the first
+        lrm_batch_size samples; returns (loss, accuracy), detached."""
         n = self.lrm_batch_size
         scale = self.teacher.vae.config.scaling_factor
         candidates = [c[:n].detach().float() for c in (model_pred, target, latents)]
@@ -166,7 +164,10 @@ class RewardGuidance:
                                                   self.lrm_loss)
         self.lrm_optimizer.zero_grad(set_to_none=True)
         (loss * self.rm_loss_scale).backward()
+        grads = [p.grad for p in self.lrm.parameters() if p.grad is not None]
         if self.reduce_gradients is not None:
-            self.reduce_gradients([p.grad for p in self.lrm.parameters() if p.grad is not None])
+            self.reduce_gradients(grads)
+        # a non-finite gradient (on any rank: they are averaged) skips the fused update on the device
+        self.lrm_optimizer.found_inf = (~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())).float()
         self.lrm_optimizer.step()
         return loss.detach(), accuracy.detach()

@@ -28,6 +28,39 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class NonFiniteCounter:
+    """Skipped (non-finite) steps counted on the device; the host reads them at logging steps."""
+
+    def __init__(self, device, total: int = 0):
+        self._total = torch.tensor(total, device=device)
+        self._in_row = torch.zeros((), dtype=torch.long, device=device)
+        self._max_in_row = torch.zeros((), dtype=torch.long, device=device)
+        self._reported = total
+
+    def add(self, bad: torch.Tensor) -> None:
+        self._total += bad
+        self._in_row = (self._in_row + 1) * bad
+        torch.maximum(self._max_in_row, self._in_row, out=self._max_in_row)
+
+    @property
+    def total(self) -> int:
+        return int(self._total)
+
+    def check(self, step: int, limit: int, output_dir: str) -> None:
+        """Report new skips; raise once `limit` happened in a row (seen at this logging step)."""
+        total, in_row = self.total, int(self._max_in_row)
+        if total > self._reported:
+            tqdm.write(f"step {step}: {total - self._reported} step(s) with a non-finite loss or gradient skipped "
+                       f"since the last log ({total} in all)")
+            self._reported = total
+        if in_row >= limit:
+            raise NonFiniteLossError(
+                f"{in_row} non-finite losses in a row (by step {step}); stopping. The updates were skipped, so the "
+                f"last checkpoint in {output_dir} and the current weights hold the last good state: lower the "
+                "learning rate or reward_scale, or check the data")
+        self._max_in_row.copy_(self._in_row)
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, accelerator=None):
         from accelerate import Accelerator
@@ -55,7 +88,7 @@ class Trainer:
         params = [p for p in student.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                       weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
-                                      fused=self.device.type == "cuda")
+                                      fused=True)  # found_inf: skips a non-finite step on the device
         from diffusers.optimization import get_scheduler
         lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
                                      num_warmup_steps=config.lr_warmup_steps * acc.num_processes,
@@ -76,7 +109,7 @@ class Trainer:
         self.generator = torch.Generator(self.device).manual_seed(config.seed + acc.process_index)
         self.uncond_embeds = self.teacher.encode_prompts([""])
         self.step = 0
-        self.nonfinite_skipped = 0
+        self.nonfinite = NonFiniteCounter(self.device)
 
     # ---- construction ----------------------------------------------------------------------------
 
@@ -90,7 +123,7 @@ class Trainer:
         if config.reward_mode == "lrm":
             lrm = make_lrm(self.teacher, config.lrm_widths, config.lrm_embed_dim, config.lrm_init_clip).to(self.device)
             optimizer = torch.optim.AdamW(lrm.parameters(), lr=config.lrm_learning_rate,
-                                          weight_decay=config.adam_weight_decay)
+                                          weight_decay=config.adam_weight_decay, fused=True)
         reduce = self._mean_over_ranks if self.accelerator.num_processes > 1 else None
         return RewardGuidance(config.reward_mode, self.teacher, expert, lrm, optimizer, config.lrm_loss,
                               config.rm_loss_scale, config.lrm_batch_size, reduce)
@@ -120,7 +153,7 @@ class Trainer:
         acc = self.accelerator
         state = {"student": acc.unwrap_model(self.student), "optimizer": self.optimizer,
                  "lr_scheduler": self.lr_scheduler, "data": self.loader,
-                 "trainer": {"step": self.step, "nonfinite_skipped": self.nonfinite_skipped},
+                 "trainer": {"step": self.step, "nonfinite_skipped": self.nonfinite.total},
                  "rng": capture_rng_state({"train": self.generator})}
         if self.target is not None:
             state["target"] = self.target
@@ -143,51 +176,61 @@ class Trainer:
         state["trainer"] = None
         info = load_checkpoint(checkpoint, state, map_location=self.device, rank=self.accelerator.process_index)
         self.step = int(info["trainer"]["step"])
-        self.nonfinite_skipped = int(info["trainer"]["nonfinite_skipped"])
+        self.nonfinite = NonFiniteCounter(self.device, int(info["trainer"]["nonfinite_skipped"]))
 
     # ---- one optimiser step ----------------------------------------------------------------------
 
-    def _micro_step(self, batch, skip_update: bool):
-        """Forward, backward (unless the loss is non-finite on any rank) and, when accelerate says the
-        accumulation is complete, the optimiser step; skip_update (a non-finite loss earlier in this
-        accumulation) or a non-finite loss now drops the accumulated gradients instead. Returns
-        (metrics, finite)."""
+    def train_step(self, batches) -> list:
+        """One optimiser step over gradient_accumulation_steps micro-batches, with no host
+        synchronisation: a non-finite loss or gradient norm (on any rank) turns the fused AdamW update
+        into a no-op on the device (its found_inf flag; the GradScaler's own under fp16), and is counted
+        on the device. The EMA target then relaxes towards the unchanged student. Returns the
+        micro-batches' metrics (device tensors)."""
         acc, config = self.accelerator, self.config
-        prompts = batch["caption"]
-        latents = self.teacher.encode_images(batch["pixel_values"], self.generator)
-        prompt_embeds = self.teacher.encode_prompts(prompts)
-        uncond = self.uncond_embeds.expand(len(prompts), -1, -1)
-        target_unet = self.target if self.target is not None else acc.unwrap_model(self.student)
-        reward_fn = None if self.guidance is None else (lambda pred: self.guidance.reward(pred, prompts))
-        with acc.accumulate(self.student):
-            with acc.autocast():
-                out = self.distill(self.student, self.teacher.unet, target_unet, latents, prompt_embeds, uncond,
-                                   reward_fn=reward_fn, generator=self.generator)
-            bad = (~torch.isfinite(out.loss.detach())).float()
-            finite = acc.reduce(bad, reduction="sum").item() == 0 if acc.num_processes > 1 else bad.item() == 0
-            if finite:
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        window = []
+        for _ in range(config.gradient_accumulation_steps):
+            batch = next(batches)
+            prompts = batch["caption"]
+            latents = self.teacher.encode_images(batch["pixel_values"], self.generator)
+            prompt_embeds = self.teacher.encode_prompts(prompts)
+            uncond = self.uncond_embeds.expand(len(prompts), -1, -1)
+            target_unet = self.target if self.target is not None else acc.unwrap_model(self.student)
+            reward_fn = None if self.guidance is None else (lambda pred: self.guidance.reward(pred, prompts))
+            with acc.accumulate(self.student):
+                with acc.autocast():
+                    out = self.distill(self.student, self.teacher.unet, target_unet, latents, prompt_embeds, uncond,
+                                       reward_fn=reward_fn, generator=self.generator)
+                bad = bad | ~torch.isfinite(out.loss.detach())
                 acc.backward(out.loss)
-            if finite and not skip_update:
                 if acc.sync_gradients:
-                    acc.clip_grad_norm_(self.student.parameters(), config.max_grad_norm)
+                    norm = acc.clip_grad_norm_(self.student.parameters(), config.max_grad_norm)
+                    bad = bad | ~torch.isfinite(norm)
+                    if acc.num_processes > 1:  # every rank skips together
+                        bad = acc.reduce(bad.float(), reduction="sum") > 0
+                    if acc.scaler is None:
+                        self.optimizer.optimizer.found_inf = bad.float()
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            elif acc.sync_gradients:
-                self.optimizer.optimizer.zero_grad(set_to_none=True)
-        metrics = {"loss": out.loss.detach(), "distill_loss": out.distill_loss.detach()}
-        if out.reward_loss is not None:
-            metrics["reward"] = -out.reward_loss.detach()
-        if finite and self.guidance is not None:
-            lrm = self.guidance.update_lrm(out.model_pred, out.target, latents, prompts)
-            if lrm is not None:
-                metrics["lrm_loss"], metrics["lrm_accuracy"] = lrm
-        return metrics, finite
+            metrics = {"loss": out.loss.detach(), "distill_loss": out.distill_loss.detach()}
+            if out.reward_loss is not None:
+                metrics["reward"] = -out.reward_loss.detach()
+            if self.guidance is not None and self.guidance.lrm is not None:
+                metrics["lrm_loss"], metrics["lrm_accuracy"] = self.guidance.update_lrm(
+                    out.model_pred, out.target, latents, prompts)
+            window.append(metrics)
+        if self.target is not None:
+            update_ema(self.target, acc.unwrap_model(self.student), config.ema_decay)
+        self.nonfinite.add(bad)
+        self.step += 1
+        return window
 
     # ---- the loop --------------------------------------------------------------------------------
 
     def train(self) -> dict:
-        """Runs to max_train_steps (resuming when asked) and writes the outputs; returns their paths."""
+        """Runs to max_train_steps (resuming when asked) and writes the outputs; returns their paths.
+        The host reads the device (losses, non-finite counts) only at logging and checkpoint steps."""
         acc, config = self.accelerator, self.config
         checkpoint = resolve_resume(config.resume_from_checkpoint, config.output_dir)
         if checkpoint is not None:
@@ -202,36 +245,20 @@ class Trainer:
         batches = self.loader.infinite()
         progress = tqdm(total=config.max_train_steps, initial=self.step, desc="RG-LCD",
                         disable=not (config.progress and acc.is_main_process))
-        window, nonfinite_in_row, last_log = [], 0, time.perf_counter()
+        window, steps_in_window, last_log = [], 0, time.perf_counter()
         images_per_step = config.train_batch_size * config.gradient_accumulation_steps * acc.num_processes
         while self.step < config.max_train_steps:
-            step_finite = True
-            for _ in range(config.gradient_accumulation_steps):
-                metrics, finite = self._micro_step(next(batches), skip_update=not step_finite)
-                step_finite &= finite
-                window.append(metrics)
-            if self.target is not None and step_finite:
-                update_ema(self.target, acc.unwrap_model(self.student), config.ema_decay)
-            self.step += 1
+            window += self.train_step(batches)
+            steps_in_window += 1
             progress.update()
-            nonfinite_in_row = 0 if step_finite else nonfinite_in_row + 1
-            if not step_finite:
-                self.nonfinite_skipped += 1
-                tqdm.write(f"step {self.step}: non-finite loss, update skipped ({nonfinite_in_row} in a row)")
-                if nonfinite_in_row >= config.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"{nonfinite_in_row} non-finite losses in a row (at step {self.step}); stopping. The last "
-                        f"checkpoint in {config.output_dir} holds the last good state: lower the learning rate or "
-                        "reward_scale, or check the data")
             if self.step % config.logging_steps == 0 or self.step == config.max_train_steps:
-                now = time.perf_counter()
-                seconds = (now - last_log) / max(1, len(window) // config.gradient_accumulation_steps)
-                row = self._log_row(window, seconds, images_per_step)
+                row = self._log_row(window, (time.perf_counter() - last_log) / steps_in_window, images_per_step)
                 acc.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=self.step)
                 if log is not None:
                     log.write(row)
                 progress.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "reward") if row[k] is not None})
-                window, last_log = [], time.perf_counter()
+                self.nonfinite.check(self.step, config.max_nonfinite_steps, config.output_dir)
+                window, steps_in_window, last_log = [], 0, time.perf_counter()
             if self.step % config.checkpointing_steps == 0 or self.step == config.max_train_steps:
                 self.save_checkpoint()
             if config.validation_steps and self.step % config.validation_steps == 0 and self.step < config.max_train_steps:
@@ -252,7 +279,7 @@ class Trainer:
                 "lrm_loss": mean("lrm_loss"), "lrm_accuracy": mean("lrm_accuracy"),
                 "lr": self.lr_scheduler.get_last_lr()[0], "step_time_s": seconds,
                 "images_per_s": images_per_step / seconds if seconds > 0 else None,
-                "nonfinite_skipped": self.nonfinite_skipped, "data_skipped": self.loader.skipped}
+                "nonfinite_skipped": self.nonfinite.total, "data_skipped": self.loader.skipped}
 
     # ---- outputs ---------------------------------------------------------------------------------
 
