@@ -62,7 +62,11 @@ class NonFiniteCounter:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, accelerator=None):
+    """config: the settings. Optional: accelerator (default: one built from the config), teacher (a
+    Teacher already in memory instead of loading config.teacher) and dataset (a map-style data set of
+    {"pixel_values": [3, R, R] in [-1, 1], "caption": str} instead of config.data)."""
+
+    def __init__(self, config: TrainConfig, accelerator=None, teacher: Teacher | None = None, dataset=None):
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -78,7 +82,7 @@ class Trainer:
         self.weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
 
         # models (DESIGN.md §1): frozen teacher parts, trainable student, EMA target
-        self.teacher = Teacher.from_pretrained(config.teacher, self.device, self.weight_dtype)
+        self.teacher = teacher or Teacher.from_pretrained(config.teacher, self.device, self.weight_dtype)
         student = make_student(self.teacher.unet, config.use_lora, config.time_cond_proj_dim, config.lora_rank,
                                config.lora_alpha)
         if config.gradient_checkpointing:
@@ -102,7 +106,7 @@ class Trainer:
         self.guidance = self._make_reward_guidance()
 
         self.resolution = config.resolution or self.teacher.default_resolution
-        self.loader = ResumableDataLoader(self._dataset(), config.train_batch_size, shuffle=True, seed=config.seed,
+        self.loader = ResumableDataLoader(dataset or self._dataset(), config.train_batch_size, shuffle=True, seed=config.seed,
                                           rank=acc.process_index, world_size=acc.num_processes,
                                           drop_last_batch=True, num_workers=config.dataloader_num_workers)
         # one generator per rank for every draw of the step (posterior sample, n, w, noise)
