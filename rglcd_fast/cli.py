@@ -1,5 +1,6 @@
 """The `rglcd-fast` command line."""
 import argparse
+import os
 import sys
 import time
 
@@ -42,6 +43,56 @@ def _train(args) -> int:
     return 0
 
 
+def _make_world(args) -> int:
+    from .world.teacher import main as make_world
+
+    return make_world(args.rest)
+
+
+def _eval(args) -> int:
+    import datetime
+    import subprocess
+
+    import torch
+
+    from .train.config import make_config
+    from .train.trainer import Trainer
+    from .world.evaluate import VARIANTS, evaluate, markdown_table
+    from .world.teacher import TEACHER_DIR
+
+    runs = {}
+    for name, mode in VARIANTS.items():
+        folder = os.path.join(args.work_dir, mode)
+        runs[name] = folder
+        if os.path.isdir(os.path.join(folder, "pipeline")):
+            print(f"{name}: using the finished run in {folder}")
+            continue
+        print(f"{name}: training into {folder}")
+        overrides = {} if args.train_steps is None else {"max_train_steps": args.train_steps}
+        trainer = Trainer(make_config(reward_mode=mode, output_dir=folder, seed=args.seed, progress=not args.quiet,
+                                      **overrides))
+        trainer.train()
+        trainer.finish()
+    out_dir = os.path.splitext(args.out)[0]
+    rows = evaluate(runs, TEACHER_DIR, out_dir, per_digit=args.per_digit, steps=tuple(args.steps), seed=args.seed)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    header = (f"# Digits world: teacher vs LCD vs RG-LCD\n\n"
+              f"{datetime.date.today()}, torch {torch.__version__}, commit {commit}, CPU ({os.cpu_count()} cores). "
+              f"{args.per_digit} samples per digit (prompt \"a handwritten digit <word>\"), the same initial noise in "
+              f"every row; LCM rows at guidance scale 8 (w = 7). Produced by:\n\n"
+              f"    rglcd-fast eval {' '.join(args.argv)}\n\n")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(header + markdown_table(rows, relative_to=os.path.dirname(os.path.abspath(args.out))))
+    print(markdown_table(rows))
+    print(f"wrote {args.out} and one sample grid per row in {out_dir}/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rglcd-fast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -72,11 +123,29 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.config import add_arguments
     add_arguments(train)
     train.set_defaults(run=_train)
+
+    world = commands.add_parser("make-world", help="rebuild the digits world (classifiers, teacher) from scratch",
+                                add_help=False)
+    world.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of python -m rglcd_fast.world.teacher")
+    world.set_defaults(run=_make_world)
+
+    evaluation = commands.add_parser("eval", help="the digits world comparison table (trains the students first)",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    evaluation.add_argument("--work-dir", default="rglcd-eval", help="where the three students are trained / found")
+    evaluation.add_argument("--train-steps", type=int, default=None, help="training steps (default: the preset's)")
+    evaluation.add_argument("--per-digit", type=int, default=50, help="samples per digit in every row")
+    evaluation.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="LCM step counts")
+    evaluation.add_argument("--seed", type=int, default=0)
+    evaluation.add_argument("--out", default="results/digits_eval.md", help="the table (grids go next to it)")
+    evaluation.add_argument("--quiet", action="store_true")
+    evaluation.set_defaults(run=_eval)
     return parser
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv[1:]
     errors = (FileNotFoundError, ValueError)
     if args.command == "train":
         from .train.trainer import NonFiniteLossError
