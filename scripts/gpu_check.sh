@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (device tool): build rglcd_fast from source, run the whole test suite
 # (CUDA cases included), the op tests under compute-sanitizer, and the op benchmark.
-#   device run:  bash scripts/gpu_check.sh [tests|sanitizer|bench|sampling|all]...   (carry .whl: see shared/wheels)
+#   device run:  bash scripts/gpu_check.sh [tests|sanitizer|bench|sampling|train|all]...   (carry .whl: see shared/wheels)
 # Logs and benchmark tables go to $OUT (the device tool brings them back; commit the tables under
-# benchmarks/results/ as ops_<card>.md and sampling_<card>.md). RGLCD_COMMIT names the commit measured
-# where the copy on the device has no git history.
+# benchmarks/results/ as ops_<card>.md, sampling_<card>.md and train_step_<card>.md). RGLCD_COMMIT names the
+# commit measured where the copy on the device has no git history. "train" (the SD2.1-scale training-step
+# benchmark, a few minutes) runs only when named: "all" leaves it out.
 set -uo pipefail
 OUT=${OUT:-/tmp/rglcd_out}
 mkdir -p "$OUT"
@@ -50,6 +51,10 @@ if run_stage bench; then
 fi
 if run_stage sampling; then
   python3 benchmarks/bench_sampling.py --out "$OUT/sampling.md" ${SAMPLING_ARGS:-} 2>&1 | tee "$OUT/sampling.log" | tail -20
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+if [[ " $stages " == *" train "* ]]; then  # TRAIN_ARGS: e.g. "--reward off --steps 20"
+  python3 benchmarks/bench_train_step.py --out "$OUT/train_step.md" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_step.log" | tail -40
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 exit $status

@@ -62,7 +62,8 @@ class DistillationStep:
             raise ValueError(f"num_ddim_timesteps: must divide num_train_timesteps ({num_train_timesteps}), "
                              f"got {config.num_ddim_timesteps}")
         self.topk = num_train_timesteps // config.num_ddim_timesteps
-        self.solver = DDIMSolver(noise_scheduler.alphas_cumprod.numpy(), num_train_timesteps,
+        # .cpu(): diffusers' add_noise leaves alphas_cumprod on the device it last ran on
+        self.solver = DDIMSolver(noise_scheduler.alphas_cumprod.cpu().numpy(), num_train_timesteps,
                                  config.num_ddim_timesteps).to(device)
         self.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
 

@@ -63,10 +63,12 @@ class NonFiniteCounter:
 
 class Trainer:
     """config: the settings. Optional: accelerator (default: one built from the config), teacher (a
-    Teacher already in memory instead of loading config.teacher) and dataset (a map-style data set of
-    {"pixel_values": [3, R, R] in [-1, 1], "caption": str} instead of config.data)."""
+    Teacher already in memory instead of loading config.teacher), dataset (a map-style data set of
+    {"pixel_values": [3, R, R] in [-1, 1], "caption": str} instead of config.data) and reward_model (an
+    expert RewardModel already in memory, on the device, instead of loading config.reward_model)."""
 
-    def __init__(self, config: TrainConfig, accelerator=None, teacher: Teacher | None = None, dataset=None):
+    def __init__(self, config: TrainConfig, accelerator=None, teacher: Teacher | None = None, dataset=None,
+                 reward_model=None):
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -99,6 +101,7 @@ class Trainer:
                                      num_training_steps=config.max_train_steps * acc.num_processes)
         self.student, self.optimizer, self.lr_scheduler = acc.prepare(student, optimizer, lr_scheduler)
 
+        self._expert = reward_model
         self.distill = DistillationStep(self.teacher.noise_scheduler, DistillationConfig(
             num_ddim_timesteps=config.num_ddim_timesteps, w_min=config.w_min, w_max=config.w_max,
             loss_type=config.loss_type, huber_c=config.huber_c, timestep_scaling=config.timestep_scaling,
@@ -122,7 +125,8 @@ class Trainer:
         if config.reward_mode == "none":
             return None
         from ..reward import load_reward_model
-        expert = load_reward_model(config.reward_model, config.reward_model_path, device=self.device)
+        expert = self._expert if self._expert is not None else load_reward_model(
+            config.reward_model, config.reward_model_path, device=self.device)
         lrm = optimizer = None
         if config.reward_mode == "lrm":
             lrm = make_lrm(self.teacher, config.lrm_widths, config.lrm_embed_dim, config.lrm_init_clip).to(self.device)
