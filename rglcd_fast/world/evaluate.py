@@ -6,6 +6,7 @@ distance to the real digits in the evaluator's features, milliseconds per image.
 `rglcd-fast eval` trains the three students with `rglcd-fast train`'s digits preset (unless their
 folders already hold a finished run), then writes the table and one sample grid per row."""
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -136,7 +137,7 @@ def evaluate(runs: dict, teacher_dir: str, out_dir: str, per_digit: int = 50, st
         start = time.perf_counter()
         images = make_images()
         ms = (time.perf_counter() - start) * 1000 / len(images)
-        slug = name.lower().replace(" ", "-").replace("(", "").replace(")", "")
+        slug = "-".join(re.findall(r"[a-z0-9]+", name.split(" (DDIM")[0].lower()))
         grid = _grid(images, os.path.join(out_dir, f"{slug}-{n_steps}step.png"), per_digit)
         rows.append(Row(name, n_steps, *judge(_to_tensor(images), prompts), ms, grid))
 
