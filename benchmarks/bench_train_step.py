@@ -11,15 +11,23 @@ images/s, peak GPU memory since the provider was built):
   reference_noencode  the same step on latents and prompt embeddings encoded once before timing (no data
                       loading, no VAE or text encoder in the step): what the ANCHORS.md figure (465 ms =
                       student + teacher + target + backward + AdamW + EMA) covers.
-  rglcd_fast          rglcd_fast.train.Trainer.train_step on an in-memory Teacher and data set.
+  rglcd_fast          rglcd_fast.train.Trainer.train_step on an in-memory Teacher and data set, its defaults.
+  rglcd_fast_<variant> the same with settings changed (TRAINER_VARIANTS): cl (channels_last=True),
+                      bf16_target (the EMA target stored in bf16), nockpt (no gradient checkpointing),
+                      decode_one_call (prediction and target in one VAE call; reward on only), compile and
+                      compile_cl (compile_unets=True, without / with channels_last; run after every other
+                      provider, reward off unless --compile-reward says otherwise).
 Reward branch: "off" (plain LCD) and "on": the latent-proxy reward (RG-LCD's LRM variant): reward of the
-one-step prediction by the LRM, then the LRM update (decode the {prediction, target, real} latents, score
-them with the expert, a ViT-L/14-size CLIP with random weights, pairwise KL, the LRM's own AdamW). For the
-reference it is written out with plain torch ops.
+one-step prediction by the LRM, then the LRM update (A: decode the {prediction, target, real} latents; B:
+decode {prediction, target}, the real candidate is the batch's images; score them with the expert, a
+ViT-L/14-size CLIP with random weights, pairwise KL, the LRM's own AdamW). For the reference it is written
+out with plain torch ops.
 Also: a spot check that both providers' distillation losses (and student gradients) agree on the same
-inputs and draws (fp32, small UNets), and the two losses at full scale on one batch.
+inputs and draws (fp32, small UNets; also with channels_last UNets), and the two losses at full scale on
+one batch.
 
     python benchmarks/bench_train_step.py [--steps 10] [--warmup 3] [--reward both|on|off] [--out FILE]
+           [--providers reference,rglcd_fast,rglcd_fast_cl,...] [--variant-steps N] [--back-to-back N]
     python benchmarks/bench_train_step.py --small      # CPU smoke run: tiny configs, 2 steps
 """
 import argparse
@@ -229,8 +237,25 @@ class Timeline:
         return phases
 
 
-def time_steps(step, device, warmup, steps):
-    for _ in range(warmup):
+def step_loss(result):
+    """The loss a provider's step returned: A's logs dict, B's list of per-micro-batch metrics."""
+    if isinstance(result, dict):
+        return float(result["loss"])
+    return float(result[0]["loss"])
+
+
+def time_steps(step, device, warmup, steps, back_to_back=0):
+    """Per-step wall times (each from a synchronised device to a synchronised device) after `warmup`
+    steps; also the first step's wall time (torch.compile compiles there) and loss (every provider
+    starts from the same weights, data order and draws), and, when back_to_back, the mean time of that
+    many steps issued without a synchronisation between them (what a training loop sees)."""
+    synchronize(device)
+    start = time.perf_counter()
+    first = step()
+    synchronize(device)
+    first_s = time.perf_counter() - start
+    first_loss = step_loss(first)
+    for _ in range(warmup - 1):
         step()
     synchronize(device)
     times = []
@@ -239,7 +264,14 @@ def time_steps(step, device, warmup, steps):
         step()
         synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
-    return times
+    pipelined = None
+    if back_to_back:
+        start = time.perf_counter()
+        for _ in range(back_to_back):
+            step()
+        synchronize(device)
+        pipelined = (time.perf_counter() - start) * 1e3 / back_to_back
+    return times, first_s, first_loss, pipelined
 
 
 def breakdown(step, timeline, device, runs):
@@ -532,20 +564,41 @@ class ReferenceProvider:
 
 # ---- provider B: rglcd_fast's trainer -----------------------------------------------------------------
 
+# B's variants: TrainConfig overrides (on top of the settings below) and, for what no setting covers, a
+# change made to the built trainer ("bf16_target": the EMA target stored in bf16, measured, not adopted).
+TRAINER_VARIANTS = {
+    "rglcd_fast": {},
+    "rglcd_fast_cl": {"channels_last": True},
+    "rglcd_fast_bf16_target": {"bf16_target": True},
+    "rglcd_fast_nockpt": {"gradient_checkpointing": False},
+    "rglcd_fast_decode_one_call": {"vae_decode_batch_size": "2batch"},
+    "rglcd_fast_compile": {"compile_unets": True},
+    "rglcd_fast_compile_cl": {"compile_unets": True, "channels_last": True},
+}
+
+
 class TrainerProvider:
-    def __init__(self, parts, dataset, args, device, reward, expert=None, output_dir=None):
+    def __init__(self, parts, dataset, args, device, reward, expert=None, output_dir=None, variant="rglcd_fast"):
         from rglcd_fast.train.config import make_config
         from rglcd_fast.train.models import Teacher
         from rglcd_fast.train.trainer import Trainer
 
-        config = make_config(teacher="sd21-random-in-memory", mixed_precision="bf16", train_batch_size=args.batch,
-                             reward_mode="lrm" if reward else "none", reward_model="clip",
-                             gradient_checkpointing=True, validation_steps=0, progress=False,
-                             resolution=args.resolution, output_dir=output_dir, max_train_steps=10**6,
-                             lrm_batch_size=args.batch, time_cond_proj_dim=TIME_COND_PROJ_DIM, loss_type="huber",
-                             huber_c=HUBER_C, learning_rate=LR, lrm_learning_rate=LRM_LR)
+        overrides = dict(TRAINER_VARIANTS[variant])
+        bf16_target = overrides.pop("bf16_target", False)
+        if overrides.get("vae_decode_batch_size") == "2batch":  # prediction and target in one call
+            overrides["vae_decode_batch_size"] = 2 * args.batch
+        settings = dict(teacher="sd21-random-in-memory", mixed_precision="bf16", train_batch_size=args.batch,
+                        reward_mode="lrm" if reward else "none", reward_model="clip",
+                        gradient_checkpointing=True, validation_steps=0, progress=False,
+                        resolution=args.resolution, output_dir=output_dir, max_train_steps=10**6,
+                        lrm_batch_size=args.batch, time_cond_proj_dim=TIME_COND_PROJ_DIM, loss_type="huber",
+                        huber_c=HUBER_C, learning_rate=LR, lrm_learning_rate=LRM_LR)
+        config = make_config(**{**settings, **overrides})
+        self.parts = parts
         teacher = Teacher(folder="", **parts)
         self.trainer = Trainer(config, teacher=teacher, dataset=dataset, reward_model=expert if reward else None)
+        if bf16_target:
+            self.trainer.target.to(torch.bfloat16)
         self.batches = self.trainer.loader.infinite()
         self.device, self.reward = device, reward
         self.timeline = Timeline(device)
@@ -603,6 +656,14 @@ class TrainerProvider:
         del self.trainer, self.batches
 
 
+def restore_parts(parts):
+    """The trainer converts (channels_last) and compiles the shared teacher parts in place: undo, so that
+    the next provider (A included) finds them as built."""
+    for module in (parts["unet"], parts["vae"]):
+        module.to(memory_format=torch.contiguous_format)
+        module._compiled_call_impl = None
+
+
 # ---- checks ---------------------------------------------------------------------------------------------
 
 def spot_check_small(device, prediction_type):
@@ -633,10 +694,20 @@ def spot_check_small(device, prediction_type):
     grads = torch.autograd.grad(out.distill_loss, list(student.parameters()))
     loss_rel = abs(out.distill_loss.item() - ref_loss.item()) / abs(ref_loss.item())
     rel = [((a - b).norm() / b.norm()).item() for a, b in zip(grads, ref_grads) if b.norm() > 0]
+    # the same step with the three UNets in channels_last (the trainer's default on CUDA)
+    for module in (student, teacher, target):
+        module.to(memory_format=torch.channels_last)
+    out_cl = DistillationStep(scheduler, DistillationConfig(huber_c=HUBER_C), device=device)(
+        student, teacher, target, latents, embeds, uncond, generator=torch.Generator(device).manual_seed(7))
+    grads_cl = torch.autograd.grad(out_cl.distill_loss, list(student.parameters()))
+    loss_rel_cl = abs(out_cl.distill_loss.item() - ref_loss.item()) / abs(ref_loss.item())
+    rel_cl = [((a - b).norm() / b.norm()).item() for a, b in zip(grads_cl, ref_grads) if b.norm() > 0]
     return (f"fp32, small UNets ({prediction_type}), same inputs and draws: reference loss {ref_loss.item():.7g}, "
             f"rglcd_fast loss {out.distill_loss.item():.7g} (rel. diff {loss_rel:.1e}); student gradients, "
             f"‖ours − ref‖/‖ref‖ per parameter tensor: median {statistics.median(rel):.1e}, max {max(rel):.1e} "
-            f"(Huber's d/sqrt(d² + c²) with c = 0.001 magnifies float32 rounding of d near 0)")
+            f"(Huber's d/sqrt(d² + c²) with c = 0.001 magnifies float32 rounding of d near 0). With the UNets in "
+            f"channels_last: loss {out_cl.distill_loss.item():.7g} (rel. diff {loss_rel_cl:.1e}), gradients median "
+            f"{statistics.median(rel_cl):.1e}, max {max(rel_cl):.1e}")
 
 
 def spot_check_full(provider: ReferenceProvider, small=False):
@@ -654,17 +725,37 @@ def spot_check_full(provider: ReferenceProvider, small=False):
         with provider.accelerator.autocast():
             out = step(provider.unet, provider.parts["unet"], provider.target_unet, latents.float(), embeds,
                        provider.uncond_prompt_embeds, generator=torch.Generator(device).manual_seed(3))
+        modules = (provider.unet, provider.parts["unet"], provider.target_unet)
+        for module in modules:
+            module.to(memory_format=torch.channels_last)
+        with provider.accelerator.autocast():
+            out_cl = step(provider.unet, provider.parts["unet"], provider.target_unet, latents.float(), embeds,
+                          provider.uncond_prompt_embeds, generator=torch.Generator(device).manual_seed(3))
+        for module in modules:
+            module.to(memory_format=torch.contiguous_format)
     rel = abs(out.distill_loss.item() - ref_loss.item()) / abs(ref_loss.item())
+    rel_cl = abs(out_cl.distill_loss.item() - out.distill_loss.item()) / abs(out.distill_loss.item())
     return (f"{'tiny' if small else 'SD2.1-size'} models, bf16 paths (reference: bf16 latents, teacher under the script's torch.autocast; "
             f"rglcd_fast: float32 latents, bf16 autocast), one batch, same draws: reference loss "
-            f"{ref_loss.item():.6g}, rglcd_fast loss {out.distill_loss.item():.6g} (rel. diff {rel:.1e})")
+            f"{ref_loss.item():.6g}, rglcd_fast loss {out.distill_loss.item():.6g} (rel. diff {rel:.1e}); "
+            f"rglcd_fast with the UNets in channels_last: {out_cl.distill_loss.item():.6g} (rel. diff to contiguous "
+            f"{rel_cl:.1e})")
 
 
 # ---- report ---------------------------------------------------------------------------------------------
 
 PROVIDER_NAMES = {"reference": "A. reference (LCD script step, incl. text + VAE encode)",
                   "reference_noencode": "A'. reference, latents + embeddings pre-encoded (anchor scope)",
-                  "rglcd_fast": "B. rglcd_fast Trainer.train_step"}
+                  "rglcd_fast": "B. rglcd_fast Trainer.train_step (defaults)",
+                  "rglcd_fast_cl": "B, channels_last=True",
+                  "rglcd_fast_bf16_target": "B, EMA target stored in bf16 (not adopted)",
+                  "rglcd_fast_nockpt": "B, gradient_checkpointing=False",
+                  "rglcd_fast_decode_one_call": "B, vae_decode_batch_size=2·batch (one decode call)",
+                  "rglcd_fast_compile": "B, compile_unets=True",
+                  "rglcd_fast_compile_cl": "B, compile_unets=True, channels_last=True"}
+# variants measured in one reward branch only: the LRM's decode (on); the target's dtype and checkpointing
+# (off: their effect does not depend on the branch)
+ONLY_REWARD = {"rglcd_fast_decode_one_call": True, "rglcd_fast_bf16_target": False, "rglcd_fast_nockpt": False}
 
 
 class Report:
@@ -676,12 +767,13 @@ class Report:
         self.commit = commit or "unknown"
         self.card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke run)"
 
-    def row(self, provider, reward, times, peak_gib, base_ms):
+    def row(self, provider, reward, times, peak_gib, base_ms, first_s, first_loss, pipelined):
         ms = statistics.median(times)
         speedup = ("1.00×" if provider == "reference" else
                    f"{base_ms / ms:.2f}×" if base_ms and provider != "reference_noencode" else "–")
-        self.rows.append((PROVIDER_NAMES[provider], reward, ms, self.args.batch / ms * 1e3, peak_gib, speedup,
-                          min(times), max(times)))
+        self.rows.append(dict(name=PROVIDER_NAMES[provider], reward=reward, ms=ms, lo=min(times), hi=max(times),
+                              n=len(times), ips=self.args.batch / ms * 1e3, peak=peak_gib, speedup=speedup,
+                              first_s=first_s, loss=first_loss, pipelined=pipelined))
         self.write()
         return ms
 
@@ -691,16 +783,25 @@ class Report:
         lines = [f"# Training-step benchmark: {self.card}", "",
                  f"torch {torch.__version__}; commit {self.commit}; {datetime.date.today().isoformat()}. {scale}, "
                  f"{a.resolution} px, batch {a.batch}, bf16 mixed precision (student float32 master weights under "
-                 f"autocast; teacher UNet, VAE, text encoder and expert in bf16), gradient checkpointing, "
-                 f"{a.prediction_type}, Huber c = {HUBER_C}. ms/step: median wall time of {a.steps} steps after "
-                 f"{a.warmup} warm-up steps, each timed from a synchronised device to a synchronised device "
-                 f"(min–max in brackets). Peak: torch.cuda.max_memory_allocated from the provider's construction "
-                 f"on (the frozen teacher parts, and with the reward on the expert, are shared by the providers "
-                 f"and included). Speedup: against A with the same reward branch.", "",
-                 "| provider | reward branch | ms/step | images/s | peak GiB | speedup vs A |",
-                 "|---|---|---|---|---|---|"]
-        lines += [f"| {p} | {r} | {ms:.1f} ({lo:.1f}–{hi:.1f}) | {ips:.2f} | "
-                  f"{'–' if gib is None else f'{gib:.1f}'} | {s} |" for p, r, ms, ips, gib, s, lo, hi in self.rows]
+                 f"autocast; teacher UNet, VAE, text encoder and expert in bf16), gradient checkpointing unless "
+                 f"the row says otherwise, {a.prediction_type}, Huber c = {HUBER_C}. ms/step: median wall time of "
+                 f"n steps after the warm-up steps ({a.warmup} for A and B, {a.variant_warmup} for B's variants), "
+                 f"each timed from a synchronised device to a synchronised device (min–max in brackets). "
+                 f"Back-to-back: the mean of {a.back_to_back} steps issued with no synchronisation between them "
+                 f"(A and B only). First step: wall time of the first step (includes torch.compile's compilation) "
+                 f"and its loss (every provider starts from the same weights, data order and draws). Peak: "
+                 f"torch.cuda.max_memory_allocated from the provider's construction on (the frozen teacher parts, "
+                 f"and with the reward on the expert, are shared by the providers and included). Speedup: against "
+                 f"A with the same reward branch.", "",
+                 "| provider | reward branch | ms/step (n) | back-to-back ms/step | images/s | peak GiB | speedup vs A "
+                 "| first step s | first-step loss |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        for r in self.rows:
+            pipelined = "–" if r["pipelined"] is None else f"{r['pipelined']:.1f}"
+            peak = "–" if r["peak"] is None else f"{r['peak']:.1f}"
+            lines.append(f"| {r['name']} | {r['reward']} | {r['ms']:.1f} ({r['lo']:.1f}–{r['hi']:.1f}, n={r['n']}) | "
+                         f"{pipelined} | {r['ips']:.2f} | {peak} | {r['speedup']} | {r['first_s']:.1f} | "
+                         f"{r['loss']:.6g} |")
         for title, phases in self.breakdowns:
             total = sum(ms for _, ms in phases)
             lines += ["", f"Per-phase breakdown, {title} (median of {a.phase_steps} extra steps; GPU time between "
@@ -718,14 +819,22 @@ class Report:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10; --small: 2)")
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3; --small: 1)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps, >= 1 (default 3; --small: 1)")
+    parser.add_argument("--variant-steps", type=int, default=None, help="timed steps of B's variants (default: --steps)")
+    parser.add_argument("--variant-warmup", type=int, default=None, help="their warm-up steps (default: --warmup)")
+    parser.add_argument("--back-to-back", type=int, default=None,
+                        help="A and B: steps timed together with no synchronisation between them (default: --steps; 0: off)")
     parser.add_argument("--phase-steps", type=int, default=None,
                         help="extra steps with per-phase marks (default 3; --small: 1; 0: no breakdown)")
+    parser.add_argument("--phase-variants", default="rglcd_fast_cl",
+                        help="B variants that also get a per-phase breakdown (comma list)")
     parser.add_argument("--batch", type=int, default=None, help="default 8 (--small: 2)")
     parser.add_argument("--resolution", type=int, default=None, help="default 768 (--small: 32)")
     parser.add_argument("--providers", default="reference,rglcd_fast,reference_noencode",
-                        help="comma list of: " + ", ".join(PROVIDER_NAMES))
+                        help="comma list of: " + ", ".join(PROVIDER_NAMES) + " (compile variants run last)")
     parser.add_argument("--reward", choices=("both", "on", "off"), default="both")
+    parser.add_argument("--compile-reward", choices=("both", "on", "off"), default="off",
+                        help="reward branches of the compile variant (default off)")
     parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
     parser.add_argument("--no-check", action="store_true", help="skip the loss spot checks")
     parser.add_argument("--out", default=None, help="results markdown (default benchmarks/results/train_step_<card>.md)")
@@ -733,14 +842,18 @@ def main():
     args = parser.parse_args()
     small = args.small
     args.steps = args.steps if args.steps is not None else (2 if small else 10)
-    args.warmup = args.warmup if args.warmup is not None else (1 if small else 3)
+    args.warmup = max(1, args.warmup if args.warmup is not None else (1 if small else 3))
+    args.variant_steps = args.variant_steps or args.steps
+    args.variant_warmup = max(1, args.variant_warmup or args.warmup)
+    args.back_to_back = args.back_to_back if args.back_to_back is not None else args.steps
     args.phase_steps = args.phase_steps if args.phase_steps is not None else (1 if small else 3)
     args.batch = args.batch or (2 if small else 8)
     args.resolution = args.resolution or (32 if small else 768)
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    unknown = [p for p in providers if p not in PROVIDER_NAMES]
+    phase_variants = {p.strip() for p in args.phase_variants.split(",") if p.strip()}
+    unknown = [p for p in providers + sorted(phase_variants) if p not in PROVIDER_NAMES]
     if unknown:
-        parser.error(f"--providers: unknown {unknown}")
+        parser.error(f"--providers / --phase-variants: unknown {unknown}")
     if not small and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --small for the CPU smoke run")
 
@@ -770,61 +883,73 @@ def main():
     dataset = RandomImages(2 * args.batch, args.resolution)
     print(f"teacher parts built in {time.perf_counter() - t0:.1f} s", flush=True)
     expert = None
-    rewards = {"both": [False, True], "off": [False], "on": [True]}[args.reward]
+    branches = {"both": [False, True], "off": [False], "on": [True]}
+    # the order of the runs: every branch's providers, then the compile variant (its compilation is long)
+    runs = [(name, reward) for reward in branches[args.reward] for name in providers
+            if "compile" not in name and ONLY_REWARD.get(name, reward) == reward]
+    runs += [(name, reward) for reward in branches[args.compile_reward] for name in providers if "compile" in name]
     output_dir = tempfile.mkdtemp(prefix="rglcd_bench_train_")
-    for reward in rewards:
+    base_ms = {}
+    for name, reward in runs:
         label = "on (LRM)" if reward else "off"
         if reward and expert is None:
             expert = build_expert(small, device, torch.bfloat16, parts["tokenizer"])
-        base_ms = None
-        for name in providers:
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            _reset_accelerate()
-            t0 = time.perf_counter()
-            try:
-                if name == "rglcd_fast":
-                    provider = TrainerProvider(parts, dataset, args, device, reward, expert, output_dir)
-                else:
-                    provider = ReferenceProvider(parts, dataset, args, device, reward, expert,
-                                                 encode_in_step=name == "reference")
-                built = time.perf_counter() - t0
-                times = time_steps(provider.step, device, args.warmup, args.steps)
-            except Exception as e:  # one provider failing leaves the others' rows
-                traceback.print_exc()
-                report.notes.append(f"{PROVIDER_NAMES[name]}, reward {label}: failed: {type(e).__name__}: "
-                                    f"{str(e).splitlines()[0] if str(e) else ''}")
-                report.write()
-                provider = None
-                continue
-            peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-            ms = report.row(name, label, times, peak, base_ms)
-            if name == "reference":
-                base_ms = ms
-            print(f"{PROVIDER_NAMES[name]:62s} reward {label:8s} {ms:8.1f} ms/step  "
-                  f"{args.batch / ms * 1e3:6.2f} img/s  peak {peak or 0:5.1f} GiB  (built in {built:.0f} s)",
-                  flush=True)
-            if args.phase_steps > 0 and name != "reference_noencode":
-                try:
-                    phases = breakdown(provider.phase_step, provider.timeline, device, args.phase_steps)
-                    report.breakdowns.append((f"{PROVIDER_NAMES[name]}, reward {label}", phases))
-                    report.write()
-                    print("  " + ", ".join(f"{k} {v:.1f}" for k, v in phases), flush=True)
-                except Exception:
-                    traceback.print_exc()
-            if name == "reference" and not reward and not args.no_check:
-                try:
-                    line = spot_check_full(provider, small)
-                except Exception as e:
-                    traceback.print_exc()
-                    line = f"full-size check failed: {type(e).__name__}: {e}"
-                print("check:", line, flush=True)
-                report.checks.append(line)
-                report.write()
-            provider.free()
+        main_row = name in ("reference", "rglcd_fast", "reference_noencode")
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        _reset_accelerate()
+        t0 = time.perf_counter()
+        provider = None
+        try:
+            if name.startswith("rglcd_fast"):
+                provider = TrainerProvider(parts, dataset, args, device, reward, expert, output_dir, variant=name)
+            else:
+                provider = ReferenceProvider(parts, dataset, args, device, reward, expert,
+                                             encode_in_step=name == "reference")
+            built = time.perf_counter() - t0
+            times, first_s, first_loss, pipelined = time_steps(
+                provider.step, device, args.warmup if main_row else args.variant_warmup,
+                args.steps if main_row else args.variant_steps,
+                back_to_back=args.back_to_back if name in ("reference", "rglcd_fast") else 0)
+        except Exception as e:  # one provider failing leaves the others' rows
+            traceback.print_exc()
+            report.notes.append(f"{PROVIDER_NAMES[name]}, reward {label}: failed: {type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}")
+            report.write()
+            if provider is not None:
+                provider.free()
             del provider
+            restore_parts(parts)
+            continue
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        ms = report.row(name, label, times, peak, base_ms.get(reward), first_s, first_loss, pipelined)
+        if name == "reference":
+            base_ms[reward] = ms
+        print(f"{PROVIDER_NAMES[name]:58s} reward {label:8s} {ms:8.1f} ms/step  "
+              f"back-to-back {'–' if pipelined is None else f'{pipelined:.1f}':>7}  peak {peak or 0:5.1f} GiB  first step {first_s:6.1f} s "
+              f"loss {first_loss:.6g}  (built in {built:.0f} s)", flush=True)
+        if args.phase_steps > 0 and name != "reference_noencode" and (main_row or name in phase_variants):
+            try:
+                phases = breakdown(provider.phase_step, provider.timeline, device, args.phase_steps)
+                report.breakdowns.append((f"{PROVIDER_NAMES[name]}, reward {label}", phases))
+                report.write()
+                print("  " + ", ".join(f"{k} {v:.1f}" for k, v in phases), flush=True)
+            except Exception:
+                traceback.print_exc()
+        if name == "reference" and not reward and not args.no_check:
+            try:
+                line = spot_check_full(provider, small)
+            except Exception as e:
+                traceback.print_exc()
+                line = f"full-size check failed: {type(e).__name__}: {e}"
+            print("check:", line, flush=True)
+            report.checks.append(line)
+            report.write()
+        provider.free()
+        del provider
+        restore_parts(parts)
     print(f"wrote {out}")
 
 

@@ -2,6 +2,7 @@
 mode and LoRA, exact resume, non-finite loss handling, the outputs diffusers and our sampler load, the
 config file and command line, and two processes (gloo)."""
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -62,14 +63,19 @@ def test_every_reward_mode_trains_and_writes_its_outputs(world, tmp_path, mode):
 
     trainer = Trainer(tiny_config(world, tmp_path, reward_mode=mode))
     before = weights(trainer.accelerator.unwrap_model(trainer.student))
+    lrm_before = weights(trainer.guidance.lrm) if mode == "lrm" else None
     outputs = trainer.train()
     after = weights(trainer.accelerator.unwrap_model(trainer.student))
     assert any(not torch.equal(before[k], after[k]) for k in before), "the student did not change"
+    if mode == "lrm":
+        lrm_after = weights(trainer.guidance.lrm)
+        assert any(not torch.equal(lrm_before[k], lrm_after[k]) for k in lrm_before), "the LRM did not change"
 
     with open(outputs["logs"]) as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
-    assert all(float(r["loss"]) == float(r["loss"]) for r in rows)  # finite numbers, not blanks
+    assert all(math.isfinite(float(r["loss"])) for r in rows)
+    assert len({r["loss"] for r in rows}) == len(rows)  # the loss moves from step to step
     assert (rows[0]["reward"] != "") == (mode != "none")
     assert (rows[0]["lrm_accuracy"] != "") == (mode == "lrm")
     assert any(name.startswith("events.out.tfevents") for _, _, files in os.walk(tmp_path / "logs") for name in files)
@@ -86,6 +92,50 @@ def test_every_reward_mode_trains_and_writes_its_outputs(world, tmp_path, mode):
         assert_same(weights(lrm), weights(trainer.guidance.lrm))
         assert lrm.logits(torch.randn(2, 4, 4, 4), ["a digit one", "a digit two"]).shape == (2,)
     assert os.listdir(tmp_path / "checkpoint-4")
+
+
+def test_lrm_update_scores_the_real_images_and_decodes_two_candidates(world, tmp_path):
+    """The LRM update decodes the student prediction and the target (n samples a VAE call by default,
+    vae_decode_batch_size when set), scores the real candidate on the batch's pixel values (not a decode
+    of their latents), and scores all 3·n images in one expert call with the prompts repeated."""
+    from rglcd_fast.reward import RewardModel
+
+    class Recorder(RewardModel):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def score(self, images, prompts):
+            self.calls.append((images.clone(), list(prompts)))
+            return images.mean(dim=(1, 2, 3)) * 10
+
+    def run(**overrides):
+        trainer = Trainer(tiny_config(world, tmp_path, lrm_batch_size=2, **overrides))
+        guidance, vae = trainer.guidance, trainer.teacher.vae
+        guidance.expert = Recorder()
+        decoded, decode = [], vae.decode
+        vae.decode = lambda z, *a, **k: (decoded.append(z.shape[0]), decode(z, *a, **k))[1]
+        g = torch.Generator().manual_seed(0)
+        images = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
+        latents = trainer.teacher.encode_images(images, g)
+        pred, target = torch.randn(latents.shape, generator=g), torch.randn(latents.shape, generator=g)
+        prompts = ["a digit one", "a digit two", "a digit three", "a digit zero"]
+        before = weights(guidance.lrm)
+        loss, accuracy = guidance.update_lrm(pred, target, latents, prompts, images=images)
+        assert torch.isfinite(loss) and 0 <= float(accuracy) <= 1
+        assert any(not torch.equal(before[k], v) for k, v in weights(guidance.lrm).items()), "the LRM did not step"
+        decode_calls = list(decoded)
+        (scored, scored_prompts), = guidance.expert.calls  # one expert call
+        assert scored_prompts == prompts[:2] * 3
+        assert scored.shape == (6, 3, 16, 16)
+        torch.testing.assert_close(scored[4:], (images[:2] + 1) / 2)  # the real images themselves
+        with torch.no_grad():
+            torch.testing.assert_close(scored[:4], trainer.teacher.decode(torch.cat([pred[:2], target[:2]])),
+                                       atol=1e-5, rtol=1e-4)
+        return decode_calls
+
+    assert run() == [2, 2]  # prediction, then target, of n = 2 samples
+    assert run(vae_decode_batch_size=4) == [4]  # both in one call
 
 
 def test_validation_grid_has_a_row_per_step_count_and_a_column_per_prompt(world, tmp_path):

@@ -70,6 +70,10 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
     dataloader_num_workers: int = 0
     progress: bool = True
+    # ---- speed and memory (none changes the math; benchmarks/results/train_step_<card>.md measures each)
+    channels_last: bool = False  # CUDA: UNets and VAE in NHWC (eager: slower, torch's CUDA GroupNorm is NCHW-only)
+    compile_unets: bool = False  # torch.compile the student, teacher and target UNets (the first step compiles)
+    vae_decode_batch_size: Optional[int] = None  # LRM update: samples per VAE decode (None: lrm_batch_size)
 
     def __post_init__(self):
         if self.reward_mode not in REWARD_MODES:
@@ -104,7 +108,7 @@ class TrainConfig:
 # The digits world (DESIGN.md §4): 8×8 latents, a small LRM, a run of a few minutes on two CPU cores.
 DIGITS_PRESET = dict(
     time_cond_proj_dim=32, max_train_steps=300, train_batch_size=32, learning_rate=1e-4, lr_warmup_steps=20,
-    lrm_learning_rate=1e-3, lrm_batch_size=32, lrm_widths=(32, 64), lrm_embed_dim=64, reward_scale=1.0,
+    lrm_learning_rate=1e-3, lrm_batch_size=32, lrm_widths=(32, 64), lrm_embed_dim=64, reward_scale=0.1,
     checkpointing_steps=100, logging_steps=10, validation_steps=100, output_dir="rglcd-digits")
 
 

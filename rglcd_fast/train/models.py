@@ -102,7 +102,8 @@ def make_student(teacher_unet, use_lora: bool, time_cond_proj_dim: int, lora_ran
         return student.train()
     if teacher_unet.config.time_cond_proj_dim:  # distilling from a model that already has one
         return copy.deepcopy(teacher_unet).float().requires_grad_(True).train()
-    student = UNet2DConditionModel.from_config(teacher_unet.config, time_cond_proj_dim=time_cond_proj_dim)
+    with torch.device(teacher_unet.device):  # built where the teacher lives: no host-side init of the weights
+        student = UNet2DConditionModel.from_config(teacher_unet.config, time_cond_proj_dim=time_cond_proj_dim)
     missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
     if unexpected or any(not k.startswith("time_embedding.cond_proj") for k in missing):
         raise ValueError(f"teacher: UNet weights do not fit the student (missing {missing}, unexpected {unexpected})")
@@ -131,14 +132,18 @@ class RewardGuidance:
 
     def __init__(self, mode: str, teacher: Teacher, expert: RewardModel, lrm: LatentRewardModel | None = None,
                  lrm_optimizer=None, lrm_loss: str = "kl", rm_loss_scale: float = 1.0, lrm_batch_size: int = 8,
-                 reduce_gradients=None):
+                 reduce_gradients=None, decode_batch_size: int | None = None):
         if mode not in ("direct", "lrm"):
             raise ValueError(f"mode: expected 'direct' or 'lrm', got {mode!r}")
+        if decode_batch_size is not None and decode_batch_size < 1:
+            raise ValueError(f"vae_decode_batch_size: expected a positive integer or None, got {decode_batch_size}")
         if mode == "lrm" and (lrm is None or lrm_optimizer is None):
             raise ValueError("lrm: mode 'lrm' needs the latent reward model and its optimiser")
         self.mode, self.teacher, self.expert, self.lrm = mode, teacher, expert, lrm
         self.lrm_optimizer, self.lrm_loss, self.rm_loss_scale = lrm_optimizer, lrm_loss, rm_loss_scale
         self.lrm_batch_size = lrm_batch_size
+        # samples per VAE decode call in update_lrm (None: lrm_batch_size, one candidate a call)
+        self.decode_batch_size = decode_batch_size
         self.reduce_gradients = reduce_gradients  # averages the LRM's gradients over ranks (None: one rank)
 
     def reward(self, model_pred: torch.Tensor, prompts) -> torch.Tensor:
@@ -149,17 +154,31 @@ class RewardGuidance:
         latents = model_pred / self.teacher.vae.config.scaling_factor
         return torch.func.functional_call(self.lrm, weights, (latents, list(prompts)))
 
-    def update_lrm(self, model_pred, target, latents, prompts):
+    def update_lrm(self, model_pred, target, latents, prompts, images=None):
         """One LRM optimiser step (a fused AdamW: its found_inf flag skips a non-finite step) on the
-        pairwise preference loss over {student prediction, target, real latents} of the first
-        lrm_batch_size samples; returns (loss, accuracy), detached."""
+        pairwise preference loss over {student prediction, target, real} of the first lrm_batch_size
+        samples (DESIGN.md §1 step 9); returns (loss, accuracy), detached.
+
+        images: the batch's pixel values ([B, 3, H, W] in [-1, 1], on the device), what `latents` encode.
+        Given them, the expert scores the real candidate on the images themselves instead of on
+        decode(latents) (a change from step 9 as DESIGN.md writes it: the real images rather than their
+        VAE reconstruction, which differs by the VAE's error; it saves one of three VAE decodes). The LRM
+        still reads the real candidate as latents / scaling_factor. Without images the real latents are
+        decoded as before. The candidates to decode go through the VAE in calls of decode_batch_size
+        samples (default n: one candidate a call; at 768 px one call of 2n was no faster and took 7.8 GiB
+        more), and the expert scores all 3·n images in one call (the prompts repeated)."""
         n = self.lrm_batch_size
         scale = self.teacher.vae.config.scaling_factor
         candidates = [c[:n].detach().float() for c in (model_pred, target, latents)]
         prompts = list(prompts)[:n]
         with torch.no_grad():
-            expert_logits = torch.stack([self.expert.logits(self.teacher.decode(c), prompts).float()
-                                         for c in candidates])
+            to_decode = torch.cat(candidates if images is None else candidates[:2])
+            chunk = self.decode_batch_size or n
+            pixels = [self.teacher.decode(part) for part in to_decode.split(chunk)]
+            if images is not None:
+                pixels.append((images[:n].to(device=to_decode.device, dtype=torch.float32) / 2 + 0.5).clamp(0, 1))
+            k = len(candidates)
+            expert_logits = self.expert.logits(torch.cat(pixels), prompts * k).float().view(k, -1)
         loss, accuracy = self.lrm.preference_loss([c / scale for c in candidates], prompts, expert_logits,
                                                   self.lrm_loss)
         self.lrm_optimizer.zero_grad(set_to_none=True)
