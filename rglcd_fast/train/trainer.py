@@ -5,6 +5,7 @@ backward, clip, AdamW, LR schedule, EMA update, LRM update. Checkpoints are atom
 non-finite losses skip the update; outputs are a diffusers LCM pipeline folder (or LoRA weights), the
 LRM, logs.csv, TensorBoard events and sample grids."""
 import csv
+import dataclasses
 import math
 import os
 import shutil
@@ -115,10 +116,9 @@ class Trainer:
                 module.compile()
 
         self._expert = reward_model
-        self.distill = DistillationStep(self.teacher.noise_scheduler, DistillationConfig(
-            num_ddim_timesteps=config.num_ddim_timesteps, w_min=config.w_min, w_max=config.w_max,
-            loss_type=config.loss_type, huber_c=config.huber_c, timestep_scaling=config.timestep_scaling,
-            reward_scale=config.reward_scale), device=self.device)
+        step_settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(DistillationConfig)}
+        self.distill = DistillationStep(self.teacher.noise_scheduler, DistillationConfig(**step_settings),
+                                        device=self.device)
         self.guidance = self._make_reward_guidance()
 
         self.resolution = config.resolution or self.teacher.default_resolution
