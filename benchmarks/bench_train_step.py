@@ -15,8 +15,10 @@ images/s, peak GPU memory since the provider was built):
   rglcd_fast_<variant> the same with settings changed (TRAINER_VARIANTS): cl (channels_last=True),
                       bf16_target (the EMA target stored in bf16), nockpt (no gradient checkpointing),
                       decode_one_call (prediction and target in one VAE call; reward on only), compile and
-                      compile_cl (compile_unets=True, without / with channels_last; run after every other
-                      provider, reward off unless --compile-reward says otherwise).
+                      compile_cl (compile_unets="all", without / with channels_last), compile_frozen (the
+                      teacher and target only), compile_budget ("all" with compile_memory_budget 0.5): the
+                      compile variants run after every other provider, reward off unless --compile-reward
+                      says otherwise.
 Reward branch: "off" (plain LCD) and "on": the latent-proxy reward (RG-LCD's LRM variant): reward of the
 one-step prediction by the LRM, then the LRM update (A: decode the {prediction, target, real} latents; B:
 decode {prediction, target}, the real candidate is the batch's images; score them with the expert, a
@@ -572,8 +574,10 @@ TRAINER_VARIANTS = {
     "rglcd_fast_bf16_target": {"bf16_target": True},
     "rglcd_fast_nockpt": {"gradient_checkpointing": False},
     "rglcd_fast_decode_one_call": {"vae_decode_batch_size": "2batch"},
-    "rglcd_fast_compile": {"compile_unets": True},
-    "rglcd_fast_compile_cl": {"compile_unets": True, "channels_last": True},
+    "rglcd_fast_compile": {"compile_unets": "all"},
+    "rglcd_fast_compile_cl": {"compile_unets": "all", "channels_last": True},
+    "rglcd_fast_compile_frozen": {"compile_unets": "frozen"},
+    "rglcd_fast_compile_budget": {"compile_unets": "all", "compile_memory_budget": 0.5},
 }
 
 
@@ -662,6 +666,7 @@ def restore_parts(parts):
     for module in (parts["unet"], parts["vae"]):
         module.to(memory_format=torch.contiguous_format)
         module._compiled_call_impl = None
+    torch._functorch.config.activation_memory_budget = 1.0  # compile_memory_budget sets it process-wide
 
 
 # ---- checks ---------------------------------------------------------------------------------------------
@@ -751,8 +756,10 @@ PROVIDER_NAMES = {"reference": "A. reference (LCD script step, incl. text + VAE 
                   "rglcd_fast_bf16_target": "B, EMA target stored in bf16 (not adopted)",
                   "rglcd_fast_nockpt": "B, gradient_checkpointing=False",
                   "rglcd_fast_decode_one_call": "B, vae_decode_batch_size=2·batch (one decode call)",
-                  "rglcd_fast_compile": "B, compile_unets=True",
-                  "rglcd_fast_compile_cl": "B, compile_unets=True, channels_last=True"}
+                  "rglcd_fast_compile": "B, compile_unets=all",
+                  "rglcd_fast_compile_cl": "B, compile_unets=all, channels_last=True",
+                  "rglcd_fast_compile_frozen": "B, compile_unets=frozen",
+                  "rglcd_fast_compile_budget": "B, compile_unets=all, compile_memory_budget=0.5"}
 # variants measured in one reward branch only: the LRM's decode (on); the target's dtype and checkpointing
 # (off: their effect does not depend on the branch)
 ONLY_REWARD = {"rglcd_fast_decode_one_call": True, "rglcd_fast_bf16_target": False, "rglcd_fast_nockpt": False}

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (device tool): build rglcd_fast from source, run the whole test suite
 # (CUDA cases included), the op tests under compute-sanitizer, and the op benchmark.
-#   device run:  bash scripts/gpu_check.sh [tests|sanitizer|bench|sampling|train|all]...   (carry .whl: see shared/wheels)
+#   device run:  bash scripts/gpu_check.sh [tests|sanitizer|bench|sampling|train|multi_gpu|all]...
+#   (carry .whl: see shared/wheels)
 # Logs and benchmark tables go to $OUT (the device tool brings them back; commit the tables under
 # benchmarks/results/ as ops_<card>.md, sampling_<card>.md and train_step_<card>.md). RGLCD_COMMIT names the
 # commit measured where the copy on the device has no git history. "train" (the SD2.1-scale training-step
-# benchmark, a few minutes) runs only when named: "all" leaves it out.
+# benchmark, a few minutes) and "multi_gpu" (a machine of several GPUs: data-parallel training through
+# accelerate launch on 1 and all GPUs, SD2.1 scale and the digits world, and a 2-rank resume) run only when
+# named: "all" leaves them out.
 set -uo pipefail
 OUT=${OUT:-/tmp/rglcd_out}
 mkdir -p "$OUT"
@@ -13,6 +16,8 @@ stages=${*:-all}
 # The image's default compiler (CC/CXX point at /opt/gcc) links libstdc++ statically: C++ exceptions
 # thrown by our kernels then crash instead of reaching Python. The system g++ shares torch's libstdc++.
 export CC=gcc CXX=g++
+# NVLink multicast stays off (device docs: it can take the host's GPUs out of service)
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 if ls .whl/*.whl >/dev/null 2>&1; then  # diffusers (the schedulers' equivalence tests) is not on the image
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
@@ -56,5 +61,44 @@ fi
 if [[ " $stages " == *" train "* ]]; then  # TRAIN_ARGS: e.g. "--reward off --steps 20"
   python3 benchmarks/bench_train_step.py --out "$OUT/train_step.md" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_step.log" | tail -40
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+if [[ " $stages " == *" multi_gpu "* ]]; then  # MULTI_GPU_PARTS: sd21 and/or digits (default both)
+  gpus=$(nvidia-smi -L | wc -l)
+  launch() {  # launch N ARGS...: one process per GPU on the first N GPUs
+    local n=$1; shift
+    accelerate launch --num_processes "$n" --num_machines 1 $([ "$n" -gt 1 ] && echo --multi_gpu) \
+      --mixed_precision bf16 --dynamo_backend no "$@"
+  }
+  parts=${MULTI_GPU_PARTS:-sd21 digits}
+  if [[ " $parts " == *" sd21 "* ]]; then
+    for reward in ${MULTI_GPU_REWARD:-off on}; do
+      for n in 1 "$gpus"; do
+        launch "$n" benchmarks/bench_multi_gpu.py --reward "$reward" --json "$OUT/multi_gpu.jsonl" \
+          ${MULTI_GPU_ARGS:-} > "$OUT/sd21_reward_${reward}_${n}gpu.log" 2>&1 || { status=1; tail -20 "$OUT/sd21_reward_${reward}_${n}gpu.log"; }
+        tail -1 "$OUT/sd21_reward_${reward}_${n}gpu.log"
+      done
+    done
+  fi
+  digits=()
+  if [[ " $parts " == *" digits "* ]]; then  # `rglcd-fast train` as the README runs it, then a resume on all GPUs
+    for n in 1 "$gpus"; do
+      dir=/tmp/digits_${n}gpu
+      rm -rf "$dir"
+      launch "$n" -m rglcd_fast.cli train --output-dir "$dir" --progress false > "$OUT/digits_${n}gpu.log" 2>&1 \
+        || { status=1; tail -20 "$OUT/digits_${n}gpu.log"; }
+      digits+=("$n:$dir")
+    done
+    launch "$gpus" -m rglcd_fast.cli train --output-dir "/tmp/digits_${gpus}gpu" --progress false \
+      --resume-from-checkpoint latest --max-train-steps 400 > "$OUT/digits_resume.log" 2>&1 \
+      || { status=1; tail -20 "$OUT/digits_resume.log"; }
+    for n in 1 "$gpus"; do
+      mkdir -p "$OUT/digits_${n}gpu" && cp -r /tmp/digits_${n}gpu/{logs.csv,samples} "$OUT/digits_${n}gpu/"
+    done
+    echo "resumed run: steps $(cut -d, -f1 /tmp/digits_${gpus}gpu/logs.csv | tr '\n' ' ')"
+  fi
+  if [ -s "$OUT/multi_gpu.jsonl" ]; then
+    python3 benchmarks/bench_multi_gpu.py --report "$OUT/multi_gpu.jsonl" --digits "${digits[@]}" \
+      --out "$OUT/multi_gpu.md" | tail -20
+  fi
 fi
 exit $status

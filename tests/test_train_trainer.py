@@ -216,10 +216,12 @@ def test_config_file_flags_and_errors(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("max_train_steps: 7\nreward_mode: direct\nlrm_widths: [16, 32]\n")
     args = build_parser().parse_args(["train", "--config", str(path), "--reward-mode", "none",
-                                      "--resume-from-checkpoint", "latest", "--use-lora", "true"])
+                                      "--resume-from-checkpoint", "latest", "--use-lora", "true",
+                                      "--compile-unets", "frozen", "--compile-memory-budget", "0.5"])
     config = config_from_args(args)
     assert (config.max_train_steps, config.reward_mode, config.lrm_widths) == (7, "none", (16, 32))
     assert config.use_lora and config.learning_rate == 1e-4 and config.resume_from_checkpoint == "latest"
+    assert (config.compile_unets, config.compile_memory_budget) == ("frozen", 0.5)
     assert make_config().train_batch_size == DIGITS_PRESET["train_batch_size"]  # the digits world preset
     assert make_config(teacher="/some/sd").train_batch_size == TrainConfig.train_batch_size
     assert make_config(teacher="/some/sd").learning_rate == 1e-6  # the LCD script's full-student default
@@ -227,6 +229,10 @@ def test_config_file_flags_and_errors(tmp_path):
         make_config(nope=1)
     with pytest.raises(ValueError, match="reward_mode"):
         make_config(reward_mode="pixels")
+    with pytest.raises(ValueError, match="compile_unets"):
+        make_config(compile_unets="true")
+    with pytest.raises(ValueError, match="compile_memory_budget"):
+        make_config(compile_unets="all", compile_memory_budget=0.0)
     with pytest.raises(FileNotFoundError, match="config"):
         make_config(str(tmp_path / "missing.yaml"))
 

@@ -10,6 +10,7 @@ from typing import Optional
 
 REWARD_MODES = ("lrm", "direct", "none")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+COMPILE_UNETS = ("none", "frozen", "all")
 
 
 @dataclass
@@ -72,7 +73,11 @@ class TrainConfig:
     progress: bool = True
     # ---- speed and memory (none changes the math; benchmarks/results/train_step_<card>.md measures each)
     channels_last: bool = False  # CUDA: UNets and VAE in NHWC (eager: slower, torch's CUDA GroupNorm is NCHW-only)
-    compile_unets: bool = False  # torch.compile the student, teacher and target UNets (the first step compiles)
+    # torch.compile: "frozen" the teacher and EMA target UNets (forward only), "all" the student too; each
+    # compiles on its first call. compile_memory_budget: AOTAutograd's activation memory budget for the
+    # compiled student (0 < b <= 1; lower recomputes more in the backward; None: torch's default, 1.0)
+    compile_unets: str = "none"
+    compile_memory_budget: Optional[float] = None
     vae_decode_batch_size: Optional[int] = None  # LRM update: samples per VAE decode (None: lrm_batch_size)
 
     def __post_init__(self):
@@ -80,6 +85,10 @@ class TrainConfig:
             raise ValueError(f"reward_mode: expected one of {', '.join(REWARD_MODES)}, got {self.reward_mode!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision: expected one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        if self.compile_unets not in COMPILE_UNETS:
+            raise ValueError(f"compile_unets: expected one of {', '.join(COMPILE_UNETS)}, got {self.compile_unets!r}")
+        if self.compile_memory_budget is not None and not 0.0 < self.compile_memory_budget <= 1.0:
+            raise ValueError(f"compile_memory_budget: expected a value in (0, 1], got {self.compile_memory_budget}")
         if self.loss_type not in ("huber", "l2"):
             raise ValueError(f"loss_type: expected 'huber' or 'l2', got {self.loss_type!r}")
         if self.lrm_loss not in ("kl", "ce"):

@@ -108,11 +108,17 @@ class Trainer:
                                      num_warmup_steps=config.lr_warmup_steps * acc.num_processes,
                                      num_training_steps=config.max_train_steps * acc.num_processes)
         self.student, self.optimizer, self.lr_scheduler = acc.prepare(student, optimizer, lr_scheduler)
-        if config.compile_unets:
+        if config.compile_unets != "none":
             # in place (Module.compile: same module, same state dict); each UNet compiles on its first call
             # (the student with gradient checkpointing: dynamo traces non-reentrant checkpoints). Under DDP the
             # wrapped module is compiled, so dynamo sees no DDP: gradients all-reduce after the whole backward.
-            for module in {id(m): m for m in (student, self.teacher.unet, self.target) if m is not None}.values():
+            # "frozen" leaves out every UNet with a trainable parameter (with LoRA the student is the target).
+            unets = {id(m): m for m in (student, self.teacher.unet, self.target) if m is not None}.values()
+            if config.compile_unets == "frozen":
+                unets = [m for m in unets if not any(p.requires_grad for p in m.parameters())]
+            if config.compile_memory_budget is not None:  # process-wide: read when the student's graph compiles
+                torch._functorch.config.activation_memory_budget = config.compile_memory_budget
+            for module in unets:
                 module.compile()
 
         self._expert = reward_model

@@ -1,0 +1,179 @@
+"""GPU benchmark: data-parallel RG-LCD training on one and several GPUs of one host (accelerate, NCCL).
+
+Each process builds the SD2.1-architecture teacher with random weights (the configs and seeds of
+bench_train_step.py, so every rank starts from the same weights), then times Trainer.train_step (the
+train-step benchmark's provider B: 768 px, batch 8 per GPU, bf16 mixed precision, gradient
+checkpointing), reward branch off (LCD) or on (LRM). After the timed steps every rank's student and
+target weights are compared (per-tensor float64 sums and sums of squares, gathered): ranks in sync or
+the run fails. Rank 0 appends one JSON line to --json; --report turns the lines into the results table,
+with the scaling efficiency (N-GPU images/s ÷ (N × 1-GPU images/s)) and, with --digits, the images/s of
+digits-world runs of `rglcd-fast train` read from their logs.csv.
+
+    accelerate launch --num_processes 2 --multi_gpu benchmarks/bench_multi_gpu.py --reward off --json runs.jsonl
+    python benchmarks/bench_multi_gpu.py --report runs.jsonl --digits 1:DIR 2:DIR --out results/multi_gpu_<card>.md
+    torchrun --nproc_per_node 2 benchmarks/bench_multi_gpu.py --small --json /tmp/runs.jsonl   # CPU (gloo) smoke run
+scripts/multi_gpu.sh runs the whole set on the lent machine.
+"""
+import argparse
+import csv
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(HERE, "..")]
+
+import bench_train_step as bench  # noqa: E402  (model configs, random data, the step timer)
+
+
+def fingerprint(modules):
+    """Per-tensor float64 sum and sum of squares of every parameter and buffer: equal on every rank when
+    the ranks hold the same weights (same values, same reduction order on the same kind of device)."""
+    stats = [torch.stack([t.double().sum(), t.double().square().sum()])
+             for m in modules for t in list(m.parameters()) + list(m.buffers())]
+    return torch.cat(stats)
+
+
+def run(args):
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    elif args.small:
+        device = torch.device("cpu")
+    else:
+        raise SystemExit("no CUDA device: run with --small for the CPU smoke run")
+    t0 = time.perf_counter()
+    parts = bench.build_teacher_parts(args.small, device, torch.bfloat16, "epsilon")
+    expert = bench.build_expert(args.small, device, torch.bfloat16, parts["tokenizer"]) if args.reward == "on" else None
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    dataset = bench.RandomImages(2 * args.batch * world, args.resolution)
+    settings = types.SimpleNamespace(batch=args.batch, resolution=args.resolution)
+    provider = bench.TrainerProvider(parts, dataset, settings, device, args.reward == "on", expert,
+                                     tempfile.mkdtemp(prefix="rglcd_bench_multi_gpu_"))
+    trainer = provider.trainer
+    acc = trainer.accelerator
+    assert acc.num_processes == world, (acc.num_processes, world)
+    built_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, first_s, first_loss, _ = bench.time_steps(provider.step, device, args.warmup, args.steps)
+
+    student = acc.unwrap_model(trainer.student)
+    modules = [student] + ([trainer.target] if trainer.target is not None else [])
+    if trainer.guidance is not None and trainer.guidance.lrm is not None:
+        modules.append(trainer.guidance.lrm)
+    prints = acc.gather(fingerprint(modules)[None].to(device))
+    in_sync = all(torch.equal(prints[0], p) for p in prints[1:])
+    peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0],
+                        device=device)
+    peak_gib = acc.gather(peak).max().item()
+    # every rank's step times: the slowest rank's median sets the pace (the all-reduce waits for it)
+    medians = acc.gather(torch.tensor([statistics.median(times)], device=device))
+    ms = medians.max().item()
+    if acc.is_main_process:
+        row = dict(world=world, reward=args.reward, small=args.small, batch_per_gpu=args.batch,
+                   resolution=args.resolution, ms=ms, rank_ms=[round(m, 2) for m in medians.tolist()],
+                   lo=min(times), hi=max(times), n=len(times), images_per_s=world * args.batch / ms * 1e3,
+                   peak_gib=peak_gib, first_step_s=first_s, first_loss=first_loss, built_s=built_s, in_sync=in_sync,
+                   card=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke run)",
+                   torch=torch.__version__, backend=str(acc.state.backend))
+        print(json.dumps(row), flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    trainer.finish()
+    if not in_sync:
+        raise SystemExit("ranks out of sync: their student / target / LRM weights differ after the timed steps")
+
+
+def digits_images_per_s(folder):
+    """Median images/s (all ranks together) of a `rglcd-fast train` run's logs.csv, first window left out
+    (it holds the start-up)."""
+    with open(os.path.join(folder, "logs.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("images_per_s")]
+    values = [float(r["images_per_s"]) for r in rows[1:]] or [float(r["images_per_s"]) for r in rows]
+    return statistics.median(values), int(rows[-1]["step"])
+
+
+def report(args):
+    with open(args.report) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows:
+        raise SystemExit(f"{args.report}: no runs")
+    commit = os.environ.get("RGLCD_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    r0 = rows[0]
+    lines = [f"# Multi-GPU training: {r0['card']}", "",
+             f"torch {r0['torch']}; commit {commit or 'unknown'}; {datetime.date.today().isoformat()}; "
+             f"backend {r0['backend']}, one process per GPU (accelerate launch), DDP. Data parallel: batch "
+             f"{r0['batch_per_gpu']} per GPU at {r0['resolution']} px, so N GPUs train N× the images a step. "
+             f"{'Tiny configs (smoke run)' if r0['small'] else 'SD2.1 architecture with random weights'}, "
+             "bf16 mixed precision, gradient checkpointing, "
+             "Trainer.train_step (bench_train_step.py's provider B). ms/step: the slowest rank's median over n "
+             "steps after warm-up, each from a synchronised device to a synchronised device. Scaling "
+             "efficiency: N-GPU images/s ÷ (N × 1-GPU images/s). In sync: every rank's student, EMA target "
+             "and LRM weights compared after the timed steps.", "",
+             "| reward branch | GPUs | ms/step (min–max, n) | images/s | scaling efficiency | peak GiB / GPU | "
+             "in sync |", "|---|---|---|---|---|---|---|"]
+    for reward in ("off", "on"):
+        runs = sorted((r for r in rows if r["reward"] == reward), key=lambda r: r["world"])
+        one = next((r["images_per_s"] for r in runs if r["world"] == 1), None)
+        for r in runs:
+            eff = f"{r['images_per_s'] / (r['world'] * one):.1%}" if one and r["world"] > 1 else "–"
+            label = "on (LRM)" if reward == "on" else "off"
+            lines.append(f"| {label} | {r['world']} | {r['ms']:.1f} ({r['lo']:.1f}–{r['hi']:.1f}, n={r['n']}) | "
+                         f"{r['images_per_s']:.2f} | {eff} | {r['peak_gib']:.1f} | {'yes' if r['in_sync'] else 'NO'} |")
+    if args.digits:
+        runs = []
+        for spec in args.digits:
+            gpus, folder = spec.split(":", 1)
+            runs.append((int(gpus), folder) + digits_images_per_s(folder))
+        one = next((ips for gpus, _, ips, _ in runs if gpus == 1), None)
+        lines += ["", "Digits world, `accelerate launch -m rglcd_fast.cli train` (the default run: LRM reward, "
+                  "batch 32 per GPU), images/s from logs.csv (median over the logging windows after the first):",
+                  "", "| GPUs | steps | images/s | scaling efficiency |", "|---|---|---|---|"]
+        for gpus, _, ips, steps in sorted(runs):
+            eff = f"{ips / (gpus * one):.1%}" if one and gpus > 1 else "–"
+            lines.append(f"| {gpus} | {steps} | {ips:.1f} | {eff} |")
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(text)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reward", choices=("off", "on"), default="off")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10; --small: 2)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps, >= 1 (default 3; --small: 1)")
+    parser.add_argument("--batch", type=int, default=None, help="per GPU (default 8; --small: 2)")
+    parser.add_argument("--resolution", type=int, default=None, help="default 768 (--small: 32)")
+    parser.add_argument("--small", action="store_true", help="tiny configs, CPU or GPU: a quick smoke run")
+    parser.add_argument("--json", default=None, help="append this run's row here (rank 0)")
+    parser.add_argument("--report", default=None, help="JSON lines of runs: write the table instead of running")
+    parser.add_argument("--digits", nargs="*", default=[], metavar="GPUS:DIR",
+                        help="with --report: `rglcd-fast train` output folders and their GPU counts")
+    parser.add_argument("--out", default=None, help="with --report: the markdown file")
+    args = parser.parse_args()
+    if args.report:
+        return report(args)
+    args.steps = args.steps or (2 if args.small else 10)
+    args.warmup = max(1, args.warmup or (1 if args.small else 3))
+    args.batch = args.batch or (2 if args.small else 8)
+    args.resolution = args.resolution or (32 if args.small else 768)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
