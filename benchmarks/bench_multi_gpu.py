@@ -114,7 +114,7 @@ def report(args):
     r0 = rows[0]
     lines = [f"# Multi-GPU training: {r0['card']}", "",
              f"torch {r0['torch']}; commit {commit or 'unknown'}; {datetime.date.today().isoformat()}; "
-             f"backend {r0['backend']}, one process per GPU (accelerate launch), DDP. Data parallel: batch "
+             f"backend {rows[-1]['backend']}, one process per GPU (accelerate launch), DDP. Data parallel: batch "
              f"{r0['batch_per_gpu']} per GPU at {r0['resolution']} px, so N GPUs train N× the images a step. "
              f"{'Tiny configs (smoke run)' if r0['small'] else 'SD2.1 architecture with random weights'}, "
              "bf16 mixed precision, gradient checkpointing, "

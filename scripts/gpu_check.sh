@@ -62,14 +62,14 @@ if [[ " $stages " == *" train "* ]]; then  # TRAIN_ARGS: e.g. "--reward off --st
   python3 benchmarks/bench_train_step.py --out "$OUT/train_step.md" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_step.log" | tail -40
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
-if [[ " $stages " == *" multi_gpu "* ]]; then  # MULTI_GPU_PARTS: sd21 and/or digits (default both)
+if [[ " $stages " == *" multi_gpu "* ]]; then  # MULTI_GPU_PARTS: any of sd21 digits pytest (default all)
   gpus=$(nvidia-smi -L | wc -l)
   launch() {  # launch N ARGS...: one process per GPU on the first N GPUs
     local n=$1; shift
     accelerate launch --num_processes "$n" --num_machines 1 $([ "$n" -gt 1 ] && echo --multi_gpu) \
       --mixed_precision bf16 --dynamo_backend no "$@"
   }
-  parts=${MULTI_GPU_PARTS:-sd21 digits}
+  parts=${MULTI_GPU_PARTS:-sd21 digits pytest}
   if [[ " $parts " == *" sd21 "* ]]; then
     for reward in ${MULTI_GPU_REWARD:-off on}; do
       for n in 1 "$gpus"; do
@@ -95,6 +95,11 @@ if [[ " $stages " == *" multi_gpu "* ]]; then  # MULTI_GPU_PARTS: sd21 and/or di
       mkdir -p "$OUT/digits_${n}gpu" && cp -r /tmp/digits_${n}gpu/{logs.csv,samples} "$OUT/digits_${n}gpu/"
     done
     echo "resumed run: steps $(cut -d, -f1 /tmp/digits_${gpus}gpu/logs.csv | tr '\n' ' ')"
+  fi
+  if [[ " $parts " == *" pytest "* ]]; then  # NCCL: in sync, bitwise resume
+    python3 -m pytest -q tests/test_train_trainer.py -k two_processes -p no:cacheprovider \
+      > "$OUT/two_ranks_nccl.log" 2>&1 || status=1
+    echo "two-rank trainer test (NCCL): $(tail -1 "$OUT/two_ranks_nccl.log")"
   fi
   if [ -s "$OUT/multi_gpu.jsonl" ]; then
     python3 benchmarks/bench_multi_gpu.py --report "$OUT/multi_gpu.jsonl" --digits "${digits[@]}" \

@@ -71,12 +71,14 @@ class Trainer:
     def __init__(self, config: TrainConfig, accelerator=None, teacher: Teacher | None = None, dataset=None,
                  reward_model=None):
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration, set_seed
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
         self.config = config
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
             cpu=not torch.cuda.is_available(),  # several CPU processes (torchrun, accelerate launch): gloo
+            # DDP: the gradients live in the all-reduce buckets (no second copy: -3.2 GiB at SD2.1 scale)
+            kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
             log_with="tensorboard", project_config=ProjectConfiguration(
                 project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")))
         acc = self.accelerator
