@@ -77,7 +77,7 @@ class Trainer:
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
             cpu=not torch.cuda.is_available(),  # several CPU processes (torchrun, accelerate launch): gloo
-            # DDP: the gradients live in the all-reduce buckets (no second copy: -3.2 GiB at SD2.1 scale)
+            # DDP: the gradients live in the all-reduce buckets (no second copy of them)
             kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
             log_with="tensorboard", project_config=ProjectConfiguration(
                 project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")))
