@@ -1,6 +1,6 @@
 """Benchmarks of the solver family. CPU: pytest-benchmark, eager reference vs rglcd_fast at SD1.5-512
 latents, batch 4 (`pytest benchmarks --benchmark-only`). GPU: gpu_cases() for bench_ops.py (eager,
-torch.compile of the reference, rglcd_fast), the LCM step against diffusers' own LCMScheduler.step.
+torch.compile of the reference, rglcd_fast), FusedLCMScheduler.step against diffusers' own LCMScheduler.step.
 
 The teacher's solver step is timed forward only (the teacher is frozen in LCD training); the sampling
 steps are inference ops. Sampling uses one timestep for the whole batch, as a pipeline does."""
@@ -91,12 +91,15 @@ def test_ddim_step(benchmark, provider, dtype):
         benchmark(step, m, x, t, prev, ac)
 
 
-def _diffusers_lcm_step(m, x):
-    """diffusers' LCMScheduler.step at the first of 4 timesteps, drawing its noise from a generator.
-    The step index is reset before every call (step() advances it), so each call is that same step."""
+def _scheduler_lcm_step(m, x, fused):
+    """diffusers' LCMScheduler.step (or our drop-in FusedLCMScheduler.step) at the first of 4 timesteps,
+    drawing its noise from a generator. The step index is reset before every call (step() advances it),
+    so each call is that same step."""
     from diffusers import LCMScheduler
 
-    scheduler = LCMScheduler(**SD_SCHEDULE)
+    from rglcd_fast.schedulers import FusedLCMScheduler
+
+    scheduler = (FusedLCMScheduler if fused else LCMScheduler)(**SD_SCHEDULE)
     scheduler.set_timesteps(LCM_STEPS, device=m.device)
     t = scheduler.timesteps[0]
     generator = torch.Generator(device=m.device).manual_seed(0)
@@ -123,8 +126,8 @@ def gpu_cases(quick, dtypes, device="cuda"):
                 return run
 
             def lcm(provider, m=u, x=x, ac=ac, ts=ts, prev_ts=prev_ts):
-                if provider == "eager":
-                    return _diffusers_lcm_step(m, x)
+                if provider != "compile":
+                    return _scheduler_lcm_step(m, x, fused=provider == "rglcd_fast")
                 step = lcm_fn(provider)
                 generator = torch.Generator(device=m.device).manual_seed(0)
 
@@ -144,8 +147,9 @@ def gpu_cases(quick, dtypes, device="cuda"):
 
             # teacher step: cond, uncond, sample in; x_prev, pred_x0 out (5N), which is what we move.
             yield Case("teacher CFG + DDIM solver step", shape_name, dtype, teacher, 5 * n * size, 5 * n * size)
-            # LCM step: model_output, sample in; prev_sample, denoised out (4N). Ours: the noise draw
-            # writes N, the step reads m, x, z and writes both outputs (6N).
+            # LCM step, diffusers' LCMScheduler.step vs our FusedLCMScheduler.step (the compile provider:
+            # the reference step compiled, after the same draw): model_output, sample in; prev_sample,
+            # denoised out (4N). Ours: the noise draw writes N, the step reads m, x, z and writes both (6N).
             yield Case("LCMScheduler.step", shape_name, dtype, lcm, 4 * n * size, 6 * n * size)
             # DDIM step (eta = 0): model_output, sample in; prev_sample, pred_x0 out (4N).
             yield Case("DDIM sampling step", shape_name, dtype, ddim, 4 * n * size, 4 * n * size)

@@ -15,6 +15,8 @@ from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from . import ops
+from .ops import _checks as check
+from .ops import solver as solver_ops
 
 
 class _FusedStepMixin:
@@ -63,6 +65,21 @@ class FusedLCMScheduler(_FusedStepMixin, LCMScheduler):
     def set_timesteps(self, *args, **kwargs):
         super().set_timesteps(*args, **kwargs)
         self._remember_host_timesteps()
+        config = self.config  # checked once here, not in every step()
+        self._rglcd_constants = solver_ops.lcm_step_constants(
+            self._final_alpha_cumprod(), config.prediction_type, config.timestep_scaling, config.clip_sample,
+            config.clip_sample_range, config.thresholding, config.dynamic_thresholding_ratio,
+            config.sample_max_value)
+        self._rglcd_prev_timesteps = {}
+
+    def _prev_timesteps_on(self, device: torch.device) -> list:
+        """For each step index but the last, the schedule's next timestep as a 0-d tensor on `device`,
+        built once per set_timesteps."""
+        cached = self._rglcd_prev_timesteps.get(device)
+        if cached is None:
+            timesteps = self.timesteps.to(device)
+            cached = self._rglcd_prev_timesteps[device] = [timesteps[i] for i in range(1, len(timesteps))]
+        return cached
 
     def _init_step_index(self, timestep):
         if self.begin_index is None:
@@ -78,21 +95,23 @@ class FusedLCMScheduler(_FusedStepMixin, LCMScheduler):
                              "the scheduler")
         if self.step_index is None:
             self._init_step_index(timestep)
+        # The host work of a step is most of its time on the GPU: the configuration was checked in
+        # set_timesteps, the next timesteps live on the device, and the op is called directly.
+        check.latents(model_output=model_output, sample=sample)
+        solver_ops._forward_only("lcm_step", model_output=model_output, sample=sample)
         device = sample.device
-        prev_step_index = self.step_index + 1
-        prev_timestep = self.timesteps[prev_step_index] if prev_step_index < len(self.timesteps) else timestep
+        t = self._timestep_tensor(timestep, device)
+        if t.dim() > 1 or t.numel() not in (1, sample.shape[0]) or t.dtype not in check.INDEX_DTYPES:
+            t = check.per_sample("timestep", t, sample.shape[0], device, integer=True)  # raises, naming it
+        prev_t = self._prev_timesteps_on(device)[self.step_index] if self.step_index + 1 < len(self.timesteps) else t
         noise = None
-        if self.step_index != self.num_inference_steps - 1:
-            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                                 dtype=sample.dtype)
-        config = self.config
-        prev_sample, denoised = ops.lcm_step(
-            model_output, sample, self._timestep_tensor(timestep, device), self._timestep_tensor(prev_timestep, device),
-            self._schedule_on(device), noise=noise, final_alpha_cumprod=self._final_alpha_cumprod(),
-            prediction_type=config.prediction_type, timestep_scaling=config.timestep_scaling,
-            clip_sample=config.clip_sample, clip_sample_range=config.clip_sample_range,
-            thresholding=config.thresholding, dynamic_thresholding_ratio=config.dynamic_thresholding_ratio,
-            sample_max_value=config.sample_max_value)
+        if self.step_index != self.num_inference_steps - 1:  # randn_tensor's draw; its own path where a generator is on another device or a list
+            if generator is None or (isinstance(generator, torch.Generator) and generator.device == device):
+                noise = torch.randn(model_output.shape, generator=generator, device=device, dtype=sample.dtype)
+            else:
+                noise = randn_tensor(model_output.shape, generator=generator, device=device, dtype=sample.dtype)
+        prev_sample, denoised = solver_ops._lcm_step(model_output, sample, t.reshape(-1), prev_t.reshape(-1),
+                                                     self._schedule_on(device), noise, *self._rglcd_constants)
         self._step_index += 1
         if not return_dict:
             return prev_sample, denoised

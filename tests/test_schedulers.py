@@ -114,6 +114,23 @@ def test_ddim_variance_noise_and_generator_exclusive():
         scheduler.step(x, scheduler.timesteps[0], x, eta=0.5, generator=torch.Generator(), variance_noise=x)
 
 
+def test_lcm_step_bad_inputs_are_named():
+    scheduler = FusedLCMScheduler(**SD_SCHEDULE)
+    scheduler.set_timesteps(4)
+    x = torch.randn(2, 4, 4, 4)
+    scheduler._step_index = 0
+    with pytest.raises(ValueError, match="timestep"):
+        scheduler.step(x, scheduler.timesteps[:3], x)  # three values for two samples
+    scheduler._step_index = 0
+    with pytest.raises(TypeError, match="timestep"):
+        scheduler.step(x, torch.tensor(999.0), x)
+    scheduler._step_index = 0
+    with pytest.raises(ValueError, match="sample"):
+        scheduler.step(x, scheduler.timesteps[0], x[:1])
+    with pytest.raises(ValueError, match="prediction_type"):
+        FusedLCMScheduler(**SD_SCHEDULE, prediction_type="x0").set_timesteps(4)
+
+
 def test_config_round_trip_and_compatibles(tmp_path):
     lcm = LCMScheduler(**SD_SCHEDULE, prediction_type="v_prediction", timestep_scaling=5.0)
     fused = FusedLCMScheduler.from_config(lcm.config)

@@ -159,6 +159,18 @@ def guided_ddim_step(cond_output, uncond_output, sample, timesteps, prev_timeste
                              alphas_cumprod, prediction_type)
 
 
+def lcm_step_constants(final_alpha_cumprod=1.0, prediction_type="epsilon", timestep_scaling=10.0, clip_sample=False,
+                       clip_sample_range=1.0, thresholding=False, dynamic_thresholding_ratio=0.995,
+                       sample_max_value=1.0) -> tuple:
+    """lcm_step's non-tensor arguments, checked, in the op's order: what a scheduler checks once per
+    configuration and passes to torch.ops.rglcd_fast.lcm_step after the six tensor arguments."""
+    check.choice("prediction_type", prediction_type, check.PREDICTION_TYPES)
+    scaling = _number("timestep_scaling", timestep_scaling, math.isfinite, "a finite value")
+    limits = _x0_limit_arguments(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
+                                 sample_max_value)
+    return (_final_alpha_cumprod(final_alpha_cumprod), prediction_type, scaling, *limits)
+
+
 def lcm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise=None, final_alpha_cumprod=1.0,
              prediction_type="epsilon", timestep_scaling=10.0, clip_sample=False, clip_sample_range=1.0,
              thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0):
@@ -171,13 +183,11 @@ def lcm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, no
     (a separate tensor). Clip / dynamic thresholding of x0 as the scheduler config says."""
     check.latents(model_output=model_output, sample=sample, **({} if noise is None else {"noise": noise}))
     _forward_only("lcm_step", model_output=model_output, sample=sample, noise=noise)
+    constants = lcm_step_constants(final_alpha_cumprod, prediction_type, timestep_scaling, clip_sample,
+                                   clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value)
     timesteps, prev_timesteps, alphas_cumprod = _step_schedule_arguments(sample, timesteps, prev_timesteps,
                                                                          alphas_cumprod, prediction_type)
-    limits = _x0_limit_arguments(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
-                                 sample_max_value)
-    scaling = _number("timestep_scaling", timestep_scaling, math.isfinite, "a finite value")
-    return _lcm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise,
-                     _final_alpha_cumprod(final_alpha_cumprod), prediction_type, scaling, *limits)
+    return _lcm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise, *constants)
 
 
 def ddim_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise=None, final_alpha_cumprod=1.0,
