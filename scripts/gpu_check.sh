@@ -28,8 +28,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/device.txt"
 
 start=$(date +%s)
-python3 setup.py build_ext --inplace --force > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
-echo "build: $(( $(date +%s) - start )) s"
+if [ "${RGLCD_SKIP_BUILD:-0}" != 1 ]; then  # 1: stages run side by side after one build (e.g. one per GPU)
+  python3 setup.py build_ext --inplace --force > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+  echo "build: $(( $(date +%s) - start )) s"
+fi
 python3 -c "import rglcd_fast as r; assert r.has_cuda_kernels(), r.extension_load_error(); print('CUDA kernels active')" || exit 1
 
 status=0
