@@ -66,8 +66,8 @@ def main():
     if not rglcd_fast.has_cuda_kernels():
         sys.exit(f"rglcd_fast has no CUDA kernels here ({rglcd_fast.extension_load_error()})")
     card = torch.cuda.get_device_name()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=HERE).stdout.strip() or os.environ.get("RGLCD_COMMIT", "unknown")
+    commit = os.environ.get("RGLCD_COMMIT") or subprocess.run(  # the device's copy may hold a stale .git
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip() or "unknown"
     copy_gbs = copy_bandwidth_gbs()
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
 

@@ -86,8 +86,8 @@ def main():
     sampler = sd15_sampler(dtype)
     diffusers_scheduler = LCMScheduler.from_config(sampler.scheduler.config)
     card = torch.cuda.get_device_name()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=HERE).stdout.strip() or os.environ.get("RGLCD_COMMIT", "unknown")
+    commit = os.environ.get("RGLCD_COMMIT") or subprocess.run(  # the device's copy may hold a stale .git
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip() or "unknown"
     rows = []
     compiled_unet, compile_seconds = None, None
     for batch in map(int, args.batches.split(",")):
