@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (device tool): build rglcd_fast from source, run the whole test suite
 # (CUDA cases included), the op tests under compute-sanitizer, and the op benchmark.
-#   device run:  bash scripts/gpu_check.sh [tests|sanitizer|bench|sampling|train|multi_gpu|all]...
+#   device run:  bash scripts/gpu_check.sh [tests|sanitizer|bench|sampling|sampling_sdxl|train|multi_gpu|all]...
 #   (carry .whl: see shared/wheels)
 # Logs and benchmark tables go to $OUT (the device tool brings them back; commit the tables under
 # benchmarks/results/ as ops_<card>.md, sampling_<card>.md and train_step_<card>.md). RGLCD_COMMIT names the
@@ -58,6 +58,11 @@ if run_stage bench; then
 fi
 if run_stage sampling; then
   python3 benchmarks/bench_sampling.py --out "$OUT/sampling.md" ${SAMPLING_ARGS:-} 2>&1 | tee "$OUT/sampling.log" | tail -20
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+if run_stage sampling_sdxl; then  # SDXL architecture, 1024 px, batch 1
+  python3 benchmarks/bench_sampling.py --arch sdxl --out "$OUT/sampling_sdxl.md" ${SAMPLING_ARGS:-} 2>&1 \
+    | tee "$OUT/sampling_sdxl.log" | tail -20
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 if [[ " $stages " == *" train "* ]]; then  # TRAIN_ARGS: e.g. "--reward off --steps 20"

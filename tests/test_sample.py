@@ -1,9 +1,11 @@
 """The fast sampler and `rglcd-fast sample` on tiny random pipelines (no downloads)."""
 import os
+import shutil
 
 import pytest
 import torch
-from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline
+from diffusers import (LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline)
 from PIL import Image
 
 from helpers import CUDA_GRAPHS
@@ -53,6 +55,47 @@ def test_lcm_lora_in_stable_diffusion_pipeline_and_sampler(base_and_lora):
     torch.testing.assert_close(sampler.latents("a digit two", steps=3, seed=1), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def xl_folders(tmp_path_factory):
+    lcm = save_tiny_pipeline(str(tmp_path_factory.mktemp("xl_lcm")), lcm=True, xl=True)
+    base = save_tiny_pipeline(str(tmp_path_factory.mktemp("xl_base")), lcm=False, xl=True)
+    return lcm, base, save_tiny_lcm_lora(base, str(tmp_path_factory.mktemp("xl_lora")), xl=True)
+
+
+def test_sdxl_sampler_matches_the_diffusers_sdxl_pipeline(xl_folders):
+    """An SDXL LCM (guidance embedding) and an SDXL base model with LCM-LoRA, against diffusers'
+    StableDiffusionXLPipeline with LCMScheduler (no classifier-free guidance, as LCMs sample)."""
+    lcm, base, lora = xl_folders
+    prompts = ["a digit seven", "a digit one"]
+    for folder, lora_weights, guidance in ((lcm, None, 8.0), (base, lora, 1.0)):
+        sampler = LCMSampler.from_pretrained(folder, lora=lora_weights, device="cpu")
+        assert sampler.text_encoder_2 is not None
+        ours = sampler.latents(prompts, steps=4, guidance_scale=guidance, seed=3, height=24, width=32)
+        pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+        if lora_weights:
+            pipe.load_lora_weights(lora_weights)
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+        theirs = pipe(prompts, num_inference_steps=4, guidance_scale=guidance, height=24, width=32,
+                      generator=torch.Generator().manual_seed(3), output_type="latent").images
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    images = sampler(["a digit seven"], steps=2, seed=0)
+    assert len(images) == 1 and images[0].size == (16, 16)
+
+
+def test_sdxl_folder_errors(xl_folders, lcm_folder, tmp_path):
+    broken = tmp_path / "no_tokenizer_2"
+    shutil.copytree(xl_folders[0], broken)
+    shutil.rmtree(broken / "tokenizer_2")
+    with pytest.raises(ValueError, match="tokenizer_2"):
+        LCMSampler.from_pretrained(str(broken), device="cpu")
+    mixed = tmp_path / "sd_unet_in_sdxl_folder"
+    shutil.copytree(xl_folders[0], mixed)
+    shutil.rmtree(mixed / "unet")
+    shutil.copytree(os.path.join(lcm_folder, "unet"), mixed / "unet")
+    with pytest.raises(ValueError, match="text_encoder_2"):
+        LCMSampler.from_pretrained(str(mixed), device="cpu")
+
+
 def test_sampler_errors(lcm_folder, base_and_lora, tmp_path):
     with pytest.raises(FileNotFoundError, match="model"):
         LCMSampler.from_pretrained(str(tmp_path / "missing"))
@@ -83,8 +126,9 @@ def test_cli_sample_writes_a_grid(lcm_folder, tmp_path, capsys):
 
 
 @pytest.mark.skipif(not CUDA_GRAPHS, reason="CUDA graphs need CUDA and its caching allocator")
-def test_cuda_graph_equals_eager(lcm_folder):
-    sampler = LCMSampler.from_pretrained(lcm_folder, device="cuda", dtype=torch.float32)
+@pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
+def test_cuda_graph_equals_eager(lcm_folder, xl_folders, xl):
+    sampler = LCMSampler.from_pretrained(xl_folders[0] if xl else lcm_folder, device="cuda", dtype=torch.float32)
     for seed in (0, 5):  # the second replay re-seeds the graph's noise
         eager = sampler.latents(["a digit seven", "a digit one"], steps=4, seed=seed)
         graphed = sampler.latents(["a digit seven", "a digit one"], steps=4, seed=seed, cuda_graph=True)

@@ -1,8 +1,8 @@
 """Few-step LCM sampling on the fused scheduler, optionally as one CUDA graph.
 
-`LCMSampler.from_pretrained(folder)` loads a diffusers-format Stable Diffusion folder whose UNet is a
-latent consistency model (it has a guidance embedding, `time_cond_proj_dim`), or a base model plus
-LCM-LoRA weights (`lora=`). Calling the sampler encodes the prompts, runs 1–8 fused LCM steps, decodes
+`LCMSampler.from_pretrained(folder)` loads a diffusers-format Stable Diffusion or SDXL folder whose
+UNet is a latent consistency model (it has a guidance embedding, `time_cond_proj_dim`), or a base model
+plus LCM-LoRA weights (`lora=`). Calling the sampler encodes the prompts, runs 1–8 fused LCM steps, decodes
 with the VAE and returns PIL images. With `cuda_graph=True` the whole denoising loop (UNet calls,
 fused steps and the per-step noise) is captured once per (batch, height, width, steps, guidance) and
 replayed: no Python and no launch overhead per step.
@@ -21,10 +21,38 @@ MAX_STEPS = 8
 
 
 @dataclass
+class Conditioning:
+    """What the UNet reads besides the latents, the timestep and the guidance embedding: the prompt
+    embeddings and, for SDXL, added_cond_kwargs (the pooled text embeddings and the size / crop ids)."""
+    prompt_embeds: torch.Tensor
+    added_cond_kwargs: dict | None = None
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def unet_kwargs(self) -> dict:
+        kwargs = {"encoder_hidden_states": self.prompt_embeds}
+        if self.added_cond_kwargs is not None:
+            kwargs["added_cond_kwargs"] = self.added_cond_kwargs
+        return kwargs
+
+    def tensors(self) -> list:
+        return [self.prompt_embeds] + list((self.added_cond_kwargs or {}).values())
+
+    def clone(self) -> "Conditioning":
+        added = None if self.added_cond_kwargs is None else {k: v.clone() for k, v in self.added_cond_kwargs.items()}
+        return Conditioning(self.prompt_embeds.clone(), added)
+
+    def copy_(self, other: "Conditioning") -> None:
+        for mine, theirs in zip(self.tensors(), other.tensors()):
+            mine.copy_(theirs)
+
+
+@dataclass
 class _Graph:
     """A captured denoising loop and the static tensors it reads and writes."""
     graph: "torch.cuda.CUDAGraph"
-    prompt_embeds: torch.Tensor
+    conditioning: Conditioning
     generator: torch.Generator
     denoised: torch.Tensor
     keep_alive: tuple  # tensors made before the capture that the graph reads (guidance embedding, timesteps)
@@ -39,13 +67,16 @@ class LCMSampler:
     scheduler: FusedLCMScheduler
     device: torch.device
     dtype: torch.dtype
+    text_encoder_2: torch.nn.Module | None = None  # SDXL: the second text encoder (with projection) and
+    tokenizer_2: object = None  # its tokenizer
     _graphs: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_pretrained(cls, model: str, lora: str | None = None, device=None, dtype=None) -> "LCMSampler":
-        """Loads the UNet, VAE, text encoder, tokenizer and scheduler config of a diffusers folder."""
+        """Loads the UNet, VAE, text encoder(s), tokenizer(s) and scheduler config of a diffusers folder
+        (SDXL: the folder also has text_encoder_2 and tokenizer_2)."""
         from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         if not os.path.isdir(model):
             raise FileNotFoundError(f"model: no such folder {model!r} (expected a diffusers pipeline folder)")
@@ -53,33 +84,62 @@ class LCMSampler:
                    if not os.path.isdir(os.path.join(model, p))]
         if missing:
             raise ValueError(f"model: {model!r} is not a diffusers Stable Diffusion folder (missing {', '.join(missing)})")
+        xl = os.path.isdir(os.path.join(model, "text_encoder_2"))
+        if xl and not os.path.isdir(os.path.join(model, "tokenizer_2")):
+            raise ValueError(f"model: {model!r} has text_encoder_2 but no tokenizer_2 (an incomplete SDXL folder)")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
+        if (unet.config.addition_embed_type == "text_time") != xl:
+            raise ValueError(f"model: the UNet in {model!r} {'expects' if not xl else 'does not take'} SDXL's added "
+                             f"conditioning, but the folder {'has no' if not xl else 'has a'} text_encoder_2")
         if lora is not None:
             if not os.path.exists(lora):
                 raise FileNotFoundError(f"lora: no such file or folder {lora!r}")
-            unet = _fuse_lora(unet, lora)
+            unet = _fuse_lora(unet, lora, xl)
         elif not unet.config.time_cond_proj_dim:
             raise ValueError(f"model: the UNet in {model!r} has no guidance embedding (time_cond_proj_dim), so it is "
                              "not a latent consistency model; pass its LCM-LoRA weights with lora=")
-        sampler = cls(
-            unet=unet.to(device).eval(),
-            vae=AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype).to(device).eval(),
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype)
+        if xl and dtype == torch.float16 and vae.config.force_upcast:  # SDXL's VAE overflows in float16, so
+            # diffusers' SDXL pipelines decode in float32
+            vae = vae.to(torch.float32)
+        return cls(
+            unet=unet.to(device).eval(), vae=vae.to(device).eval(),
             text_encoder=CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype).to(device)
             .eval(),
             tokenizer=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer"),
             scheduler=FusedLCMScheduler.from_pretrained(model, subfolder="scheduler"),
-            device=device, dtype=dtype)
-        return sampler
+            device=device, dtype=dtype,
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+                model, subfolder="text_encoder_2", torch_dtype=dtype).to(device).eval() if xl else None,
+            tokenizer_2=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2") if xl else None)
 
     # ---- the pieces ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt").input_ids.to(self.device)
-        return self.text_encoder(tokens)[0].to(self.dtype)
+    def encode_prompts(self, prompts: list[str], height: int | None = None, width: int | None = None) -> Conditioning:
+        """The UNet's conditioning for the prompts, as diffusers' pipelines encode it without classifier-free
+        guidance. SDXL: both encoders' penultimate hidden states side by side, the second encoder's pooled
+        projection, and the size / crop ids (original and target size = height × width, crop at 0, 0)."""
+        if self.text_encoder_2 is None:
+            return Conditioning(self.text_encoder(self._tokens(self.tokenizer, prompts))[0].to(self.dtype))
+        first = self.text_encoder(self._tokens(self.tokenizer, prompts), output_hidden_states=True)
+        second = self.text_encoder_2(self._tokens(self.tokenizer_2, prompts), output_hidden_states=True)
+        prompt_embeds = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        default_height, default_width = self.default_size()
+        ids = [height or default_height, width or default_width, 0, 0, height or default_height, width or default_width]
+        time_ids = torch.tensor([ids], dtype=self.dtype, device=self.device).repeat(len(prompts), 1)
+        return Conditioning(prompt_embeds.to(self.dtype), {"text_embeds": second.text_embeds.to(self.dtype),
+                                                           "time_ids": time_ids})
+
+    def _tokens(self, tokenizer, prompts):
+        return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids.to(self.device)
+
+    def default_size(self) -> tuple[int, int]:
+        side = self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return side, side
 
     def _check_size(self, height: int, width: int) -> None:
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -96,13 +156,13 @@ class LCMSampler:
         w = torch.full((batch,), guidance_scale - 1.0)
         return guidance_scale_embedding(w, embedding_dim=dim).to(self.device, self.dtype)
 
-    def denoise(self, prompt_embeds, latents, w_embedding, generator, progress=None):
+    def denoise(self, conditioning: Conditioning, latents, w_embedding, generator, progress=None):
         """The LCM loop over the scheduler's timesteps (set_timesteps first): a UNet call and a fused step
         per timestep; returns the last denoised latents. Nothing in it copies between host and device."""
         denoised = latents
+        unet_kwargs = conditioning.unet_kwargs()
         for t in self.scheduler.timesteps:
-            model_pred = self.unet(latents, t, timestep_cond=w_embedding, encoder_hidden_states=prompt_embeds,
-                                   return_dict=False)[0]
+            model_pred = self.unet(latents, t, timestep_cond=w_embedding, return_dict=False, **unet_kwargs)[0]
             latents, denoised = self.scheduler.step(model_pred, t, latents, generator=generator, return_dict=False)
             if progress is not None:
                 progress.update()
@@ -132,21 +192,20 @@ class LCMSampler:
             raise ValueError("prompts: expected at least one prompt")
         if not 1 <= steps <= MAX_STEPS:
             raise ValueError(f"steps: expected 1 to {MAX_STEPS} LCM steps, got {steps}")
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        height = height or self.unet.config.sample_size * factor
-        width = width or self.unet.config.sample_size * factor
+        default_height, default_width = self.default_size()
+        height, width = height or default_height, width or default_width
         self._check_size(height, width)
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph: needs a CUDA device, the sampler runs on {self.device}")
-        prompt_embeds = self.encode_prompts(prompts)
+        conditioning = self.encode_prompts(prompts, height, width)
         self.scheduler.set_timesteps(steps, device=self.device)
         if not cuda_graph:
             generator = torch.Generator(self.device).manual_seed(seed)
             latents = self.initial_latents(len(prompts), height, width, generator)
             w_embedding = self._guidance(guidance_scale, len(prompts))
-            return self.denoise(prompt_embeds, latents, w_embedding, generator, progress)
-        graph = self._graph_for(prompt_embeds, height, width, steps, guidance_scale)
-        graph.prompt_embeds.copy_(prompt_embeds)
+            return self.denoise(conditioning, latents, w_embedding, generator, progress)
+        graph = self._graph_for(conditioning, height, width, steps, guidance_scale)
+        graph.conditioning.copy_(conditioning)
         graph.generator.manual_seed(seed)  # the graph draws the initial latents and the noise from here
         graph.graph.replay()
         if progress is not None:
@@ -156,20 +215,20 @@ class LCMSampler:
     def __call__(self, prompts, **kwargs) -> list[Image.Image]:
         return self.decode(self.latents(prompts, **kwargs))
 
-    def _graph_for(self, prompt_embeds, height, width, steps, guidance_scale) -> _Graph:
+    def _graph_for(self, conditioning: Conditioning, height, width, steps, guidance_scale) -> _Graph:
         """The captured loop for this (batch, size, steps, guidance), captured on first use. It draws the
         initial latents and the per-step noise from its own generator, whose state is registered with
         the graph: seeding that generator before a replay gives the eager loop's draws for that seed."""
-        key = (tuple(prompt_embeds.shape), height, width, steps, float(guidance_scale))
+        key = (tuple(tuple(t.shape) for t in conditioning.tensors()), height, width, steps, float(guidance_scale))
         if key not in self._graphs:
-            batch = prompt_embeds.shape[0]
-            static_embeds = prompt_embeds.clone()
+            batch = len(conditioning)
+            static = conditioning.clone()
             w_embedding = self._guidance(guidance_scale, batch)
             generator = torch.Generator(self.device)
 
             def sample():
                 latents = self.initial_latents(batch, height, width, generator)
-                return self.denoise(static_embeds, latents, w_embedding, generator)
+                return self.denoise(static, latents, w_embedding, generator)
 
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -181,17 +240,18 @@ class LCMSampler:
             graph.register_generator_state(generator)
             with torch.cuda.graph(graph):
                 denoised = sample()
-            self._graphs[key] = _Graph(graph, static_embeds, generator, denoised,
+            self._graphs[key] = _Graph(graph, static, generator, denoised,
                                        (w_embedding, self.scheduler.timesteps))
         return self._graphs[key]
 
 
-def _fuse_lora(unet, lora: str):
+def _fuse_lora(unet, lora: str, xl: bool):
     """The UNet with LCM-LoRA weights (diffusers' LoRA format, as load_lora_weights reads it) fused in."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    state_dict, network_alphas = StableDiffusionPipeline.lora_state_dict(lora)
-    StableDiffusionPipeline.load_lora_into_unet(state_dict, network_alphas=network_alphas, unet=unet)
+    pipeline = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+    state_dict, network_alphas = pipeline.lora_state_dict(lora)
+    pipeline.load_lora_into_unet(state_dict, network_alphas=network_alphas, unet=unet)
     unet.fuse_lora()
     unet.unload_lora()
     return unet

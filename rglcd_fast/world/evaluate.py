@@ -116,12 +116,12 @@ def student_images(sampler, prompts, seed, steps, guidance_scale=8.0, batch_size
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
-        embeds = sampler.encode_prompts(prompts[chunk])
+        conditioning = sampler.encode_prompts(prompts[chunk])
         sampler.scheduler.set_timesteps(steps)
-        w = sampler._guidance(guidance_scale, len(embeds))
+        w = sampler._guidance(guidance_scale, len(conditioning))
         generator = torch.Generator().manual_seed(seed + start)
         with torch.no_grad():
-            denoised = sampler.denoise(embeds, latents[chunk] * sampler.scheduler.init_noise_sigma, w, generator)
+            denoised = sampler.denoise(conditioning, latents[chunk] * sampler.scheduler.init_noise_sigma, w, generator)
         images += sampler.decode(denoised)
     return images
 
