@@ -330,6 +330,24 @@ inline void check_pair_logits(const at::Tensor& logits, const at::Tensor& expert
                    logits.scalar_type(), " (as logits), got ", expert_logits.scalar_type());
 }
 
+// Logits S and expert logits E [K, B] read through their strides.
+template <typename scalar_t>
+struct PairLogits {
+  const scalar_t* s;
+  const scalar_t* e;
+  int64_t s_k, s_b, e_k, e_b;
+  template <typename acc_t>
+  RGLCD_HD acc_t student(int64_t k, int64_t b) const { return static_cast<acc_t>(s[k * s_k + b * s_b]); }
+  template <typename acc_t>
+  RGLCD_HD acc_t expert(int64_t k, int64_t b) const { return static_cast<acc_t>(e[k * e_k + b * e_b]); }
+};
+
+template <typename scalar_t>
+PairLogits<scalar_t> pair_logits(const at::Tensor& logits, const at::Tensor& expert) {
+  return {logits.const_data_ptr<scalar_t>(), expert.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(1),
+          expert.stride(0), expert.stride(1)};
+}
+
 enum class PreferenceKind : int { KL = 0, CrossEntropy = 1 };
 
 inline PreferenceKind parse_preference_kind(std::string_view s) {

@@ -1,12 +1,13 @@
 // CPU kernels of the reward family (DESIGN.md §2 "Latent reward head", §1 step 9): the CLIP-style
 // reward head score = scale·cos(u, v) and the pairwise preference loss of the latent reward model,
-// with backwards.
+// with backwards. The ops around them (argument checks, registration): csrc/ops/reward.h.
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include "common.h"
 #include "cpu/loops.h"
+#include "ops/reward.h"
 
 namespace rglcd_fast {
 namespace {
@@ -87,122 +88,7 @@ struct FeatureRows {
 
 inline c10::ScalarType accumulation_type(c10::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-at::Tensor reward_head_cpu(const at::Tensor& image_features, const at::Tensor& text_features,
-                           const at::Tensor& logit_scale) {
-  TORCH_CHECK_VALUE(logit_scale.numel() == 1, "logit_scale: expected one value, got shape ", logit_scale.sizes());
-  const FeatureRows f(image_features, text_features);
-  at::Tensor scores = at::empty(image_features.sizes().slice(0, image_features.dim() - 1), image_features.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.image.scalar_type(), "rglcd_fast_reward_head", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t scale = static_cast<acc_t>(logit_scale.item<double>());
-    const scalar_t* up = f.image.const_data_ptr<scalar_t>();
-    const scalar_t* vp = f.text.const_data_ptr<scalar_t>();
-    scalar_t* out = scores.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, f.rows, f.grain(), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const auto sums = cosine_sums<acc_t>(up + f.image_offsets[r], vp + f.text_offsets[r], f.dim);
-        out[r] = static_cast<scalar_t>(cosine_score(sums, scale));
-      }
-    });
-  });
-  return scores;
-}
-
-// Backward: grad_u row-wise; grad_v summed over the image rows that share a text row, in ascending
-// row order per text row (deterministic); grad_scale = Σ g·c in double, in row order.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> reward_head_backward_cpu(const at::Tensor& grad,
-                                                                        const at::Tensor& image_features,
-                                                                        const at::Tensor& text_features,
-                                                                        const at::Tensor& logit_scale,
-                                                                        std::array<bool, 3> mask) {
-  TORCH_CHECK_VALUE(logit_scale.numel() == 1, "logit_scale: expected one value, got shape ", logit_scale.sizes());
-  const FeatureRows f(image_features, text_features);
-  const at::Tensor g = grad.contiguous();
-  TORCH_CHECK_VALUE(g.numel() == f.rows, "grad: expected ", f.rows, " values, got ", g.numel());
-  at::Tensor grad_u = mask[0] ? at::empty(image_features.sizes(), image_features.options()) : unrequested(image_features);
-  at::Tensor grad_v = mask[1] ? at::empty(text_features.sizes(), text_features.options()) : unrequested(text_features);
-  at::Tensor grad_s = unrequested(logit_scale);
-  const int64_t D = f.dim, N = f.rows;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.image.scalar_type(), "rglcd_fast_reward_head_bwd", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t scale = static_cast<acc_t>(logit_scale.item<double>());
-    const scalar_t* up = f.image.const_data_ptr<scalar_t>();
-    const scalar_t* vp = f.text.const_data_ptr<scalar_t>();
-    const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    std::vector<CosineGrad<acc_t>> coeff(N);
-    at::parallel_for(0, N, f.grain(), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const auto sums = cosine_sums<acc_t>(up + f.image_offsets[r], vp + f.text_offsets[r], D);
-        coeff[r] = cosine_score_grad(sums, scale, static_cast<acc_t>(gp[r]));
-      }
-    });
-    if (mask[0]) {
-      scalar_t* gu = grad_u.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, N, f.grain(), [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* u = up + f.image_offsets[r];
-          const scalar_t* v = vp + f.text_offsets[r];
-          const CosineGrad<acc_t> c = coeff[r];
-          scalar_t* out = gu + r * D;
-          for (int64_t i = 0; i < D; ++i)
-            out[i] = static_cast<scalar_t>(c.cross * static_cast<acc_t>(v[i]) + c.self_u * static_cast<acc_t>(u[i]));
-        }
-      });
-    }
-    if (mask[1]) {
-      // The image rows of each text row (text is contiguous, so its row id is offset / D), ascending.
-      const int64_t text_rows = f.text.numel() / D;
-      std::vector<int64_t> start(text_rows + 1, 0), members(N);
-      for (int64_t r = 0; r < N; ++r) ++start[f.text_offsets[r] / D + 1];
-      for (int64_t j = 0; j < text_rows; ++j) start[j + 1] += start[j];
-      std::vector<int64_t> fill(start.begin(), start.end() - 1);
-      for (int64_t r = 0; r < N; ++r) members[fill[f.text_offsets[r] / D]++] = r;
-      scalar_t* gv = grad_v.mutable_data_ptr<scalar_t>();
-      const int64_t per_row = std::max<int64_t>(1, N / std::max<int64_t>(1, text_rows));
-      at::parallel_for(0, text_rows, std::max<int64_t>(1, f.grain() / per_row), [&](int64_t j0, int64_t j1) {
-        std::vector<acc_t> acc(D);
-        for (int64_t j = j0; j < j1; ++j) {
-          std::fill(acc.begin(), acc.end(), acc_t(0));
-          const scalar_t* v = vp + j * D;
-          for (int64_t k = start[j]; k < start[j + 1]; ++k) {
-            const int64_t r = members[k];
-            const scalar_t* u = up + f.image_offsets[r];
-            const CosineGrad<acc_t> c = coeff[r];
-            for (int64_t i = 0; i < D; ++i)
-              acc[i] += c.cross * static_cast<acc_t>(u[i]) + c.self_v * static_cast<acc_t>(v[i]);
-          }
-          for (int64_t i = 0; i < D; ++i) gv[j * D + i] = static_cast<scalar_t>(acc[i]);
-        }
-      });
-    }
-    if (mask[2]) {
-      double total = 0.0;
-      for (int64_t r = 0; r < N; ++r) total += static_cast<double>(coeff[r].grad_scale);
-      grad_s = at::full(logit_scale.sizes(), total, logit_scale.options());
-    }
-  });
-  return {grad_u, grad_v, grad_s};
-}
-
 // ---- pairwise preference loss --------------------------------------------------------------------
-
-// Logits S and expert logits E [K, B] read through their strides.
-template <typename scalar_t>
-struct PairLogits {
-  const scalar_t* s;
-  const scalar_t* e;
-  int64_t s_k, s_b, e_k, e_b;
-  template <typename acc_t>
-  acc_t student(int64_t k, int64_t b) const { return static_cast<acc_t>(s[k * s_k + b * s_b]); }
-  template <typename acc_t>
-  acc_t expert(int64_t k, int64_t b) const { return static_cast<acc_t>(e[k * e_k + b * e_b]); }
-};
-
-template <typename scalar_t>
-PairLogits<scalar_t> pair_logits(const at::Tensor& logits, const at::Tensor& expert) {
-  return {logits.const_data_ptr<scalar_t>(), expert.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(1),
-          expert.stride(0), expert.stride(1)};
-}
 
 struct LossAndHits {
   double loss = 0.0;
@@ -214,82 +100,174 @@ struct LossAndHits {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> pairwise_preference_loss_cpu(const at::Tensor& logits,
-                                                                 const at::Tensor& expert_logits,
-                                                                 c10::string_view kind) {
-  check_pair_logits(logits, expert_logits);
-  const PreferenceKind k = parse_preference_kind(kind);
-  const int64_t K = logits.size(0), B = logits.size(1), pairs = K * (K - 1) / 2;
-  LossAndHits total;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "rglcd_fast_pairwise_loss", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto x = pair_logits<scalar_t>(logits, expert_logits);
-    total = cpu::blocked_reduce<LossAndHits>(B, std::max<int64_t>(B, 1), [&](int64_t, int64_t b0, int64_t b1) {
-      LossAndHits s;
-      for (int64_t b = b0; b < b1; ++b) {
-        acc_t loss_b = 0;
-        for (int64_t i = 0; i + 1 < K; ++i) {
-          for (int64_t j = i + 1; j < K; ++j) {
-            const acc_t si = x.template student<acc_t>(i, b), sj = x.template student<acc_t>(j, b);
-            const acc_t ei = x.template expert<acc_t>(i, b), ej = x.template expert<acc_t>(j, b);
-            loss_b += pair_loss(pair_target(ei, ej, k), pair_difference(si, sj));
-            s.hits += pair_argmax(si, sj) == pair_argmax(ei, ej);
-          }
+// The backend of ops/reward.h.
+struct CpuBackend {
+  static at::Tensor reward_head(const at::Tensor& image_features, const at::Tensor& text_features,
+                                const at::Tensor& logit_scale) {
+    const FeatureRows f(image_features, text_features);
+    at::Tensor scores = at::empty(image_features.sizes().slice(0, image_features.dim() - 1), image_features.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.image.scalar_type(), "rglcd_fast_reward_head", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const acc_t scale = static_cast<acc_t>(logit_scale.item<double>());
+      const scalar_t* up = f.image.const_data_ptr<scalar_t>();
+      const scalar_t* vp = f.text.const_data_ptr<scalar_t>();
+      scalar_t* out = scores.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, f.rows, f.grain(), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const auto sums = cosine_sums<acc_t>(up + f.image_offsets[r], vp + f.text_offsets[r], f.dim);
+          out[r] = static_cast<scalar_t>(cosine_score(sums, scale));
         }
-        s.loss += static_cast<double>(loss_b);
-      }
-      return s;
+      });
     });
-  });
-  // Means over b (batchmean / mean) and over pairs × b: 0/0 = NaN for an empty batch, as torch.
-  const auto options = logits.options().dtype(accumulation_type(logits.scalar_type()));
-  const double batch = static_cast<double>(B);
-  return {at::full({}, total.loss / batch, options),
-          at::full({}, static_cast<double>(total.hits) / (static_cast<double>(pairs) * batch), options)};
-}
+    return scores;
+  }
 
-// grad_S[k, b] = grad_loss / B · (Σ_{j>k} (q − p)_{kj} − Σ_{i<k} (q − p)_{ik}).
-at::Tensor pairwise_preference_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
-                                                 const at::Tensor& expert_logits, c10::string_view kind) {
-  check_pair_logits(logits, expert_logits);
-  const PreferenceKind k = parse_preference_kind(kind);
-  const int64_t K = logits.size(0), B = logits.size(1);
-  at::Tensor grad = at::empty(logits.sizes(), logits.options());
-  if (B == 0) return grad;
-  const double g_over_b = grad_loss.item<double>() / static_cast<double>(B);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "rglcd_fast_pairwise_loss_bwd", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto x = pair_logits<scalar_t>(logits, expert_logits);
-    const acc_t scale = static_cast<acc_t>(g_over_b);
-    scalar_t* out = grad.mutable_data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, cpu::kGrain / (K * K));
-    at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-      std::vector<acc_t> acc(K);
-      for (int64_t b = b0; b < b1; ++b) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t i = 0; i + 1 < K; ++i) {
-          for (int64_t j = i + 1; j < K; ++j) {
-            const acc_t si = x.template student<acc_t>(i, b), sj = x.template student<acc_t>(j, b);
-            const acc_t ei = x.template expert<acc_t>(i, b), ej = x.template expert<acc_t>(j, b);
-            const acc_t t = pair_loss_grad(pair_target_p0(ei, ej, k), pair_difference(si, sj));
-            acc[i] += t;
-            acc[j] -= t;
-          }
+  // Backward: grad_u row-wise; grad_v summed over the image rows that share a text row, in ascending
+  // row order per text row (deterministic); grad_scale = Σ g·c in double, in row order.
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> reward_head_backward(
+      const at::Tensor& grad, const at::Tensor& image_features, const at::Tensor& text_features,
+      const at::Tensor& logit_scale, std::array<bool, 3> mask) {
+    const FeatureRows f(image_features, text_features);
+    const at::Tensor g = grad.contiguous();
+    TORCH_CHECK_VALUE(g.numel() == f.rows, "grad: expected ", f.rows, " values, got ", g.numel());
+    at::Tensor grad_u =
+        mask[0] ? at::empty(image_features.sizes(), image_features.options()) : unrequested(image_features);
+    at::Tensor grad_v =
+        mask[1] ? at::empty(text_features.sizes(), text_features.options()) : unrequested(text_features);
+    at::Tensor grad_s = unrequested(logit_scale);
+    const int64_t D = f.dim, N = f.rows;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.image.scalar_type(), "rglcd_fast_reward_head_bwd", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const acc_t scale = static_cast<acc_t>(logit_scale.item<double>());
+      const scalar_t* up = f.image.const_data_ptr<scalar_t>();
+      const scalar_t* vp = f.text.const_data_ptr<scalar_t>();
+      const scalar_t* gp = g.const_data_ptr<scalar_t>();
+      std::vector<CosineGrad<acc_t>> coeff(N);
+      at::parallel_for(0, N, f.grain(), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const auto sums = cosine_sums<acc_t>(up + f.image_offsets[r], vp + f.text_offsets[r], D);
+          coeff[r] = cosine_score_grad(sums, scale, static_cast<acc_t>(gp[r]));
         }
-        for (int64_t i = 0; i < K; ++i) out[i * B + b] = static_cast<scalar_t>(scale * acc[i]);
+      });
+      if (mask[0]) {
+        scalar_t* gu = grad_u.mutable_data_ptr<scalar_t>();
+        at::parallel_for(0, N, f.grain(), [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            const scalar_t* u = up + f.image_offsets[r];
+            const scalar_t* v = vp + f.text_offsets[r];
+            const CosineGrad<acc_t> c = coeff[r];
+            scalar_t* out = gu + r * D;
+            for (int64_t i = 0; i < D; ++i)
+              out[i] = static_cast<scalar_t>(c.cross * static_cast<acc_t>(v[i]) + c.self_u * static_cast<acc_t>(u[i]));
+          }
+        });
+      }
+      if (mask[1]) {
+        // The image rows of each text row (text is contiguous, so its row id is offset / D), ascending.
+        const int64_t text_rows = f.text.numel() / D;
+        std::vector<int64_t> start(text_rows + 1, 0), members(N);
+        for (int64_t r = 0; r < N; ++r) ++start[f.text_offsets[r] / D + 1];
+        for (int64_t j = 0; j < text_rows; ++j) start[j + 1] += start[j];
+        std::vector<int64_t> fill(start.begin(), start.end() - 1);
+        for (int64_t r = 0; r < N; ++r) members[fill[f.text_offsets[r] / D]++] = r;
+        scalar_t* gv = grad_v.mutable_data_ptr<scalar_t>();
+        const int64_t per_row = std::max<int64_t>(1, N / std::max<int64_t>(1, text_rows));
+        at::parallel_for(0, text_rows, std::max<int64_t>(1, f.grain() / per_row), [&](int64_t j0, int64_t j1) {
+          std::vector<acc_t> acc(D);
+          for (int64_t j = j0; j < j1; ++j) {
+            std::fill(acc.begin(), acc.end(), acc_t(0));
+            const scalar_t* v = vp + j * D;
+            for (int64_t k = start[j]; k < start[j + 1]; ++k) {
+              const int64_t r = members[k];
+              const scalar_t* u = up + f.image_offsets[r];
+              const CosineGrad<acc_t> c = coeff[r];
+              for (int64_t i = 0; i < D; ++i)
+                acc[i] += c.cross * static_cast<acc_t>(u[i]) + c.self_v * static_cast<acc_t>(v[i]);
+            }
+            for (int64_t i = 0; i < D; ++i) gv[j * D + i] = static_cast<scalar_t>(acc[i]);
+          }
+        });
+      }
+      if (mask[2]) {
+        double total = 0.0;
+        for (int64_t r = 0; r < N; ++r) total += static_cast<double>(coeff[r].grad_scale);
+        grad_s = at::full(logit_scale.sizes(), total, logit_scale.options());
       }
     });
-  });
-  return grad;
-}
+    return {grad_u, grad_v, grad_s};
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> pairwise_preference_loss(const at::Tensor& logits,
+                                                                      const at::Tensor& expert_logits,
+                                                                      c10::string_view kind) {
+    const PreferenceKind k = parse_preference_kind(kind);
+    const int64_t K = logits.size(0), B = logits.size(1), pairs = K * (K - 1) / 2;
+    LossAndHits total;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "rglcd_fast_pairwise_loss", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto x = pair_logits<scalar_t>(logits, expert_logits);
+      total = cpu::blocked_reduce<LossAndHits>(B, std::max<int64_t>(B, 1), [&](int64_t, int64_t b0, int64_t b1) {
+        LossAndHits s;
+        for (int64_t b = b0; b < b1; ++b) {
+          acc_t loss_b = 0;
+          for (int64_t i = 0; i + 1 < K; ++i) {
+            for (int64_t j = i + 1; j < K; ++j) {
+              const acc_t si = x.template student<acc_t>(i, b), sj = x.template student<acc_t>(j, b);
+              const acc_t ei = x.template expert<acc_t>(i, b), ej = x.template expert<acc_t>(j, b);
+              loss_b += pair_loss(pair_target(ei, ej, k), pair_difference(si, sj));
+              s.hits += pair_argmax(si, sj) == pair_argmax(ei, ej);
+            }
+          }
+          s.loss += static_cast<double>(loss_b);
+        }
+        return s;
+      });
+    });
+    // Means over b (batchmean / mean) and over pairs × b: 0/0 = NaN for an empty batch, as torch.
+    const auto options = logits.options().dtype(accumulation_type(logits.scalar_type()));
+    const double batch = static_cast<double>(B);
+    return {at::full({}, total.loss / batch, options),
+            at::full({}, static_cast<double>(total.hits) / (static_cast<double>(pairs) * batch), options)};
+  }
+
+  // grad_S[k, b] = grad_loss / B · (Σ_{j>k} (q − p)_{kj} − Σ_{i<k} (q − p)_{ik}).
+  static at::Tensor pairwise_preference_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                                      const at::Tensor& expert_logits, c10::string_view kind) {
+    const PreferenceKind k = parse_preference_kind(kind);
+    const int64_t K = logits.size(0), B = logits.size(1);
+    at::Tensor grad = at::empty(logits.sizes(), logits.options());
+    if (B == 0) return grad;
+    const double g_over_b = grad_loss.item<double>() / static_cast<double>(B);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "rglcd_fast_pairwise_loss_bwd",
+                                    [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto x = pair_logits<scalar_t>(logits, expert_logits);
+      const acc_t scale = static_cast<acc_t>(g_over_b);
+      scalar_t* out = grad.mutable_data_ptr<scalar_t>();
+      const int64_t grain = std::max<int64_t>(1, cpu::kGrain / (K * K));
+      at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+        std::vector<acc_t> acc(K);
+        for (int64_t b = b0; b < b1; ++b) {
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          for (int64_t i = 0; i + 1 < K; ++i) {
+            for (int64_t j = i + 1; j < K; ++j) {
+              const acc_t si = x.template student<acc_t>(i, b), sj = x.template student<acc_t>(j, b);
+              const acc_t ei = x.template expert<acc_t>(i, b), ej = x.template expert<acc_t>(j, b);
+              const acc_t t = pair_loss_grad(pair_target_p0(ei, ej, k), pair_difference(si, sj));
+              acc[i] += t;
+              acc[j] -= t;
+            }
+          }
+          for (int64_t i = 0; i < K; ++i) out[i * B + b] = static_cast<scalar_t>(scale * acc[i]);
+        }
+      });
+    });
+    return grad;
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(rglcd_fast, CPU, m) {
-  m.impl("reward_head", &reward_head_cpu);
-  m.impl("reward_head_backward", &reward_head_backward_cpu);
-  m.impl("pairwise_preference_loss", &pairwise_preference_loss_cpu);
-  m.impl("pairwise_preference_loss_backward", &pairwise_preference_loss_backward_cpu);
-}
+TORCH_LIBRARY_IMPL(rglcd_fast, CPU, m) { ops::register_reward<CpuBackend>(m); }
 
 }  // namespace rglcd_fast

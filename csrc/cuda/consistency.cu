@@ -2,11 +2,13 @@
 // output, the consistency output f(m, x, t), and the fused distillation loss, with backwards.
 // One thread handles one 16-byte vector; per-sample coefficients are computed in the thread from
 // timesteps[b] and the schedule (no extra launch, no host sync). The loss reduction is
-// deterministic: fixed grid, block partials, then one ordered final pass.
+// deterministic: fixed grid, block partials, then one ordered final pass. The ops around them
+// (arguments, layouts, registration): csrc/ops/consistency.h.
 #include <torch/library.h>
 
 #include "common.h"
 #include "cuda/kernel_utils.cuh"
+#include "ops/consistency.h"
 
 namespace rglcd_fast {
 namespace {
@@ -111,43 +113,54 @@ __global__ void loss_backward_kernel(const at::opmath_type<scalar_t>* __restrict
   if (grad_y) store(grad_y + i, gy);
 }
 
-template <typename Map>
-at::Tensor linear_map(const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& timesteps,
-                      const at::Tensor& alphas_cumprod, const Map& map) {
-  TORCH_CHECK_VALUE(model_output.sizes() == sample.sizes(), "sample: expected shape ", model_output.sizes(),
-                    ", got ", sample.sizes());
-  const c10::cuda::CUDAGuard guard(model_output.device());
-  const Layout layout(model_output);
-  const at::Tensor m = layout.input(model_output), x = layout.input(sample);
-  at::Tensor out = layout.output();
-  const int64_t n = m.numel(), batch = batch_size(m), per_sample = batch ? n / batch : 1;
-  if (n == 0) return layout.deliver(out);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "rglcd_fast_linear_map_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const ScheduleTensors schedule(timesteps, alphas_cumprod, batch, c10::CppTypeToScalarType<acc_t>::value);
-    const scalar_t *mp = m.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    with_vector_width<scalar_t>(per_sample, {mp, xp, op}, [&](auto width) {
-      constexpr int W = decltype(width)::value;
-      linear_map_kernel<scalar_t, W><<<cuda::blocks_for(n / W), cuda::kThreads, 0, cuda::current_stream()>>>(
-          mp, xp, op, n, per_sample, schedule.view<acc_t>(), map);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-  return layout.deliver(out);
+template <typename scalar_t>
+__global__ void boundary_scalings_kernel(const scalar_t* __restrict__ t, scalar_t* __restrict__ c_skip,
+                                         scalar_t* __restrict__ c_out, int64_t n, scalar_t timestep_scaling,
+                                         scalar_t sigma_data) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) boundary_scalings<scalar_t>(t[i], timestep_scaling, sigma_data, c_skip[i], c_out[i]);
 }
 
-template <typename Map>
-std::tuple<at::Tensor, at::Tensor> linear_map_backward(const at::Tensor& grad, const at::Tensor& timesteps,
-                                                       const at::Tensor& alphas_cumprod, const Map& map,
-                                                       std::array<bool, 2> mask) {
-  const c10::cuda::CUDAGuard guard(grad.device());
-  const Layout layout(grad);
-  const at::Tensor g = layout.input(grad);
-  at::Tensor grad_m = mask[0] ? layout.output() : unrequested(grad);
-  at::Tensor grad_x = mask[1] ? layout.output() : unrequested(grad);
-  const int64_t n = g.numel(), batch = batch_size(g), per_sample = batch ? n / batch : 1;
-  if (n > 0 && (mask[0] || mask[1])) {
+// The backend of ops/consistency.h.
+struct CudaBackend {
+  using DeviceGuard = c10::cuda::CUDAGuard;
+
+  static void boundary_scalings(const at::Tensor& t, at::Tensor& c_skip, at::Tensor& c_out, double timestep_scaling,
+                                double sigma_data) {
+    if (t.numel() == 0) return;
+    AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "rglcd_fast_boundary_scalings_cuda", [&] {
+      boundary_scalings_kernel<scalar_t><<<cuda::blocks_for(t.numel()), cuda::kThreads, 0, cuda::current_stream()>>>(
+          t.const_data_ptr<scalar_t>(), c_skip.mutable_data_ptr<scalar_t>(), c_out.mutable_data_ptr<scalar_t>(),
+          t.numel(), scalar_t(timestep_scaling), scalar_t(sigma_data));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  template <typename Map>
+  static void linear_map(const at::Tensor& m, const at::Tensor& x, at::Tensor& out, const at::Tensor& timesteps,
+                         const at::Tensor& alphas_cumprod, const Map& map) {
+    const int64_t n = m.numel(), batch = batch_size(m), per_sample = batch ? n / batch : 1;
+    if (n == 0) return;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "rglcd_fast_linear_map_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const ScheduleTensors schedule(timesteps, alphas_cumprod, batch, c10::CppTypeToScalarType<acc_t>::value);
+      const scalar_t *mp = m.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>();
+      scalar_t* op = out.mutable_data_ptr<scalar_t>();
+      with_vector_width<scalar_t>(per_sample, {mp, xp, op}, [&](auto width) {
+        constexpr int W = decltype(width)::value;
+        linear_map_kernel<scalar_t, W><<<cuda::blocks_for(n / W), cuda::kThreads, 0, cuda::current_stream()>>>(
+            mp, xp, op, n, per_sample, schedule.view<acc_t>(), map);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+
+  template <typename Map>
+  static void linear_map_backward(const at::Tensor& g, at::Tensor& grad_m, at::Tensor& grad_x,
+                                  const at::Tensor& timesteps, const at::Tensor& alphas_cumprod, const Map& map,
+                                  std::array<bool, 2> mask) {
+    const int64_t n = g.numel(), batch = batch_size(g), per_sample = batch ? n / batch : 1;
+    if (n == 0 || !(mask[0] || mask[1])) return;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "rglcd_fast_linear_map_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const ScheduleTensors schedule(timesteps, alphas_cumprod, batch, c10::CppTypeToScalarType<acc_t>::value);
@@ -162,168 +175,66 @@ std::tuple<at::Tensor, at::Tensor> linear_map_backward(const at::Tensor& grad, c
       });
     });
   }
-  return {mask[0] ? layout.deliver(grad_m) : grad_m, mask[1] ? layout.deliver(grad_x) : grad_x};
-}
 
-template <typename scalar_t>
-__global__ void boundary_scalings_kernel(const scalar_t* __restrict__ t, scalar_t* __restrict__ c_skip,
-                                         scalar_t* __restrict__ c_out, int64_t n, scalar_t timestep_scaling,
-                                         scalar_t sigma_data) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) boundary_scalings<scalar_t>(t[i], timestep_scaling, sigma_data, c_skip[i], c_out[i]);
-}
-
-std::tuple<at::Tensor, at::Tensor> boundary_scalings_cuda(const at::Tensor& timesteps, double timestep_scaling,
-                                                          double sigma_data) {
-  const c10::cuda::CUDAGuard guard(timesteps.device());
-  const auto dtype = timesteps.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor t = timesteps.to(dtype).contiguous();
-  at::Tensor c_skip = at::empty_like(t), c_out = at::empty_like(t);
-  if (t.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES(dtype, "rglcd_fast_boundary_scalings_cuda", [&] {
-      boundary_scalings_kernel<scalar_t><<<cuda::blocks_for(t.numel()), cuda::kThreads, 0, cuda::current_stream()>>>(
-          t.const_data_ptr<scalar_t>(), c_skip.mutable_data_ptr<scalar_t>(), c_out.mutable_data_ptr<scalar_t>(),
-          t.numel(), scalar_t(timestep_scaling), scalar_t(sigma_data));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+  static at::Tensor consistency_loss(const at::Tensor& m, const at::Tensor& x, const at::Tensor& y, at::Tensor& pred,
+                                     const ops::LossArgs& args) {
+    const int64_t n = m.numel(), batch = batch_size(m), per_sample = batch ? n / batch : 1;
+    const auto loss_dtype = m.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    at::Tensor loss = at::empty({}, m.options().dtype(loss_dtype));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "rglcd_fast_consistency_loss_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const ScheduleTensors schedule(args.timesteps, args.alphas_cumprod, batch,
+                                     c10::CppTypeToScalarType<acc_t>::value);
+      const scalar_t *mp = m.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>(),
+                     *yp = y.const_data_ptr<scalar_t>();
+      scalar_t* pp = pred.mutable_data_ptr<scalar_t>();
+      with_vector_width<scalar_t>(per_sample, {mp, xp, yp, pp}, [&](auto width) {
+        constexpr int W = decltype(width)::value;
+        const int blocks = static_cast<int>(std::min<int64_t>(cuda::kReduceBlocks, cuda::blocks_for(n / W)));
+        at::Tensor partials = at::empty({blocks}, m.options().dtype(loss_dtype));
+        const cudaStream_t stream = cuda::current_stream();
+        loss_forward_kernel<scalar_t, W><<<blocks, cuda::kThreads, 0, stream>>>(
+            mp, xp, yp, pp, partials.mutable_data_ptr<acc_t>(), n, per_sample, schedule.view<acc_t>(), args.map,
+            args.kind, static_cast<acc_t>(args.huber_c));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        mean_of_partials_kernel<acc_t><<<1, cuda::kThreads, 0, stream>>>(partials.const_data_ptr<acc_t>(), blocks, n,
+                                                                         loss.mutable_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
+    return loss;
   }
-  return {c_skip.view(timesteps.sizes()), c_out.view(timesteps.sizes())};
-}
 
-at::Tensor predicted_x0_cuda(const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& timesteps,
-                             const at::Tensor& alphas_cumprod, c10::string_view prediction_type) {
-  return linear_map(model_output, sample, timesteps, alphas_cumprod, X0Map{parse_prediction_type(prediction_type)});
-}
-
-std::tuple<at::Tensor, at::Tensor> predicted_x0_backward_cuda(const at::Tensor& grad, const at::Tensor& timesteps,
-                                                              const at::Tensor& alphas_cumprod,
-                                                              c10::string_view prediction_type,
-                                                              std::array<bool, 2> mask) {
-  return linear_map_backward(grad, timesteps, alphas_cumprod, X0Map{parse_prediction_type(prediction_type)}, mask);
-}
-
-at::Tensor predicted_eps_cuda(const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& timesteps,
-                              const at::Tensor& alphas_cumprod, c10::string_view prediction_type) {
-  return linear_map(model_output, sample, timesteps, alphas_cumprod, EpsMap{parse_prediction_type(prediction_type)});
-}
-
-std::tuple<at::Tensor, at::Tensor> predicted_eps_backward_cuda(const at::Tensor& grad, const at::Tensor& timesteps,
-                                                               const at::Tensor& alphas_cumprod,
-                                                               c10::string_view prediction_type,
-                                                               std::array<bool, 2> mask) {
-  return linear_map_backward(grad, timesteps, alphas_cumprod, EpsMap{parse_prediction_type(prediction_type)}, mask);
-}
-
-at::Tensor consistency_output_cuda(const at::Tensor& model_output, const at::Tensor& sample,
-                                   const at::Tensor& timesteps, const at::Tensor& alphas_cumprod,
-                                   c10::string_view prediction_type, double timestep_scaling, double sigma_data) {
-  const ConsistencyMap map{parse_prediction_type(prediction_type), timestep_scaling, sigma_data};
-  return linear_map(model_output, sample, timesteps, alphas_cumprod, map);
-}
-
-std::tuple<at::Tensor, at::Tensor> consistency_output_backward_cuda(const at::Tensor& grad,
-                                                                    const at::Tensor& timesteps,
-                                                                    const at::Tensor& alphas_cumprod,
-                                                                    c10::string_view prediction_type,
-                                                                    double timestep_scaling, double sigma_data,
-                                                                    std::array<bool, 2> mask) {
-  const ConsistencyMap map{parse_prediction_type(prediction_type), timestep_scaling, sigma_data};
-  return linear_map_backward(grad, timesteps, alphas_cumprod, map, mask);
-}
-
-std::tuple<at::Tensor, at::Tensor> consistency_loss_cuda(const at::Tensor& model_output, const at::Tensor& sample,
-                                                         const at::Tensor& timesteps, const at::Tensor& target,
-                                                         const at::Tensor& alphas_cumprod,
-                                                         c10::string_view prediction_type, c10::string_view loss_type,
-                                                         double huber_c, double timestep_scaling, double sigma_data) {
-  TORCH_CHECK_VALUE(model_output.sizes() == sample.sizes(), "sample: expected shape ", model_output.sizes(),
-                    ", got ", sample.sizes());
-  TORCH_CHECK_VALUE(model_output.sizes() == target.sizes(), "target: expected shape ", model_output.sizes(),
-                    ", got ", target.sizes());
-  const ConsistencyMap map{parse_prediction_type(prediction_type), timestep_scaling, sigma_data};
-  const LossType kind = parse_loss_type(loss_type);
-  const c10::cuda::CUDAGuard guard(model_output.device());
-  const Layout layout(model_output);
-  const at::Tensor m = layout.input(model_output), x = layout.input(sample), y = layout.input(target);
-  at::Tensor pred = layout.output();
-  const int64_t n = m.numel(), batch = batch_size(m), per_sample = batch ? n / batch : 1;
-  const auto loss_dtype = m.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor loss = at::empty({}, m.options().dtype(loss_dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "rglcd_fast_consistency_loss_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const ScheduleTensors schedule(timesteps, alphas_cumprod, batch, c10::CppTypeToScalarType<acc_t>::value);
-    const scalar_t *mp = m.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>(),
-                   *yp = y.const_data_ptr<scalar_t>();
-    scalar_t* pp = pred.mutable_data_ptr<scalar_t>();
-    with_vector_width<scalar_t>(per_sample, {mp, xp, yp, pp}, [&](auto width) {
-      constexpr int W = decltype(width)::value;
-      const int blocks = static_cast<int>(std::min<int64_t>(cuda::kReduceBlocks, cuda::blocks_for(n / W)));
-      at::Tensor partials = at::empty({blocks}, m.options().dtype(loss_dtype));
-      const cudaStream_t stream = cuda::current_stream();
-      loss_forward_kernel<scalar_t, W><<<blocks, cuda::kThreads, 0, stream>>>(
-          mp, xp, yp, pp, partials.mutable_data_ptr<acc_t>(), n, per_sample, schedule.view<acc_t>(), map, kind,
-          static_cast<acc_t>(huber_c));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      mean_of_partials_kernel<acc_t><<<1, cuda::kThreads, 0, stream>>>(partials.const_data_ptr<acc_t>(), blocks, n,
-                                                                       loss.mutable_data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-  return {loss, layout.deliver(pred)};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> consistency_loss_backward_cuda(
-    const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_model_pred, const at::Tensor& model_output,
-    const at::Tensor& sample, const at::Tensor& timesteps, const at::Tensor& target, const at::Tensor& alphas_cumprod,
-    c10::string_view prediction_type, c10::string_view loss_type, double huber_c, double timestep_scaling,
-    double sigma_data, std::array<bool, 3> mask) {
-  const ConsistencyMap map{parse_prediction_type(prediction_type), timestep_scaling, sigma_data};
-  const LossType kind = parse_loss_type(loss_type);
-  const c10::cuda::CUDAGuard guard(model_output.device());
-  const Layout layout(model_output);
-  const at::Tensor m = layout.input(model_output), x = layout.input(sample), y = layout.input(target);
-  const bool has_gp = grad_model_pred.has_value() && grad_model_pred->defined();
-  const at::Tensor gpred = has_gp ? layout.input(*grad_model_pred) : at::Tensor();
-  at::Tensor grad_m = mask[0] ? layout.output() : unrequested(model_output);
-  at::Tensor grad_x = mask[1] ? layout.output() : unrequested(model_output);
-  at::Tensor grad_y = mask[2] ? layout.output() : unrequested(model_output);
-  const int64_t n = m.numel(), batch = batch_size(m), per_sample = batch ? n / batch : 1;
-  if (n > 0 && (mask[0] || mask[1] || mask[2])) {
+  static void consistency_loss_backward(const at::Tensor& grad_loss, const at::Tensor& gpred, const at::Tensor& m,
+                                        const at::Tensor& x, const at::Tensor& y, at::Tensor& grad_m,
+                                        at::Tensor& grad_x, at::Tensor& grad_y, const ops::LossArgs& args,
+                                        std::array<bool, 3> mask) {
+    const int64_t n = m.numel(), batch = batch_size(m), per_sample = batch ? n / batch : 1;
+    if (n == 0 || !(mask[0] || mask[1] || mask[2])) return;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "rglcd_fast_consistency_loss_bwd_cuda",
                                     [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const ScheduleTensors schedule(timesteps, alphas_cumprod, batch, c10::CppTypeToScalarType<acc_t>::value);
+      const ScheduleTensors schedule(args.timesteps, args.alphas_cumprod, batch,
+                                     c10::CppTypeToScalarType<acc_t>::value);
       const at::Tensor g = grad_loss.to(c10::CppTypeToScalarType<acc_t>::value);
       const scalar_t *mp = m.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>(),
                      *yp = y.const_data_ptr<scalar_t>();
-      const scalar_t* gpp = has_gp ? gpred.const_data_ptr<scalar_t>() : nullptr;
+      const scalar_t* gpp = gpred.defined() ? gpred.const_data_ptr<scalar_t>() : nullptr;
       scalar_t *gm = pointer_or_null<scalar_t>(grad_m, mask[0]), *gx = pointer_or_null<scalar_t>(grad_x, mask[1]),
                *gy = pointer_or_null<scalar_t>(grad_y, mask[2]);
       with_vector_width<scalar_t>(per_sample, {mp, xp, yp, gpp, gm, gx, gy}, [&](auto width) {
         constexpr int W = decltype(width)::value;
         loss_backward_kernel<scalar_t, W><<<cuda::blocks_for(n / W), cuda::kThreads, 0, cuda::current_stream()>>>(
-            g.const_data_ptr<acc_t>(), gpp, mp, xp, yp, gm, gx, gy, n, per_sample, schedule.view<acc_t>(), map, kind,
-            static_cast<acc_t>(huber_c));
+            g.const_data_ptr<acc_t>(), gpp, mp, xp, yp, gm, gx, gy, n, per_sample, schedule.view<acc_t>(), args.map,
+            args.kind, static_cast<acc_t>(args.huber_c));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   }
-  return {mask[0] ? layout.deliver(grad_m) : grad_m, mask[1] ? layout.deliver(grad_x) : grad_x,
-          mask[2] ? layout.deliver(grad_y) : grad_y};
-}
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(rglcd_fast, CUDA, m) {
-  m.impl("boundary_scalings", &boundary_scalings_cuda);
-  m.impl("predicted_x0", &predicted_x0_cuda);
-  m.impl("predicted_x0_backward", &predicted_x0_backward_cuda);
-  m.impl("predicted_eps", &predicted_eps_cuda);
-  m.impl("predicted_eps_backward", &predicted_eps_backward_cuda);
-  m.impl("consistency_output", &consistency_output_cuda);
-  m.impl("consistency_output_backward", &consistency_output_backward_cuda);
-  m.impl("consistency_loss", &consistency_loss_cuda);
-  m.impl("consistency_loss_backward", &consistency_loss_backward_cuda);
-}
+TORCH_LIBRARY_IMPL(rglcd_fast, CUDA, m) { ops::register_consistency<CudaBackend>(m); }
 
 }  // namespace rglcd_fast

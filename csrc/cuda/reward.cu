@@ -11,11 +11,13 @@
 // kernel does), plus one block that sums the rows' grad_scale terms in slot order, in double.
 // Pairwise loss: one block over b in a fixed order (block_sum); backward: one thread per b.
 // No host synchronisation anywhere; the logit scale and the upstream loss gradient are read on the
-// device, so every op is CUDA-graph capturable. No float atomics: bitwise reproducible.
+// device, so every op is CUDA-graph capturable. No float atomics: bitwise reproducible. The ops
+// around the kernels (argument checks, registration): csrc/ops/reward.h.
 #include <torch/library.h>
 
 #include "common.h"
 #include "cuda/kernel_utils.cuh"
+#include "ops/reward.h"
 
 namespace rglcd_fast {
 namespace {
@@ -159,8 +161,7 @@ void with_row_vector_width(int width, const Launch& launch) {
   }
 }
 
-void check_logit_scale(const at::Tensor& logit_scale, const at::Tensor& image_features) {
-  TORCH_CHECK_VALUE(logit_scale.numel() == 1, "logit_scale: expected one value, got shape ", logit_scale.sizes());
+void check_logit_scale_device(const at::Tensor& logit_scale, const at::Tensor& image_features) {
   TORCH_CHECK_VALUE(logit_scale.device() == image_features.device(), "logit_scale: expected device ",
                     image_features.device(), " (as image_features), got ", logit_scale.device());
 }
@@ -284,111 +285,7 @@ __global__ void __launch_bounds__(kTextThreads)
   if (threadIdx.x == 0) grad_scale.store(total);
 }
 
-// ---- reward head: host ---------------------------------------------------------------------------
-
-unsigned grid_size(int64_t blocks) {
-  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "rglcd_fast: too many rows for one launch");
-  return static_cast<unsigned>(std::max<int64_t>(1, blocks));
-}
-
-at::Tensor reward_head_cuda(const at::Tensor& image_features, const at::Tensor& text_features,
-                            const at::Tensor& logit_scale) {
-  check_logit_scale(logit_scale, image_features);
-  const c10::cuda::CUDAGuard guard(image_features.device());
-  const FeatureGeometry f(image_features, text_features);
-  at::Tensor scores = at::empty(image_features.sizes().slice(0, image_features.dim() - 1), image_features.options());
-  if (f.rows == 0) return scores;
-  const DeviceScalar scale = DeviceScalar::of(logit_scale);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.image.scalar_type(), "rglcd_fast_reward_head_cuda", [&] {
-    const scalar_t* up = f.image.const_data_ptr<scalar_t>();
-    const scalar_t* vp = f.text.const_data_ptr<scalar_t>();
-    scalar_t* out = scores.mutable_data_ptr<scalar_t>();
-    with_row_vector_width<scalar_t>(f.vector_width<scalar_t>({}), [&](auto width) {
-      constexpr int W = decltype(width)::value;
-      reward_head_kernel<scalar_t, W><<<grid_size((f.rows + kRowWarps - 1) / kRowWarps), kRowThreads, 0,
-                                        cuda::current_stream()>>>(up, vp, out, f.geometry, f.rows, f.dim, scale);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-  return scores;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> reward_head_backward_cuda(const at::Tensor& grad,
-                                                                         const at::Tensor& image_features,
-                                                                         const at::Tensor& text_features,
-                                                                         const at::Tensor& logit_scale,
-                                                                         std::array<bool, 3> mask) {
-  check_logit_scale(logit_scale, image_features);
-  const c10::cuda::CUDAGuard guard(image_features.device());
-  const FeatureGeometry f(image_features, text_features);
-  const at::Tensor g = grad.contiguous();
-  TORCH_CHECK_VALUE(g.numel() == f.rows, "grad: expected ", f.rows, " values, got ", g.numel());
-  TORCH_CHECK_VALUE(g.device() == image_features.device(), "grad: expected device ", image_features.device(),
-                    ", got ", g.device());
-  at::Tensor grad_u = mask[0] ? at::empty(image_features.sizes(), image_features.options()) : unrequested(image_features);
-  at::Tensor grad_v = mask[1] ? at::empty(text_features.sizes(), text_features.options()) : unrequested(text_features);
-  at::Tensor grad_s = mask[2] ? at::empty(logit_scale.sizes(), logit_scale.options()) : unrequested(logit_scale);
-  const bool second_pass = mask[1] || mask[2];
-  if (!mask[0] && !second_pass) return {grad_u, grad_v, grad_s};
-  const DeviceScalar scale = DeviceScalar::of(logit_scale);
-  const DeviceScalar scale_out = mask[2] ? DeviceScalar::of(grad_s) : DeviceScalar{nullptr, DeviceScalar::Immediate, 0.0};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.image.scalar_type(), "rglcd_fast_reward_head_bwd_cuda",
-                                  [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    using Coefficients = RowCoefficients<acc_t>;
-    const scalar_t* up = f.image.const_data_ptr<scalar_t>();
-    const scalar_t* vp = f.text.const_data_ptr<scalar_t>();
-    scalar_t* gu = mask[0] ? grad_u.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* gv = mask[1] ? grad_v.mutable_data_ptr<scalar_t>() : nullptr;
-    at::Tensor scratch;
-    Coefficients* coefficients = nullptr;
-    if (second_pass && f.rows > 0) {
-      scratch = at::empty({f.rows * static_cast<int64_t>(sizeof(Coefficients))}, f.image.options().dtype(at::kByte));
-      coefficients = reinterpret_cast<Coefficients*>(scratch.mutable_data_ptr());
-    }
-    const cudaStream_t stream = cuda::current_stream();
-    with_row_vector_width<scalar_t>(f.vector_width<scalar_t>({gu, gv}), [&](auto width) {
-      constexpr int W = decltype(width)::value;
-      if (f.rows > 0) {
-        reward_head_backward_rows_kernel<scalar_t, W><<<grid_size((f.rows + kRowWarps - 1) / kRowWarps), kRowThreads,
-                                                        0, stream>>>(g.const_data_ptr<scalar_t>(), up, vp, gu,
-                                                                     coefficients, f.geometry, f.rows, f.dim, scale);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-      if (second_pass) {
-        const int64_t chunks = (f.dim + kTextThreads * W - 1) / (kTextThreads * W);
-        const int64_t text_blocks = mask[1] ? f.text_rows * chunks : 0;
-        const int64_t blocks = text_blocks + (mask[2] ? 1 : 0);
-        if (blocks > 0) {
-          reward_head_backward_text_kernel<scalar_t, W><<<grid_size(blocks), kTextThreads, 0, stream>>>(
-              up, vp, coefficients, gv, text_blocks, chunks, f.geometry.members, f.rows, f.dim, scale_out);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-      }
-    });
-  });
-  return {grad_u, grad_v, grad_s};
-}
-
 // ---- pairwise preference loss ---------------------------------------------------------------------
-
-// Logits S and expert logits E [K, B] read through their strides.
-template <typename scalar_t>
-struct PairLogits {
-  const scalar_t* s;
-  const scalar_t* e;
-  int64_t s_k, s_b, e_k, e_b;
-  template <typename acc_t>
-  __device__ __forceinline__ acc_t student(int64_t k, int64_t b) const { return static_cast<acc_t>(s[k * s_k + b * s_b]); }
-  template <typename acc_t>
-  __device__ __forceinline__ acc_t expert(int64_t k, int64_t b) const { return static_cast<acc_t>(e[k * e_k + b * e_b]); }
-};
-
-template <typename scalar_t>
-PairLogits<scalar_t> pair_logits(const at::Tensor& logits, const at::Tensor& expert) {
-  return {logits.const_data_ptr<scalar_t>(), expert.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(1),
-          expert.stride(0), expert.stride(1)};
-}
 
 constexpr int kLossThreads = 512;
 
@@ -453,55 +350,141 @@ void check_pair_devices(const at::Tensor& logits, const at::Tensor& expert_logit
   TORCH_CHECK_VALUE(logits.size(0) <= std::numeric_limits<int>::max(), "logits: too many candidates");
 }
 
-std::tuple<at::Tensor, at::Tensor> pairwise_preference_loss_cuda(const at::Tensor& logits,
-                                                                  const at::Tensor& expert_logits,
-                                                                  c10::string_view kind) {
-  check_pair_logits(logits, expert_logits);
-  check_pair_devices(logits, expert_logits);
-  const PreferenceKind k = parse_preference_kind(kind);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  const int64_t K = logits.size(0), B = logits.size(1);
-  const auto options = logits.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  at::Tensor loss = at::empty({}, options), accuracy = at::empty({}, options);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "rglcd_fast_pairwise_loss_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    pairwise_loss_kernel<scalar_t><<<1, kLossThreads, 0, cuda::current_stream()>>>(
-        pair_logits<scalar_t>(logits, expert_logits), static_cast<int>(K), B, k, loss.mutable_data_ptr<acc_t>(),
-        accuracy.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {loss, accuracy};
+// ---- host -----------------------------------------------------------------------------------------
+
+unsigned grid_size(int64_t blocks) {
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "rglcd_fast: too many rows for one launch");
+  return static_cast<unsigned>(std::max<int64_t>(1, blocks));
 }
 
-at::Tensor pairwise_preference_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
-                                                  const at::Tensor& expert_logits, c10::string_view kind) {
-  check_pair_logits(logits, expert_logits);
-  check_pair_devices(logits, expert_logits);
-  const PreferenceKind k = parse_preference_kind(kind);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  const int64_t K = logits.size(0), B = logits.size(1);
-  at::Tensor grad = at::empty(logits.sizes(), logits.options());
-  if (B == 0) return grad;
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss: expected one value, got shape ", grad_loss.sizes());
-  TORCH_CHECK_VALUE(!grad_loss.is_cuda() || grad_loss.device() == logits.device(), "grad_loss: expected device ",
-                    logits.device(), ", got ", grad_loss.device());
-  const DeviceScalar g = DeviceScalar::of(grad_loss);  // a CPU value is read on the host: no device sync
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "rglcd_fast_pairwise_loss_bwd_cuda",
-                                  [&] {
-    pairwise_loss_backward_kernel<scalar_t><<<cuda::blocks_for(B), cuda::kThreads, 0, cuda::current_stream()>>>(
-        pair_logits<scalar_t>(logits, expert_logits), static_cast<int>(K), B, k, g, grad.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return grad;
-}
+// The backend of ops/reward.h.
+struct CudaBackend {
+  static at::Tensor reward_head(const at::Tensor& image_features, const at::Tensor& text_features,
+                                const at::Tensor& logit_scale) {
+    check_logit_scale_device(logit_scale, image_features);
+    const c10::cuda::CUDAGuard guard(image_features.device());
+    const FeatureGeometry f(image_features, text_features);
+    at::Tensor scores = at::empty(image_features.sizes().slice(0, image_features.dim() - 1), image_features.options());
+    if (f.rows == 0) return scores;
+    const DeviceScalar scale = DeviceScalar::of(logit_scale);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.image.scalar_type(), "rglcd_fast_reward_head_cuda",
+                                    [&] {
+      const scalar_t* up = f.image.const_data_ptr<scalar_t>();
+      const scalar_t* vp = f.text.const_data_ptr<scalar_t>();
+      scalar_t* out = scores.mutable_data_ptr<scalar_t>();
+      with_row_vector_width<scalar_t>(f.vector_width<scalar_t>({}), [&](auto width) {
+        constexpr int W = decltype(width)::value;
+        reward_head_kernel<scalar_t, W><<<grid_size((f.rows + kRowWarps - 1) / kRowWarps), kRowThreads, 0,
+                                          cuda::current_stream()>>>(up, vp, out, f.geometry, f.rows, f.dim, scale);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+    return scores;
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> reward_head_backward(
+      const at::Tensor& grad, const at::Tensor& image_features, const at::Tensor& text_features,
+      const at::Tensor& logit_scale, std::array<bool, 3> mask) {
+    check_logit_scale_device(logit_scale, image_features);
+    const c10::cuda::CUDAGuard guard(image_features.device());
+    const FeatureGeometry f(image_features, text_features);
+    const at::Tensor g = grad.contiguous();
+    TORCH_CHECK_VALUE(g.numel() == f.rows, "grad: expected ", f.rows, " values, got ", g.numel());
+    TORCH_CHECK_VALUE(g.device() == image_features.device(), "grad: expected device ", image_features.device(),
+                      ", got ", g.device());
+    at::Tensor grad_u =
+        mask[0] ? at::empty(image_features.sizes(), image_features.options()) : unrequested(image_features);
+    at::Tensor grad_v =
+        mask[1] ? at::empty(text_features.sizes(), text_features.options()) : unrequested(text_features);
+    at::Tensor grad_s = mask[2] ? at::empty(logit_scale.sizes(), logit_scale.options()) : unrequested(logit_scale);
+    const bool second_pass = mask[1] || mask[2];
+    if (!mask[0] && !second_pass) return {grad_u, grad_v, grad_s};
+    const DeviceScalar scale = DeviceScalar::of(logit_scale);
+    const DeviceScalar scale_out =
+        mask[2] ? DeviceScalar::of(grad_s) : DeviceScalar{nullptr, DeviceScalar::Immediate, 0.0};
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.image.scalar_type(), "rglcd_fast_reward_head_bwd_cuda",
+                                    [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      using Coefficients = RowCoefficients<acc_t>;
+      const scalar_t* up = f.image.const_data_ptr<scalar_t>();
+      const scalar_t* vp = f.text.const_data_ptr<scalar_t>();
+      scalar_t* gu = mask[0] ? grad_u.mutable_data_ptr<scalar_t>() : nullptr;
+      scalar_t* gv = mask[1] ? grad_v.mutable_data_ptr<scalar_t>() : nullptr;
+      at::Tensor scratch;
+      Coefficients* coefficients = nullptr;
+      if (second_pass && f.rows > 0) {
+        scratch = at::empty({f.rows * static_cast<int64_t>(sizeof(Coefficients))}, f.image.options().dtype(at::kByte));
+        coefficients = reinterpret_cast<Coefficients*>(scratch.mutable_data_ptr());
+      }
+      const cudaStream_t stream = cuda::current_stream();
+      with_row_vector_width<scalar_t>(f.vector_width<scalar_t>({gu, gv}), [&](auto width) {
+        constexpr int W = decltype(width)::value;
+        if (f.rows > 0) {
+          reward_head_backward_rows_kernel<scalar_t, W><<<grid_size((f.rows + kRowWarps - 1) / kRowWarps), kRowThreads,
+                                                          0, stream>>>(g.const_data_ptr<scalar_t>(), up, vp, gu,
+                                                                       coefficients, f.geometry, f.rows, f.dim, scale);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        if (second_pass) {
+          const int64_t chunks = (f.dim + kTextThreads * W - 1) / (kTextThreads * W);
+          const int64_t text_blocks = mask[1] ? f.text_rows * chunks : 0;
+          const int64_t blocks = text_blocks + (mask[2] ? 1 : 0);
+          if (blocks > 0) {
+            reward_head_backward_text_kernel<scalar_t, W><<<grid_size(blocks), kTextThreads, 0, stream>>>(
+                up, vp, coefficients, gv, text_blocks, chunks, f.geometry.members, f.rows, f.dim, scale_out);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          }
+        }
+      });
+    });
+    return {grad_u, grad_v, grad_s};
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> pairwise_preference_loss(const at::Tensor& logits,
+                                                                      const at::Tensor& expert_logits,
+                                                                      c10::string_view kind) {
+    check_pair_devices(logits, expert_logits);
+    const PreferenceKind k = parse_preference_kind(kind);
+    const c10::cuda::CUDAGuard guard(logits.device());
+    const int64_t K = logits.size(0), B = logits.size(1);
+    const auto options = logits.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+    at::Tensor loss = at::empty({}, options), accuracy = at::empty({}, options);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "rglcd_fast_pairwise_loss_cuda",
+                                    [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      pairwise_loss_kernel<scalar_t><<<1, kLossThreads, 0, cuda::current_stream()>>>(
+          pair_logits<scalar_t>(logits, expert_logits), static_cast<int>(K), B, k, loss.mutable_data_ptr<acc_t>(),
+          accuracy.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return {loss, accuracy};
+  }
+
+  static at::Tensor pairwise_preference_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                                      const at::Tensor& expert_logits, c10::string_view kind) {
+    check_pair_devices(logits, expert_logits);
+    const PreferenceKind k = parse_preference_kind(kind);
+    const c10::cuda::CUDAGuard guard(logits.device());
+    const int64_t K = logits.size(0), B = logits.size(1);
+    at::Tensor grad = at::empty(logits.sizes(), logits.options());
+    if (B == 0) return grad;
+    TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss: expected one value, got shape ", grad_loss.sizes());
+    TORCH_CHECK_VALUE(!grad_loss.is_cuda() || grad_loss.device() == logits.device(), "grad_loss: expected device ",
+                      logits.device(), ", got ", grad_loss.device());
+    const DeviceScalar g = DeviceScalar::of(grad_loss);  // a CPU value is read on the host: no device sync
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "rglcd_fast_pairwise_loss_bwd_cuda",
+                                    [&] {
+      pairwise_loss_backward_kernel<scalar_t><<<cuda::blocks_for(B), cuda::kThreads, 0, cuda::current_stream()>>>(
+          pair_logits<scalar_t>(logits, expert_logits), static_cast<int>(K), B, k, g,
+          grad.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return grad;
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(rglcd_fast, CUDA, m) {
-  m.impl("reward_head", &reward_head_cuda);
-  m.impl("reward_head_backward", &reward_head_backward_cuda);
-  m.impl("pairwise_preference_loss", &pairwise_preference_loss_cuda);
-  m.impl("pairwise_preference_loss_backward", &pairwise_preference_loss_backward_cuda);
-}
+TORCH_LIBRARY_IMPL(rglcd_fast, CUDA, m) { ops::register_reward<CudaBackend>(m); }
 
 }  // namespace rglcd_fast

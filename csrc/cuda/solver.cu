@@ -12,10 +12,12 @@
 // row (asynchronous, and NaN sorts last, as torch.quantile relies on), a one-thread-per-sample kernel
 // takes torch.quantile's rank / lerp and the clamp to [1, sample_max_value], and the step kernel reads
 // the resulting s[b]. No op reads device memory on the host, so every op is CUDA-graph capturable.
+// The ops around the kernels (arguments, layouts, registration): csrc/ops/solver.h.
 #include <torch/library.h>
 
 #include "common.h"
 #include "cuda/kernel_utils.cuh"
+#include "ops/solver.h"
 
 namespace rglcd_fast {
 namespace {
@@ -57,10 +59,9 @@ struct StepScheduleTensors {
   ScheduleTensors current;
   at::Tensor prev;
 
-  StepScheduleTensors(const at::Tensor& timesteps, const at::Tensor& prev_timesteps, const at::Tensor& alphas_cumprod,
-                      int64_t batch, at::ScalarType acc_type)
-      : current(timesteps, alphas_cumprod, batch, acc_type),
-        prev(per_sample_index_cuda(prev_timesteps, batch, "prev_timesteps")) {}
+  StepScheduleTensors(const ops::ScheduleArgs& args, int64_t batch, at::ScalarType acc_type)
+      : current(args.timesteps, args.alphas_cumprod, batch, acc_type),
+        prev(per_sample_index_cuda(args.prev_timesteps, batch, "prev_timesteps")) {}
 
   template <typename acc_t>
   StepSchedule<acc_t> view(double final_alpha_cumprod, bool allow_final) const {
@@ -68,13 +69,6 @@ struct StepScheduleTensors {
             static_cast<acc_t>(final_alpha_cumprod), allow_final};
   }
 };
-
-void check_schedule_devices(const c10::Device& device, const at::Tensor& timesteps, const at::Tensor& prev_timesteps,
-                            const at::Tensor& alphas_cumprod) {
-  check_device(timesteps, device, "timesteps");
-  check_device(prev_timesteps, device, "prev_timesteps");
-  check_device(alphas_cumprod, device, "alphas_cumprod");
-}
 
 // A per-sample value ([B] or one) read in the kernel.
 template <typename acc_t>
@@ -85,6 +79,25 @@ struct PerSample {
 };
 
 // ---- guided DDIM solver step (LCD training, the teacher's side) ---------------------------------
+
+// The guided step's per-sample inputs on the device: the step schedule and the guidance scales.
+struct GuidedTensors {
+  StepScheduleTensors schedule;
+  at::Tensor guidance_scale;
+
+  GuidedTensors(const ops::GuidedArgs& args, int64_t batch, at::ScalarType acc_type)
+      : schedule(args, batch, acc_type),
+        guidance_scale(per_sample_values(args.guidance_scale, batch, acc_type, "guidance_scale")) {}
+
+  template <typename acc_t>
+  StepSchedule<acc_t> schedule_view() const {
+    return schedule.view<acc_t>(1.0, false);
+  }
+  template <typename acc_t>
+  PerSample<acc_t> guidance() const {
+    return {guidance_scale.const_data_ptr<acc_t>(), guidance_scale.numel()};
+  }
+};
 
 // m = m_c + w (m_c - m_u); x0 = x0(m, x); ε = ε(m, x); x_prev = sqrt(ᾱ_prev) x0 + sqrt(1 - ᾱ_prev) ε.
 template <typename scalar_t, int VEC, PredictionType kType>
@@ -148,100 +161,6 @@ __global__ void guided_ddim_step_backward_kernel(const scalar_t* __restrict__ gr
   if (grad_c) store(grad_c + i, gcv);
   if (grad_u) store(grad_u + i, guv);
   if (grad_x) store(grad_x + i, gxv);
-}
-
-std::tuple<at::Tensor, at::Tensor> guided_ddim_step_cuda(const at::Tensor& cond_output,
-                                                         const at::Tensor& uncond_output, const at::Tensor& sample,
-                                                         const at::Tensor& timesteps,
-                                                         const at::Tensor& prev_timesteps,
-                                                         const at::Tensor& guidance_scale,
-                                                         const at::Tensor& alphas_cumprod,
-                                                         c10::string_view prediction_type) {
-  check_same_shape(sample, cond_output, "cond_output");
-  check_same_shape(sample, uncond_output, "uncond_output");
-  const PredictionType type = parse_prediction_type(prediction_type);
-  const c10::Device device = sample.device();
-  check_device(cond_output, device, "cond_output");
-  check_device(uncond_output, device, "uncond_output");
-  check_device(guidance_scale, device, "guidance_scale");
-  check_schedule_devices(device, timesteps, prev_timesteps, alphas_cumprod);
-  const c10::cuda::CUDAGuard guard(device);
-  const Layout layout(sample);
-  const at::Tensor mc = layout.input(cond_output), mu = layout.input(uncond_output), x = layout.input(sample);
-  at::Tensor x_prev = layout.output(), pred_x0 = layout.output();
-  const int64_t n = x.numel(), batch = batch_size(x), per_sample = batch ? n / batch : 1;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rglcd_fast_guided_ddim_step_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    constexpr auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const StepScheduleTensors schedule(timesteps, prev_timesteps, alphas_cumprod, batch, acc_type);
-    const at::Tensor w = per_sample_values(guidance_scale, batch, acc_type, "guidance_scale");
-    if (n == 0) return;
-    const scalar_t *cp = mc.const_data_ptr<scalar_t>(), *up = mu.const_data_ptr<scalar_t>(),
-                   *xp = x.const_data_ptr<scalar_t>();
-    scalar_t *pp = x_prev.mutable_data_ptr<scalar_t>(), *op = pred_x0.mutable_data_ptr<scalar_t>();
-    with_prediction_type(type, [&](auto tag) {
-      constexpr PredictionType kType = decltype(tag)::value;
-      with_vector_width<scalar_t>(per_sample, {cp, up, xp, pp, op}, [&](auto width) {
-        constexpr int W = decltype(width)::value;
-        guided_ddim_step_kernel<scalar_t, W, kType><<<cuda::blocks_for(n / W), cuda::kThreads, 0,
-                                                      cuda::current_stream()>>>(
-            cp, up, xp, pp, op, n, per_sample, schedule.view<acc_t>(1.0, false),
-            PerSample<acc_t>{w.const_data_ptr<acc_t>(), w.numel()});
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
-  });
-  return {layout.deliver(x_prev), layout.deliver(pred_x0)};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> guided_ddim_step_backward_cuda(
-    const std::optional<at::Tensor>& grad_x_prev, const std::optional<at::Tensor>& grad_pred_x0,
-    const at::Tensor& timesteps, const at::Tensor& prev_timesteps, const at::Tensor& guidance_scale,
-    const at::Tensor& alphas_cumprod, c10::string_view prediction_type, std::array<bool, 3> mask) {
-  const bool has_gp = grad_x_prev.has_value() && grad_x_prev->defined();
-  const bool has_g0 = grad_pred_x0.has_value() && grad_pred_x0->defined();
-  TORCH_CHECK_VALUE(has_gp || has_g0, "guided_ddim_step_backward: expected grad_x_prev or grad_pred_x0");
-  if (has_gp && has_g0) {
-    check_same_shape(*grad_x_prev, *grad_pred_x0, "grad_pred_x0");
-    check_device(*grad_pred_x0, grad_x_prev->device(), "grad_pred_x0");
-  }
-  const PredictionType type = parse_prediction_type(prediction_type);
-  const at::Tensor& like_input = has_gp ? *grad_x_prev : *grad_pred_x0;
-  const c10::Device device = like_input.device();
-  check_device(guidance_scale, device, "guidance_scale");
-  check_schedule_devices(device, timesteps, prev_timesteps, alphas_cumprod);
-  const c10::cuda::CUDAGuard guard(device);
-  const Layout layout(like_input);
-  const at::Tensor gprev = has_gp ? layout.input(*grad_x_prev) : at::Tensor();
-  const at::Tensor gx0 = has_g0 ? layout.input(*grad_pred_x0) : at::Tensor();
-  const at::Tensor& like = layout.reference;
-  at::Tensor grad_c = mask[0] ? layout.output() : unrequested(like);
-  at::Tensor grad_u = mask[1] ? layout.output() : unrequested(like);
-  at::Tensor grad_x = mask[2] ? layout.output() : unrequested(like);
-  const int64_t n = like.numel(), batch = batch_size(like), per_sample = batch ? n / batch : 1;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "rglcd_fast_guided_ddim_step_bwd_cuda",
-                                  [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    constexpr auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const StepScheduleTensors schedule(timesteps, prev_timesteps, alphas_cumprod, batch, acc_type);
-    const at::Tensor w = per_sample_values(guidance_scale, batch, acc_type, "guidance_scale");
-    if (n == 0 || !(mask[0] || mask[1] || mask[2])) return;
-    const scalar_t* gp = has_gp ? gprev.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* g0 = has_g0 ? gx0.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* gc = pointer_or_null<scalar_t>(grad_c, mask[0]);
-    scalar_t* gu = pointer_or_null<scalar_t>(grad_u, mask[1]);
-    scalar_t* gx = pointer_or_null<scalar_t>(grad_x, mask[2]);
-    with_vector_width<scalar_t>(per_sample, {gp, g0, gc, gu, gx}, [&](auto width) {
-      constexpr int W = decltype(width)::value;
-      guided_ddim_step_backward_kernel<scalar_t, W><<<cuda::blocks_for(n / W), cuda::kThreads, 0,
-                                                      cuda::current_stream()>>>(
-          gp, g0, gc, gu, gx, n, per_sample, schedule.view<acc_t>(1.0, false),
-          PerSample<acc_t>{w.const_data_ptr<acc_t>(), w.numel()}, type);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-  return {mask[0] ? layout.deliver(grad_c) : grad_c, mask[1] ? layout.deliver(grad_u) : grad_u,
-          mask[2] ? layout.deliver(grad_x) : grad_x};
 }
 
 // ---- sampling steps (inference) -----------------------------------------------------------------
@@ -352,46 +271,6 @@ __global__ void lcm_step_kernel(const scalar_t* __restrict__ m, const scalar_t* 
   store(denoised + i, dv);
 }
 
-std::tuple<at::Tensor, at::Tensor> lcm_step_cuda(const at::Tensor& model_output, const at::Tensor& sample,
-                                                 const at::Tensor& timesteps, const at::Tensor& prev_timesteps,
-                                                 const at::Tensor& alphas_cumprod,
-                                                 const std::optional<at::Tensor>& noise, double final_alpha_cumprod,
-                                                 c10::string_view prediction_type, double timestep_scaling,
-                                                 bool clip_sample, double clip_sample_range, bool thresholding,
-                                                 double dynamic_thresholding_ratio, double sample_max_value) {
-  const PredictionType type = parse_prediction_type(prediction_type);
-  const X0Options options =
-      x0_options(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value);
-  const c10::Device device = sample.device();
-  check_device(model_output, device, "model_output");
-  if (noise.has_value() && noise->defined()) check_device(*noise, device, "noise");
-  check_schedule_devices(device, timesteps, prev_timesteps, alphas_cumprod);
-  const c10::cuda::CUDAGuard guard(device);
-  const StepInputs in(model_output, sample, noise);
-  at::Tensor prev = in.layout.output(), denoised = in.layout.output();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "rglcd_fast_lcm_step_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const StepScheduleTensors schedule(timesteps, prev_timesteps, alphas_cumprod, in.batch,
-                                       c10::CppTypeToScalarType<acc_t>::value);
-    if (in.n == 0) return;
-    const scalar_t *mp = in.m.const_data_ptr<scalar_t>(), *xp = in.x.const_data_ptr<scalar_t>();
-    const scalar_t* zp = in.z.defined() ? in.z.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t *pp = prev.mutable_data_ptr<scalar_t>(), *dp = denoised.mutable_data_ptr<scalar_t>();
-    with_prediction_type(type, [&](auto tag) {
-      constexpr PredictionType kType = decltype(tag)::value;
-      const at::Tensor thresholds = device_thresholds<scalar_t, kType>(in, options, schedule.current);
-      with_vector_width<scalar_t>(in.per_sample, {mp, xp, zp, pp, dp}, [&](auto width) {
-        constexpr int W = decltype(width)::value;
-        lcm_step_kernel<scalar_t, W, kType><<<cuda::blocks_for(in.n / W), cuda::kThreads, 0, cuda::current_stream()>>>(
-            mp, xp, zp, pp, dp, in.n, in.per_sample, schedule.view<acc_t>(final_alpha_cumprod, true),
-            static_cast<acc_t>(timestep_scaling), x0_limits<acc_t>(options, thresholds));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
-  });
-  return {in.layout.deliver(prev), in.layout.deliver(denoised)};
-}
-
 // diffusers DDIMScheduler.step: x0 and ε, clip / threshold x0, ε re-derived from the clipped x0 when
 // use_clipped_model_output, prev = sqrt(ᾱ_prev)·x0 + sqrt(1 - ᾱ_prev - σ_t²)·ε (+ σ_t·noise when eta > 0;
 // noise is null otherwise).
@@ -427,57 +306,118 @@ __global__ void ddim_step_kernel(const scalar_t* __restrict__ m, const scalar_t*
   store(pred_x0 + i, ov);
 }
 
-std::tuple<at::Tensor, at::Tensor> ddim_step_cuda(const at::Tensor& model_output, const at::Tensor& sample,
-                                                  const at::Tensor& timesteps, const at::Tensor& prev_timesteps,
-                                                  const at::Tensor& alphas_cumprod,
-                                                  const std::optional<at::Tensor>& noise, double final_alpha_cumprod,
-                                                  double eta, c10::string_view prediction_type, bool clip_sample,
-                                                  double clip_sample_range, bool thresholding,
-                                                  double dynamic_thresholding_ratio, double sample_max_value,
-                                                  bool use_clipped_model_output) {
-  const PredictionType type = parse_prediction_type(prediction_type);
-  const X0Options options =
-      x0_options(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value);
-  TORCH_CHECK_VALUE(eta >= 0, "eta: expected a non-negative value, got ", eta);
-  const c10::Device device = sample.device();
-  check_device(model_output, device, "model_output");
-  if (noise.has_value() && noise->defined()) check_device(*noise, device, "noise");
-  check_schedule_devices(device, timesteps, prev_timesteps, alphas_cumprod);
-  const c10::cuda::CUDAGuard guard(device);
-  const StepInputs in(model_output, sample, noise);
-  TORCH_CHECK_VALUE(eta == 0 || in.z.defined(), "noise: required when eta > 0 (got eta = ", eta, ")");
-  at::Tensor prev = in.layout.output(), pred_x0 = in.layout.output();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "rglcd_fast_ddim_step_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const StepScheduleTensors schedule(timesteps, prev_timesteps, alphas_cumprod, in.batch,
-                                       c10::CppTypeToScalarType<acc_t>::value);
-    if (in.n == 0) return;
-    const scalar_t *mp = in.m.const_data_ptr<scalar_t>(), *xp = in.x.const_data_ptr<scalar_t>();
-    const scalar_t* zp = eta > 0 ? in.z.const_data_ptr<scalar_t>() : nullptr;  // noise is unused when eta = 0
-    scalar_t *pp = prev.mutable_data_ptr<scalar_t>(), *op = pred_x0.mutable_data_ptr<scalar_t>();
-    with_prediction_type(type, [&](auto tag) {
-      constexpr PredictionType kType = decltype(tag)::value;
-      const at::Tensor thresholds = device_thresholds<scalar_t, kType>(in, options, schedule.current);
-      with_vector_width<scalar_t>(in.per_sample, {mp, xp, zp, pp, op}, [&](auto width) {
+// The frame of a sampling step: the step schedule and, per prediction type, the x0 thresholds (when
+// thresholding), then launch(kType tag, W tag, schedule, limits) for the widest vector W the pointers
+// allow; an empty step launches nothing.
+template <typename scalar_t, typename Launch>
+void launch_sampling_step(const StepInputs& in, const ops::SamplingArgs& args,
+                          std::initializer_list<const void*> pointers, const Launch& launch) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const StepScheduleTensors schedule(args, in.batch, c10::CppTypeToScalarType<acc_t>::value);
+  if (in.n == 0) return;
+  with_prediction_type(args.type, [&](auto tag) {
+    constexpr PredictionType kType = decltype(tag)::value;
+    const at::Tensor thresholds = device_thresholds<scalar_t, kType>(in, args.options, schedule.current);
+    with_vector_width<scalar_t>(in.per_sample, pointers, [&](auto width) {
+      launch(tag, width, schedule.view<acc_t>(args.final_alpha_cumprod, true),
+             x0_limits<acc_t>(args.options, thresholds));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+// The backend of ops/solver.h.
+struct CudaBackend {
+  using DeviceGuard = c10::cuda::CUDAGuard;
+  static void check_device(const at::Tensor& t, const c10::Device& device, const char* name) {
+    rglcd_fast::check_device(t, device, name);
+  }
+
+  static void guided_ddim_step(const at::Tensor& mc, const at::Tensor& mu, const at::Tensor& x, at::Tensor& x_prev,
+                               at::Tensor& pred_x0, const ops::GuidedArgs& args) {
+    const int64_t n = x.numel(), batch = batch_size(x), per_sample = batch ? n / batch : 1;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rglcd_fast_guided_ddim_step_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const GuidedTensors guided(args, batch, c10::CppTypeToScalarType<acc_t>::value);
+      if (n == 0) return;
+      const scalar_t *cp = mc.const_data_ptr<scalar_t>(), *up = mu.const_data_ptr<scalar_t>(),
+                     *xp = x.const_data_ptr<scalar_t>();
+      scalar_t *pp = x_prev.mutable_data_ptr<scalar_t>(), *op = pred_x0.mutable_data_ptr<scalar_t>();
+      with_prediction_type(args.type, [&](auto tag) {
+        constexpr PredictionType kType = decltype(tag)::value;
+        with_vector_width<scalar_t>(per_sample, {cp, up, xp, pp, op}, [&](auto width) {
+          constexpr int W = decltype(width)::value;
+          guided_ddim_step_kernel<scalar_t, W, kType><<<cuda::blocks_for(n / W), cuda::kThreads, 0,
+                                                        cuda::current_stream()>>>(
+              cp, up, xp, pp, op, n, per_sample, guided.schedule_view<acc_t>(), guided.guidance<acc_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
+    });
+  }
+
+  static void guided_ddim_step_backward(const at::Tensor& like, const at::Tensor& gprev, const at::Tensor& gx0,
+                                        at::Tensor& grad_c, at::Tensor& grad_u, at::Tensor& grad_x,
+                                        const ops::GuidedArgs& args, std::array<bool, 3> mask) {
+    const int64_t n = like.numel(), batch = batch_size(like), per_sample = batch ? n / batch : 1;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(),
+                                    "rglcd_fast_guided_ddim_step_bwd_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const GuidedTensors guided(args, batch, c10::CppTypeToScalarType<acc_t>::value);
+      if (n == 0 || !(mask[0] || mask[1] || mask[2])) return;
+      const scalar_t* gp = gprev.defined() ? gprev.const_data_ptr<scalar_t>() : nullptr;
+      const scalar_t* g0 = gx0.defined() ? gx0.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* gc = pointer_or_null<scalar_t>(grad_c, mask[0]);
+      scalar_t* gu = pointer_or_null<scalar_t>(grad_u, mask[1]);
+      scalar_t* gx = pointer_or_null<scalar_t>(grad_x, mask[2]);
+      with_vector_width<scalar_t>(per_sample, {gp, g0, gc, gu, gx}, [&](auto width) {
         constexpr int W = decltype(width)::value;
-        ddim_step_kernel<scalar_t, W, kType><<<cuda::blocks_for(in.n / W), cuda::kThreads, 0,
-                                               cuda::current_stream()>>>(
-            mp, xp, zp, pp, op, in.n, in.per_sample, schedule.view<acc_t>(final_alpha_cumprod, true),
-            static_cast<acc_t>(eta), x0_limits<acc_t>(options, thresholds), use_clipped_model_output);
+        guided_ddim_step_backward_kernel<scalar_t, W><<<cuda::blocks_for(n / W), cuda::kThreads, 0,
+                                                        cuda::current_stream()>>>(
+            gp, g0, gc, gu, gx, n, per_sample, guided.schedule_view<acc_t>(), guided.guidance<acc_t>(), args.type);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
-  });
-  return {in.layout.deliver(prev), in.layout.deliver(pred_x0)};
-}
+  }
+
+  static void lcm_step(const StepInputs& in, at::Tensor& prev, at::Tensor& denoised, const ops::SamplingArgs& args,
+                       double timestep_scaling) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "rglcd_fast_lcm_step_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t *mp = in.m.const_data_ptr<scalar_t>(), *xp = in.x.const_data_ptr<scalar_t>();
+      const scalar_t* zp = in.z.defined() ? in.z.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t *pp = prev.mutable_data_ptr<scalar_t>(), *dp = denoised.mutable_data_ptr<scalar_t>();
+      launch_sampling_step<scalar_t>(in, args, {mp, xp, zp, pp, dp}, [&](auto tag, auto width, const auto& schedule,
+                                                                        const auto& limits) {
+        constexpr int W = decltype(width)::value;
+        lcm_step_kernel<scalar_t, W, decltype(tag)::value><<<cuda::blocks_for(in.n / W), cuda::kThreads, 0,
+                                                               cuda::current_stream()>>>(
+            mp, xp, zp, pp, dp, in.n, in.per_sample, schedule, static_cast<acc_t>(timestep_scaling), limits);
+      });
+    });
+  }
+
+  static void ddim_step(const StepInputs& in, at::Tensor& prev, at::Tensor& pred_x0, const ops::SamplingArgs& args,
+                        double eta, bool use_clipped_model_output) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "rglcd_fast_ddim_step_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t *mp = in.m.const_data_ptr<scalar_t>(), *xp = in.x.const_data_ptr<scalar_t>();
+      const scalar_t* zp = eta > 0 ? in.z.const_data_ptr<scalar_t>() : nullptr;  // noise is unused when eta = 0
+      scalar_t *pp = prev.mutable_data_ptr<scalar_t>(), *op = pred_x0.mutable_data_ptr<scalar_t>();
+      launch_sampling_step<scalar_t>(in, args, {mp, xp, zp, pp, op}, [&](auto tag, auto width, const auto& schedule,
+                                                                        const auto& limits) {
+        constexpr int W = decltype(width)::value;
+        ddim_step_kernel<scalar_t, W, decltype(tag)::value><<<cuda::blocks_for(in.n / W), cuda::kThreads, 0,
+                                                                cuda::current_stream()>>>(
+            mp, xp, zp, pp, op, in.n, in.per_sample, schedule, static_cast<acc_t>(eta), limits,
+            use_clipped_model_output);
+      });
+    });
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(rglcd_fast, CUDA, m) {
-  m.impl("guided_ddim_step", &guided_ddim_step_cuda);
-  m.impl("guided_ddim_step_backward", &guided_ddim_step_backward_cuda);
-  m.impl("lcm_step", &lcm_step_cuda);
-  m.impl("ddim_step", &ddim_step_cuda);
-}
+TORCH_LIBRARY_IMPL(rglcd_fast, CUDA, m) { ops::register_solver<CudaBackend>(m); }
 
 }  // namespace rglcd_fast

@@ -1,0 +1,170 @@
+// The solver family's ops (schemas: rglcd_fast/ops/solver.py) written once for both backends:
+// argument checks and parsing, inputs and outputs in the working layout, and the registration. A
+// backend (csrc/cpu/solver.cpp, csrc/cuda/solver.cu) is a struct with
+//   DeviceGuard                  held while an op runs (CUDA: the op's device)
+//   check_device                 raises unless an argument is on the op's device (CUDA; CPU: nothing
+//                                to check)
+//   guided_ddim_step, guided_ddim_step_backward, lcm_step, ddim_step
+// computing into the outputs it is given.
+#pragma once
+
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace rglcd_fast {
+namespace ops {
+
+// The schedule arguments of every solver op: timesteps and prev_timesteps ([B] or one each), ᾱ.
+struct ScheduleArgs {
+  const at::Tensor& timesteps;
+  const at::Tensor& prev_timesteps;
+  const at::Tensor& alphas_cumprod;
+};
+
+template <typename Backend>
+void check_schedule_devices(const c10::Device& device, const ScheduleArgs& args) {
+  Backend::check_device(args.timesteps, device, "timesteps");
+  Backend::check_device(args.prev_timesteps, device, "prev_timesteps");
+  Backend::check_device(args.alphas_cumprod, device, "alphas_cumprod");
+}
+
+// ---- guided DDIM solver step (LCD training, the teacher's side) ---------------------------------
+
+// The guided step's arguments besides its tensors in the working layout.
+struct GuidedArgs : ScheduleArgs {
+  const at::Tensor& guidance_scale;
+  PredictionType type;
+};
+
+// m = m_c + w (m_c - m_u); x0 = x0(m, x); ε = ε(m, x); x_prev = sqrt(ᾱ_prev) x0 + sqrt(1 - ᾱ_prev) ε.
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor> guided_ddim_step(const at::Tensor& cond_output, const at::Tensor& uncond_output,
+                                                    const at::Tensor& sample, const at::Tensor& timesteps,
+                                                    const at::Tensor& prev_timesteps, const at::Tensor& guidance_scale,
+                                                    const at::Tensor& alphas_cumprod,
+                                                    c10::string_view prediction_type) {
+  check_same_shape(sample, cond_output, "cond_output");
+  check_same_shape(sample, uncond_output, "uncond_output");
+  const GuidedArgs args{{timesteps, prev_timesteps, alphas_cumprod}, guidance_scale,
+                        parse_prediction_type(prediction_type)};
+  const c10::Device device = sample.device();
+  Backend::check_device(cond_output, device, "cond_output");
+  Backend::check_device(uncond_output, device, "uncond_output");
+  Backend::check_device(guidance_scale, device, "guidance_scale");
+  check_schedule_devices<Backend>(device, args);
+  const typename Backend::DeviceGuard guard(device);
+  const Layout layout(sample);
+  const at::Tensor mc = layout.input(cond_output), mu = layout.input(uncond_output), x = layout.input(sample);
+  at::Tensor x_prev = layout.output(), pred_x0 = layout.output();
+  Backend::guided_ddim_step(mc, mu, x, x_prev, pred_x0, args);
+  return {layout.deliver(x_prev), layout.deliver(pred_x0)};
+}
+
+// Linear backward: with g_m = (sqrt_prev·x0.cm + c_dir·ε.cm)·g_prev + x0.cm·g_x0,
+// grad_cond = (1 + w)·g_m, grad_uncond = -w·g_m, grad_sample = (sqrt_prev·x0.cx + c_dir·ε.cx)·g_prev + x0.cx·g_x0.
+// A missing upstream gradient counts as zero (an undefined tensor for the backend).
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> guided_ddim_step_backward(
+    const std::optional<at::Tensor>& grad_x_prev, const std::optional<at::Tensor>& grad_pred_x0,
+    const at::Tensor& timesteps, const at::Tensor& prev_timesteps, const at::Tensor& guidance_scale,
+    const at::Tensor& alphas_cumprod, c10::string_view prediction_type, std::array<bool, 3> mask) {
+  const bool has_gp = grad_x_prev.has_value() && grad_x_prev->defined();
+  const bool has_g0 = grad_pred_x0.has_value() && grad_pred_x0->defined();
+  TORCH_CHECK_VALUE(has_gp || has_g0, "guided_ddim_step_backward: expected grad_x_prev or grad_pred_x0");
+  if (has_gp && has_g0) {
+    check_same_shape(*grad_x_prev, *grad_pred_x0, "grad_pred_x0");
+    Backend::check_device(*grad_pred_x0, grad_x_prev->device(), "grad_pred_x0");
+  }
+  const GuidedArgs args{{timesteps, prev_timesteps, alphas_cumprod}, guidance_scale,
+                        parse_prediction_type(prediction_type)};
+  const at::Tensor& like_input = has_gp ? *grad_x_prev : *grad_pred_x0;
+  const c10::Device device = like_input.device();
+  Backend::check_device(guidance_scale, device, "guidance_scale");
+  check_schedule_devices<Backend>(device, args);
+  const typename Backend::DeviceGuard guard(device);
+  const Layout layout(like_input);
+  const at::Tensor gprev = has_gp ? layout.input(*grad_x_prev) : at::Tensor();
+  const at::Tensor gx0 = has_g0 ? layout.input(*grad_pred_x0) : at::Tensor();
+  const at::Tensor& like = layout.reference;
+  at::Tensor grad_c = mask[0] ? layout.output() : unrequested(like);
+  at::Tensor grad_u = mask[1] ? layout.output() : unrequested(like);
+  at::Tensor grad_x = mask[2] ? layout.output() : unrequested(like);
+  Backend::guided_ddim_step_backward(like, gprev, gx0, grad_c, grad_u, grad_x, args, mask);
+  return {mask[0] ? layout.deliver(grad_c) : grad_c, mask[1] ? layout.deliver(grad_u) : grad_u,
+          mask[2] ? layout.deliver(grad_x) : grad_x};
+}
+
+// ---- sampling steps (inference) -----------------------------------------------------------------
+
+// A sampling step's arguments besides its tensors in the working layout.
+struct SamplingArgs : ScheduleArgs {
+  double final_alpha_cumprod;
+  PredictionType type;
+  X0Options options;
+};
+
+// Every tensor of a sampling step on the sample's device.
+template <typename Backend>
+void check_sampling_devices(const at::Tensor& model_output, const at::Tensor& sample,
+                            const std::optional<at::Tensor>& noise, const ScheduleArgs& schedule) {
+  const c10::Device device = sample.device();
+  Backend::check_device(model_output, device, "model_output");
+  if (noise.has_value() && noise->defined()) Backend::check_device(*noise, device, "noise");
+  check_schedule_devices<Backend>(device, schedule);
+}
+
+// diffusers LCMScheduler.step: x0, clip / threshold, denoised = c_out·x0 + c_skip·x, and
+// prev = sqrt(ᾱ_prev)·denoised + sqrt(1 - ᾱ_prev)·noise, or prev = denoised without noise (last step).
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor> lcm_step(const at::Tensor& model_output, const at::Tensor& sample,
+                                            const at::Tensor& timesteps, const at::Tensor& prev_timesteps,
+                                            const at::Tensor& alphas_cumprod, const std::optional<at::Tensor>& noise,
+                                            double final_alpha_cumprod, c10::string_view prediction_type,
+                                            double timestep_scaling, bool clip_sample, double clip_sample_range,
+                                            bool thresholding, double dynamic_thresholding_ratio,
+                                            double sample_max_value) {
+  const SamplingArgs args{
+      {timesteps, prev_timesteps, alphas_cumprod}, final_alpha_cumprod, parse_prediction_type(prediction_type),
+      x0_options(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value)};
+  check_sampling_devices<Backend>(model_output, sample, noise, args);
+  const typename Backend::DeviceGuard guard(sample.device());
+  const StepInputs in(model_output, sample, noise);
+  at::Tensor prev = in.layout.output(), denoised = in.layout.output();
+  Backend::lcm_step(in, prev, denoised, args, timestep_scaling);
+  return {in.layout.deliver(prev), in.layout.deliver(denoised)};
+}
+
+// diffusers DDIMScheduler.step: x0 and ε, clip / threshold x0, ε re-derived from the clipped x0 when
+// use_clipped_model_output, prev = sqrt(ᾱ_prev)·x0 + sqrt(1 - ᾱ_prev - σ_t²)·ε (+ σ_t·noise when eta > 0).
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor> ddim_step(const at::Tensor& model_output, const at::Tensor& sample,
+                                             const at::Tensor& timesteps, const at::Tensor& prev_timesteps,
+                                             const at::Tensor& alphas_cumprod, const std::optional<at::Tensor>& noise,
+                                             double final_alpha_cumprod, double eta, c10::string_view prediction_type,
+                                             bool clip_sample, double clip_sample_range, bool thresholding,
+                                             double dynamic_thresholding_ratio, double sample_max_value,
+                                             bool use_clipped_model_output) {
+  const SamplingArgs args{
+      {timesteps, prev_timesteps, alphas_cumprod}, final_alpha_cumprod, parse_prediction_type(prediction_type),
+      x0_options(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value)};
+  TORCH_CHECK_VALUE(eta >= 0, "eta: expected a non-negative value, got ", eta);
+  check_sampling_devices<Backend>(model_output, sample, noise, args);
+  const typename Backend::DeviceGuard guard(sample.device());
+  const StepInputs in(model_output, sample, noise);
+  TORCH_CHECK_VALUE(eta == 0 || in.z.defined(), "noise: required when eta > 0 (got eta = ", eta, ")");
+  at::Tensor prev = in.layout.output(), pred_x0 = in.layout.output();
+  Backend::ddim_step(in, prev, pred_x0, args, eta, use_clipped_model_output);
+  return {in.layout.deliver(prev), in.layout.deliver(pred_x0)};
+}
+
+template <typename Backend>
+void register_solver(torch::Library& m) {
+  m.impl("guided_ddim_step", &guided_ddim_step<Backend>);
+  m.impl("guided_ddim_step_backward", &guided_ddim_step_backward<Backend>);
+  m.impl("lcm_step", &lcm_step<Backend>);
+  m.impl("ddim_step", &ddim_step<Backend>);
+}
+
+}  // namespace ops
+}  // namespace rglcd_fast
