@@ -156,7 +156,8 @@ def main():
         print(f"batch {batch}: max |graph - eager| = {max_diff:.3g}")
 
     lines = [f"# Sampling benchmark: {card}", "",
-             f"torch {torch.__version__}; commit {commit}; {datetime.date.today().isoformat()}. {arch['name']}-architecture "
+             f"torch {torch.__version__}; commit {commit}; {datetime.date.today().isoformat()}. "
+             f"{arch['name']}-architecture "
              f"UNet (random weights, time_cond_proj_dim=256), {size} px, fp16, {args.steps} LCM steps; medians of "
              "CUDA-event timings, ms (loop rows: from prompt embeddings and initial latents to the last denoised "
              "latents)."

@@ -105,7 +105,9 @@ class FusedLCMScheduler(_FusedStepMixin, LCMScheduler):
             t = check.per_sample("timestep", t, sample.shape[0], device, integer=True)  # raises, naming it
         prev_t = self._prev_timesteps_on(device)[self.step_index] if self.step_index + 1 < len(self.timesteps) else t
         noise = None
-        if self.step_index != self.num_inference_steps - 1:  # randn_tensor's draw; its own path where a generator is on another device or a list
+        if self.step_index != self.num_inference_steps - 1:
+            # randn_tensor's draw: torch.randn where it is the same, randn_tensor itself for a generator
+            # on another device or a list of generators
             if generator is None or (isinstance(generator, torch.Generator) and generator.device == device):
                 noise = torch.randn(model_output.shape, generator=generator, device=device, dtype=sample.dtype)
             else:
