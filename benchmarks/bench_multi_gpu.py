@@ -63,9 +63,25 @@ def run(args):
     acc = trainer.accelerator
     assert acc.num_processes == world, (acc.num_processes, world)
     built_s = time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times, first_s, first_loss, _ = bench.time_steps(provider.step, device, args.warmup, args.steps)
+    def peak_gib():
+        """The largest peak over the ranks since the last reset, GiB; then a reset."""
+        if device.type != "cuda":
+            return 0.0
+        peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return acc.gather(peak).max().item()
+
+    peak_gib()
+    # the warm-up steps apart: DDP rebuilds its gradient buckets after the first, so the peak of the
+    # first steps and the steady peak of the timed steps are reported separately
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        provider.step()
+    bench.synchronize(device)
+    warmup_s = time.perf_counter() - start
+    warmup_peak = peak_gib()
+    times, _, _, _ = bench.time_steps(provider.step, device, 1, args.steps)
+    steady_peak = peak_gib()
 
     student = acc.unwrap_model(trainer.student)
     modules = [student] + ([trainer.target] if trainer.target is not None else [])
@@ -73,9 +89,6 @@ def run(args):
         modules.append(trainer.guidance.lrm)
     prints = acc.gather(fingerprint(modules)[None].to(device))
     in_sync = all(torch.equal(prints[0], p) for p in prints[1:])
-    peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0],
-                        device=device)
-    peak_gib = acc.gather(peak).max().item()
     # every rank's step times: the slowest rank's median sets the pace (the all-reduce waits for it)
     medians = acc.gather(torch.tensor([statistics.median(times)], device=device))
     ms = medians.max().item()
@@ -83,7 +96,8 @@ def run(args):
         row = dict(world=world, reward=args.reward, small=args.small, batch_per_gpu=args.batch,
                    resolution=args.resolution, ms=ms, rank_ms=[round(m, 2) for m in medians.tolist()],
                    lo=min(times), hi=max(times), n=len(times), images_per_s=world * args.batch / ms * 1e3,
-                   peak_gib=peak_gib, first_step_s=first_s, first_loss=first_loss, built_s=built_s, in_sync=in_sync,
+                   peak_gib=steady_peak, warmup_peak_gib=warmup_peak, warmup_s=warmup_s, built_s=built_s,
+                   in_sync=in_sync,
                    card=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke run)",
                    torch=torch.__version__, backend=str(acc.state.backend))
         print(json.dumps(row), flush=True)
@@ -119,10 +133,13 @@ def report(args):
              f"{'Tiny configs (smoke run)' if r0['small'] else 'SD2.1 architecture with random weights'}, "
              "bf16 mixed precision, gradient checkpointing, "
              "Trainer.train_step (bench_train_step.py's provider B). ms/step: the slowest rank's median over n "
-             "steps after warm-up, each from a synchronised device to a synchronised device. Scaling "
+             "steps after warm-up, each from a synchronised device to a synchronised device. Peak memory: "
+             "torch.cuda.max_memory_allocated, the largest rank's, over the warm-up steps (DDP rebuilds its "
+             "buckets after the first) and over the timed steps. Scaling "
              "efficiency: N-GPU images/s ÷ (N × 1-GPU images/s). In sync: every rank's student, EMA target "
              "and LRM weights compared after the timed steps.", "",
-             "| reward branch | GPUs | ms/step (min–max, n) | images/s | scaling efficiency | peak GiB / GPU | "
+             "| reward branch | GPUs | ms/step (min–max, n) | images/s | scaling efficiency | "
+             "peak GiB / GPU: warm-up, timed steps | "
              "in sync |", "|---|---|---|---|---|---|---|"]
     for reward in ("off", "on"):
         runs = sorted((r for r in rows if r["reward"] == reward), key=lambda r: r["world"])
@@ -131,7 +148,8 @@ def report(args):
             eff = f"{r['images_per_s'] / (r['world'] * one):.1%}" if one and r["world"] > 1 else "–"
             label = "on (LRM)" if reward == "on" else "off"
             lines.append(f"| {label} | {r['world']} | {r['ms']:.1f} ({r['lo']:.1f}–{r['hi']:.1f}, n={r['n']}) | "
-                         f"{r['images_per_s']:.2f} | {eff} | {r['peak_gib']:.1f} | {'yes' if r['in_sync'] else 'NO'} |")
+                         f"{r['images_per_s']:.2f} | {eff} | {r['warmup_peak_gib']:.1f}, {r['peak_gib']:.1f} | "
+                         f"{'yes' if r['in_sync'] else 'NO'} |")
     if args.digits:
         runs = []
         for spec in args.digits:
