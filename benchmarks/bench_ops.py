@@ -43,6 +43,16 @@ def copy_bandwidth_gbs():
     return 2 * src.numel() * 4 / (us * 1e-6) / 1e9
 
 
+def autograd_floor_us():
+    """A minimal forward+backward in PyTorch, (2·m).sum() and its backward on an SD2.1-768 B16 latent:
+    the host-side floor (Python, dispatch, the autograd engine's device thread) under every fwd+bwd row."""
+    m = torch.randn(LATENT_SHAPES["SD2.1-768 B16"], device="cuda", requires_grad=True)
+
+    def step():
+        m.mul(2).sum().backward()
+    return do_bench(step)
+
+
 def kernel_us(fn, iters=20):
     """Device time of the kernels fn launches (no Python or launch gaps), per call."""
     fn()
@@ -69,6 +79,7 @@ def main():
     commit = os.environ.get("RGLCD_COMMIT") or subprocess.run(  # the device's copy may hold a stale .git
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip() or "unknown"
     copy_gbs = copy_bandwidth_gbs()
+    floor_fwd_bwd_us = autograd_floor_us()
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
 
     card_id = card.replace("NVIDIA ", "").replace(" ", "_")
@@ -80,7 +91,8 @@ def main():
                  f"{datetime.date.today().isoformat()}. Medians of CUDA-event timings (triton do_bench), µs. "
                  f"'kernel' is the device time of our kernels alone (profiler). Copy bandwidth measured in this "
                  f"run: {copy_gbs:,.0f} GB/s (bytes read + written); the floor moves each input once and each "
-                 f"output once at that rate. Latent shapes: "
+                 f"output once at that rate. A minimal PyTorch forward+backward ((2·m).sum() at SD2.1-768 B16, "
+                 f"fp32) takes {floor_fwd_bwd_us:.1f} µs here: the host floor under every fwd+bwd row. Latent shapes: "
                  + ", ".join(f"{k} = {'×'.join(map(str, v))}" for k, v in LATENT_SHAPES.items()) + ".", "",
                  "| op | shape | dtype | eager | compile | rglcd_fast | kernel | GB/s | % copy bw | floor | vs eager | vs compile |",
                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
