@@ -20,7 +20,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..")]
 
 import bench_train_step as bench  # noqa: E402  (model configs, random data, the step timer)
+from report import commit_id  # noqa: E402
 
 
 def fingerprint(modules):
@@ -123,11 +123,10 @@ def report(args):
         rows = [json.loads(line) for line in f if line.strip()]
     if not rows:
         raise SystemExit(f"{args.report}: no runs")
-    commit = os.environ.get("RGLCD_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    commit = commit_id()
     r0 = rows[0]
     lines = [f"# Multi-GPU training: {r0['card']}", "",
-             f"torch {r0['torch']}; commit {commit or 'unknown'}; {datetime.date.today().isoformat()}; "
+             f"torch {r0['torch']}; commit {commit}; {datetime.date.today().isoformat()}; "
              f"backend {rows[-1]['backend']}, one process per GPU (accelerate launch), DDP. Data parallel: batch "
              f"{r0['batch_per_gpu']} per GPU at {r0['resolution']} px, so N GPUs train N× the images a step. "
              f"{'Tiny configs (smoke run)' if r0['small'] else 'SD2.1 architecture with random weights'}, "

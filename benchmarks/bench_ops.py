@@ -9,7 +9,6 @@ bandwidth floor, and the speedups. Writes benchmarks/results/ops_<card>.md.
 import argparse
 import datetime
 import os
-import subprocess
 import sys
 
 import torch
@@ -19,6 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..", "tests")]
 
 from gpu_cases import LATENT_SHAPES  # noqa: E402
+from report import commit_id  # noqa: E402
 
 FAMILY_MODULES = ("consistency", "solver", "reward")  # benchmarks/bench_<family>.py, each with gpu_cases()
 
@@ -76,8 +76,7 @@ def main():
     if not rglcd_fast.has_cuda_kernels():
         sys.exit(f"rglcd_fast has no CUDA kernels here ({rglcd_fast.extension_load_error()})")
     card = torch.cuda.get_device_name()
-    commit = os.environ.get("RGLCD_COMMIT") or subprocess.run(  # the device's copy may hold a stale .git
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip() or "unknown"
+    commit = commit_id()
     copy_gbs = copy_bandwidth_gbs()
     floor_fwd_bwd_us = autograd_floor_us()
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]

@@ -11,7 +11,6 @@ sampling_sdxl_<card>.md).
 import argparse
 import datetime
 import os
-import subprocess
 import sys
 import time
 
@@ -19,6 +18,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..", "tests")]
+
+from report import commit_id  # noqa: E402
 
 ARCHS = {"sd15": dict(name="SD1.5", size=512, batches="1,4"), "sdxl": dict(name="SDXL", size=1024, batches="1")}
 
@@ -109,8 +110,7 @@ def main():
     sampler = make_sampler(args.arch, dtype)
     diffusers_scheduler = LCMScheduler.from_config(sampler.scheduler.config)
     card = torch.cuda.get_device_name()
-    commit = os.environ.get("RGLCD_COMMIT") or subprocess.run(  # the device's copy may hold a stale .git
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip() or "unknown"
+    commit = commit_id()
     rows = []
     compiled_unet, compile_seconds = None, None
     for batch in map(int, (args.batches or arch["batches"]).split(",")):

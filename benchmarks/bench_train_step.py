@@ -40,7 +40,6 @@ import datetime
 import gc
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,6 +52,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, ".."), os.path.join(HERE, "..", "tests")]
 
 import lcd_script  # the LCD script's helpers, written out as the script has them
+from report import commit_id  # noqa: E402
 
 TIME_COND_PROJ_DIM = 256  # the script's --unet_time_cond_proj_dim default
 HUBER_C = 0.001
@@ -776,9 +776,7 @@ class Report:
     def __init__(self, path, args, device):
         self.path, self.args, self.device = path, args, device
         self.rows, self.breakdowns, self.checks, self.notes = [], [], [], []
-        commit = os.environ.get("RGLCD_COMMIT") or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-        self.commit = commit or "unknown"
+        self.commit = commit_id()
         self.card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke run)"
 
     def row(self, provider, reward, times, peak_gib, base_ms, first_s, first_loss, pipelined):

@@ -4,6 +4,7 @@
     python benchmarks/report.py bench.json > benchmarks/results/cpu_<machine>.md
 """
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -12,12 +13,20 @@ from collections import defaultdict
 import torch
 
 
+def commit_id() -> str:
+    """The commit measured: $RGLCD_COMMIT where set (the device's copy of the tree may hold a stale .git),
+    else this checkout's short HEAD, else "unknown"."""
+    return os.environ.get("RGLCD_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+
+
 def main(path):
     data = json.load(open(path))
     groups = defaultdict(dict)
     for bench in data["benchmarks"]:
         groups[bench["group"]][bench["params"]["provider"]] = bench["stats"]["median"] * 1e6
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = commit_id()
     cpu = data["machine_info"].get("cpu", {}).get("brand_raw", platform.processor())
     print(f"# CPU benchmark\n\nMachine: {cpu}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
           f"commit {commit}; date {data['datetime'][:10]}. Medians in µs (pytest-benchmark); latents 4×4×64×64 "

@@ -73,12 +73,12 @@ class FusedLCMScheduler(_FusedStepMixin, LCMScheduler):
         self._rglcd_prev_timesteps = {}
 
     def _prev_timesteps_on(self, device: torch.device) -> list:
-        """For each step index but the last, the schedule's next timestep as a 0-d tensor on `device`,
+        """For each step index but the last, the schedule's next timestep as a [1] tensor on `device`,
         built once per set_timesteps."""
         cached = self._rglcd_prev_timesteps.get(device)
         if cached is None:
             timesteps = self.timesteps.to(device)
-            cached = self._rglcd_prev_timesteps[device] = [timesteps[i] for i in range(1, len(timesteps))]
+            cached = self._rglcd_prev_timesteps[device] = [timesteps[i:i + 1] for i in range(1, len(timesteps))]
         return cached
 
     def _init_step_index(self, timestep):
@@ -100,9 +100,8 @@ class FusedLCMScheduler(_FusedStepMixin, LCMScheduler):
         check.latents(model_output=model_output, sample=sample)
         solver_ops._forward_only("lcm_step", model_output=model_output, sample=sample)
         device = sample.device
-        t = self._timestep_tensor(timestep, device)
-        if t.dim() > 1 or t.numel() not in (1, sample.shape[0]) or t.dtype not in check.INDEX_DTYPES:
-            t = check.per_sample("timestep", t, sample.shape[0], device, integer=True)  # raises, naming it
+        t = check.per_sample("timestep", self._timestep_tensor(timestep, device), sample.shape[0], device,
+                             integer=True)
         prev_t = self._prev_timesteps_on(device)[self.step_index] if self.step_index + 1 < len(self.timesteps) else t
         noise = None
         if self.step_index != self.num_inference_steps - 1:
@@ -112,8 +111,8 @@ class FusedLCMScheduler(_FusedStepMixin, LCMScheduler):
                 noise = torch.randn(model_output.shape, generator=generator, device=device, dtype=sample.dtype)
             else:
                 noise = randn_tensor(model_output.shape, generator=generator, device=device, dtype=sample.dtype)
-        prev_sample, denoised = solver_ops._lcm_step(model_output, sample, t.reshape(-1), prev_t.reshape(-1),
-                                                     self._schedule_on(device), noise, *self._rglcd_constants)
+        prev_sample, denoised = solver_ops._lcm_step(model_output, sample, t, prev_t, self._schedule_on(device), noise,
+                                                     *self._rglcd_constants)
         self._step_index += 1
         if not return_dict:
             return prev_sample, denoised

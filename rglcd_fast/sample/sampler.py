@@ -78,12 +78,7 @@ class LCMSampler:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        if not os.path.isdir(model):
-            raise FileNotFoundError(f"model: no such folder {model!r} (expected a diffusers pipeline folder)")
-        missing = [p for p in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-                   if not os.path.isdir(os.path.join(model, p))]
-        if missing:
-            raise ValueError(f"model: {model!r} is not a diffusers Stable Diffusion folder (missing {', '.join(missing)})")
+        check_pipeline_folder(model, "model")
         xl = os.path.isdir(os.path.join(model, "text_encoder_2"))
         if xl and not os.path.isdir(os.path.join(model, "tokenizer_2")):
             raise ValueError(f"model: {model!r} has text_encoder_2 but no tokenizer_2 (an incomplete SDXL folder)")
@@ -128,7 +123,8 @@ class LCMSampler:
         second = self.text_encoder_2(self._tokens(self.tokenizer_2, prompts), output_hidden_states=True)
         prompt_embeds = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
         default_height, default_width = self.default_size()
-        ids = [height or default_height, width or default_width, 0, 0, height or default_height, width or default_width]
+        height, width = height or default_height, width or default_width
+        ids = [height, width, 0, 0, height, width]
         time_ids = torch.tensor([ids], dtype=self.dtype, device=self.device).repeat(len(prompts), 1)
         return Conditioning(prompt_embeds.to(self.dtype), {"text_embeds": second.text_embeds.to(self.dtype),
                                                            "time_ids": time_ids})
@@ -137,12 +133,16 @@ class LCMSampler:
         return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                          return_tensors="pt").input_ids.to(self.device)
 
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     def default_size(self) -> tuple[int, int]:
-        side = self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        side = self.unet.config.sample_size * self.vae_scale_factor
         return side, side
 
     def _check_size(self, height: int, width: int) -> None:
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        factor = self.vae_scale_factor
         for name, value in (("height", height), ("width", width)):
             if value <= 0 or value % factor:
                 raise ValueError(f"{name}: expected a positive multiple of {factor} (the VAE's downsampling), got {value}")
@@ -175,7 +175,7 @@ class LCMSampler:
         return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in images]
 
     def initial_latents(self, batch, height, width, generator):
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        factor = self.vae_scale_factor
         shape = (batch, self.unet.config.in_channels, height // factor, width // factor)
         latents = torch.randn(shape, generator=generator, device=self.device, dtype=self.dtype)
         return latents * self.scheduler.init_noise_sigma
@@ -243,6 +243,19 @@ class LCMSampler:
             self._graphs[key] = _Graph(graph, static, generator, denoised,
                                        (w_embedding, self.scheduler.timesteps))
         return self._graphs[key]
+
+
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_pipeline_folder(folder: str, argument: str) -> None:
+    """Raises, naming `argument`, unless `folder` is a diffusers Stable Diffusion folder (PIPELINE_PARTS)."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{argument}: no such folder {folder!r} (expected a diffusers Stable Diffusion folder)")
+    missing = [p for p in PIPELINE_PARTS if not os.path.isdir(os.path.join(folder, p))]
+    if missing:
+        raise ValueError(f"{argument}: {folder!r} is not a diffusers Stable Diffusion folder "
+                         f"(missing {', '.join(missing)})")
 
 
 def _fuse_lora(unet, lora: str, xl: bool):

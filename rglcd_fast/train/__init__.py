@@ -1,6 +1,6 @@
 """Training pieces for RG-LCD distillation."""
 from .checkpoint import (RngState, capture_rng_state, latest_checkpoint, list_checkpoints,
-                         load_checkpoint, resolve_resume, restore_rng_state, save_checkpoint)
+                         load_checkpoint, resolve_resume, restore_rng_state, save_checkpoint, write_folder)
 from .data import (ImageCaptionDataset, ResumableDataLoader, ResumableSampler, braceexpand,
                    collate_image_caption, make_dataloader, preprocess_image)
 from .step import DistillationConfig, DistillationStep, StepOutput, update_ema
@@ -9,4 +9,4 @@ __all__ = ["ImageCaptionDataset", "ResumableDataLoader", "ResumableSampler", "br
            "collate_image_caption", "make_dataloader", "preprocess_image", "DistillationConfig",
            "DistillationStep", "StepOutput", "update_ema", "RngState", "capture_rng_state",
            "restore_rng_state", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
-           "resolve_resume"]
+           "resolve_resume", "write_folder"]

@@ -157,6 +157,23 @@ def _rename_dir(src: str, dst: str) -> None:
     os.replace(src, dst)
 
 
+def write_folder(path: str, write: Callable[[str], Any]) -> None:
+    """write(tmp) into a temporary sibling folder, then swap it into place: a crash leaves the old folder
+    or the new one, never half of one (a failed write leaves no temporary folder behind)."""
+    tmp, old = path + ".tmp", path + ".old"
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _module_tensors(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
     out, seen = {}, set()
     for k, v in module.state_dict().items():
@@ -399,12 +416,12 @@ def load_checkpoint(path: str, state: Mapping[str, Any], map_location="cpu", *,
     with open(os.path.join(path, MANIFEST)) as f:
         manifest = json.load(f)
     entries = manifest["entries"]
-    if isinstance(map_location, (str, torch.device)):  # safetensors names the CPU "cpu", never "cpu:0"
+    device = "cpu"
+    if isinstance(map_location, (str, torch.device)):
         map_location = torch.device(map_location)
-        device = "cpu" if map_location.type == "cpu" else str(map_location)
-        map_location = torch.device(device)
-    else:
-        device = "cpu"
+        if map_location.type == "cpu":  # safetensors names the CPU "cpu", never "cpu:0"
+            map_location = torch.device("cpu")
+        device = str(map_location)
     out: Dict[str, Any] = {}
     for name, obj in state.items():
         if name == "rng":

@@ -8,6 +8,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .step import DistillationConfig
+
+_STEP_DEFAULTS = DistillationConfig()  # the step's defaults, which the fields of the same names take
 REWARD_MODES = ("lrm", "direct", "none")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 COMPILE_UNETS = ("none", "frozen", "all")
@@ -26,12 +29,12 @@ class TrainConfig:
     lora_alpha: int = 64
     time_cond_proj_dim: int = 256  # the full student's guidance (w) embedding size
     # ---- distillation (DESIGN.md §1)
-    num_ddim_timesteps: int = 50
-    w_min: float = 5.0
-    w_max: float = 15.0
-    loss_type: str = "huber"
-    huber_c: float = 0.001
-    timestep_scaling: float = 10.0
+    num_ddim_timesteps: int = _STEP_DEFAULTS.num_ddim_timesteps
+    w_min: float = _STEP_DEFAULTS.w_min
+    w_max: float = _STEP_DEFAULTS.w_max
+    loss_type: str = _STEP_DEFAULTS.loss_type
+    huber_c: float = _STEP_DEFAULTS.huber_c
+    timestep_scaling: float = _STEP_DEFAULTS.timestep_scaling
     ema_decay: float = 0.95
     # ---- optimisation
     max_train_steps: int = 1000
@@ -52,7 +55,7 @@ class TrainConfig:
     reward_mode: str = "lrm"  # lrm (latent proxy), direct (decode and score), none (plain LCD)
     reward_model: str = "digits"  # expert RM: digits, clip, pickscore, aesthetic, hpsv2, imagereward
     reward_model_path: Optional[str] = None  # its folder or file (digits: the shipped weights)
-    reward_scale: float = 1.0
+    reward_scale: float = _STEP_DEFAULTS.reward_scale
     lrm_learning_rate: float = 1e-5
     lrm_batch_size: int = 8  # samples of each batch the LRM update uses
     lrm_loss: str = "kl"  # kl or ce

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 import torch
 
 from ..reward import LatentRewardModel, RewardModel
+from ..sample.sampler import check_pipeline_folder
 
 # The LoRA targets of diffusers' train_lcm_distill_lora_sd.py.
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                        "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
                        "time_emb_proj"]
-PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 def resolve_teacher(teacher: str) -> str:
@@ -25,12 +25,7 @@ def resolve_teacher(teacher: str) -> str:
             raise FileNotFoundError(f"teacher: the digits world's teacher is missing from {TEACHER_DIR}; "
                                     "rebuild it with `rglcd-fast make-world`")
         return TEACHER_DIR
-    if not os.path.isdir(teacher):
-        raise FileNotFoundError(f"teacher: no such folder {teacher!r} (expected a diffusers Stable Diffusion folder)")
-    missing = [p for p in PIPELINE_PARTS if not os.path.isdir(os.path.join(teacher, p))]
-    if missing:
-        raise ValueError(f"teacher: {teacher!r} is not a diffusers Stable Diffusion folder "
-                         f"(missing {', '.join(missing)})")
+    check_pipeline_folder(teacher, "teacher")
     return teacher
 
 

@@ -14,7 +14,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from .checkpoint import capture_rng_state, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import capture_rng_state, load_checkpoint, resolve_resume, save_checkpoint, write_folder
 from .config import TrainConfig
 from .data import ImageCaptionDataset, ResumableDataLoader
 from .models import RewardGuidance, Teacher, make_lrm, make_student
@@ -372,13 +372,13 @@ class Trainer:
             outputs["lrm"] = os.path.join(config.output_dir, "lrm")
         if acc.is_main_process:
             student = acc.unwrap_model(self.student)
-            _write_folder(outputs["pipeline"], lambda tmp: self._save_pipeline(tmp, student))
+            write_folder(outputs["pipeline"], lambda tmp: self._save_pipeline(tmp, student))
             if config.use_lora:
-                _write_folder(outputs["lora"], lambda tmp: _save_lora(tmp, student))
+                write_folder(outputs["lora"], lambda tmp: _save_lora(tmp, student))
             if self.target is not None:
-                _write_folder(outputs["unet_target"], self.target.save_pretrained)
+                write_folder(outputs["unet_target"], self.target.save_pretrained)
             if "lrm" in outputs:
-                _write_folder(outputs["lrm"], self.guidance.lrm.save_pretrained)
+                write_folder(outputs["lrm"], self.guidance.lrm.save_pretrained)
             outputs["samples"] = self.sample_grid()
         acc.wait_for_everyone()
         return outputs
@@ -424,19 +424,6 @@ def _save_lora(folder, student):
 
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(student))
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
-
-
-def _write_folder(path, write):
-    """write(tmp) into a temporary sibling folder, then swap it into place: a crash leaves the old
-    folder or the new one, never half of one."""
-    tmp, old = path + ".tmp", path + ".old"
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    write(tmp)
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class _CsvLog:

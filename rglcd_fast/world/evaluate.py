@@ -15,6 +15,7 @@ import torch
 
 from .classifiers import load_classifier, prompted_digit
 from .digits import DIGIT_WORDS, DigitsDataset, prompt_for
+from .teacher import load_teacher
 
 VARIANTS = {"LCD": "none", "RG-LCD (direct RM)": "direct", "RG-LCD (LRM)": "lrm"}
 
@@ -89,11 +90,10 @@ def _initial_latents(count, shape, seed):
 
 def load_teacher_pipeline(teacher_dir):
     """The teacher as a diffusers StableDiffusionPipeline with DDIMScheduler."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
 
-    pipe = StableDiffusionPipeline.from_pretrained(teacher_dir, safety_checker=None, requires_safety_checker=False)
+    pipe = load_teacher(teacher_dir)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 

@@ -11,8 +11,6 @@ import argparse
 import copy
 import math
 import os
-import shutil
-import tempfile
 import time
 
 import torch
@@ -185,15 +183,13 @@ def make_teacher(out_dir: str = TEACHER_DIR, seed: int = 0, vae_steps: int = 600
     then moved into place, so a crash never leaves a half-written folder). Returns out_dir."""
     from diffusers import StableDiffusionPipeline
 
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=".teacher-", dir=parent)
-    try:
+    from ..train.checkpoint import write_folder
+
+    def build(folder):
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         dataset = DigitsDataset()
-        tokenizer = save_tokenizer(os.path.join(work, "tokenizer"))
+        tokenizer = save_tokenizer(os.path.join(folder, "tokenizer"))
         vae = train_vae(build_vae(), dataset.images, steps=vae_steps, generator=generator, progress=progress)
         text_encoder = build_text_encoder(tokenizer)
         scheduler = build_scheduler()
@@ -202,20 +198,11 @@ def make_teacher(out_dir: str = TEACHER_DIR, seed: int = 0, vae_steps: int = 600
         pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                            requires_safety_checker=False)
-        pipeline.save_pretrained(work, safe_serialization=True)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(work, 0o777 & ~umask)  # mkdtemp makes it private
-        old = None
-        if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=".teacher-old-", dir=parent)
-            os.replace(out_dir, os.path.join(old, "teacher"))
-        os.replace(work, out_dir)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+        pipeline.save_pretrained(folder, safe_serialization=True)
+
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    write_folder(out_dir, build)
     return out_dir
 
 
