@@ -8,7 +8,7 @@ import torch
 
 import rglcd_fast.train.checkpoint as ckpt
 from rglcd_fast.train import (capture_rng_state, latest_checkpoint, load_checkpoint, resolve_resume,
-                              save_checkpoint)
+                              save_checkpoint, write_folder)
 
 
 def _seed_all(seed):
@@ -162,6 +162,30 @@ def test_pruning(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-50", "checkpoint-60"]
     with pytest.raises(ValueError, match="keep"):
         save_checkpoint(tmp_path, 70, {"model": m}, keep=0)
+
+
+def test_write_folder_replaces_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "outputs"
+
+    def write(files):
+        def into(folder):
+            os.makedirs(folder)
+            for name in files:
+                with open(os.path.join(folder, name), "w") as f:
+                    f.write(name)
+        return into
+
+    write_folder(str(out), write(["a"]))
+    write_folder(str(out), write(["b"]))
+    assert sorted(os.listdir(out)) == ["b"]  # replaced as a whole
+
+    def crash(folder):
+        write(["half"])(folder)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_folder(str(out), crash)
+    assert sorted(os.listdir(out)) == ["b"] and sorted(os.listdir(tmp_path)) == ["outputs"]
 
 
 def test_resolve_resume_and_overwrite(tmp_path):
