@@ -45,7 +45,8 @@ def tiny_config(world, out, **overrides) -> TrainConfig:
 
 
 def weights(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    """A module's state on the CPU (the trainer's modules live on the accelerator's device)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
 def assert_same(a, b):
@@ -115,10 +116,10 @@ def test_lrm_update_scores_the_real_images_and_decodes_two_candidates(world, tmp
         guidance.expert = Recorder()
         decoded, decode = [], vae.decode
         vae.decode = lambda z, *a, **k: (decoded.append(z.shape[0]), decode(z, *a, **k))[1]
-        g = torch.Generator().manual_seed(0)
-        images = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
+        g, device = torch.Generator().manual_seed(0), trainer.accelerator.device
+        images = (torch.rand(4, 3, 16, 16, generator=g) * 2 - 1).to(device)
         latents = trainer.teacher.encode_images(images, g)
-        pred, target = torch.randn(latents.shape, generator=g), torch.randn(latents.shape, generator=g)
+        pred, target = (torch.randn(latents.shape, generator=g).to(device) for _ in range(2))
         prompts = ["a digit one", "a digit two", "a digit three", "a digit zero"]
         before = weights(guidance.lrm)
         loss, accuracy = guidance.update_lrm(pred, target, latents, prompts, images=images)
