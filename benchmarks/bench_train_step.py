@@ -16,8 +16,7 @@ images/s, peak GPU memory since the provider was built):
                       bf16_target (the EMA target stored in bf16), nockpt (no gradient checkpointing),
                       decode_one_call (prediction and target in one VAE call; reward on only), compile and
                       compile_cl (compile_unets="all", without / with channels_last), compile_frozen (the
-                      teacher and target only), compile_frozen_vae (and the VAE encoder, which encodes the
-                      batch in the step), compile_budget ("all" with compile_memory_budget 0.5): the
+                      teacher and target UNets and the VAE encoder), compile_budget ("all" with compile_memory_budget 0.5): the
                       compile variants run after every other provider, reward off unless --compile-reward
                       says otherwise.
 Reward branch: "off" (plain LCD) and "on": the latent-proxy reward (RG-LCD's LRM variant): reward of the
@@ -579,7 +578,6 @@ TRAINER_VARIANTS = {
     "rglcd_fast_compile_cl": {"compile_unets": "all", "channels_last": True},
     "rglcd_fast_compile_frozen": {"compile_unets": "frozen"},
     "rglcd_fast_compile_budget": {"compile_unets": "all", "compile_memory_budget": 0.5},
-    "rglcd_fast_compile_frozen_vae": {"compile_unets": "frozen", "compile_vae_encoder": True},
 }
 
 
@@ -591,7 +589,6 @@ class TrainerProvider:
 
         overrides = dict(TRAINER_VARIANTS[variant])
         bf16_target = overrides.pop("bf16_target", False)
-        compile_vae_encoder = overrides.pop("compile_vae_encoder", False)
         if overrides.get("vae_decode_batch_size") == "2batch":  # prediction and target in one call
             overrides["vae_decode_batch_size"] = 2 * args.batch
         settings = dict(teacher="sd21-random-in-memory", mixed_precision="bf16", train_batch_size=args.batch,
@@ -606,8 +603,6 @@ class TrainerProvider:
         self.trainer = Trainer(config, teacher=teacher, dataset=dataset, reward_model=expert if reward else None)
         if bf16_target:
             self.trainer.target.to(torch.bfloat16)
-        if compile_vae_encoder:  # the step's VAE encode of the batch (an experiment; not a trainer option yet)
-            self.trainer.teacher.vae.encoder.compile()
         self.batches = self.trainer.loader.infinite()
         self.device, self.reward = device, reward
         self.timeline = Timeline(device)
@@ -765,8 +760,7 @@ PROVIDER_NAMES = {"reference": "A. reference (LCD script step, incl. text + VAE 
                   "rglcd_fast_compile": "B, compile_unets=all",
                   "rglcd_fast_compile_cl": "B, compile_unets=all, channels_last=True",
                   "rglcd_fast_compile_frozen": "B, compile_unets=frozen",
-                  "rglcd_fast_compile_budget": "B, compile_unets=all, compile_memory_budget=0.5",
-                  "rglcd_fast_compile_frozen_vae": "B, compile_unets=frozen + the VAE encoder compiled (bench only)"}
+                  "rglcd_fast_compile_budget": "B, compile_unets=all, compile_memory_budget=0.5"}
 # variants measured in one reward branch only: the LRM's decode (on); the target's dtype and checkpointing
 # (off: their effect does not depend on the branch)
 ONLY_REWARD = {"rglcd_fast_decode_one_call": True, "rglcd_fast_bf16_target": False, "rglcd_fast_nockpt": False}

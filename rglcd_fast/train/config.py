@@ -76,8 +76,8 @@ class TrainConfig:
     progress: bool = True
     # ---- speed and memory (none changes the math; benchmarks/results/train_step_<card>.md measures each)
     channels_last: bool = False  # CUDA: UNets and VAE in NHWC (eager: slower, torch's CUDA GroupNorm is NCHW-only)
-    # torch.compile: "frozen" the teacher and EMA target UNets (forward only), "all" the student too; each
-    # compiles on its first call. compile_memory_budget: AOTAutograd's activation memory budget for the
+    # torch.compile: "frozen" the teacher and EMA target UNets and the VAE encoder (forward only), "all" the
+    # student too; each compiles on its first call. compile_memory_budget: AOTAutograd's activation memory budget for the
     # compiled student (0 < b <= 1; lower recomputes more in the backward; None: torch's default, 1.0)
     compile_unets: str = "none"
     compile_memory_budget: Optional[float] = None

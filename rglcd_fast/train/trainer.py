@@ -120,7 +120,8 @@ class Trainer:
                 unets = [m for m in unets if not any(p.requires_grad for p in m.parameters())]
             if config.compile_memory_budget is not None:  # process-wide: read when the student's graph compiles
                 torch._functorch.config.activation_memory_budget = config.compile_memory_budget
-            for module in unets:
+            # and the VAE encoder, which encodes the batch in every step (frozen, forward only)
+            for module in (*unets, self.teacher.vae.encoder):
                 module.compile()
 
         self._expert = reward_model
