@@ -558,6 +558,14 @@ struct StepInputs {
     batch = batch_size(x);
     per_sample = batch ? n / batch : 1;
   }
+
+  // These inputs with the noise drawn as torch.randn(sample.shape, generator=generator,
+  // dtype=sample.dtype, device=sample.device) draws it (a contiguous draw, in the working layout).
+  StepInputs with_drawn_noise(const std::optional<at::Generator>& generator) const {
+    StepInputs drawn = *this;
+    drawn.z = layout.input(at::randn(layout.reference.sizes(), generator, layout.reference.options()));
+    return drawn;
+  }
 };
 
 }  // namespace rglcd_fast
