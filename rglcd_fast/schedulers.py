@@ -103,16 +103,16 @@ class FusedLCMScheduler(_FusedStepMixin, LCMScheduler):
         t = check.per_sample("timestep", self._timestep_tensor(timestep, device), sample.shape[0], device,
                              integer=True)
         prev_t = self._prev_timesteps_on(device)[self.step_index] if self.step_index + 1 < len(self.timesteps) else t
-        noise = None
+        noise, draw = None, False
         if self.step_index != self.num_inference_steps - 1:
-            # randn_tensor's draw: torch.randn where it is the same, randn_tensor itself for a generator
-            # on another device or a list of generators
+            # randn_tensor's draw: torch.randn where it is the same, drawn by the op itself (in the step's
+            # kernel on CUDA); randn_tensor for a generator on another device or a list of generators
             if generator is None or (isinstance(generator, torch.Generator) and generator.device == device):
-                noise = torch.randn(model_output.shape, generator=generator, device=device, dtype=sample.dtype)
+                draw = True
             else:
                 noise = randn_tensor(model_output.shape, generator=generator, device=device, dtype=sample.dtype)
         prev_sample, denoised = solver_ops._lcm_step(model_output, sample, t, prev_t, self._schedule_on(device), noise,
-                                                     *self._rglcd_constants)
+                                                     *self._rglcd_constants, draw, generator if draw else None)
         self._step_index += 1
         if not return_dict:
             return prev_sample, denoised
