@@ -617,6 +617,9 @@ def test_bad_inputs_name_the_argument():
             (ValueError, "noise", lambda: torch.ops.rglcd_fast.ddim_step(*ddim_args(u, x, t, prev, ac, eta=0.5))),
             (ValueError, "sample_max_value", lambda: torch.ops.rglcd_fast.lcm_step(
                 *lcm_args(u, x, t, prev, ac)[:13], 0.5)),
+            (TypeError, "timesteps", lambda: torch.ops.rglcd_fast.lcm_step(*lcm_args(u, x, t.float(), prev, ac))),
+            (TypeError, "sample", lambda: torch.ops.rglcd_fast.lcm_step(*lcm_args(u.long(), x.long(), t, prev, ac))),
+            (ValueError, "sample", lambda: torch.ops.rglcd_fast.lcm_step(*lcm_args(u, x[:1], t[:1], prev[:1], ac))),
             (ValueError, "noise", lambda: torch.ops.rglcd_fast.lcm_step(*lcm_args(u, x, t, prev, ac, z), True, None)),
             (ValueError, "generator", lambda: torch.ops.rglcd_fast.lcm_step(*lcm_args(u, x, t, prev, ac), False,
                                                                             torch.Generator())),

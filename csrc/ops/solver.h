@@ -45,8 +45,8 @@ std::tuple<at::Tensor, at::Tensor> guided_ddim_step(const at::Tensor& cond_outpu
                                                     const at::Tensor& prev_timesteps, const at::Tensor& guidance_scale,
                                                     const at::Tensor& alphas_cumprod,
                                                     c10::string_view prediction_type) {
-  check_same_shape(sample, cond_output, "cond_output");
-  check_same_shape(sample, uncond_output, "uncond_output");
+  check_same_shape(sample, cond_output, "cond_output", "sample");
+  check_same_shape(sample, uncond_output, "uncond_output", "sample");
   const GuidedArgs args{{timesteps, prev_timesteps, alphas_cumprod}, guidance_scale,
                         parse_prediction_type(prediction_type)};
   const c10::Device device = sample.device();
@@ -74,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> guided_ddim_step_backward(
   const bool has_g0 = grad_pred_x0.has_value() && grad_pred_x0->defined();
   TORCH_CHECK_VALUE(has_gp || has_g0, "guided_ddim_step_backward: expected grad_x_prev or grad_pred_x0");
   if (has_gp && has_g0) {
-    check_same_shape(*grad_x_prev, *grad_pred_x0, "grad_pred_x0");
+    check_same_shape(*grad_x_prev, *grad_pred_x0, "grad_pred_x0", "grad_x_prev");
     Backend::check_device(*grad_pred_x0, grad_x_prev->device(), "grad_pred_x0");
   }
   const GuidedArgs args{{timesteps, prev_timesteps, alphas_cumprod}, guidance_scale,
