@@ -42,7 +42,7 @@ def _extensions():
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         kwargs["sources"] += sorted(glob.glob("csrc/cuda/*.cu"))
-        extra["nvcc"] = ["-O3", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "-lineinfo", "--extended-lambda"]  # torch's DistributionTemplates.h needs it
         kwargs["define_macros"].append(("RGLCD_FAST_WITH_CUDA", None))
         ext = CUDAExtension(extra_compile_args=extra, **kwargs)
     else:

@@ -478,7 +478,11 @@ struct Layout {
 inline at::Tensor unrequested(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
 // Reads a per-sample integer tensor (timesteps, indices) as int64 on its own device.
-inline at::Tensor as_index(const at::Tensor& t) { return t.reshape({-1}).to(at::kLong).contiguous(); }
+inline at::Tensor as_index(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(at::isIntegralType(t.scalar_type(), /*includeBool=*/false), name,
+                   ": expected an integer tensor (timesteps / indices), got ", t.scalar_type());
+  return t.reshape({-1}).to(at::kLong).contiguous();
+}
 
 // CPU-only range check: a clear ValueError naming the argument (CUDA kernels cannot raise without
 // a host sync; they write NaN for an out-of-range timestep instead).
@@ -494,15 +498,16 @@ inline void check_index_range_cpu(const at::Tensor& idx, int64_t upper, const ch
 // A per-sample index tensor (timesteps, indices) read on the CPU: int64, [B] or one value, in range.
 inline at::Tensor per_sample_index_cpu(const at::Tensor& t, int64_t batch, int64_t upper, const char* name,
                                        bool allow_negative) {
-  const at::Tensor idx = as_index(t);
+  const at::Tensor idx = as_index(t, name);
   TORCH_CHECK_VALUE(idx.numel() == 1 || idx.numel() == batch, name, ": expected ", batch,
                     " values (one per sample) or one, got ", idx.numel());
   check_index_range_cpu(idx, upper, name, allow_negative);
   return idx;
 }
 
-inline void check_same_shape(const at::Tensor& a, const at::Tensor& b, const char* name) {
-  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), name, ": expected shape ", a.sizes(), ", got ", b.sizes());
+// ValueError naming `name` unless b (the argument of that name) has the shape of a (the argument `like`).
+inline void check_same_shape(const at::Tensor& a, const at::Tensor& b, const char* name, const char* like) {
+  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), name, ": expected shape ", a.sizes(), " (as ", like, "), got ", b.sizes());
 }
 
 // A per-sample float tensor (guidance scales): [B] or one value, flat, contiguous, as `dtype` on its
@@ -543,11 +548,13 @@ struct StepInputs {
 
   StepInputs(const at::Tensor& model_output, const at::Tensor& sample, const std::optional<at::Tensor>& noise)
       : layout(sample) {
-    check_same_shape(sample, model_output, "model_output");
+    TORCH_CHECK_TYPE(at::isFloatingType(sample.scalar_type()),
+                     "sample: expected float16, bfloat16, float32 or float64, got ", sample.scalar_type());
+    check_same_shape(sample, model_output, "model_output", "sample");
     m = layout.input(model_output);
     x = layout.input(sample);
     if (noise.has_value() && noise->defined()) {
-      check_same_shape(sample, *noise, "noise");
+      check_same_shape(sample, *noise, "noise", "sample");
       TORCH_CHECK_TYPE(noise->scalar_type() == sample.scalar_type(), "noise: expected dtype ", sample.scalar_type(),
                        ", got ", noise->scalar_type());
       z = layout.input(*noise);
@@ -557,6 +564,14 @@ struct StepInputs {
     n = x.numel();
     batch = batch_size(x);
     per_sample = batch ? n / batch : 1;
+  }
+
+  // These inputs with the noise drawn as torch.randn(sample.shape, generator=generator,
+  // dtype=sample.dtype, device=sample.device) draws it (a contiguous draw, in the working layout).
+  StepInputs with_drawn_noise(const std::optional<at::Generator>& generator) const {
+    StepInputs drawn = *this;
+    drawn.z = layout.input(at::randn(layout.reference.sizes(), generator, layout.reference.options()));
+    return drawn;
   }
 };
 

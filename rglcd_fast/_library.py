@@ -15,9 +15,10 @@ _STATE = {"extension": False, "cuda_kernels": False, "load_error": None, "loaded
 _BACKENDS = ("CPU", "CUDA")
 
 
-def define(name: str, signature: str, reference_kernel: Callable):
-    """Declares rglcd_fast::<name><signature>; reference_kernel serves where no kernel is compiled."""
-    _LIB.define(name + signature)
+def define(name: str, signature: str, reference_kernel: Callable, tags=()):
+    """Declares rglcd_fast::<name><signature> (with torch.Tag tags); reference_kernel serves where no
+    kernel is compiled."""
+    _LIB.define(name + signature, tags=tags)
     _REFERENCE_KERNELS[name] = reference_kernel
     return getattr(torch.ops.rglcd_fast, name).default
 

@@ -15,7 +15,6 @@ from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from . import ops
-from .ops import _checks as check
 from .ops import solver as solver_ops
 
 
@@ -93,26 +92,25 @@ class FusedLCMScheduler(_FusedStepMixin, LCMScheduler):
         if self.num_inference_steps is None:
             raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
                              "the scheduler")
-        if self.step_index is None:
+        if self._step_index is None:
             self._init_step_index(timestep)
         # The host work of a step is most of its time on the GPU: the configuration was checked in
-        # set_timesteps, the next timesteps live on the device, and the op is called directly.
-        check.latents(model_output=model_output, sample=sample)
+        # set_timesteps, the next timesteps live on the device, and the op is called directly (it checks
+        # the tensors it is given, naming the argument).
         solver_ops._forward_only("lcm_step", model_output=model_output, sample=sample)
-        device = sample.device
-        t = check.per_sample("timestep", self._timestep_tensor(timestep, device), sample.shape[0], device,
-                             integer=True)
-        prev_t = self._prev_timesteps_on(device)[self.step_index] if self.step_index + 1 < len(self.timesteps) else t
-        noise = None
-        if self.step_index != self.num_inference_steps - 1:
-            # randn_tensor's draw: torch.randn where it is the same, randn_tensor itself for a generator
-            # on another device or a list of generators
+        device, index = sample.device, self._step_index
+        t = self._timestep_tensor(timestep, device)
+        prev_t = self._prev_timesteps_on(device)[index] if index + 1 < len(self.timesteps) else t
+        noise, draw = None, False
+        if index != self.num_inference_steps - 1:
+            # randn_tensor's draw: torch.randn where it is the same, drawn by the op itself (in the step's
+            # kernel on CUDA); randn_tensor for a generator on another device or a list of generators
             if generator is None or (isinstance(generator, torch.Generator) and generator.device == device):
-                noise = torch.randn(model_output.shape, generator=generator, device=device, dtype=sample.dtype)
+                draw = True
             else:
                 noise = randn_tensor(model_output.shape, generator=generator, device=device, dtype=sample.dtype)
         prev_sample, denoised = solver_ops._lcm_step(model_output, sample, t, prev_t, self._schedule_on(device), noise,
-                                                     *self._rglcd_constants)
+                                                     *self._rglcd_constants, draw, generator if draw else None)
         self._step_index += 1
         if not return_dict:
             return prev_sample, denoised

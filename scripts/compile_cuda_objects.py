@@ -33,8 +33,8 @@ def nvcc_command(source, output, arch):
         includes.append(nvidia)
     code = arch.replace(".", "")
     return [os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"), "-c", source, "-o", output,
-            *[f"-I{p}" for p in includes], *cpp_extension.COMMON_NVCC_FLAGS, "-O3", f"-std={cxx_standard()}",
-            "--compiler-options", "-fPIC", f"-gencode=arch=compute_{code},code=sm_{code}",
+            *[f"-I{p}" for p in includes], *cpp_extension.COMMON_NVCC_FLAGS, "-O3", "--extended-lambda",
+            f"-std={cxx_standard()}", "--compiler-options", "-fPIC", f"-gencode=arch=compute_{code},code=sm_{code}",
             "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DRGLCD_FAST_WITH_CUDA",
             "-Xptxas", "-v"]
 

@@ -89,6 +89,29 @@ def test_lcm_custom_timesteps_and_original_steps(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_lcm_generator_forms(device):
+    """The noise of every form of generator diffusers takes: the default one (None) and one on the
+    sample's device (drawn by the op), one per sample (a list) or one on another device (randn_tensor)."""
+    forms = {"default": lambda: None,
+             "one per sample": lambda: [torch.Generator(device).manual_seed(s) for s in (1, 2)]}
+    if device == "cuda":
+        forms["on the CPU"] = lambda: torch.Generator().manual_seed(3)
+    base = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)).to(device)
+    for name, make_generator in forms.items():
+        loops = []
+        for scheduler in pair(FusedLCMScheduler, LCMScheduler, dict(SD_SCHEDULE, thresholding=True), device,
+                              num_inference_steps=4):
+            torch.manual_seed(0)
+            generator, x, outputs = make_generator(), base.clone(), []
+            for t in scheduler.timesteps:
+                x, denoised = scheduler.step(fake_model(x, t, base), t, x, generator=generator, return_dict=False)
+                outputs += [x, denoised]
+            loops.append(outputs)
+        for k, (ours, theirs) in enumerate(zip(*loops)):
+            assert_tight(ours, theirs, f"{name}: step {k // 2} output {k % 2}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("prediction_type,limit,eta,use_clipped",
                          itertools.product(PREDICTION_TYPES, LIMITS, [0.0, 0.5], [False, True]))
 def test_ddim_matches_diffusers(prediction_type, limit, eta, use_clipped, device):

@@ -340,6 +340,103 @@ def test_guided_matches_lcd_script(prediction_type):
         assert_tight(ours_prev.double(), x_prev, "x_prev", tol=1e-6, scale=pred_x0.abs().max().item())
 
 
+# ---- lcm_step drawing its own noise: torch.randn's draw, bit for bit --------------------------------
+
+ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+DRAW_SHAPES = [(3, 4, 17, 19), (1, 4, 64, 64), (16, 4, 96, 96)]
+
+
+def _seeded(device, seed, explicit):
+    """A generator on `device` seeded with `seed`, or None with the default generators seeded."""
+    if explicit:
+        return torch.Generator(device).manual_seed(seed)
+    torch.manual_seed(seed)
+    return None
+
+
+def _rng_state(device, generator):
+    """The state a draw on `device` advances: the generator's, or the device's default generator's."""
+    if generator is not None:
+        return generator.get_state()
+    return torch.cuda.get_rng_state() if torch.device(device).type == "cuda" else torch.get_rng_state()
+
+
+def _randn_then_step(args, generator):
+    """The noise drawn as diffusers' LCM step draws it (torch.randn for a generator on the sample's
+    device), then lcm_step with that noise (args: lcm_args without noise)."""
+    m, x = args[0], args[1]
+    noise = torch.randn(m.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return torch.ops.rglcd_fast.lcm_step(*args[:5], noise, *args[6:])
+
+
+def _bits(t):
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def assert_same_bits(actual, expected):
+    for k, (a, e) in enumerate(zip(actual, expected)):
+        assert a.dtype == e.dtype and a.shape == e.shape and a.stride() == e.stride(), f"output {k}"
+        assert torch.equal(_bits(a), _bits(e)), f"output {k}: {(a != e).sum().item()} elements differ"
+
+
+def assert_draw_matches_randn(args, device, explicit, seed=0):
+    """lcm_step with draw_noise (args: lcm_args without noise) equals torch.randn then lcm_step bit for
+    bit, and leaves the generator (explicit, or the default one) where torch.randn leaves it."""
+    generator = _seeded(device, seed, explicit)
+    expected = _randn_then_step(args, generator)
+    state = _rng_state(device, generator)
+    generator = _seeded(device, seed, explicit)
+    assert_same_bits(torch.ops.rglcd_fast.lcm_step(*args, True, generator), expected)
+    assert torch.equal(_rng_state(device, generator), state)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("shape", DRAW_SHAPES)
+def test_lcm_draw_matches_randn_then_step(shape, dtype, device):
+    """draw_noise is torch.randn(model_output.shape, generator=..., dtype=sample.dtype) and the step
+    (CUDA: drawn in the step's own kernel): explicit and default generators, clip / threshold, a final
+    step among the samples."""
+    _, m, x, _, t, prev, _, ac = make_inputs(device, dtype, shape)
+    for prediction_type, limit in [("epsilon", "none"), ("v_prediction", "threshold"), ("sample", "clip")]:
+        for explicit in (True, False):
+            assert_draw_matches_randn(lcm_args(3 * m, x, t, prev, ac, None, 0.999, prediction_type, limit), device,
+                                      explicit)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_lcm_draw_layouts(layout, device):
+    """Inputs in other layouts (CUDA: a non-contiguous sample takes torch.randn's own draw, then the step)
+    get the noise torch.randn gives each element, and outputs in the sample's layout."""
+    _, m, x, _, t, prev, _, ac = make_inputs(device, torch.float32)
+    ml, xl = in_layout(3 * m, layout), in_layout(x, layout)
+    for model_output, sample in [(ml, xl), (ml, x), (3 * m, xl)]:
+        for explicit in (True, False):
+            assert_draw_matches_randn(lcm_args(model_output, sample, t, prev, ac, limit="threshold"), device, explicit)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2048, 3), (5, 33), (2, 4, 3, 5, 6), (1,), (0, 4, 5, 5)])
+def test_lcm_draw_other_shapes(shape, dtype, device):
+    """Any rank; a batch whose per-sample coefficients exceed a CUDA block's shared memory (torch.randn's
+    own draw, then the step); an empty batch (nothing drawn, the generator untouched, as torch.randn)."""
+    _, m, x, _, t, prev, _, ac = make_inputs(device, dtype, shape)
+    for explicit in (True, False):
+        assert_draw_matches_randn(lcm_args(m, x, t, prev, ac, limit="threshold"), device, explicit)
+
+
+def test_lcm_draw_reference():
+    """The reference (the kernel where none is compiled) draws as the op does: torch.randn, then its step."""
+    _, m, x, _, t, prev, _, ac = make_inputs("cpu", torch.float32)
+    args = lcm_args(3 * m, x, t, prev, ac, limit="threshold")
+    drawing, given = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    noise = torch.randn(m.shape, generator=given, dtype=x.dtype)
+    assert_same_bits(ref.lcm_step(*args, True, drawing), ref.lcm_step(*args[:5], noise, *args[6:]))
+    assert torch.equal(drawing.get_state(), given.get_state())
+
+
 # ---- autograd, opcheck, compile -------------------------------------------------------------------
 
 
@@ -369,6 +466,8 @@ def _opcheck_samples():
     yield ns.guided_ddim_step_backward.default, (None, u, t, prev0, w, ac, "epsilon", [True, False, True])
     yield ns.lcm_step.default, lcm_args(3 * u, x, t, prev, ac, z, 0.999, "epsilon", "threshold")
     yield ns.lcm_step.default, lcm_args(u, x, t, prev, ac, None, 1.0, "v_prediction", "clip")
+    # drawing from the default generator (opcheck restores the default generators between its runs)
+    yield ns.lcm_step.default, lcm_args(3 * u, x, t, prev, ac, None, 0.999, "sample", "threshold") + (True, None)
     yield ns.ddim_step.default, ddim_args(3 * u, x, t, prev, ac, z, 1.0, 0.5, "sample", "threshold", True)
     yield ns.ddim_step.default, ddim_args(u, x, t, prev, ac, None, 1.0, 0.0, "epsilon", "none", False)
 
@@ -377,6 +476,38 @@ def _opcheck_samples():
 def test_opcheck(sample):
     op, args = list(_opcheck_samples())[sample]
     torch.library.opcheck(op, args)
+
+
+def test_opcheck_draw_from_explicit_generator():
+    """opcheck's eager-vs-AOTDispatcher comparison cannot hold for an explicit generator: it restores the
+    default generators between the runs, not one passed as an argument, so the second run draws on from
+    where the first left it. Its other checks (schema, autograd registration, fake tensor) hold."""
+    _, u, x, _, t, prev, _, ac = make_inputs("cpu", torch.float32, shape=(2, 3, 4, 5))
+    args = lcm_args(u, x, t, prev, ac, None, 1.0, "epsilon", "clip") + (True, torch.Generator().manual_seed(0))
+    torch.library.opcheck(torch.ops.rglcd_fast.lcm_step.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_draw_matches_eager(device):
+    """torch.compile(fullgraph=True) of lcm_step drawing from the default generator draws what eager draws
+    from the same seed, every call (the op is tagged nondeterministic_seeded: two identical calls are
+    neither merged nor dropped). An explicit torch.Generator argument is not traceable by dynamo (torch
+    2.13: "Failed to convert args/kwargs to proxy", a graph break), so fullgraph compiles only this form."""
+    _, m, x, _, t, prev, _, ac = make_inputs(device, torch.float32)
+
+    def sampler(m, x):
+        first = ops.lcm_step(m, x, t, prev, ac, None, 0.999, thresholding=True, draw_noise=True)
+        again = ops.lcm_step(m, x, t, prev, ac, None, 0.999, thresholding=True, draw_noise=True)
+        return first + again
+
+    compiled = torch.compile(sampler, fullgraph=True)
+    for seed in (5, 6):
+        torch.manual_seed(seed)
+        eager = sampler(3 * m, x)
+        torch.manual_seed(seed)
+        assert_same_bits(compiled(3 * m, x), eager)
+        assert not torch.equal(eager[0], eager[2])  # two draws
 
 
 def test_compile_fullgraph_matches_eager():
@@ -472,6 +603,10 @@ def test_bad_inputs_name_the_argument():
         (ValueError, "noise", lambda: ops.ddim_step(u, x, t, prev, ac, None, eta=0.5)),
         (ValueError, "prediction_type", lambda: ops.ddim_step(u, x, t, prev, ac, prediction_type="flow")),
         (ValueError, "model_output", lambda: ops.lcm_step(u[0, 0, 0, 0], x[0, 0, 0, 0], t[:1], prev[:1], ac)),
+        (ValueError, "noise", lambda: ops.lcm_step(u, x, t, prev, ac, z, draw_noise=True)),
+        (ValueError, "generator", lambda: ops.lcm_step(u, x, t, prev, ac, z, generator=torch.Generator())),
+        (TypeError, "generator", lambda: ops.lcm_step(u, x, t, prev, ac, draw_noise=True, generator=0)),
+        (TypeError, "draw_noise", lambda: ops.lcm_step(u, x, t, prev, ac, draw_noise=1)),
     ]
     if rglcd_fast.has_extension():  # the compiled kernels check what they are given when called directly
         cases += [
@@ -482,10 +617,22 @@ def test_bad_inputs_name_the_argument():
             (ValueError, "noise", lambda: torch.ops.rglcd_fast.ddim_step(*ddim_args(u, x, t, prev, ac, eta=0.5))),
             (ValueError, "sample_max_value", lambda: torch.ops.rglcd_fast.lcm_step(
                 *lcm_args(u, x, t, prev, ac)[:13], 0.5)),
+            (TypeError, "timesteps", lambda: torch.ops.rglcd_fast.lcm_step(*lcm_args(u, x, t.float(), prev, ac))),
+            (TypeError, "sample", lambda: torch.ops.rglcd_fast.lcm_step(*lcm_args(u.long(), x.long(), t, prev, ac))),
+            (ValueError, "sample", lambda: torch.ops.rglcd_fast.lcm_step(*lcm_args(u, x[:1], t[:1], prev[:1], ac))),
+            (ValueError, "noise", lambda: torch.ops.rglcd_fast.lcm_step(*lcm_args(u, x, t, prev, ac, z), True, None)),
+            (ValueError, "generator", lambda: torch.ops.rglcd_fast.lcm_step(*lcm_args(u, x, t, prev, ac), False,
+                                                                            torch.Generator())),
         ]
     if torch.cuda.is_available():
         cases.append((ValueError, "sample", lambda: g(c, u, x.cuda(), t, p0, w, ac)))
         cases.append((ValueError, "timesteps", lambda: ops.lcm_step(u.cuda(), x.cuda(), t, prev.cuda(), ac.cuda())))
+        on_cuda = lcm_args(u.cuda(), x.cuda(), t.cuda(), prev.cuda(), ac.cuda())
+        cases.append((ValueError, "generator", lambda: ops.lcm_step(*on_cuda[:5], draw_noise=True,
+                                                                    generator=torch.Generator())))
+        if rglcd_fast.has_cuda_kernels():
+            cases.append((ValueError, "generator", lambda: torch.ops.rglcd_fast.lcm_step(*on_cuda, True,
+                                                                                        torch.Generator())))
     for error, name, call in cases:
         with pytest.raises(error, match=rf"(?<!\w){name}\b"):  # "timesteps" must not match "prev_timesteps"
             call()
@@ -564,6 +711,43 @@ def test_cuda_graph_capture():
     expected = run()
     for k, (a, b) in enumerate(zip(captured, expected)):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=f"output {k}")
+
+
+@pytest.mark.skipif(not CUDA_GRAPHS, reason="graph capture needs CUDA and its caching allocator")
+def test_cuda_graph_lcm_draw():
+    """The fused draw captures into a CUDA graph: each replay draws what torch.randn + the step draw from
+    the generators' states at the replay (the default one, and an explicit one registered with the graph),
+    and leaves them where those calls leave them."""
+    _, m, x, _, t, prev, _, ac = make_inputs("cuda", torch.float16, (3, 4, 17, 19))
+    args = lcm_args(3 * m, x, t, prev, ac, None, 0.999, "epsilon", "threshold")
+    explicit = torch.Generator("cuda")
+
+    def run(draw):
+        return draw(args, None) + draw(args, explicit)
+
+    def fused(args, generator):
+        return torch.ops.rglcd_fast.lcm_step(*args, True, generator)
+
+    def seed(value):
+        torch.cuda.manual_seed(value)
+        explicit.manual_seed(value + 100)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run(fused)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    graph.register_generator_state(explicit)
+    with torch.cuda.graph(graph):
+        captured = run(fused)
+    for value in (3, 4):
+        seed(value)
+        graph.replay()
+        states = (torch.cuda.get_rng_state(), explicit.get_state())
+        seed(value)
+        assert_same_bits(captured, run(_randn_then_step))
+        assert torch.equal(states[0], torch.cuda.get_rng_state()) and torch.equal(states[1], explicit.get_state())
 
 
 @requires_cuda

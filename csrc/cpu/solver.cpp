@@ -208,6 +208,13 @@ struct CpuBackend {
     });
   }
 
+  // at::randn, then the step: bitwise torch.randn's draw by construction.
+  static void lcm_step_drawing_noise(const StepInputs& in, at::Tensor& prev, at::Tensor& denoised,
+                                     const ops::SamplingArgs& args, double timestep_scaling,
+                                     const std::optional<at::Generator>& generator) {
+    lcm_step(in.with_drawn_noise(generator), prev, denoised, args, timestep_scaling);
+  }
+
   static void ddim_step(const StepInputs& in, at::Tensor& prev, at::Tensor& pred_x0, const ops::SamplingArgs& args,
                         double eta, bool use_clipped_model_output) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "rglcd_fast_ddim_step", [&] {

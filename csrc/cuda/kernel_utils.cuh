@@ -160,7 +160,7 @@ T* pointer_or_null(at::Tensor& t, bool wanted) {
 // range is not checked here (that would read it on the host): the kernels map an out-of-range value
 // to NaN through schedule_at.
 inline at::Tensor per_sample_index_cuda(const at::Tensor& t, int64_t batch, const char* name) {
-  at::Tensor idx = as_index(t);
+  at::Tensor idx = as_index(t, name);
   TORCH_CHECK_VALUE(idx.numel() == 1 || idx.numel() == batch, name, ": expected ", batch,
                     " values (one per sample) or one, got ", idx.numel());
   return idx;

@@ -12,8 +12,16 @@
 // row (asynchronous, and NaN sorts last, as torch.quantile relies on), a one-thread-per-sample kernel
 // takes torch.quantile's rank / lerp and the clamp to [1, sample_max_value], and the step kernel reads
 // the resulting s[b]. No op reads device memory on the host, so every op is CUDA-graph capturable.
+// The LCM step can also draw its own noise in the same pass, bit for bit as torch.randn draws it (the
+// generator's Philox state handles capture as torch's own draw does).
 // The ops around the kernels (arguments, layouts, registration): csrc/ops/solver.h.
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <ATen/cuda/detail/IntegerDivider.cuh>
+#include <ATen/native/cuda/DistributionTemplates.h>
 #include <torch/library.h>
+
+#include <limits>
+#include <mutex>
 
 #include "common.h"
 #include "cuda/kernel_utils.cuh"
@@ -240,6 +248,33 @@ X0Limits<acc_t> x0_limits(const X0Options& options, const at::Tensor& thresholds
           thresholds.defined() ? thresholds.const_data_ptr<acc_t>() : nullptr};
 }
 
+// One sample of an LCM step (diffusers LCMScheduler.step): its coefficients and x0 clamp.
+template <typename acc_t>
+struct alignas(16) LcmSample {
+  LcmCoefficients<acc_t> c;
+  X0Clamp<acc_t> limit;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ LcmSample<acc_t> lcm_sample(const StepSchedule<acc_t>& schedule,
+                                                       const X0Limits<acc_t>& limits, acc_t timestep_scaling,
+                                                       int64_t b) {
+  const StepValues<acc_t> s = schedule.sample(b);
+  return {lcm_coefficients(s.alpha_bar, s.alpha_bar_prev, s.t, timestep_scaling, acc_t(kLcmSigmaData)),
+          limits.clamp(b)};
+}
+
+// One element: denoised = c_out·clamp(x0) + c_skip·x, and prev = sqrt(ᾱ_prev)·denoised + sqrt(1 - ᾱ_prev)·z.
+template <PredictionType kType, typename acc_t>
+__device__ __forceinline__ acc_t lcm_denoised(acc_t x, acc_t m, const LcmSample<acc_t>& s) {
+  return s.c.c_out * s.limit(x0_from(x, m, s.c.a, s.c.s, kType)) + s.c.c_skip * x;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t lcm_prev(acc_t denoised, acc_t z, const LcmSample<acc_t>& s) {
+  return s.c.sqrt_prev * denoised + s.c.sigma_prev * z;
+}
+
 // diffusers LCMScheduler.step: x0, clip / threshold, denoised = c_out·x0 + c_skip·x, and
 // prev = sqrt(ᾱ_prev)·denoised + sqrt(1 - ᾱ_prev)·noise, or prev = denoised without noise (last step).
 template <typename scalar_t, int VEC, PredictionType kType>
@@ -251,24 +286,98 @@ __global__ void lcm_step_kernel(const scalar_t* __restrict__ m, const scalar_t* 
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t i = flat_index(VEC);
   if (i >= n) return;
-  const int64_t b = i / per_sample;
-  const StepValues<acc_t> s = schedule.sample(b);
-  const LcmCoefficients<acc_t> c =
-      lcm_coefficients(s.alpha_bar, s.alpha_bar_prev, s.t, timestep_scaling, acc_t(kLcmSigmaData));
-  const X0Clamp<acc_t> limit = limits.clamp(b);
+  const LcmSample<acc_t> s = lcm_sample(schedule, limits, timestep_scaling, i / per_sample);
   const auto mv = load<scalar_t, VEC>(m + i), xv = load<scalar_t, VEC>(x + i);
   Vec<scalar_t, VEC> zv;
   if (noise) zv = load<scalar_t, VEC>(noise + i);
   Vec<scalar_t, VEC> pv, dv;
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    const acc_t xj = acc(xv.v[j]);
-    const acc_t d = c.c_out * limit(x0_from(xj, acc(mv.v[j]), c.a, c.s, kType)) + c.c_skip * xj;
+    const acc_t d = lcm_denoised<kType>(acc(xv.v[j]), acc(mv.v[j]), s);
     dv.v[j] = static_cast<scalar_t>(d);
-    pv.v[j] = static_cast<scalar_t>(noise ? c.sqrt_prev * d + c.sigma_prev * acc(zv.v[j]) : d);
+    pv.v[j] = static_cast<scalar_t>(noise ? lcm_prev(d, acc(zv.v[j]), s) : d);
   }
   store(prev + i, pv);
   store(denoised + i, dv);
+}
+
+// torch's CUDA normal draw (ATen/native/cuda/DistributionTemplates.h, normal_and_transform): one
+// curand_normal4 (float, for float / half / bfloat16) or curand_normal2_double (double) call gives
+// kUnroll values.
+template <typename acc_t>
+struct NormalDraw;
+template <>
+struct NormalDraw<float> {
+  static constexpr int kUnroll = 4;
+  static __device__ __forceinline__ float4 next(curandStatePhilox4_32_10_t* state) { return curand_normal4(state); }
+};
+template <>
+struct NormalDraw<double> {
+  static constexpr int kUnroll = 2;
+  static __device__ __forceinline__ double2 next(curandStatePhilox4_32_10_t* state) {
+    return curand_normal2_double(state);
+  }
+};
+
+// lcm_step_kernel with the noise drawn in the same pass, bit for bit as torch.randn(sample.shape)
+// draws it (distribution_elementwise_grid_stride_kernel with normal_kernel's transform, launched with
+// calc_execution_policy's grid): thread idx seeds Philox with subsequence idx at the generator's
+// offset, and its k-th call gives element idx + stride·(kUnroll·k + j) the j-th value, normal(v, 0, 1)
+// rounded to scalar_t as the noise tensor would hold it. A thread's elements lie a grid apart (in
+// different samples), so each block first writes every sample's coefficients into shared memory.
+// calc_execution_policy sizes the grid for 2048 resident threads per SM: the launch bounds keep the
+// float types to 32 registers so that it runs in one wave.
+template <typename scalar_t, PredictionType kType>
+C10_LAUNCH_BOUNDS_2(at::native::block_size_bound, sizeof(scalar_t) == 8 ? 4 : 8)
+__global__ void lcm_step_draw_kernel(const scalar_t* __restrict__ m, const scalar_t* __restrict__ x,
+                                     scalar_t* __restrict__ prev, scalar_t* __restrict__ denoised, int64_t n,
+                                     at::cuda::detail::IntDivider<uint32_t> sample_of, int64_t batch,
+                                     StepSchedule<at::opmath_type<scalar_t>> schedule,
+                                     at::opmath_type<scalar_t> timestep_scaling,
+                                     X0Limits<at::opmath_type<scalar_t>> limits, at::PhiloxCudaState philox) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Draw = NormalDraw<acc_t>;
+  extern __shared__ __align__(16) unsigned char shared[];
+  auto* samples = reinterpret_cast<LcmSample<acc_t>*>(shared);
+  for (int64_t b = threadIdx.x; b < batch; b += blockDim.x) {
+    samples[b] = lcm_sample(schedule, limits, timestep_scaling, b);
+  }
+  __syncthreads();
+
+  const auto [seed, offset] = at::cuda::philox::unpack(philox);
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  curandStatePhilox4_32_10_t state;
+  curand_init(seed, idx, offset, &state);
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t first = idx; first < n; first += stride * Draw::kUnroll) {
+    const auto rand = Draw::next(&state);
+#pragma unroll
+    for (int j = 0; j < Draw::kUnroll; ++j) {
+      const int64_t i = first + stride * j;
+      if (i < n) {
+        const scalar_t z = static_cast<scalar_t>(
+            at::transformation::normal<acc_t>(static_cast<acc_t>((&rand.x)[j]), acc_t(0), acc_t(1)));
+        const LcmSample<acc_t>& s = samples[sample_of.div(static_cast<uint32_t>(i))];
+        const acc_t d = lcm_denoised<kType>(acc(x[i]), acc(m[i]), s);
+        denoised[i] = static_cast<scalar_t>(d);
+        prev[i] = static_cast<scalar_t>(lcm_prev(d, acc(z), s));
+      }
+    }
+  }
+}
+
+// Where lcm_step_draw_kernel reproduces torch.randn: a non-empty step (an empty draw consumes nothing)
+// in a contiguous working layout (the draw's element order), one launch of 32-bit indexing
+// (TensorIterator::can_use_32bit_indexing of the noise tensor; else torch splits the draw), and every
+// sample's coefficients within a block's default shared memory.
+constexpr int64_t kMaxSharedBytes = 48 * 1024;
+
+template <typename scalar_t>
+bool can_draw_in_step(const StepInputs& in) {
+  constexpr int64_t max_index = std::numeric_limits<int32_t>::max();
+  const int64_t shared_bytes = in.batch * static_cast<int64_t>(sizeof(LcmSample<at::opmath_type<scalar_t>>));
+  return in.n > 0 && in.x.is_contiguous() && in.n <= max_index &&
+         1 + (in.n - 1) * static_cast<int64_t>(sizeof(scalar_t)) <= max_index && shared_bytes <= kMaxSharedBytes;
 }
 
 // diffusers DDIMScheduler.step: x0 and ε, clip / threshold x0, ε re-derived from the clipped x0 when
@@ -307,22 +416,17 @@ __global__ void ddim_step_kernel(const scalar_t* __restrict__ m, const scalar_t*
 }
 
 // The frame of a sampling step: the step schedule and, per prediction type, the x0 thresholds (when
-// thresholding), then launch(kType tag, W tag, schedule, limits) for the widest vector W the pointers
-// allow; an empty step launches nothing.
+// thresholding), then launch(kType tag, schedule, limits); an empty step launches nothing.
 template <typename scalar_t, typename Launch>
-void launch_sampling_step(const StepInputs& in, const ops::SamplingArgs& args,
-                          std::initializer_list<const void*> pointers, const Launch& launch) {
+void launch_sampling_step(const StepInputs& in, const ops::SamplingArgs& args, const Launch& launch) {
   using acc_t = at::opmath_type<scalar_t>;
   const StepScheduleTensors schedule(args, in.batch, c10::CppTypeToScalarType<acc_t>::value);
   if (in.n == 0) return;
   with_prediction_type(args.type, [&](auto tag) {
     constexpr PredictionType kType = decltype(tag)::value;
     const at::Tensor thresholds = device_thresholds<scalar_t, kType>(in, args.options, schedule.current);
-    with_vector_width<scalar_t>(in.per_sample, pointers, [&](auto width) {
-      launch(tag, width, schedule.view<acc_t>(args.final_alpha_cumprod, true),
-             x0_limits<acc_t>(args.options, thresholds));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    launch(tag, schedule.view<acc_t>(args.final_alpha_cumprod, true), x0_limits<acc_t>(args.options, thresholds));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -387,12 +491,44 @@ struct CudaBackend {
       const scalar_t *mp = in.m.const_data_ptr<scalar_t>(), *xp = in.x.const_data_ptr<scalar_t>();
       const scalar_t* zp = in.z.defined() ? in.z.const_data_ptr<scalar_t>() : nullptr;
       scalar_t *pp = prev.mutable_data_ptr<scalar_t>(), *dp = denoised.mutable_data_ptr<scalar_t>();
-      launch_sampling_step<scalar_t>(in, args, {mp, xp, zp, pp, dp}, [&](auto tag, auto width, const auto& schedule,
-                                                                        const auto& limits) {
-        constexpr int W = decltype(width)::value;
-        lcm_step_kernel<scalar_t, W, decltype(tag)::value><<<cuda::blocks_for(in.n / W), cuda::kThreads, 0,
-                                                               cuda::current_stream()>>>(
-            mp, xp, zp, pp, dp, in.n, in.per_sample, schedule, static_cast<acc_t>(timestep_scaling), limits);
+      launch_sampling_step<scalar_t>(in, args, [&](auto tag, const auto& schedule, const auto& limits) {
+        with_vector_width<scalar_t>(in.per_sample, {mp, xp, zp, pp, dp}, [&](auto width) {
+          constexpr int W = decltype(width)::value;
+          lcm_step_kernel<scalar_t, W, decltype(tag)::value><<<cuda::blocks_for(in.n / W), cuda::kThreads, 0,
+                                                                 cuda::current_stream()>>>(
+              mp, xp, zp, pp, dp, in.n, in.per_sample, schedule, static_cast<acc_t>(timestep_scaling), limits);
+        });
+      });
+    });
+  }
+
+  // The noise drawn in the step kernel where it can reproduce torch.randn's launch, else torch.randn's
+  // own draw and the step. The Philox offset advances as torch.randn's (calc_execution_policy's
+  // counter_offset through philox_cuda_state, which also handles graph capture).
+  static void lcm_step_drawing_noise(const StepInputs& in, at::Tensor& prev, at::Tensor& denoised,
+                                     const ops::SamplingArgs& args, double timestep_scaling,
+                                     const std::optional<at::Generator>& generator) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "rglcd_fast_lcm_step_draw_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      if (!can_draw_in_step<scalar_t>(in)) {
+        lcm_step(in.with_drawn_noise(generator), prev, denoised, args, timestep_scaling);
+        return;
+      }
+      const scalar_t *mp = in.m.const_data_ptr<scalar_t>(), *xp = in.x.const_data_ptr<scalar_t>();
+      scalar_t *pp = prev.mutable_data_ptr<scalar_t>(), *dp = denoised.mutable_data_ptr<scalar_t>();
+      launch_sampling_step<scalar_t>(in, args, [&](auto tag, const auto& schedule, const auto& limits) {
+        const auto [counter_offset, grid, block] = at::native::calc_execution_policy(in.n, NormalDraw<acc_t>::kUnroll);
+        at::PhiloxCudaState philox;
+        {  // as torch's distribution_nullary_kernel (Note [Acquire lock when using random generators])
+          auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(generator,
+                                                                         at::cuda::detail::getDefaultCUDAGenerator());
+          std::lock_guard<std::mutex> lock(gen->mutex_);
+          philox = gen->philox_cuda_state(counter_offset);
+        }
+        const size_t shared_bytes = in.batch * sizeof(LcmSample<acc_t>);
+        lcm_step_draw_kernel<scalar_t, decltype(tag)::value><<<grid, block, shared_bytes, cuda::current_stream()>>>(
+            mp, xp, pp, dp, in.n, at::cuda::detail::IntDivider<uint32_t>(static_cast<uint32_t>(in.per_sample)),
+            in.batch, schedule, static_cast<acc_t>(timestep_scaling), limits, philox);
       });
     });
   }
@@ -404,13 +540,14 @@ struct CudaBackend {
       const scalar_t *mp = in.m.const_data_ptr<scalar_t>(), *xp = in.x.const_data_ptr<scalar_t>();
       const scalar_t* zp = eta > 0 ? in.z.const_data_ptr<scalar_t>() : nullptr;  // noise is unused when eta = 0
       scalar_t *pp = prev.mutable_data_ptr<scalar_t>(), *op = pred_x0.mutable_data_ptr<scalar_t>();
-      launch_sampling_step<scalar_t>(in, args, {mp, xp, zp, pp, op}, [&](auto tag, auto width, const auto& schedule,
-                                                                        const auto& limits) {
-        constexpr int W = decltype(width)::value;
-        ddim_step_kernel<scalar_t, W, decltype(tag)::value><<<cuda::blocks_for(in.n / W), cuda::kThreads, 0,
-                                                                cuda::current_stream()>>>(
-            mp, xp, zp, pp, op, in.n, in.per_sample, schedule, static_cast<acc_t>(eta), limits,
-            use_clipped_model_output);
+      launch_sampling_step<scalar_t>(in, args, [&](auto tag, const auto& schedule, const auto& limits) {
+        with_vector_width<scalar_t>(in.per_sample, {mp, xp, zp, pp, op}, [&](auto width) {
+          constexpr int W = decltype(width)::value;
+          ddim_step_kernel<scalar_t, W, decltype(tag)::value><<<cuda::blocks_for(in.n / W), cuda::kThreads, 0,
+                                                                  cuda::current_stream()>>>(
+              mp, xp, zp, pp, op, in.n, in.per_sample, schedule, static_cast<acc_t>(eta), limits,
+              use_clipped_model_output);
+        });
       });
     });
   }

@@ -30,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor> boundary_scalings(const at::Tensor& timesteps
 template <typename Backend, typename Map>
 at::Tensor linear_map(const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& timesteps,
                       const at::Tensor& alphas_cumprod, const Map& map) {
-  check_same_shape(model_output, sample, "sample");
+  check_same_shape(model_output, sample, "sample", "model_output");
   const typename Backend::DeviceGuard guard(model_output.device());
   const Layout layout(model_output);
   const at::Tensor m = layout.input(model_output), x = layout.input(sample);
@@ -105,8 +105,8 @@ std::tuple<at::Tensor, at::Tensor> consistency_loss(const at::Tensor& model_outp
                                                     const at::Tensor& alphas_cumprod, c10::string_view prediction_type,
                                                     c10::string_view loss_type, double huber_c,
                                                     double timestep_scaling, double sigma_data) {
-  check_same_shape(model_output, sample, "sample");
-  check_same_shape(model_output, target, "target");
+  check_same_shape(model_output, sample, "sample", "model_output");
+  check_same_shape(model_output, target, "target", "model_output");
   const ConsistencyMap map{parse_prediction_type(prediction_type), timestep_scaling, sigma_data};
   const LossArgs args{timesteps, alphas_cumprod, map, parse_loss_type(loss_type), huber_c};
   const typename Backend::DeviceGuard guard(model_output.device());

@@ -5,6 +5,7 @@
 //   check_device                 raises unless an argument is on the op's device (CUDA; CPU: nothing
 //                                to check)
 //   guided_ddim_step, guided_ddim_step_backward, lcm_step, ddim_step
+//   lcm_step_drawing_noise       lcm_step with the noise drawn as torch.randn draws it
 // computing into the outputs it is given.
 #pragma once
 
@@ -44,8 +45,8 @@ std::tuple<at::Tensor, at::Tensor> guided_ddim_step(const at::Tensor& cond_outpu
                                                     const at::Tensor& prev_timesteps, const at::Tensor& guidance_scale,
                                                     const at::Tensor& alphas_cumprod,
                                                     c10::string_view prediction_type) {
-  check_same_shape(sample, cond_output, "cond_output");
-  check_same_shape(sample, uncond_output, "uncond_output");
+  check_same_shape(sample, cond_output, "cond_output", "sample");
+  check_same_shape(sample, uncond_output, "uncond_output", "sample");
   const GuidedArgs args{{timesteps, prev_timesteps, alphas_cumprod}, guidance_scale,
                         parse_prediction_type(prediction_type)};
   const c10::Device device = sample.device();
@@ -73,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> guided_ddim_step_backward(
   const bool has_g0 = grad_pred_x0.has_value() && grad_pred_x0->defined();
   TORCH_CHECK_VALUE(has_gp || has_g0, "guided_ddim_step_backward: expected grad_x_prev or grad_pred_x0");
   if (has_gp && has_g0) {
-    check_same_shape(*grad_x_prev, *grad_pred_x0, "grad_pred_x0");
+    check_same_shape(*grad_x_prev, *grad_pred_x0, "grad_pred_x0", "grad_x_prev");
     Backend::check_device(*grad_pred_x0, grad_x_prev->device(), "grad_pred_x0");
   }
   const GuidedArgs args{{timesteps, prev_timesteps, alphas_cumprod}, guidance_scale,
@@ -114,8 +115,22 @@ void check_sampling_devices(const at::Tensor& model_output, const at::Tensor& sa
   check_schedule_devices<Backend>(device, schedule);
 }
 
+// Where the noise of a sampling step comes from: the noise argument, or (draw_noise) the op's own
+// torch.randn(sample.shape, generator=generator, dtype=sample.dtype, device=sample.device).
+inline void check_noise_source(const std::optional<at::Tensor>& noise, bool draw_noise,
+                               const std::optional<at::Generator>& generator, const c10::Device& device) {
+  const bool has_generator = generator.has_value() && generator->defined();
+  TORCH_CHECK_VALUE(!draw_noise || !(noise.has_value() && noise->defined()),
+                    "noise: expected None with draw_noise=True (the op draws the noise), got a tensor");
+  TORCH_CHECK_VALUE(draw_noise || !has_generator, "generator: only used with draw_noise=True");
+  TORCH_CHECK_VALUE(!has_generator || generator->device() == device, "generator: expected a generator on ", device,
+                    " (as sample), got one on ", generator->device());
+}
+
 // diffusers LCMScheduler.step: x0, clip / threshold, denoised = c_out·x0 + c_skip·x, and
 // prev = sqrt(ᾱ_prev)·denoised + sqrt(1 - ᾱ_prev)·noise, or prev = denoised without noise (last step).
+// draw_noise: the noise drawn from generator (the default one when None) exactly as torch.randn draws
+// it, the generator's state advancing as torch.randn advances it.
 template <typename Backend>
 std::tuple<at::Tensor, at::Tensor> lcm_step(const at::Tensor& model_output, const at::Tensor& sample,
                                             const at::Tensor& timesteps, const at::Tensor& prev_timesteps,
@@ -123,15 +138,21 @@ std::tuple<at::Tensor, at::Tensor> lcm_step(const at::Tensor& model_output, cons
                                             double final_alpha_cumprod, c10::string_view prediction_type,
                                             double timestep_scaling, bool clip_sample, double clip_sample_range,
                                             bool thresholding, double dynamic_thresholding_ratio,
-                                            double sample_max_value) {
+                                            double sample_max_value, bool draw_noise,
+                                            const std::optional<at::Generator>& generator) {
   const SamplingArgs args{
       {timesteps, prev_timesteps, alphas_cumprod}, final_alpha_cumprod, parse_prediction_type(prediction_type),
       x0_options(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value)};
   check_sampling_devices<Backend>(model_output, sample, noise, args);
+  check_noise_source(noise, draw_noise, generator, sample.device());
   const typename Backend::DeviceGuard guard(sample.device());
   const StepInputs in(model_output, sample, noise);
   at::Tensor prev = in.layout.output(), denoised = in.layout.output();
-  Backend::lcm_step(in, prev, denoised, args, timestep_scaling);
+  if (draw_noise) {
+    Backend::lcm_step_drawing_noise(in, prev, denoised, args, timestep_scaling, generator);
+  } else {
+    Backend::lcm_step(in, prev, denoised, args, timestep_scaling);
+  }
   return {in.layout.deliver(prev), in.layout.deliver(denoised)};
 }
 

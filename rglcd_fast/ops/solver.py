@@ -43,12 +43,14 @@ _guided_ddim_step_backward = lib.define(
     f"(Tensor? grad_x_prev, Tensor? grad_pred_x0, {_GUIDED_SCHEDULE}, str prediction_type, bool[3] output_mask) "
     "-> (Tensor, Tensor, Tensor)",
     _guided_ddim_step_backward_reference)
+# lcm_step can draw its noise (draw_noise) from a generator: seeded randomness, which torch.compile
+# must neither merge nor drop, as for aten's random ops.
 _lcm_step = lib.define(
     "lcm_step",
     "(Tensor model_output, Tensor sample, Tensor timesteps, Tensor prev_timesteps, Tensor alphas_cumprod, "
     "Tensor? noise, float final_alpha_cumprod, str prediction_type, float timestep_scaling, "
-    f"{_X0_LIMITS}) -> (Tensor, Tensor)",
-    ref.lcm_step)
+    f"{_X0_LIMITS}, bool draw_noise=False, Generator? generator=None) -> (Tensor, Tensor)",
+    ref.lcm_step, tags=(torch.Tag.nondeterministic_seeded,))
 _ddim_step = lib.define(
     "ddim_step",
     "(Tensor model_output, Tensor sample, Tensor timesteps, Tensor prev_timesteps, Tensor alphas_cumprod, "
@@ -162,8 +164,9 @@ def guided_ddim_step(cond_output, uncond_output, sample, timesteps, prev_timeste
 def lcm_step_constants(final_alpha_cumprod=1.0, prediction_type="epsilon", timestep_scaling=10.0, clip_sample=False,
                        clip_sample_range=1.0, thresholding=False, dynamic_thresholding_ratio=0.995,
                        sample_max_value=1.0) -> tuple:
-    """lcm_step's non-tensor arguments, checked, in the op's order: what a scheduler checks once per
-    configuration and passes to torch.ops.rglcd_fast.lcm_step after the six tensor arguments."""
+    """lcm_step's configuration arguments, checked, in the op's order: what a scheduler checks once per
+    configuration and passes to torch.ops.rglcd_fast.lcm_step after the six tensor arguments (and
+    before draw_noise and generator)."""
     check.choice("prediction_type", prediction_type, check.PREDICTION_TYPES)
     scaling = _number("timestep_scaling", timestep_scaling, math.isfinite, "a finite value")
     limits = _x0_limit_arguments(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
@@ -171,23 +174,46 @@ def lcm_step_constants(final_alpha_cumprod=1.0, prediction_type="epsilon", times
     return (_final_alpha_cumprod(final_alpha_cumprod), prediction_type, scaling, *limits)
 
 
+def _noise_source(noise, draw_noise, generator, device):
+    """Checks lcm_step's noise, draw_noise and generator: either a noise tensor, or draw_noise with an
+    optional generator on the sample's device."""
+    if not isinstance(draw_noise, bool):
+        raise TypeError(f"draw_noise: expected a bool, got {type(draw_noise).__name__}")
+    if draw_noise and noise is not None:
+        raise ValueError("noise: expected None with draw_noise=True (the op draws the noise), got a tensor")
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    if not draw_noise:
+        raise ValueError("generator: only used with draw_noise=True")
+    if generator.device != device:
+        raise ValueError(f"generator: expected a generator on {device} (as sample), got one on {generator.device}")
+
+
 def lcm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise=None, final_alpha_cumprod=1.0,
              prediction_type="epsilon", timestep_scaling=10.0, clip_sample=False, clip_sample_range=1.0,
-             thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0):
+             thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0, draw_noise=False,
+             generator=None):
     """diffusers LCMScheduler.step as one fused op (forward only). Returns (prev_sample, denoised).
 
     prev_timesteps: the next timestep of the schedule per sample; a negative one means the final
     ᾱ_prev = final_alpha_cumprod (diffusers: float(scheduler.final_alpha_cumprod)). noise: the z of
     prev_sample = sqrt(ᾱ_prev)·denoised + sqrt(1 − ᾱ_prev)·z, drawn by the caller as diffusers draws it
     (randn_tensor(shape, generator=..., dtype=...)); None on the last step, where prev_sample = denoised
-    (a separate tensor). Clip / dynamic thresholding of x0 as the scheduler config says."""
+    (a separate tensor). draw_noise=True (noise None): the op draws z itself, exactly
+    torch.randn(model_output.shape, generator=generator, device=sample.device, dtype=sample.dtype),
+    leaving the generator (the default one when None) as that call would; on CUDA in the step's own
+    kernel. Clip / dynamic thresholding of x0 as the scheduler config says."""
     check.latents(model_output=model_output, sample=sample, **({} if noise is None else {"noise": noise}))
     _forward_only("lcm_step", model_output=model_output, sample=sample, noise=noise)
+    _noise_source(noise, draw_noise, generator, sample.device)
     constants = lcm_step_constants(final_alpha_cumprod, prediction_type, timestep_scaling, clip_sample,
                                    clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value)
     timesteps, prev_timesteps, alphas_cumprod = _step_schedule_arguments(sample, timesteps, prev_timesteps,
                                                                          alphas_cumprod, prediction_type)
-    return _lcm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise, *constants)
+    return _lcm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise, *constants, draw_noise,
+                     generator)
 
 
 def ddim_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise=None, final_alpha_cumprod=1.0,

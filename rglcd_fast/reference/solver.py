@@ -124,9 +124,18 @@ def _step_schedule(timesteps, prev_timesteps, alphas_cumprod, final_alpha_cumpro
 
 def lcm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise=None, final_alpha_cumprod=1.0,
              prediction_type="epsilon", timestep_scaling=10.0, clip_sample=False, clip_sample_range=1.0,
-             thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0):
+             thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0, draw_noise=False,
+             generator=None):
     """LCMScheduler.step with prev_timesteps given (negative: final_alpha_cumprod) and noise an input;
-    noise None is the last step (prev_sample = denoised). Returns (prev_sample, denoised)."""
+    noise None is the last step (prev_sample = denoised), unless draw_noise, where the noise is drawn
+    here as LCMScheduler.step draws it for a generator on the sample's device (or None).
+    Returns (prev_sample, denoised)."""
+    if draw_noise:
+        if noise is not None:
+            raise ValueError("noise: expected None with draw_noise=True (the op draws the noise), got a tensor")
+        noise = torch.randn(model_output.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+    elif generator is not None:
+        raise ValueError("generator: only used with draw_noise=True")
     ndim, dtype = sample.dim(), sample.dtype
     alpha_prod_t, alpha_prod_t_prev = _step_schedule(timesteps, prev_timesteps, alphas_cumprod, final_alpha_cumprod,
                                                      ndim, dtype)
