@@ -149,7 +149,7 @@ def gpu_cases(quick, dtypes, device="cuda"):
             yield Case("teacher CFG + DDIM solver step", shape_name, dtype, teacher, 5 * n * size, 5 * n * size)
             # LCM step, diffusers' LCMScheduler.step vs our FusedLCMScheduler.step (the compile provider:
             # the reference step compiled, after the same draw): model_output, sample in; prev_sample,
-            # denoised out (4N). Ours: the noise draw writes N, the step reads m, x, z and writes both (6N).
-            yield Case("LCMScheduler.step", shape_name, dtype, lcm, 4 * n * size, 6 * n * size)
+            # denoised out (4N). Ours draws the noise in the step's kernel (Philox, as torch.randn): also 4N.
+            yield Case("LCMScheduler.step", shape_name, dtype, lcm, 4 * n * size, 4 * n * size)
             # DDIM step (eta = 0): model_output, sample in; prev_sample, pred_x0 out (4N).
             yield Case("DDIM sampling step", shape_name, dtype, ddim, 4 * n * size, 4 * n * size)

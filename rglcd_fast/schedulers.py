@@ -105,7 +105,7 @@ class FusedLCMScheduler(_FusedStepMixin, LCMScheduler):
         if index != self.num_inference_steps - 1:
             # randn_tensor's draw: torch.randn where it is the same, drawn by the op itself (in the step's
             # kernel on CUDA); randn_tensor for a generator on another device or a list of generators
-            if generator is None or (isinstance(generator, torch.Generator) and generator.device == device):
+            if generator is None or (isinstance(generator, torch.Generator) and generator.device.type == device.type):
                 draw = True
             else:
                 noise = randn_tensor(model_output.shape, generator=generator, device=device, dtype=sample.dtype)

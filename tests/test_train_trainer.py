@@ -1,6 +1,7 @@
 """The RG-LCD trainer end to end on a tiny randomly initialised SD teacher (no downloads): every reward
 mode and LoRA, exact resume, non-finite loss handling, the outputs diffusers and our sampler load, the
 config file and command line, and two processes (gloo)."""
+import contextlib
 import csv
 import math
 import os
@@ -183,6 +184,18 @@ def test_resume_matches_an_uninterrupted_run_exactly(world, tmp_path, mode):
     assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
 
 
+@contextlib.contextmanager
+def no_tf32():
+    """Float32 matmuls and convolutions without TF32 (cuDNN's default is TF32, whose rounding differs
+    between eager and compiled kernels)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def test_compiled_training_matches_eager(world, tmp_path):
     """compile_unets: the compiled UNets and VAE encoder give eager's losses and weights up to float32
     rounding; on CUDA "all" (the student's backward compiled too), on the CPU "frozen" (forward-only
@@ -192,13 +205,14 @@ def test_compiled_training_matches_eager(world, tmp_path):
     is lr·sign(g), and rounding flips the sign of tiny g)."""
     compiled = "all" if torch.cuda.is_available() else "frozen"
     runs = {}
-    for mode in ("none", compiled):
-        trainer = Trainer(tiny_config(world, tmp_path / mode, reward_mode="none", max_train_steps=2,
-                                      compile_unets=mode, adam_epsilon=1.0))
-        trainer.train()
-        with open(tmp_path / mode / "logs.csv") as f:
-            losses = torch.tensor([float(r["loss"]) for r in csv.DictReader(f)])
-        runs[mode] = losses, weights(trainer.accelerator.unwrap_model(trainer.student))
+    with no_tf32():
+        for mode in ("none", compiled):
+            trainer = Trainer(tiny_config(world, tmp_path / mode, reward_mode="none", max_train_steps=2,
+                                          compile_unets=mode, adam_epsilon=1.0))
+            trainer.train()
+            with open(tmp_path / mode / "logs.csv") as f:
+                losses = torch.tensor([float(r["loss"]) for r in csv.DictReader(f)])
+            runs[mode] = losses, weights(trainer.accelerator.unwrap_model(trainer.student))
     torch.testing.assert_close(runs[compiled][0], runs["none"][0], rtol=1e-4, atol=1e-6)
     for k, v in runs["none"][1].items():
         torch.testing.assert_close(runs[compiled][1][k], v, rtol=1e-4, atol=1e-5, msg=k)

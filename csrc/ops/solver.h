@@ -123,8 +123,9 @@ inline void check_noise_source(const std::optional<at::Tensor>& noise, bool draw
   TORCH_CHECK_VALUE(!draw_noise || !(noise.has_value() && noise->defined()),
                     "noise: expected None with draw_noise=True (the op draws the noise), got a tensor");
   TORCH_CHECK_VALUE(draw_noise || !has_generator, "generator: only used with draw_noise=True");
-  TORCH_CHECK_VALUE(!has_generator || generator->device() == device, "generator: expected a generator on ", device,
-                    " (as sample), got one on ", generator->device());
+  // as torch.randn: the device type only (torch.Generator(device="cuda") has no index)
+  TORCH_CHECK_VALUE(!has_generator || generator->device().type() == device.type(), "generator: expected a ",
+                    device.type(), " generator (as sample), got one on ", generator->device());
 }
 
 // diffusers LCMScheduler.step: x0, clip / threshold, denoised = c_out·x0 + c_skip·x, and

@@ -187,8 +187,8 @@ def _noise_source(noise, draw_noise, generator, device):
         raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
     if not draw_noise:
         raise ValueError("generator: only used with draw_noise=True")
-    if generator.device != device:
-        raise ValueError(f"generator: expected a generator on {device} (as sample), got one on {generator.device}")
+    if generator.device.type != device.type:  # as torch.randn: the device type (a "cuda" generator has no index)
+        raise ValueError(f"generator: expected a {device.type} generator (as sample), got one on {generator.device}")
 
 
 def lcm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise=None, final_alpha_cumprod=1.0,
