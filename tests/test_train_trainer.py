@@ -204,6 +204,9 @@ def test_compiled_training_matches_eager(world, tmp_path):
     epsilon is large here so that its update is smooth in the gradient (with a small one the first update
     is lr·sign(g), and rounding flips the sign of tiny g)."""
     compiled = "all" if torch.cuda.is_available() else "frozen"
+    if compiled != "all":
+        with pytest.raises(ValueError, match="compile_unets"):
+            Trainer(tiny_config(world, tmp_path / "all", compile_unets="all"))
     runs = {}
     with no_tf32():
         for mode in ("none", compiled):
