@@ -97,9 +97,8 @@ class DistillationStep:
         w_embedding = None if not embedding_dim else guidance_scale_embedding(w, embedding_dim=embedding_dim).to(
             device=latents.device, dtype=latents.dtype)
 
-        # 4. student (its output in the latents' dtype: under autocast the UNets answer in half precision)
-        noise_pred = student(noisy, start_timesteps, timestep_cond=w_embedding,
-                             encoder_hidden_states=prompt_embeds).sample.to(latents.dtype)
+        # 5. and 6. come before 4. (the same math: neither depends on the student), so that the teacher's
+        # transient activations (at batch 2B) never coexist with the student's saved ones
         with torch.no_grad():
             # 5. teacher: cond and uncond in one batched call, then the fused CFG + DDIM solver step
             both = teacher(torch.cat([noisy, noisy]), torch.cat([start_timesteps, start_timesteps]),
@@ -112,6 +111,9 @@ class DistillationStep:
                                         encoder_hidden_states=prompt_embeds).sample.to(latents.dtype)
             target = ops.consistency_output(target_output, x_prev, timesteps, self.alphas_cumprod,
                                             self.prediction_type, self.config.timestep_scaling)
+        # 4. student (its output in the latents' dtype: under autocast the UNets answer in half precision)
+        noise_pred = student(noisy, start_timesteps, timestep_cond=w_embedding,
+                             encoder_hidden_states=prompt_embeds).sample.to(latents.dtype)
         # 7. distillation loss, fused with the student's consistency output
         distill_loss, model_pred = ops.consistency_loss(
             noise_pred, noisy, start_timesteps, target, self.alphas_cumprod, self.prediction_type,
