@@ -122,8 +122,7 @@ class LCMSampler:
         first = self.text_encoder(self._tokens(self.tokenizer, prompts), output_hidden_states=True)
         second = self.text_encoder_2(self._tokens(self.tokenizer_2, prompts), output_hidden_states=True)
         prompt_embeds = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
-        default_height, default_width = self.default_size()
-        height, width = height or default_height, width or default_width
+        height, width = self.size(height, width)
         ids = [height, width, 0, 0, height, width]
         time_ids = torch.tensor([ids], dtype=self.dtype, device=self.device).repeat(len(prompts), 1)
         return Conditioning(prompt_embeds.to(self.dtype), {"text_embeds": second.text_embeds.to(self.dtype),
@@ -137,9 +136,10 @@ class LCMSampler:
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def default_size(self) -> tuple[int, int]:
+    def size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """(height, width), each defaulting to the UNet's sample size in pixels."""
         side = self.unet.config.sample_size * self.vae_scale_factor
-        return side, side
+        return height or side, width or side
 
     def _check_size(self, height: int, width: int) -> None:
         factor = self.vae_scale_factor
@@ -192,8 +192,7 @@ class LCMSampler:
             raise ValueError("prompts: expected at least one prompt")
         if not 1 <= steps <= MAX_STEPS:
             raise ValueError(f"steps: expected 1 to {MAX_STEPS} LCM steps, got {steps}")
-        default_height, default_width = self.default_size()
-        height, width = height or default_height, width or default_width
+        height, width = self.size(height, width)
         self._check_size(height, width)
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph: needs a CUDA device, the sampler runs on {self.device}")

@@ -84,6 +84,10 @@ class Trainer:
         acc = self.accelerator
         set_seed(config.seed)
         self.device = acc.device
+        if config.compile_unets == "all" and self.device.type == "cpu":
+            raise ValueError("compile_unets: 'all' (the student's backward compiled) is for CUDA; torch's CPU inductor "
+                             "gets diffusers' UNet gradients wrong (torch 2.13: scripts/inductor_cpu_unet_grad.py). "
+                             "Use 'frozen' or 'none' on the CPU")
         self.weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
 
         # models (DESIGN.md §1): frozen teacher parts, trainable student, EMA target
@@ -110,10 +114,6 @@ class Trainer:
                                      num_warmup_steps=config.lr_warmup_steps * acc.num_processes,
                                      num_training_steps=config.max_train_steps * acc.num_processes)
         self.student, self.optimizer, self.lr_scheduler = acc.prepare(student, optimizer, lr_scheduler)
-        if config.compile_unets == "all" and self.device.type == "cpu":
-            raise ValueError("compile_unets: 'all' (the student's backward compiled) is for CUDA; torch's CPU inductor "
-                             "gets diffusers' UNet gradients wrong (torch 2.13: scripts/inductor_cpu_unet_grad.py). "
-                             "Use 'frozen' or 'none' on the CPU")
         if config.compile_unets != "none":
             # in place (Module.compile: same module, same state dict); each UNet compiles on its first call
             # (the student with gradient checkpointing: dynamo traces non-reentrant checkpoints). Under DDP the
