@@ -16,7 +16,8 @@ images/s, peak GPU memory since the provider was built):
                       bf16_target (the EMA target stored in bf16), nockpt (no gradient checkpointing),
                       decode_one_call (prediction and target in one VAE call; reward on only), compile and
                       compile_cl (compile_unets="all", without / with channels_last), compile_frozen (the
-                      teacher and target UNets and the VAE encoder), compile_budget ("all" with compile_memory_budget 0.5): the
+                      teacher and target UNets and the VAE encoder), compile_blocks ("student_blocks": frozen plus the
+                      student's blocks one by one), compile_budget ("all" with compile_memory_budget 0.5): the
                       compile variants run after every other provider, reward off unless --compile-reward
                       says otherwise.
 Reward branch: "off" (plain LCD) and "on": the latent-proxy reward (RG-LCD's LRM variant): reward of the
@@ -577,6 +578,7 @@ TRAINER_VARIANTS = {
     "rglcd_fast_compile": {"compile_unets": "all"},
     "rglcd_fast_compile_cl": {"compile_unets": "all", "channels_last": True},
     "rglcd_fast_compile_frozen": {"compile_unets": "frozen"},
+    "rglcd_fast_compile_blocks": {"compile_unets": "student_blocks"},
     "rglcd_fast_compile_budget": {"compile_unets": "all", "compile_memory_budget": 0.5},
 }
 
@@ -760,6 +762,7 @@ PROVIDER_NAMES = {"reference": "A. reference (LCD script step, incl. text + VAE 
                   "rglcd_fast_compile": "B, compile_unets=all",
                   "rglcd_fast_compile_cl": "B, compile_unets=all, channels_last=True",
                   "rglcd_fast_compile_frozen": "B, compile_unets=frozen",
+                  "rglcd_fast_compile_blocks": "B, compile_unets=student_blocks",
                   "rglcd_fast_compile_budget": "B, compile_unets=all, compile_memory_budget=0.5"}
 # variants measured in one reward branch only: the LRM's decode (on); the target's dtype and checkpointing
 # (off: their effect does not depend on the branch)

@@ -13,7 +13,7 @@ from .step import DistillationConfig
 _STEP_DEFAULTS = DistillationConfig()  # the step's defaults, which the fields of the same names take
 REWARD_MODES = ("lrm", "direct", "none")
 MIXED_PRECISION = ("no", "fp16", "bf16")
-COMPILE_UNETS = ("none", "frozen", "all")
+COMPILE_UNETS = ("none", "frozen", "student_blocks", "all")
 
 
 @dataclass
@@ -76,9 +76,11 @@ class TrainConfig:
     progress: bool = True
     # ---- speed and memory (none changes the math; benchmarks/results/train_step_<card>.md measures each)
     channels_last: bool = False  # CUDA: UNets and VAE in NHWC (eager: slower, torch's CUDA GroupNorm is NCHW-only)
-    # torch.compile: "frozen" the teacher and EMA target UNets and the VAE encoder (forward only), "all" the
-    # student too; each compiles on its first call. compile_memory_budget: AOTAutograd's activation memory budget for the
-    # compiled student (0 < b <= 1; lower recomputes more in the backward; None: torch's default, 1.0)
+    # torch.compile: "frozen" the teacher and EMA target UNets and the VAE encoder (forward only);
+    # "student_blocks" also the student's resnet and transformer blocks one by one (inside gradient checkpointing);
+    # "all" the whole student instead; each compiles on its first call. compile_memory_budget: AOTAutograd's
+    # activation memory budget for the compiled student (0 < b <= 1; lower recomputes more in the backward; None:
+    # torch's default, 1.0)
     compile_unets: str = "none"
     compile_memory_budget: Optional[float] = None
     vae_decode_batch_size: Optional[int] = None  # LRM update: samples per VAE decode (None: lrm_batch_size)

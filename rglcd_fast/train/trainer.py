@@ -120,13 +120,15 @@ class Trainer:
             # wrapped module is compiled, so dynamo sees no DDP: gradients all-reduce after the whole backward.
             # "frozen" leaves out every UNet with a trainable parameter (with LoRA the student is the target).
             unets = {id(m): m for m in (student, self.teacher.unet, self.target) if m is not None}.values()
-            if config.compile_unets == "frozen":
+            if config.compile_unets in ("frozen", "student_blocks"):
                 unets = [m for m in unets if not any(p.requires_grad for p in m.parameters())]
             if config.compile_memory_budget is not None:  # process-wide: read when the student's graph compiles
                 torch._functorch.config.activation_memory_budget = config.compile_memory_budget
             # and the VAE encoder, which encodes the batch in every step (frozen, forward only)
             for module in (*unets, self.teacher.vae.encoder):
                 module.compile()
+            if config.compile_unets == "student_blocks":
+                compile_blocks(student)
 
         self._expert = reward_model
         step_settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(DistillationConfig)}
@@ -453,3 +455,20 @@ class _CsvLog:
                 writer.writeheader()
             writer.writerow({k: ("" if v is None else (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v))
                              for k, v in row.items()})
+
+
+def compile_blocks(unet):
+    """Regional compilation of a trainable UNet: each ResnetBlock2D and BasicTransformerBlock compiled on its
+    own (diffusers' compile_repeated_blocks names only the transformer blocks of a UNet2DConditionModel, and
+    the resnets hold most of its convolutions). diffusers' gradient checkpointing wraps exactly these blocks
+    in non-reentrant checkpoints, so each compiled block's saved tensors are still dropped after the forward
+    and recomputed in the backward: the peak stays eager's, where the whole compiled student ("all") holds
+    ~4.5 GiB more at SD2.1 scale. Each block shape (and grad mode: with LoRA the student is also the no-grad
+    target) is its own static graph, so dynamo's recompile limit (a block class is one code object; 8 graphs
+    by default; process-wide) is raised to twice the number of blocks."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+    blocks = [m for m in unet.modules() if isinstance(m, (ResnetBlock2D, BasicTransformerBlock))]
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(blocks))
+    for block in blocks:
+        block.compile(dynamic=False)
