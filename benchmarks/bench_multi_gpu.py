@@ -3,7 +3,8 @@
 Each process builds the SD2.1-architecture teacher with random weights (the configs and seeds of
 bench_train_step.py, so every rank starts from the same weights), then times Trainer.train_step (the
 train-step benchmark's provider B: 768 px, batch 8 per GPU, bf16 mixed precision, gradient
-checkpointing), reward branch off (LCD) or on (LRM). After the timed steps every rank's student and
+checkpointing; --variant: one of its B variants instead, e.g. rglcd_fast_compile_blocks), reward branch off
+(LCD) or on (LRM). After the timed steps every rank's student and
 target weights are compared (per-tensor float64 sums and sums of squares, gathered): ranks in sync or
 the run fails. Rank 0 appends one JSON line to --json; --report turns the lines into the results table,
 with the scaling efficiency (N-GPU images/s ÷ (N × 1-GPU images/s)) and, with --digits, the images/s of
@@ -58,7 +59,7 @@ def run(args):
     dataset = bench.RandomImages(2 * args.batch * world, args.resolution)
     settings = types.SimpleNamespace(batch=args.batch, resolution=args.resolution)
     provider = bench.TrainerProvider(parts, dataset, settings, device, args.reward == "on", expert,
-                                     tempfile.mkdtemp(prefix="rglcd_bench_multi_gpu_"))
+                                     tempfile.mkdtemp(prefix="rglcd_bench_multi_gpu_"), args.variant)
     trainer = provider.trainer
     acc = trainer.accelerator
     assert acc.num_processes == world, (acc.num_processes, world)
@@ -93,7 +94,7 @@ def run(args):
     medians = acc.gather(torch.tensor([statistics.median(times)], device=device))
     ms = medians.max().item()
     if acc.is_main_process:
-        row = dict(world=world, reward=args.reward, small=args.small, batch_per_gpu=args.batch,
+        row = dict(world=world, reward=args.reward, variant=args.variant, small=args.small, batch_per_gpu=args.batch,
                    resolution=args.resolution, ms=ms, rank_ms=[round(m, 2) for m in medians.tolist()],
                    lo=min(times), hi=max(times), n=len(times), images_per_s=world * args.batch / ms * 1e3,
                    peak_gib=steady_peak, warmup_peak_gib=warmup_peak, warmup_s=warmup_s, built_s=built_s,
@@ -137,18 +138,20 @@ def report(args):
              "buckets after the first) and over the timed steps. Scaling "
              "efficiency: N-GPU images/s ÷ (N × 1-GPU images/s). In sync: every rank's student, EMA target "
              "and LRM weights compared after the timed steps.", "",
-             "| reward branch | GPUs | ms/step (min–max, n) | images/s | scaling efficiency | "
+             "| trainer | reward branch | GPUs | ms/step (min–max, n) | images/s | scaling efficiency | "
              "peak GiB / GPU: warm-up, timed steps | "
-             "in sync |", "|---|---|---|---|---|---|---|"]
-    for reward in ("off", "on"):
-        runs = sorted((r for r in rows if r["reward"] == reward), key=lambda r: r["world"])
-        one = next((r["images_per_s"] for r in runs if r["world"] == 1), None)
-        for r in runs:
-            eff = f"{r['images_per_s'] / (r['world'] * one):.1%}" if one and r["world"] > 1 else "–"
-            label = "on (LRM)" if reward == "on" else "off"
-            lines.append(f"| {label} | {r['world']} | {r['ms']:.1f} ({r['lo']:.1f}–{r['hi']:.1f}, n={r['n']}) | "
-                         f"{r['images_per_s']:.2f} | {eff} | {r['warmup_peak_gib']:.1f}, {r['peak_gib']:.1f} | "
-                         f"{'yes' if r['in_sync'] else 'NO'} |")
+             "in sync |", "|---|---|---|---|---|---|---|---|"]
+    for variant in dict.fromkeys(r.get("variant", "rglcd_fast") for r in rows):
+        for reward in ("off", "on"):
+            runs = sorted((r for r in rows if r["reward"] == reward and r.get("variant", "rglcd_fast") == variant),
+                          key=lambda r: r["world"])
+            one = next((r["images_per_s"] for r in runs if r["world"] == 1), None)
+            for r in runs:
+                eff = f"{r['images_per_s'] / (r['world'] * one):.1%}" if one and r["world"] > 1 else "–"
+                label = "on (LRM)" if reward == "on" else "off"
+                lines.append(f"| {bench.PROVIDER_NAMES[variant]} | {label} | {r['world']} | {r['ms']:.1f} ({r['lo']:.1f}–{r['hi']:.1f}, n={r['n']}) | "
+                             f"{r['images_per_s']:.2f} | {eff} | {r['warmup_peak_gib']:.1f}, {r['peak_gib']:.1f} | "
+                             f"{'yes' if r['in_sync'] else 'NO'} |")
     if args.digits:
         runs = []
         for spec in args.digits:
@@ -172,6 +175,8 @@ def report(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reward", choices=("off", "on"), default="off")
+    parser.add_argument("--variant", choices=sorted(bench.TRAINER_VARIANTS), default="rglcd_fast",
+                        help="the trainer's settings (bench_train_step.py's B variants; default: its defaults)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10; --small: 2)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps, >= 1 (default 3; --small: 1)")
     parser.add_argument("--batch", type=int, default=None, help="per GPU (default 8; --small: 2)")
