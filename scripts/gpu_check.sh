@@ -69,7 +69,8 @@ if [[ " $stages " == *" train "* ]]; then  # TRAIN_ARGS: e.g. "--reward off --st
   python3 benchmarks/bench_train_step.py --out "$OUT/train_step.md" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_step.log" | tail -40
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
-if [[ " $stages " == *" multi_gpu "* ]]; then  # MULTI_GPU_PARTS: any of sd21 digits pytest (default all)
+if [[ " $stages " == *" multi_gpu "* ]]; then  # MULTI_GPU_PARTS: any of sd21 digits pytest (default all); MULTI_GPU_ARGS,
+  # MULTI_GPU_REWARD and MULTI_GPU_COUNTS (GPUs a run, default "1 N") narrow the sd21 runs
   gpus=$(nvidia-smi -L | wc -l)
   launch() {  # launch N ARGS...: one process per GPU on the first N GPUs
     local n=$1; shift
@@ -79,7 +80,7 @@ if [[ " $stages " == *" multi_gpu "* ]]; then  # MULTI_GPU_PARTS: any of sd21 di
   parts=${MULTI_GPU_PARTS:-sd21 digits pytest}
   if [[ " $parts " == *" sd21 "* ]]; then
     for reward in ${MULTI_GPU_REWARD:-off on}; do
-      for n in 1 "$gpus"; do
+      for n in ${MULTI_GPU_COUNTS:-1 $gpus}; do  # e.g. one count a call for a compile variant (minutes each)
         launch "$n" benchmarks/bench_multi_gpu.py --reward "$reward" --json "$OUT/multi_gpu.jsonl" \
           ${MULTI_GPU_ARGS:-} > "$OUT/sd21_reward_${reward}_${n}gpu.log" 2>&1 || { status=1; tail -20 "$OUT/sd21_reward_${reward}_${n}gpu.log"; }
         tail -1 "$OUT/sd21_reward_${reward}_${n}gpu.log"
