@@ -4,9 +4,8 @@ Each process builds the SD2.1-architecture teacher with random weights (the conf
 bench_train_step.py, so every rank starts from the same weights), then times Trainer.train_step (the
 train-step benchmark's provider B: 768 px, batch 8 per GPU, bf16 mixed precision, gradient
 checkpointing; --variant: one of its B variants instead, e.g. rglcd_fast_compile_blocks), reward branch off
-(LCD) or on (LRM). After the timed steps every rank's student and
-target weights are compared (per-tensor float64 sums and sums of squares, gathered): ranks in sync or
-the run fails. Rank 0 appends one JSON line to --json; --report turns the lines into the results table,
+(LCD) or on (LRM). After the timed steps every rank's student and target weights are compared (per-tensor
+float64 sums and sums of squares, gathered): ranks in sync or the run fails. Rank 0 appends one JSON line to --json; --report turns the lines into the results table,
 with the scaling efficiency (N-GPU images/s ÷ (N × 1-GPU images/s)) and, with --digits, the images/s of
 digits-world runs of `rglcd-fast train` read from their logs.csv.
 
@@ -94,8 +93,8 @@ def run(args):
     medians = acc.gather(torch.tensor([statistics.median(times)], device=device))
     ms = medians.max().item()
     if acc.is_main_process:
-        row = dict(world=world, reward=args.reward, variant=args.variant, small=args.small, batch_per_gpu=args.batch,
-                   resolution=args.resolution, ms=ms, rank_ms=[round(m, 2) for m in medians.tolist()],
+        row = dict(world=world, reward=args.reward, variant=args.variant, small=args.small,
+                   batch_per_gpu=args.batch, resolution=args.resolution, ms=ms, rank_ms=[round(m, 2) for m in medians.tolist()],
                    lo=min(times), hi=max(times), n=len(times), images_per_s=world * args.batch / ms * 1e3,
                    peak_gib=steady_peak, warmup_peak_gib=warmup_peak, warmup_s=warmup_s, built_s=built_s,
                    in_sync=in_sync,
@@ -149,8 +148,8 @@ def report(args):
             for r in runs:
                 eff = f"{r['images_per_s'] / (r['world'] * one):.1%}" if one and r["world"] > 1 else "–"
                 label = "on (LRM)" if reward == "on" else "off"
-                lines.append(f"| {bench.PROVIDER_NAMES[variant]} | {label} | {r['world']} | {r['ms']:.1f} ({r['lo']:.1f}–{r['hi']:.1f}, n={r['n']}) | "
-                             f"{r['images_per_s']:.2f} | {eff} | {r['warmup_peak_gib']:.1f}, {r['peak_gib']:.1f} | "
+                lines.append(f"| {bench.PROVIDER_NAMES[variant]} | {label} | {r['world']} | "
+                             f"{r['ms']:.1f} ({r['lo']:.1f}–{r['hi']:.1f}, n={r['n']}) | {r['images_per_s']:.2f} | {eff} | {r['warmup_peak_gib']:.1f}, {r['peak_gib']:.1f} | "
                              f"{'yes' if r['in_sync'] else 'NO'} |")
     if args.digits:
         runs = []

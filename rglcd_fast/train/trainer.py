@@ -87,7 +87,7 @@ class Trainer:
         if config.compile_unets == "all" and self.device.type == "cpu":
             raise ValueError("compile_unets: 'all' (the student's backward compiled) is for CUDA; torch's CPU inductor "
                              "gets diffusers' UNet gradients wrong (torch 2.13: scripts/inductor_cpu_unet_grad.py). "
-                             "Use 'frozen' or 'none' on the CPU")
+                             "Use 'student_blocks', 'frozen' or 'none' on the CPU")
         self.weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
 
         # models (DESIGN.md §1): frozen teacher parts, trainable student, EMA target
@@ -118,7 +118,8 @@ class Trainer:
             # in place (Module.compile: same module, same state dict); each UNet compiles on its first call
             # (the student with gradient checkpointing: dynamo traces non-reentrant checkpoints). Under DDP the
             # wrapped module is compiled, so dynamo sees no DDP: gradients all-reduce after the whole backward.
-            # "frozen" leaves out every UNet with a trainable parameter (with LoRA the student is the target).
+            # "frozen" and "student_blocks" leave out every UNet with a trainable parameter (with LoRA the
+            # student is the target); "student_blocks" then compiles the student's blocks one by one.
             unets = {id(m): m for m in (student, self.teacher.unet, self.target) if m is not None}.values()
             if config.compile_unets in ("frozen", "student_blocks"):
                 unets = [m for m in unets if not any(p.requires_grad for p in m.parameters())]
