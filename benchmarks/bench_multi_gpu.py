@@ -3,11 +3,12 @@
 Each process builds the SD2.1-architecture teacher with random weights (the configs and seeds of
 bench_train_step.py, so every rank starts from the same weights), then times Trainer.train_step (the
 train-step benchmark's provider B: 768 px, batch 8 per GPU, bf16 mixed precision, gradient
-checkpointing; --variant: one of its B variants instead, e.g. rglcd_fast_compile_blocks), reward branch off
-(LCD) or on (LRM). After the timed steps every rank's student and target weights are compared (per-tensor
-float64 sums and sums of squares, gathered): ranks in sync or the run fails. Rank 0 appends one JSON line to --json; --report turns the lines into the results table,
-with the scaling efficiency (N-GPU images/s ÷ (N × 1-GPU images/s)) and, with --digits, the images/s of
-digits-world runs of `rglcd-fast train` read from their logs.csv.
+checkpointing; --variant: one of its B variants instead, e.g. rglcd_fast_compile_blocks), reward branch
+off (LCD) or on (LRM). After the timed steps every rank's student and target weights are compared
+(per-tensor float64 sums and sums of squares, gathered): ranks in sync or the run fails. Rank 0 appends
+one JSON line to --json; --report turns the lines into the results table, with the scaling efficiency
+(N-GPU images/s ÷ (N × 1-GPU images/s)) and, with --digits, the images/s of digits-world runs of
+`rglcd-fast train` read from their logs.csv.
 
     accelerate launch --num_processes 2 --multi_gpu benchmarks/bench_multi_gpu.py --reward off --json runs.jsonl
     python benchmarks/bench_multi_gpu.py --report runs.jsonl --digits 1:DIR 2:DIR --out results/multi_gpu_<card>.md
@@ -94,7 +95,8 @@ def run(args):
     ms = medians.max().item()
     if acc.is_main_process:
         row = dict(world=world, reward=args.reward, variant=args.variant, small=args.small,
-                   batch_per_gpu=args.batch, resolution=args.resolution, ms=ms, rank_ms=[round(m, 2) for m in medians.tolist()],
+                   batch_per_gpu=args.batch, resolution=args.resolution, ms=ms,
+                   rank_ms=[round(m, 2) for m in medians.tolist()],
                    lo=min(times), hi=max(times), n=len(times), images_per_s=world * args.batch / ms * 1e3,
                    peak_gib=steady_peak, warmup_peak_gib=warmup_peak, warmup_s=warmup_s, built_s=built_s,
                    in_sync=in_sync,
@@ -140,16 +142,19 @@ def report(args):
              "| trainer | reward branch | GPUs | ms/step (min–max, n) | images/s | scaling efficiency | "
              "peak GiB / GPU: warm-up, timed steps | "
              "in sync |", "|---|---|---|---|---|---|---|---|"]
-    for variant in dict.fromkeys(r.get("variant", "rglcd_fast") for r in rows):
+    for r in rows:
+        r.setdefault("variant", "rglcd_fast")  # rows written before --variant existed
+    for variant in dict.fromkeys(r["variant"] for r in rows):
         for reward in ("off", "on"):
-            runs = sorted((r for r in rows if r["reward"] == reward and r.get("variant", "rglcd_fast") == variant),
+            runs = sorted((r for r in rows if r["reward"] == reward and r["variant"] == variant),
                           key=lambda r: r["world"])
             one = next((r["images_per_s"] for r in runs if r["world"] == 1), None)
             for r in runs:
                 eff = f"{r['images_per_s'] / (r['world'] * one):.1%}" if one and r["world"] > 1 else "–"
                 label = "on (LRM)" if reward == "on" else "off"
                 lines.append(f"| {bench.PROVIDER_NAMES[variant]} | {label} | {r['world']} | "
-                             f"{r['ms']:.1f} ({r['lo']:.1f}–{r['hi']:.1f}, n={r['n']}) | {r['images_per_s']:.2f} | {eff} | {r['warmup_peak_gib']:.1f}, {r['peak_gib']:.1f} | "
+                             f"{r['ms']:.1f} ({r['lo']:.1f}–{r['hi']:.1f}, n={r['n']}) | {r['images_per_s']:.2f} | "
+                             f"{eff} | {r['warmup_peak_gib']:.1f}, {r['peak_gib']:.1f} | "
                              f"{'yes' if r['in_sync'] else 'NO'} |")
     if args.digits:
         runs = []

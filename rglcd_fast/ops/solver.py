@@ -175,20 +175,13 @@ def lcm_step_constants(final_alpha_cumprod=1.0, prediction_type="epsilon", times
 
 
 def _noise_source(noise, draw_noise, generator, device):
-    """Checks lcm_step's noise, draw_noise and generator: either a noise tensor, or draw_noise with an
-    optional generator on the sample's device."""
+    """Checks lcm_step's noise, draw_noise and generator: their types here, then the reference's rules
+    (either a noise tensor, or draw_noise with an optional generator on the sample's device)."""
     if not isinstance(draw_noise, bool):
         raise TypeError(f"draw_noise: expected a bool, got {type(draw_noise).__name__}")
-    if draw_noise and noise is not None:
-        raise ValueError("noise: expected None with draw_noise=True (the op draws the noise), got a tensor")
-    if generator is None:
-        return
-    if not isinstance(generator, torch.Generator):
+    if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
-    if not draw_noise:
-        raise ValueError("generator: only used with draw_noise=True")
-    if generator.device.type != device.type:  # as torch.randn: the device type (a "cuda" generator has no index)
-        raise ValueError(f"generator: expected a {device.type} generator (as sample), got one on {generator.device}")
+    ref.check_noise_source(noise, draw_noise, generator, device)
 
 
 def lcm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise=None, final_alpha_cumprod=1.0,

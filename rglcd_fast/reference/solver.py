@@ -122,6 +122,17 @@ def _step_schedule(timesteps, prev_timesteps, alphas_cumprod, final_alpha_cumpro
     return alpha_prod_t, alpha_prod_t_prev
 
 
+def check_noise_source(noise, draw_noise, generator, device):
+    """lcm_step's noise comes from the noise argument, or (draw_noise) from the generator, which must be
+    on the sample's device type (as torch.randn: a "cuda" generator has no index); ValueError otherwise."""
+    if draw_noise and noise is not None:
+        raise ValueError("noise: expected None with draw_noise=True (the op draws the noise), got a tensor")
+    if generator is not None and not draw_noise:
+        raise ValueError("generator: only used with draw_noise=True")
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator: expected a {device.type} generator (as sample), got one on {generator.device}")
+
+
 def lcm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise=None, final_alpha_cumprod=1.0,
              prediction_type="epsilon", timestep_scaling=10.0, clip_sample=False, clip_sample_range=1.0,
              thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0, draw_noise=False,
@@ -130,12 +141,9 @@ def lcm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, no
     noise None is the last step (prev_sample = denoised), unless draw_noise, where the noise is drawn
     here as LCMScheduler.step draws it for a generator on the sample's device (or None).
     Returns (prev_sample, denoised)."""
+    check_noise_source(noise, draw_noise, generator, sample.device)
     if draw_noise:
-        if noise is not None:
-            raise ValueError("noise: expected None with draw_noise=True (the op draws the noise), got a tensor")
         noise = torch.randn(model_output.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-    elif generator is not None:
-        raise ValueError("generator: only used with draw_noise=True")
     ndim, dtype = sample.dim(), sample.dtype
     alpha_prod_t, alpha_prod_t_prev = _step_schedule(timesteps, prev_timesteps, alphas_cumprod, final_alpha_cumprod,
                                                      ndim, dtype)
