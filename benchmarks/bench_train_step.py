@@ -390,12 +390,13 @@ def lrm_text_features(lrm, input_ids):
     return lrm.text_projection(lrm.text_model(input_ids=input_ids).pooler_output)
 
 
-def lrm_logits_unfused(lrm, latents, text_features):
-    """exp(logit_scale)·cos(image tower(latents), text features), with torch ops."""
+def lrm_scores_unfused(lrm, latents, text_features, scale):
+    """scale·cos(image tower(latents), text features), with torch ops: scale 1 for the student's reward,
+    exp(logit_scale) for the preference loss (the official latent_score_fn's return_logits)."""
     u = lrm.image_encoder(latents)
     u = u / u.norm(dim=-1, keepdim=True)
     v = text_features / text_features.norm(dim=-1, keepdim=True)
-    return lrm.logit_scale.exp() * (u * v).sum(dim=-1)
+    return scale * (u * v).sum(dim=-1)
 
 
 def pairwise_kl_unfused(scores, expert_logits):
@@ -508,7 +509,7 @@ class ReferenceProvider:
                 self.lrm.requires_grad_(False)
                 with acc.autocast():
                     ids = self.lrm.tokenize(text)
-                    reward = lrm_logits_unfused(self.lrm, model_pred / scale, lrm_text_features(self.lrm, ids))
+                    reward = lrm_scores_unfused(self.lrm, model_pred / scale, lrm_text_features(self.lrm, ids), 1.0)
                 self.lrm.requires_grad_(True)
                 loss = loss + 1.0 * -reward.float().mean()
             tl.mark("backward")
@@ -548,7 +549,8 @@ class ReferenceProvider:
             expert_logits = torch.stack(expert_logits)
         tl.mark("LRM update: LRM loss fwd + bwd")
         text_features = lrm_text_features(lrm, lrm.tokenize(text))
-        scores = torch.stack([lrm_logits_unfused(lrm, c / scale, text_features) for c in candidates]).float()
+        scores = torch.stack([lrm_scores_unfused(lrm, c / scale, text_features, lrm.logit_scale.exp())
+                              for c in candidates]).float()
         loss = pairwise_kl_unfused(scores, expert_logits)
         self.lrm_optimizer.zero_grad(set_to_none=True)
         loss.backward()

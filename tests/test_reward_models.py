@@ -7,8 +7,12 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel
 
-from rglcd_fast.reward import (AestheticHead, AestheticScore, ClipScore, HPSv2, ImageReward, LatentRewardModel,
-                               PickScore, load_reward_model, preprocess)
+import torch.nn.functional as F
+
+from rglcd_fast.reward import (AestheticLinearHead, AestheticMLPHead, AestheticMLPScore, AestheticScore, ClipScore,
+                               HPSv2, ImageReward, LatentRewardModel, PickScore, WeightedReward, load_reward_model,
+                               preprocess)
+from rglcd_fast.reward.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from tiny_pipeline import tiny_tokenizer
 
 PROMPTS = ["a red cat", "digit 7"]
@@ -27,7 +31,8 @@ def clip_folder(tmp_path_factory):
                         projection_dim=8)
     CLIPModel(config).save_pretrained(folder)
     torch.manual_seed(1)
-    AestheticHead(8).save(os.path.join(folder, "aesthetic_head.safetensors"))
+    AestheticLinearHead(8).save(os.path.join(folder, "aesthetic_linear.safetensors"))
+    AestheticMLPHead(8).save(os.path.join(folder, "aesthetic_mlp.safetensors"))
     return folder
 
 
@@ -36,44 +41,164 @@ def images(b=2, h=20, w=28, seed=0):
     return torch.rand(b, 3, h, w, generator=g)
 
 
-@pytest.mark.parametrize("name", ["clip", "pickscore", "aesthetic"])
-def test_adapter_score_logits_and_gradients(clip_folder, name):
+def official_clip_pixels(x, size):
+    """The official reward functions' CLIP_NORMALIZE(CLIP_RESIZE(x)) on square images: torchvision's
+    Resize(size, BICUBIC) on a tensor (antialias on) and Normalize with OpenAI's mean/std."""
+    x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD))
+    return (x - mean) / std
+
+
+@pytest.mark.parametrize("name", ["clip", "pickscore", "aesthetic", "aesthetic_mlp"])
+def test_adapter_reward_logits_and_gradients(clip_folder, name):
     rm = load_reward_model(name, clip_folder)
     assert not rm.training and all(not p.requires_grad for p in rm.parameters())
     rm.train()
     assert not rm.training  # experts stay in eval mode
     x = images().requires_grad_(True)
-    score = rm.score(x, PROMPTS)
-    assert score.shape == (2,) and score.dtype == torch.float32 and torch.isfinite(score).all()
-    torch.testing.assert_close(rm.logits(x, PROMPTS), rm.logit_scale * score, rtol=1e-5, atol=1e-5)
-    (-score.sum()).backward()
+    reward, logits = rm.reward_and_logits(x, PROMPTS)
+    for t in (reward, logits):
+        assert t.shape == (2,) and t.dtype == torch.float32 and torch.isfinite(t).all()
+    torch.testing.assert_close(rm.reward(x, PROMPTS), reward)
+    torch.testing.assert_close(rm.logits(x, PROMPTS), logits)
+    torch.testing.assert_close(rm(x, PROMPTS), reward)
+    (-reward.sum()).backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert all(p.grad is None for p in rm.parameters())
+    assert not rm.logits_use_lrm_scale
 
 
-def test_clip_score_is_cosine_and_pickscore_scaled(clip_folder):
-    clip, pick = ClipScore.from_pretrained(clip_folder), PickScore.from_pretrained(clip_folder)
-    x = images()
-    cos = clip.score(x, PROMPTS)
-    assert (cos.abs() <= 1 + 1e-5).all()
-    scale = clip.model.logit_scale.exp()
-    torch.testing.assert_close(clip.logit_scale, scale.detach())
-    torch.testing.assert_close(pick.score(x, PROMPTS), scale.detach() * cos, rtol=1e-5, atol=1e-5)
-    assert float(pick.logit_scale) == 1.0
-    with torch.no_grad():  # matches the CLIP model's own forward on the same preprocessed pixels
-        tok = clip.tokenizer(PROMPTS, padding="max_length", max_length=12, truncation=True, return_tensors="pt")
-        out = clip.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask,
-                         pixel_values=clip.preprocess(x))
-    torch.testing.assert_close(pick.score(x, PROMPTS), out.logits_per_image.diagonal(), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("cls", [ClipScore, PickScore])
+def test_clip_family_units_are_the_official_ones(clip_folder, cls):
+    """reward_fn.py (get_pick_score_fn / get_clip_score_fn): the student's reward is the plain cosine of the
+    normalised embeddings; return_logits=True multiplies it by exp(logit_scale)."""
+    rm = cls.from_pretrained(clip_folder)
+    x = images(h=24, w=24)  # square, as the official code's images
+    with torch.no_grad():
+        model = rm.model
+        u = model.get_image_features(pixel_values=official_clip_pixels(x, 16)).pooler_output
+        tok = rm.tokenizer(PROMPTS, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        v = model.get_text_features(**tok).pooler_output
+        cos = ((u / u.norm(dim=-1, keepdim=True)) * (v / v.norm(dim=-1, keepdim=True))).sum(-1)
+        reward, logits = rm.reward_and_logits(x, PROMPTS)
+        out = model(input_ids=tok.input_ids, attention_mask=tok.attention_mask,
+                    pixel_values=official_clip_pixels(x, 16))
+    assert (reward.abs() <= 1 + 1e-6).all()
+    torch.testing.assert_close(reward, cos, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, cos * model.logit_scale.exp(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, out.logits_per_image.diagonal(), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="one per image"):
-        clip.score(x, PROMPTS[:1])
+        rm.reward(x, PROMPTS[:1])
 
 
-def test_aesthetic_is_text_independent(clip_folder):
-    rm = AestheticScore.from_pretrained(clip_folder)
+def test_features_from_transformers_4_and_5(clip_folder, monkeypatch):
+    """transformers 4.x returns the projected embeddings as a tensor, 5.x as an output's pooler_output."""
+    rm = ClipScore.from_pretrained(clip_folder)
     x = images()
-    torch.testing.assert_close(rm.score(x, PROMPTS), rm.score(x, ["zzz", "q"]))
-    torch.testing.assert_close(rm.score(x), rm.score(x, PROMPTS))
+    expected = rm.reward(x, PROMPTS)
+    image_fn, text_fn = rm.model.get_image_features, rm.model.get_text_features
+    monkeypatch.setattr(rm.model, "get_image_features", lambda **kw: image_fn(**kw).pooler_output)
+    monkeypatch.setattr(rm.model, "get_text_features", lambda **kw: text_fn(**kw).pooler_output)
+    torch.testing.assert_close(rm.reward(x, PROMPTS), expected)
+
+
+def test_aesthetic_is_the_official_linear_head(clip_folder):
+    """get_aesthetic_model: nn.Linear(768, 1) (keys weight, bias) on L2-normalised CLIP image embeddings;
+    reward and logits are both the rating (its score_fn ignores return_logits)."""
+    head = AestheticLinearHead()
+    assert isinstance(head, torch.nn.Linear) and tuple(head.weight.shape) == (1, 768)
+    assert set(head.state_dict()) == {"weight", "bias"}
+    rm = AestheticScore.from_pretrained(clip_folder)
+    x = images(h=24, w=24)
+    with torch.no_grad():
+        u = rm.model.get_image_features(pixel_values=official_clip_pixels(x, 16)).pooler_output
+        rating = rm.head(u / u.norm(dim=-1, keepdim=True)).squeeze(-1)
+        reward, logits = rm.reward_and_logits(x, PROMPTS)
+    torch.testing.assert_close(reward, rating, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, reward)
+    torch.testing.assert_close(rm.reward(x, PROMPTS), rm.reward(x, ["zzz", "q"]))  # text-independent
+    torch.testing.assert_close(rm.reward(x, None), reward)
+    assert isinstance(AestheticMLPScore.from_pretrained(clip_folder).head, AestheticMLPHead)
+
+
+class FakeOpenClip(torch.nn.Module):
+    """An open_clip-like model (encode_image, encode_text, logit_scale) for the HPSv2 adapter."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.image = torch.nn.Linear(3 * 16 * 16, 8)
+        self.text = torch.nn.Embedding(64, 8)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(4.6052))
+
+    def encode_image(self, x):
+        return self.image(x.flatten(1))
+
+    def encode_text(self, tokens):
+        return self.text(tokens).mean(1)
+
+
+def fake_open_clip_tokenizer(prompts):
+    return torch.tensor([[ord(c) % 64 for c in p.ljust(12)[:12]] for p in prompts])
+
+
+def test_hpsv2_units_are_the_official_ones():
+    """get_hpsv2_fn: reward = (normalised image · normalised text).sum(-1); logits × exp(logit_scale)."""
+    rm = HPSv2(FakeOpenClip(), fake_open_clip_tokenizer, image_size=16)
+    x = images(h=32, w=32).requires_grad_(True)
+    reward, logits = rm.reward_and_logits(x, PROMPTS)
+    with torch.no_grad():
+        u = F.normalize(rm.model.encode_image(official_clip_pixels(x, 16)), dim=-1)
+        v = F.normalize(rm.model.encode_text(fake_open_clip_tokenizer(PROMPTS)), dim=-1)
+        cos = (u * v).sum(-1)
+    torch.testing.assert_close(reward, cos, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits, cos * rm.model.logit_scale.exp(), rtol=1e-5, atol=1e-5)
+    reward.sum().backward()
+    assert x.grad.abs().sum() > 0
+
+
+class FakeImageRewardModel(torch.nn.Module):
+    """ImageReward's interface (blip.tokenizer, score_gard) with a raw reward of 2·mean(normalised pixels) + 1."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.blip = torch.nn.Module()
+        self.blip.tokenizer = tokenizer
+        self.weight = torch.nn.Parameter(torch.ones(()))
+
+    def score_gard(self, input_ids, attention_mask, image):
+        return (self.weight * image.mean(dim=(1, 2, 3)) * 2 + 1)[:, None]
+
+
+def test_imagereward_is_clipped_at_2_and_takes_the_lrm_scale(clip_folder):
+    """get_img_reward_fn returns -relu(-r + 2) = min(r, 2) - 2; with return_logits the training script
+    multiplies ImageReward's by the LRM's exp(logit_scale)."""
+    tokenizer = tiny_tokenizer(os.path.join(clip_folder, "ir_tokenizer"))[0]
+    rm = ImageReward(FakeImageRewardModel(tokenizer))
+    x = torch.stack([torch.full((3, 8, 8), v) for v in (0.0, 0.5, 0.9, 0.9)])
+    x[3, 0, 0, 0] = float("nan")
+    prompts = ["a", "b", "c", "d"]
+    raw = rm.model.score_gard(None, None, preprocess(x, 224)).squeeze(-1)
+    reward, logits = rm.reward_and_logits(x, prompts)
+    official = -F.relu(-raw + 2)
+    torch.testing.assert_close(reward, official, equal_nan=True)
+    torch.testing.assert_close(reward, torch.minimum(raw, torch.tensor(2.0)) - 2, equal_nan=True)
+    assert reward[1].item() < 0 and reward[2].item() == 0.0 and torch.isnan(reward[3])  # clipped; NaN kept
+    torch.testing.assert_close(logits, reward, equal_nan=True)
+    assert rm.logits_use_lrm_scale
+
+
+def test_weighted_expert_is_hpsv2_plus_a_tenth_of_imagereward(clip_folder):
+    tokenizer = tiny_tokenizer(os.path.join(clip_folder, "ir_tokenizer2"))[0]
+    hps = HPSv2(FakeOpenClip(), fake_open_clip_tokenizer, image_size=16)
+    ir = ImageReward(FakeImageRewardModel(tokenizer))
+    rm = WeightedReward([hps, ir], (1.0, 0.1))
+    x = images(h=16, w=16)
+    reward, logits = rm.reward_and_logits(x, PROMPTS)
+    torch.testing.assert_close(reward, hps.reward(x, PROMPTS) + 0.1 * ir.reward(x, PROMPTS))
+    torch.testing.assert_close(logits, hps.logits(x, PROMPTS) + 0.1 * ir.logits(x, PROMPTS))
+    with pytest.raises(ValueError, match="weights"):
+        WeightedReward([hps], (1.0, 0.1))
 
 
 def test_preprocess_non_square():
@@ -91,25 +216,30 @@ def test_preprocess_non_square():
 
 
 @pytest.mark.parametrize("ext", [".safetensors", ".pth"])
-def test_aesthetic_head_round_trip(tmp_path, ext):
+@pytest.mark.parametrize("cls", [AestheticLinearHead, AestheticMLPHead])
+def test_aesthetic_head_round_trip(tmp_path, ext, cls):
     torch.manual_seed(3)
-    head = AestheticHead(8).eval()
+    head = cls(8).eval()
     path = str(tmp_path / ("head" + ext))
     head.save(path)
-    loaded = AestheticHead.from_file(path).eval()
+    loaded = cls.from_file(path).eval()
     e = torch.randn(4, 8)
     torch.testing.assert_close(loaded(e), head(e))
-    assert [m for m in loaded.layers if isinstance(m, torch.nn.Linear)][0].in_features == 8
+    assert loaded.input_size == 8
+    other = AestheticMLPHead if cls is AestheticLinearHead else AestheticLinearHead
+    with pytest.raises(ValueError, match="not the expected aesthetic head"):
+        other.from_file(path)
 
 
 def test_factory_errors(clip_folder, tmp_path):
-    with pytest.raises(ValueError, match="clip, pickscore, aesthetic, hpsv2, imagereward"):
+    with pytest.raises(ValueError, match="clip, pickscore, aesthetic, aesthetic_mlp, hpsv2, imagereward, weighted_hpsv2_imagereward"):
         load_reward_model("fid", clip_folder)
     missing = str(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="nope"):
         load_reward_model("clip", missing)
     with pytest.raises(FileNotFoundError, match="head"):
         load_reward_model("aesthetic", str(tmp_path))
+    assert isinstance(load_reward_model("pick", clip_folder), PickScore)  # the official code's name
 
 
 def _block_import(monkeypatch, blocked):
@@ -137,6 +267,8 @@ def test_imagereward_without_package(monkeypatch, tmp_path):
     _block_import(monkeypatch, "ImageReward")
     with pytest.raises(ImportError, match="image-reward.*own environment"):
         ImageReward.from_pretrained(str(tmp_path))
+    with pytest.raises(ImportError, match="image-reward"):
+        load_reward_model("img_reward", str(tmp_path))  # the official code's name
 
 
 # -- latent proxy reward model ------------------------------------------------------------------------
@@ -155,16 +287,30 @@ def test_lrm_from_clip_copies_text_tower(clip_folder):
     assert math.isclose(lrm.logit_scale.item(), math.log(1 / 0.07), rel_tol=1e-6)
 
 
-def test_lrm_logits(clip_folder):
+def test_lrm_reward_is_the_cosine_and_logits_are_scaled(clip_folder):
+    """The official latent_score_fn: the student's reward is the plain cosine (return_logits=False), the
+    preference loss compares it × exp(logit_scale)."""
     lrm = tiny_lrm(clip_folder)
+    with torch.no_grad():
+        lrm.logit_scale.add_(0.7)
     z = torch.randn(2, 4, 8, 8, requires_grad=True)
     s = lrm.logits(z, PROMPTS)
     assert s.shape == (2,) and s.dtype == torch.float32
-    assert (s.abs() <= lrm.logit_scale.exp() + 1e-4).all()
+    reward = lrm.reward(z, PROMPTS)
+    with torch.no_grad():
+        u = F.normalize(lrm.encode_latents(z), dim=-1)
+        v = F.normalize(lrm.encode_text(PROMPTS), dim=-1)
+    torch.testing.assert_close(reward, (u * v).sum(-1), rtol=1e-5, atol=1e-6)
+    assert (reward.abs() <= 1 + 1e-6).all()
+    torch.testing.assert_close(s, reward * lrm.logit_scale.exp(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lrm(z, PROMPTS), reward)
     ids = lrm.tokenize(PROMPTS)
     torch.testing.assert_close(lrm.logits(z, ids), s)
     s.sum().backward()
     assert z.grad.abs().sum() > 0 and lrm.logit_scale.grad is not None
+    lrm.zero_grad()
+    lrm.reward(z, PROMPTS).sum().backward()
+    assert lrm.logit_scale.grad is None  # the reward does not depend on the scale
     assert lrm.logits(torch.randn(2, 4, 16, 12), PROMPTS).shape == (2,)
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from rglcd_fast.reward import RewardModel
 from rglcd_fast.train.config import TrainConfig, make_config
 from rglcd_fast.train.trainer import NonFiniteLossError, Trainer
 from tiny_pipeline import save_tiny_pipeline
@@ -79,9 +80,14 @@ def test_every_reward_mode_trains_and_writes_its_outputs(world, tmp_path, mode):
     assert all(math.isfinite(float(r["loss"])) for r in rows)
     assert len({r["loss"] for r in rows}) == len(rows)  # the loss moves from step to step
     assert (rows[0]["reward"] != "") == (mode != "none")
+    assert (rows[0]["expert_reward"] != "") == (mode != "none")
     assert (rows[0]["lrm_accuracy"] != "") == (mode == "lrm")
+    if mode != "none":  # scale-free: the LRM's cosine in [-1, 1]; the digits expert's probability in [0, 1]
+        low = -1.0 if mode == "lrm" else 0.0
+        assert all(low <= float(r["reward"]) <= 1.0 and 0.0 <= float(r["expert_reward"]) <= 1.0 for r in rows)
     assert any(name.startswith("events.out.tfevents") for _, _, files in os.walk(tmp_path / "logs") for name in files)
     assert Image.open(outputs["samples"]).size == (4 * 16, 16)  # one row (1 step), the data's first 4 captions
+    assert Image.open(outputs["samples"].replace(".png", "-target.png")).size == (4 * 16, 16)  # the EMA target's
 
     pipe = LatentConsistencyModelPipeline.from_pretrained(outputs["pipeline"])
     assert pipe.unet.config.time_cond_proj_dim == 8
@@ -96,48 +102,99 @@ def test_every_reward_mode_trains_and_writes_its_outputs(world, tmp_path, mode):
     assert os.listdir(tmp_path / "checkpoint-4")
 
 
-def test_lrm_update_scores_the_real_images_and_decodes_two_candidates(world, tmp_path):
-    """The LRM update decodes the student prediction and the target (n samples a VAE call by default,
-    vae_decode_batch_size when set), scores the real candidate on the batch's pixel values (not a decode
-    of their latents), and scores all 3·n images in one expert call with the prompts repeated."""
-    from rglcd_fast.reward import RewardModel
+class RecordingExpert(RewardModel):
+    """An expert whose reward is 10·mean(pixels) and logits 100·mean(pixels); it records its inputs."""
 
-    class Recorder(RewardModel):
-        def __init__(self):
-            super().__init__()
-            self.calls = []
+    def __init__(self, logits_use_lrm_scale=False):
+        super().__init__()
+        self.calls = []
+        self.logits_use_lrm_scale = logits_use_lrm_scale
 
-        def score(self, images, prompts):
-            self.calls.append((images.clone(), list(prompts)))
-            return images.mean(dim=(1, 2, 3)) * 10
+    def reward_and_logits(self, images, prompts):
+        self.calls.append((images.clone(), list(prompts)))
+        mean = images.mean(dim=(1, 2, 3))
+        return mean * 10, mean * 100
 
-    def run(**overrides):
-        trainer = Trainer(tiny_config(world, tmp_path, lrm_batch_size=2, **overrides))
-        guidance, vae = trainer.guidance, trainer.teacher.vae
-        guidance.expert = Recorder()
-        decoded, decode = [], vae.decode
-        vae.decode = lambda z, *a, **k: (decoded.append(z.shape[0]), decode(z, *a, **k))[1]
-        g, device = torch.Generator().manual_seed(0), trainer.accelerator.device
-        images = (torch.rand(4, 3, 16, 16, generator=g) * 2 - 1).to(device)
-        latents = trainer.teacher.encode_images(images, g)
-        pred, target = (torch.randn(latents.shape, generator=g).to(device) for _ in range(2))
-        prompts = ["a digit one", "a digit two", "a digit three", "a digit zero"]
-        before = weights(guidance.lrm)
-        loss, accuracy = guidance.update_lrm(pred, target, latents, prompts, images=images)
-        assert torch.isfinite(loss) and 0 <= float(accuracy) <= 1
-        assert any(not torch.equal(before[k], v) for k, v in weights(guidance.lrm).items()), "the LRM did not step"
-        decode_calls = list(decoded)
-        (scored, scored_prompts), = guidance.expert.calls  # one expert call
-        assert scored_prompts == prompts[:2] * 3
-        assert scored.shape == (6, 3, 16, 16)
-        torch.testing.assert_close(scored[4:], (images[:2] + 1) / 2)  # the real images themselves
-        with torch.no_grad():
-            torch.testing.assert_close(scored[:4], trainer.teacher.decode(torch.cat([pred[:2], target[:2]])),
-                                       atol=1e-5, rtol=1e-4)
-        return decode_calls
 
-    assert run() == [2, 2]  # prediction, then target, of n = 2 samples
-    assert run(vae_decode_batch_size=4) == [4]  # both in one call
+def run_lrm_update(world, tmp_path, expert=None, **overrides):
+    """One update_lrm of a tiny trainer on 4 samples (n = 2); returns (trainer, inputs, outputs, VAE decode
+    batch sizes, the arguments preference_loss received)."""
+    trainer = Trainer(tiny_config(world, tmp_path, lrm_batch_size=2, **overrides))
+    guidance, vae = trainer.guidance, trainer.teacher.vae
+    guidance.expert = expert if expert is not None else RecordingExpert()
+    decoded, decode = [], vae.decode
+    vae.decode = lambda z, *a, **k: (decoded.append(z.shape[0]), decode(z, *a, **k))[1]
+    seen, preference_loss = [], guidance.lrm.preference_loss
+    guidance.lrm.preference_loss = lambda *a: (seen.append(a), preference_loss(*a))[1]
+    g, device = torch.Generator().manual_seed(0), trainer.accelerator.device
+    images = (torch.rand(4, 3, 16, 16, generator=g) * 2 - 1).to(device)
+    latents = trainer.teacher.encode_images(images, g)
+    pred, target = (torch.randn(latents.shape, generator=g).to(device) for _ in range(2))
+    prompts = ["a digit one", "a digit two", "a digit three", "a digit zero"]
+    before = weights(guidance.lrm)
+    out = guidance.update_lrm(pred, target, latents, prompts, images=images)
+    assert any(not torch.equal(before[k], v) for k, v in weights(guidance.lrm).items()), "the LRM did not step"
+    return trainer, (images, latents, pred, target, prompts), out, decoded, seen[0]
+
+
+def test_lrm_update_decodes_every_candidate_the_real_one_too(world, tmp_path):
+    """The expert labels what the LRM reads: the prediction, the target and the real latents are all decoded
+    (n samples a VAE call by default, vae_decode_batch_size when set) and scored in one expert call with the
+    prompts repeated; the logged expert reward is the prediction's."""
+    trainer, (images, latents, pred, target, prompts), (loss, accuracy, expert_reward), decoded, _ = \
+        run_lrm_update(world, tmp_path)
+    assert torch.isfinite(loss) and 0 <= float(accuracy) <= 1
+    assert decoded == [2, 2, 2]  # prediction, target, real: n = 2 samples each
+    (scored, scored_prompts), = trainer.guidance.expert.calls  # one expert call
+    assert scored_prompts == prompts[:2] * 3 and scored.shape == (6, 3, 16, 16)
+    with torch.no_grad():
+        expected = trainer.teacher.decode(torch.cat([pred[:2], target[:2], latents[:2]]))
+    torch.testing.assert_close(scored, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(expert_reward, expected[:2].mean() * 10, atol=1e-5, rtol=1e-4)
+    assert run_lrm_update(world, tmp_path / "b", vae_decode_batch_size=6)[3] == [6]  # all in one call
+
+
+def test_lrm_update_scores_real_pixels_when_asked(world, tmp_path):
+    trainer, (images, *_), _, decoded, _ = run_lrm_update(world, tmp_path, lrm_score_real_pixels=True)
+    assert decoded == [2, 2]  # the real candidate is not decoded
+    (scored, _), = trainer.guidance.expert.calls
+    torch.testing.assert_close(scored[4:], (images[:2] + 1) / 2)  # the real images themselves
+
+
+@pytest.mark.parametrize("settings, real_index, smooth", [
+    (dict(lrm_loss="kl"), None, False), (dict(lrm_loss="ce"), 2, False),
+    (dict(lrm_loss="ce", lrm_ce_real_wins=False), None, False), (dict(lrm_loss="kl", smooth_gt_label=True), 2, True)])
+def test_lrm_update_passes_the_loss_variant(world, tmp_path, settings, real_index, smooth):
+    """The real candidate is the third (index 2); ce labels its pairs "real wins" unless told otherwise."""
+    *_, args = run_lrm_update(world, tmp_path, **settings)
+    assert args[3:] == (settings["lrm_loss"], real_index, smooth)
+
+
+def test_lrm_update_scales_imagereward_logits_by_the_lrm_scale(world, tmp_path):
+    """As the official script: an ImageReward-like expert's logits × the LRM's exp(logit_scale)."""
+    expert = RecordingExpert(logits_use_lrm_scale=True)
+    trainer, _, _, _, args = run_lrm_update(world, tmp_path, expert=expert)
+    (scored, _), = expert.calls
+    scale = math.exp(math.log(1 / 0.07))  # the LRM's initial logit scale (the update happens after the call)
+    torch.testing.assert_close(args[2], (scored.mean(dim=(1, 2, 3)) * 100 * scale).view(3, 2), rtol=1e-5, atol=1e-4)
+
+
+def test_student_master_weights_are_the_full_precision_ones(world, tmp_path):
+    """With mixed precision the teacher runs in bf16, but the student's float32 weights come from the file."""
+    from accelerate.state import AcceleratorState
+    from diffusers import UNet2DConditionModel
+
+    AcceleratorState._reset_state()  # accelerate keeps one mixed-precision setting a process
+    try:
+        trainer = Trainer(tiny_config(world, tmp_path, reward_mode="none", mixed_precision="bf16"))
+        assert trainer.teacher.unet.dtype == torch.bfloat16
+        student = weights(trainer.accelerator.unwrap_model(trainer.student))
+    finally:
+        AcceleratorState._reset_state()
+    full = weights(UNet2DConditionModel.from_pretrained(world[0], subfolder="unet"))
+    assert all(v.dtype == torch.float32 for v in student.values())
+    for k, v in full.items():
+        assert torch.equal(student[k], v), k
 
 
 def test_validation_grid_has_a_row_per_step_count_and_a_column_per_prompt(world, tmp_path):

@@ -58,21 +58,25 @@ def test_shipped_classifiers_generalise_to_the_other_half():
         assert accuracy > 0.95, (name, accuracy)
 
 
-def test_digit_reward_is_the_prompted_logit():
-    reward = DigitReward.from_pretrained(logit_scale=2.0)
+def test_digit_reward_is_the_prompted_probability_and_logits_the_prompted_logit():
+    reward = DigitReward.from_pretrained()
     data = DigitsDataset(indices=[3, 4])
     images = ((data.images + 1) / 2).requires_grad_()
     prompts = [prompt_for(int(data.labels[0])), "a handwritten digit two"]
-    score = reward.score(images, prompts)
+    probability, prompted_logit = reward.reward_and_logits(images, prompts)
     logits = reward.classifier(images * 2 - 1)
-    torch.testing.assert_close(score, torch.stack([logits[0, int(data.labels[0])], logits[1, 2]]))
-    torch.testing.assert_close(reward.logits(images, prompts), 2.0 * score)
-    (grad,) = torch.autograd.grad(score.sum(), images)
+    torch.testing.assert_close(prompted_logit, torch.stack([logits[0, int(data.labels[0])], logits[1, 2]]))
+    p = logits.softmax(1)
+    torch.testing.assert_close(probability, torch.stack([p[0, int(data.labels[0])], p[1, 2]]))
+    assert ((probability >= 0) & (probability <= 1)).all()
+    torch.testing.assert_close(reward.reward(images, prompts), probability)
+    torch.testing.assert_close(reward.logits(images, prompts), prompted_logit)
+    (grad,) = torch.autograd.grad(probability.sum(), images)
     assert grad.abs().sum() > 0 and all(p.grad is None and not p.requires_grad for p in reward.parameters())
-    assert reward.score(torch.nn.functional.interpolate(images, size=64), prompts).shape == (2,)
+    assert reward.reward(torch.nn.functional.interpolate(images, size=64), prompts).shape == (2,)
     assert prompted_digit("The handwritten number NINE") == 9
     with pytest.raises(ValueError, match="prompts"):
-        reward.score(images, ["a cat", "a dog"])
+        reward.reward(images, ["a cat", "a dog"])
 
 
 def test_classifier_training_is_deterministic():

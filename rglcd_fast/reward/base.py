@@ -1,12 +1,14 @@
 """The expert reward model interface and torch-only image preprocessing.
 
-Convention used by every adapter:
-  * ``score(images, prompts) -> [B]``: the reward as the model itself reports it (CLIP score: the
-    cosine; PickScore: exp(logit_scale)·cos; HPSv2: 100·cos; aesthetic: the MLP's rating).
-  * ``logit_scale``: the factor that turns the score into the logits the pairwise preference loss
-    compares (DESIGN.md §1 step 9), so ``logits(images, prompts) == logit_scale * score(images, prompts)``.
-Images are float tensors [B, 3, H, W] in [0, 1]; the models are frozen (eval mode, no gradient to their
-weights) but differentiable with respect to the images (the "direct" reward variant).
+Two quantities per reward model, as the official RG-LCD reward functions return them (docs/fidelity.md):
+  * ``reward(images, prompts) -> [B]``: what the student maximises (the official ``return_logits=False``),
+    scale-free: the plain cosine for the CLIP family, ImageReward's min(r, 2), the aesthetic rating.
+  * ``logits(images, prompts) -> [B]``: what the latent reward model's pairwise preference loss compares
+    (``return_logits=True``; DESIGN.md §1 step 9): the cosine × exp(the model's logit scale) for the CLIP
+    family, the reward itself where the model has no logit scale.
+Each adapter writes both once, in ``reward_and_logits``. Images are float tensors [B, 3, H, W] in [0, 1];
+the models are frozen (eval mode, no gradient to their weights) but differentiable with respect to the
+images (the "direct" reward variant).
 """
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,9 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def preprocess(images: torch.Tensor, size, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, dtype=None) -> torch.Tensor:
     """CLIP preprocessing with torch ops only: resize the shortest side to ``size`` (bicubic, antialias),
-    centre crop to size×size, normalise with mean/std. images [B, 3, H, W] in [0, 1]; size an int or
+    centre crop to size×size, normalise with mean/std: torchvision's ``Resize(size, BICUBIC)`` (antialias on,
+    its default for tensors) + ``CenterCrop`` + ``Normalize``, as the official reward functions (on square
+    images, where the crop changes nothing). images [B, 3, H, W] in [0, 1]; size an int or
     (h, w). Differentiable in the images. Returns [B, 3, h, w] in ``dtype`` (default: the images')."""
     if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
@@ -40,10 +44,12 @@ def preprocess(images: torch.Tensor, size, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLI
 
 
 class RewardModel(torch.nn.Module):
-    """A frozen expert reward model. Subclasses implement ``score``; ``logits`` is
-    ``logit_scale * score`` unless overridden (to avoid a round trip through the division)."""
+    """A frozen expert reward model. Subclasses implement ``reward_and_logits``."""
 
     name = "reward"
+    # True where the official code scales this expert's preference logits by the LRM's exp(logit_scale)
+    # (ImageReward): the LRM update multiplies ``logits`` by it.
+    logits_use_lrm_scale = False
 
     def freeze(self):
         """Eval mode and no gradient to the weights (images stay differentiable)."""
@@ -68,19 +74,18 @@ class RewardModel(torch.nn.Module):
             return p.dtype
         return torch.float32
 
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        """The factor from score to preference logits: a 0-d float32 tensor on the model's device."""
-        return torch.ones((), device=self.device)
-
-    def score(self, images: torch.Tensor, prompts) -> torch.Tensor:  # pragma: no cover - abstract
+    def reward_and_logits(self, images: torch.Tensor, prompts):  # pragma: no cover - abstract
+        """(reward [B], logits [B]), both float32."""
         raise NotImplementedError
 
+    def reward(self, images: torch.Tensor, prompts) -> torch.Tensor:
+        return self.reward_and_logits(images, prompts)[0]
+
     def logits(self, images: torch.Tensor, prompts) -> torch.Tensor:
-        return self.score(images, prompts) * self.logit_scale.to(torch.float32)
+        return self.reward_and_logits(images, prompts)[1]
 
     def forward(self, images: torch.Tensor, prompts) -> torch.Tensor:
-        return self.score(images, prompts)
+        return self.reward(images, prompts)
 
     @staticmethod
     def _check_prompts(images, prompts):

@@ -1,11 +1,15 @@
-"""Expert (pixel-space) reward model adapters, each loading a real model from local files.
+"""Expert (pixel-space) reward model adapters, each loading a real model from local files, with the units of
+the official RG-LCD reward functions (reward_fn.py; docs/fidelity.md has the table):
 
-CLIP family (transformers ``CLIPModel``): ``ClipScore`` (score = cos, logit_scale = exp(CLIP's)),
-``PickScore`` (score = exp(logit_scale)·cos as PickScore defines it, logit_scale = 1), ``AestheticScore``
-(the LAION aesthetic MLP on normalised CLIP image embeddings; text-independent; logit_scale = 1).
-Optional extras, imported only when chosen: ``HPSv2`` (open_clip; score = 100·cos as HPSv2 reports it,
-logit_scale = exp(model's)/100 so logits = exp(logit_scale)·cos) and ``ImageReward`` (image-reward).
-Every ``score`` returns float32 [B]; ``logits == logit_scale * score``.
+| expert | reward (the student's) | logits (the LRM update's) |
+|---|---|---|
+| ``ClipScore``, ``PickScore``, ``HPSv2`` | cos(image, text) | exp(logit_scale)·cos |
+| ``ImageReward`` | −relu(2 − r) = min(r, 2) − 2 | the same × the LRM's exp(logit_scale) |
+| ``AestheticScore`` (LAION linear head) | the rating | the rating |
+| ``WeightedReward`` (HPSv2 + 0.1·ImageReward) | Σ w·reward | Σ w·logits |
+
+``AestheticMLPScore`` keeps the improved-aesthetic-predictor MLP under its own name. HPSv2 (open_clip) and
+ImageReward (image-reward) are optional extras, imported only when chosen.
 """
 import glob
 import json
@@ -37,6 +41,12 @@ def _read_image_processor(folder, default_size):
     return size, mean, std
 
 
+def _pooled(output):
+    """get_image_features / get_text_features: a tensor in transformers 4.x, an output object whose
+    pooler_output is the projected embedding in 5.x."""
+    return output if torch.is_tensor(output) else output.pooler_output
+
+
 def _load_clip_tokenizer(folder):
     from transformers import CLIPTokenizer
 
@@ -49,7 +59,7 @@ def _load_clip_tokenizer(folder):
 
 
 class _CLIPReward(RewardModel):
-    """Shared machinery of the transformers-CLIP adapters: model, tokenizer, preprocessing."""
+    """Shared machinery of the transformers-CLIP adapters: model, tokenizer, preprocessing, features."""
 
     def __init__(self, model, tokenizer=None, image_size=None, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
         super().__init__()
@@ -74,21 +84,13 @@ class _CLIPReward(RewardModel):
         return preprocess(images.to(self.device), self.image_size, self.mean, self.std, dtype=self.dtype)
 
     def image_features(self, images):
-        return self.model.get_image_features(pixel_values=self.preprocess(images)).pooler_output
+        return _pooled(self.model.get_image_features(pixel_values=self.preprocess(images)))
 
     def text_features(self, prompts):
         max_length = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
         tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=max_length,
                                 return_tensors="pt").to(self.device)
-        return self.model.get_text_features(input_ids=tokens.input_ids,
-                                            attention_mask=tokens.attention_mask).pooler_output
-
-    def cosine(self, images, prompts):
-        """cos(image, text) [B] in float32, through the package's reward head with scale 1."""
-        prompts = self._check_prompts(images, prompts)
-        u = self.image_features(images).float()
-        v = self.text_features(prompts).float()
-        return reward_head(u, v, 1.0)
+        return _pooled(self.model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask))
 
     @property
     def clip_logit_scale(self):
@@ -96,40 +98,71 @@ class _CLIPReward(RewardModel):
 
 
 class ClipScore(_CLIPReward):
-    """CLIP score: score = cos(image, text) in [-1, 1]; logit_scale = exp(CLIP's logit_scale);
-    logits = exp(logit_scale)·cos."""
+    """CLIP score: reward = cos(image, text) in [-1, 1]; logits = exp(CLIP's logit_scale)·cos. The cosine
+    goes through the package's fused reward head."""
 
     name = "clip"
 
-    def score(self, images, prompts):
-        return self.cosine(images, prompts)
-
-    @property
-    def logit_scale(self):
-        return self.clip_logit_scale
-
-    def logits(self, images, prompts):
+    def reward_and_logits(self, images, prompts):
         prompts = self._check_prompts(images, prompts)
-        u = self.image_features(images).float()
-        v = self.text_features(prompts).float()
-        return reward_head(u, v, self.clip_logit_scale)
+        cos = reward_head(self.image_features(images).float(), self.text_features(prompts).float(), 1.0)
+        return cos, cos * self.clip_logit_scale
 
 
-class PickScore(_CLIPReward):
-    """PickScore (a CLIP-H fine-tune, loaded with CLIPModel.from_pretrained): score =
-    exp(logit_scale)·cos as PickScore defines it; logit_scale = 1, so logits = score."""
+class PickScore(ClipScore):
+    """PickScore (a CLIP-H fine-tune, loaded with CLIPModel.from_pretrained): as the official RG-LCD code, the
+    student's reward is the cosine and the logits are exp(logit_scale)·cos (PickScore's published score)."""
 
     name = "pickscore"
 
-    def score(self, images, prompts):
-        prompts = self._check_prompts(images, prompts)
-        u = self.image_features(images).float()
-        v = self.text_features(prompts).float()
-        return reward_head(u, v, self.clip_logit_scale)
+
+def _load_state(path, required_key):
+    """A state dict from .safetensors or a torch.save'd .pth/.pt/.bin (optionally under "state_dict")."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"aesthetic head file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if required_key not in state:
+        raise ValueError(f"{path}: not the expected aesthetic head (no {required_key!r} in its state dict)")
+    return state
 
 
-class AestheticHead(torch.nn.Module):
-    """The LAION aesthetic predictor MLP (improved-aesthetic-predictor), same parameter names
+def _save_state(module, path):
+    """Save a state dict as .safetensors (by extension) or with torch.save."""
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save_file
+        save_file(state, path)
+    else:
+        torch.save(state, path)
+
+
+class AestheticLinearHead(torch.nn.Linear):
+    """The LAION aesthetic predictor of the official RG-LCD code: ``nn.Linear(768, 1)`` on L2-normalised
+    CLIP ViT-L/14 image embeddings (sa_0_4_vit_l_14_linear.pth: keys weight, bias)."""
+
+    def __init__(self, input_size=768):
+        super().__init__(input_size, 1)
+        self.input_size = input_size
+
+    @classmethod
+    def from_file(cls, path):
+        state = _load_state(path, "weight")
+        head = cls(state["weight"].shape[1])
+        head.load_state_dict(state)
+        return head
+
+    def save(self, path):
+        _save_state(self, path)
+
+
+class AestheticMLPHead(torch.nn.Module):
+    """The improved-aesthetic-predictor MLP (sac+logos+ava1-l14-linearMSE.pth), same parameter names
     (layers.0/2/4/6/7) as its published state dict. Reads L2-normalised CLIP image embeddings."""
 
     def __init__(self, input_size=768):
@@ -145,49 +178,31 @@ class AestheticHead(torch.nn.Module):
         return self.layers(embeddings)
 
     @classmethod
-    def from_file(cls, path, map_location="cpu"):
-        """Load from a .pth/.pt/.bin (torch.save'd state dict) or .safetensors file."""
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"aesthetic head file not found: {path}")
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            state = load_file(path, device=str(map_location))
-        else:
-            state = torch.load(path, map_location=map_location, weights_only=True)
-            state = state.get("state_dict", state)
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        if "layers.0.weight" not in state:
-            raise ValueError(f"{path}: not an aesthetic predictor state dict (no layers.0.weight)")
+    def from_file(cls, path):
+        state = _load_state(path, "layers.0.weight")
         head = cls(state["layers.0.weight"].shape[1])
         head.load_state_dict(state)
         return head
 
     def save(self, path):
-        """Save the state dict as .safetensors (by extension) or with torch.save."""
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        if path.endswith(".safetensors"):
-            from safetensors.torch import save_file
-            save_file(state, path)
-        else:
-            torch.save(state, path)
-
-
-AESTHETIC_HEAD_NAMES = ("aesthetic_head.safetensors", "aesthetic_head.pth", "sac+logos+ava1-l14-linearMSE.pth")
+        _save_state(self, path)
 
 
 class AestheticScore(_CLIPReward):
-    """LAION aesthetic score: head(normalise(CLIP image embedding)); prompts are ignored; logit_scale = 1.
-    ``from_pretrained(folder, head_path=None)``: folder holds the CLIP model (ViT-L/14 for the real head);
-    head_path defaults to one of AESTHETIC_HEAD_NAMES in that folder."""
+    """LAION aesthetic score, as the official RG-LCD code: reward = logits = the linear head's rating of the
+    normalised CLIP image embedding; prompts are ignored. ``from_pretrained(folder, head_path=None)``: folder
+    holds the CLIP model (ViT-L/14 for the real head); head_path defaults to one of HEAD_FILES there."""
 
     name = "aesthetic"
+    head_class = AestheticLinearHead
+    HEAD_FILES = ("aesthetic_linear.safetensors", "sa_0_4_vit_l_14_linear.pth")
 
     def __init__(self, model, tokenizer=None, image_size=None, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
                  head=None):
         if head is None:
-            raise ValueError("AestheticScore: head (an AestheticHead) is required")
+            raise ValueError(f"{type(self).__name__}: head (an {self.head_class.__name__}) is required")
         if head.input_size != model.config.projection_dim:
-            raise ValueError(f"AestheticScore: head reads {head.input_size}-dim embeddings, the CLIP model "
+            raise ValueError(f"{type(self).__name__}: head reads {head.input_size}-dim embeddings, the CLIP model "
                              f"gives {model.config.projection_dim}")
         super().__init__(model, tokenizer, image_size, mean, std)
         self.head = head.to(device=self.device, dtype=self.dtype)
@@ -198,25 +213,34 @@ class AestheticScore(_CLIPReward):
         from transformers import CLIPModel
 
         if head_path is None:
-            found = [os.path.join(folder, n) for n in AESTHETIC_HEAD_NAMES if os.path.isfile(os.path.join(folder, n))]
+            found = [os.path.join(folder, n) for n in cls.HEAD_FILES if os.path.isfile(os.path.join(folder, n))]
             if not found:
-                raise FileNotFoundError(f"AestheticScore: no head file ({', '.join(AESTHETIC_HEAD_NAMES)}) in "
-                                        f"{folder}; pass head_path=")
+                raise FileNotFoundError(f"{cls.__name__}: no head file ({', '.join(cls.HEAD_FILES)}) in {folder}; "
+                                        "pass head_path=")
             head_path = found[0]
-        head = AestheticHead.from_file(head_path)
+        head = cls.head_class.from_file(head_path)
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"AestheticScore: CLIP model folder not found: {folder}")
+            raise FileNotFoundError(f"{cls.__name__}: CLIP model folder not found: {folder}")
         model = CLIPModel.from_pretrained(folder, **_dtype_kwargs(dtype))
         size, mean, std = _read_image_processor(folder, model.config.vision_config.image_size)
         out = cls(model, None, size, mean, std, head=head)
         return out.to(device) if device is not None else out
 
-    def score(self, images, prompts=None):
+    def reward_and_logits(self, images, prompts=None):
         if prompts is not None:
             self._check_prompts(images, prompts)
         u = self.image_features(images)
         u = u / u.norm(dim=-1, keepdim=True)
-        return self.head(u.to(self.dtype)).squeeze(-1).float()
+        rating = self.head(u.to(self.dtype)).squeeze(-1).float()
+        return rating, rating
+
+
+class AestheticMLPScore(AestheticScore):
+    """The aesthetic score with the improved-aesthetic-predictor MLP instead of the official linear head."""
+
+    name = "aesthetic_mlp"
+    head_class = AestheticMLPHead
+    HEAD_FILES = ("aesthetic_mlp.safetensors", "sac+logos+ava1-l14-linearMSE.pth")
 
 
 def _import_open_clip():
@@ -231,8 +255,11 @@ def _import_open_clip():
 class HPSv2(RewardModel):
     """HPSv2 / HPSv2.1 via open_clip: ``from_pretrained(checkpoint, model_name="ViT-H-14")`` builds the
     open_clip model (no pretrained download) and loads the local checkpoint (HPS_v2*.pt, a state dict or
-    {"state_dict": ...}). score = 100·cos as HPSv2 reports it; logit_scale = exp(model's)/100, so
-    logits = exp(logit_scale)·cos."""
+    {"state_dict": ...}). As the official RG-LCD code: reward = cos(image, text) (HPSv2 reports 100·cos;
+    the official student reward is the plain cosine), logits = exp(logit_scale)·cos. Preprocessing: HPSv2's
+    evaluation transform (bicubic resize of the shortest side to 224 with antialias, centre crop,
+    normalisation): the official script applies part of its hpsv2 install's transform list
+    (``transforms[2:]``), which depends on that version; docs/fidelity.md says more."""
 
     name = "hpsv2"
 
@@ -271,27 +298,27 @@ class HPSv2(RewardModel):
             out = out.to(dtype=dtype)
         return out.to(device) if device is not None else out
 
-    def _cosine(self, images, prompts):
+    def reward_and_logits(self, images, prompts):
         prompts = self._check_prompts(images, prompts)
         x = preprocess(images.to(self.device), self.image_size, self.mean, self.std, dtype=self.dtype)
         u = self.model.encode_image(x).float()
         v = self.model.encode_text(self.tokenizer(prompts).to(self.device)).float()
-        return reward_head(u, v, 1.0)
-
-    def score(self, images, prompts):
-        return self._cosine(images, prompts) * 100.0
-
-    @property
-    def logit_scale(self):
-        return self.model.logit_scale.detach().float().exp() / 100.0
+        cos = reward_head(u, v, 1.0)
+        return cos, cos * self.model.logit_scale.detach().float().exp()
 
 
 class ImageReward(RewardModel):
     """ImageReward via the optional ``image-reward`` package: ``from_pretrained(checkpoint, med_config=)``
-    (ImageReward.pt and its med_config.json, both local). score = the model's normalised reward
-    ((r − mean)/std); logit_scale = 1. Differentiable in the images (its ``score_gard`` path)."""
+    (ImageReward.pt and its med_config.json, both local). As the official RG-LCD code: reward = −relu(2 − r) =
+    min(r, 2) − 2 of the model's normalised reward r = (raw − mean)/std (clipped at 2; the constant −2 changes
+    neither the gradient nor a pairwise softmax); logits = the same, which the LRM update multiplies by the
+    LRM's exp(logit_scale) (``logits_use_lrm_scale``). Preprocessing: bicubic resize of the shortest side
+    to 224 (antialias), centre crop, CLIP normalisation, as the official ``rm_preprocess``. Differentiable in
+    the images (its ``score_gard`` path)."""
 
     name = "imagereward"
+    logits_use_lrm_scale = True
+    clip_at = 2.0
 
     def __init__(self, model, image_size=224):
         super().__init__()
@@ -323,32 +350,79 @@ class ImageReward(RewardModel):
             out = out.to(dtype=dtype)
         return out
 
-    def score(self, images, prompts):
+    def reward_and_logits(self, images, prompts):
         prompts = self._check_prompts(images, prompts)
         x = preprocess(images.to(self.device), self.image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, dtype=self.dtype)
         tokens = self.model.blip.tokenizer(prompts, padding="max_length", truncation=True, max_length=35,
                                            return_tensors="pt").to(self.device)
-        return self.model.score_gard(tokens.input_ids, tokens.attention_mask, x).reshape(-1).float()
+        r = self.model.score_gard(tokens.input_ids, tokens.attention_mask, x).reshape(-1).float()
+        r = -torch.relu(self.clip_at - r)  # the official -relu(-r + 2): NaN stays NaN
+        return r, r
 
 
-REWARD_MODELS = {"clip": ClipScore, "pickscore": PickScore, "aesthetic": AestheticScore, "hpsv2": HPSv2,
-                 "imagereward": ImageReward}
+class WeightedReward(RewardModel):
+    """A weighted sum of experts: reward = Σ w·reward_k, logits = Σ w·logits_k. The official weighted expert
+    is HPSv2 + 0.1·ImageReward (``weighted_hpsv2_imagereward``; its folder holds hpsv2/ and imagereward/).
+    An expert whose logits take the LRM's scale (ImageReward) is not scaled here: its weighted logits are
+    its reward as it is (the official code's weighted function has no logits at all: it cannot run the
+    LRM update's distillation loss)."""
+
+    name = "weighted"
+
+    def __init__(self, experts, weights):
+        super().__init__()
+        if len(experts) != len(weights) or not experts:
+            raise ValueError(f"weights: expected one weight per expert ({len(experts)}), got {len(weights)}")
+        self.experts = torch.nn.ModuleList(experts)
+        self.weights = tuple(float(w) for w in weights)
+        self.freeze()
+
+    def reward_and_logits(self, images, prompts):
+        pairs = [expert.reward_and_logits(images, prompts) for expert in self.experts]
+        reward = sum(w * r for w, (r, _) in zip(self.weights, pairs))
+        logits = sum(w * lg for w, (_, lg) in zip(self.weights, pairs))
+        return reward, logits
+
+    @classmethod
+    def hpsv2_imagereward(cls, folder, device=None, dtype=None, weights=(1.0, 0.1)):
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"weighted_hpsv2_imagereward: folder not found: {folder}")
+        return cls([HPSv2.from_pretrained(os.path.join(folder, "hpsv2"), device=device, dtype=dtype),
+                    ImageReward.from_pretrained(os.path.join(folder, "imagereward"), device=device, dtype=dtype)],
+                   weights)
+
+
+# name -> loader(path, device=, dtype=, **kwargs)
+REWARD_MODELS = {"clip": ClipScore.from_pretrained, "pickscore": PickScore.from_pretrained,
+                 "aesthetic": AestheticScore.from_pretrained, "aesthetic_mlp": AestheticMLPScore.from_pretrained,
+                 "hpsv2": HPSv2.from_pretrained, "imagereward": ImageReward.from_pretrained,
+                 "weighted_hpsv2_imagereward": WeightedReward.hpsv2_imagereward}
+# the official code's names (reward_fn.py's get_reward_fn) for the same experts
+OFFICIAL_NAMES = {"pick": "pickscore", "img_reward": "imagereward",
+                  "weighted_hpsv2_img_reward": "weighted_hpsv2_imagereward"}
 
 
 def load_reward_model(name, path, device=None, dtype=None, **kwargs) -> RewardModel:
-    """Load an expert reward model by name (clip, pickscore, aesthetic, hpsv2, imagereward, digits) from a
-    local path (a CLIP folder; for hpsv2/imagereward a checkpoint file or its folder; for digits, the digits
-    world's classifier folder, None: the shipped one). Extra keyword arguments go to the adapter's
-    from_pretrained (aesthetic: head_path; hpsv2: model_name; imagereward: med_config)."""
-    key = str(name).lower().replace("-", "").replace("_", "")
+    """Load an expert reward model by name (clip, pickscore, aesthetic, aesthetic_mlp, hpsv2, imagereward,
+    weighted_hpsv2_imagereward, digits; the official code's names pick, img_reward and weighted_hpsv2_img_reward
+    too; '-' and '_' optional) from a local path: a CLIP folder; for hpsv2/imagereward a checkpoint file or its
+    folder; for the weighted expert a folder holding hpsv2/ and imagereward/; for digits, the digits world's
+    classifier folder (None: the shipped one). Extra keyword arguments go to the loader (aesthetic: head_path;
+    hpsv2: model_name; imagereward: med_config)."""
+    def key_of(text):
+        return str(text).lower().replace("-", "").replace("_", "")
+
+    names = {key_of(n): n for n in REWARD_MODELS}
+    names.update({key_of(alias): n for alias, n in OFFICIAL_NAMES.items()})
+    key = key_of(name)
     if key == "digits":  # the embedded world's expert (imported here: the world builds on this package)
         from ..world.classifiers import WEIGHTS_DIR, DigitReward
         path = WEIGHTS_DIR if path is None else path
         if not os.path.isdir(path):
             raise FileNotFoundError(f"reward model 'digits': folder not found: {path}")
         return DigitReward.from_pretrained(path, **kwargs).to(device=device, dtype=dtype)
-    if key not in REWARD_MODELS:
+    if key not in names:
         raise ValueError(f"unknown reward model {name!r}; expected one of: {', '.join(REWARD_MODELS)}, digits")
     if path is None or not os.path.exists(path):
-        raise FileNotFoundError(f"reward model {key!r}: path not found: {path}")
-    return REWARD_MODELS[key].from_pretrained(path, device=device, dtype=dtype, **kwargs)
+        raise FileNotFoundError(f"reward model {names[key]!r}: path not found: {path}")
+    return REWARD_MODELS[names[key]](path, device=device, dtype=dtype, **kwargs)

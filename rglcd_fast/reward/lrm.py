@@ -1,6 +1,8 @@
 """The latent proxy reward model (LRM, DESIGN.md §1 steps 8-9): a CLIP-like model whose image tower reads
 VAE latents (already divided by the VAE scaling factor) and whose text tower is a transformers
-CLIPTextModel + projection; logits = exp(logit_scale)·cos(image_emb, text_emb)."""
+CLIPTextModel + projection. As the official RG-LCD code: the student's reward is the plain cosine
+cos(image_emb, text_emb) (scale-free, so reward_scale keeps its meaning while the learnable logit scale moves);
+the preference loss compares logits = exp(logit_scale)·cos."""
 import json
 import math
 import os
@@ -58,9 +60,9 @@ class LatentRewardModel(nn.Module):
     """CLIP-like reward model over VAE latents ([B, C, h, w], divided by the VAE scaling factor).
 
     text_config: a transformers CLIPTextConfig (or its dict); embed_dim: the joint embedding size;
-    tokenizer: optional CLIPTokenizer used when prompts are strings. ``logits(latents, prompts_or_ids)``
-    -> [B] float32 = reward_head(image_emb, text_emb, exp(logit_scale)); logit_scale is learnable, initialised
-    at log(1/0.07) as CLIP's."""
+    tokenizer: optional CLIPTokenizer used when prompts are strings. ``reward(latents, prompts_or_ids)`` -> [B]
+    float32 = cos(image_emb, text_emb) (also ``forward``); ``logits`` = exp(logit_scale)·cos, through the fused
+    reward head; logit_scale is learnable, initialised at log(1/0.07) as CLIP's."""
 
     def __init__(self, text_config, embed_dim=512, latent_channels=4, widths=(64, 128, 256), groups=32,
                  tokenizer=None, logit_scale_init=math.log(1 / 0.07)):
@@ -104,21 +106,30 @@ class LatentRewardModel(nn.Module):
         p = self.logit_scale
         return self.image_encoder(latents.to(device=p.device, dtype=self.image_encoder.proj.weight.dtype))
 
-    def logits(self, latents, prompts_or_input_ids):
-        """[B] float32: exp(logit_scale)·cos(image_emb(latents), text_emb(prompts))."""
+    def _scores(self, latents, prompts_or_input_ids, scale):
         u = self.encode_latents(latents).float()
         v = self.encode_text(prompts_or_input_ids).float()
         if v.shape[0] == 1 and u.shape[0] > 1:
             v = v.expand(u.shape[0], -1)
-        return reward_head(u, v, self.logit_scale.float().exp())
+        return reward_head(u, v, scale)
+
+    def reward(self, latents, prompts_or_input_ids):
+        """[B] float32: cos(image_emb(latents), text_emb(prompts)), the student's reward."""
+        return self._scores(latents, prompts_or_input_ids, 1.0)
+
+    def logits(self, latents, prompts_or_input_ids):
+        """[B] float32: exp(logit_scale)·cos(image_emb(latents), text_emb(prompts))."""
+        return self._scores(latents, prompts_or_input_ids, self.logit_scale.float().exp())
 
     def forward(self, latents, prompts_or_input_ids):
-        return self.logits(latents, prompts_or_input_ids)
+        return self.reward(latents, prompts_or_input_ids)
 
-    def preference_loss(self, latent_candidates, prompts, expert_logits, kind="kl"):
+    def preference_loss(self, latent_candidates, prompts, expert_logits, kind="kl", real_index=None,
+                        smooth_gt_label=False):
         """LRM update loss (§1 step 9). latent_candidates: K tensors [B, C, h, w] (latents / scaling
         factor); expert_logits [K, B] (the expert RM's logits, a target: detached). The text is encoded
-        once. Returns (loss, accuracy) from ops.pairwise_preference_loss."""
+        once. Returns (loss, accuracy) from ops.pairwise_preference_loss (kind, real_index and
+        smooth_gt_label as there)."""
         if len(latent_candidates) < 2:
             raise ValueError(f"latent_candidates: expected K >= 2 tensors, got {len(latent_candidates)}")
         k, b = len(latent_candidates), latent_candidates[0].shape[0]
@@ -128,7 +139,7 @@ class LatentRewardModel(nn.Module):
         v = self.encode_text(prompts).float()
         scores = reward_head(u, v.expand(b, -1) if v.shape[0] == 1 else v, self.logit_scale.float().exp())
         return pairwise_preference_loss(scores, expert_logits.detach().to(device=scores.device, dtype=scores.dtype),
-                                        kind)
+                                        kind, real_index=real_index, smooth_gt_label=smooth_gt_label)
 
     # -- construction / persistence -----------------------------------------------------------------
     @classmethod

@@ -41,11 +41,14 @@ class TrainConfig:
     train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     learning_rate: Optional[float] = None  # None: 1e-6 for a full student, 1e-4 for LoRA
-    lr_scheduler: str = "constant"  # any diffusers.optimization scheduler name
+    # any diffusers.optimization scheduler name; "constant" (the scripts' default) has no warm-up: diffusers'
+    # constant schedule ignores lr_warmup_steps, so the scripts' 500 warm-up steps never happen there (use
+    # constant_with_warmup for one)
+    lr_scheduler: str = "constant"
     lr_warmup_steps: int = 500
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
+    adam_weight_decay: float = 0.0  # the RG-LCD script's (diffusers' LCD script: 1e-2)
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
@@ -53,12 +56,16 @@ class TrainConfig:
     seed: int = 0
     # ---- reward guidance (DESIGN.md §1 steps 8-9)
     reward_mode: str = "lrm"  # lrm (latent proxy), direct (decode and score), none (plain LCD)
-    reward_model: str = "digits"  # expert RM: digits, clip, pickscore, aesthetic, hpsv2, imagereward
+    # expert RM: digits, clip, pickscore, aesthetic, aesthetic_mlp, hpsv2, imagereward, weighted_hpsv2_imagereward
+    reward_model: str = "digits"
     reward_model_path: Optional[str] = None  # its folder or file (digits: the shipped weights)
-    reward_scale: float = _STEP_DEFAULTS.reward_scale
+    reward_scale: float = _STEP_DEFAULTS.reward_scale  # × the scale-free reward (a cosine for CLIP-like models)
     lrm_learning_rate: float = 1e-5
     lrm_batch_size: int = 8  # samples of each batch the LRM update uses
-    lrm_loss: str = "kl"  # kl or ce
+    lrm_loss: str = "kl"  # kl (the official "distillation") or ce ("cross_entropy")
+    lrm_ce_real_wins: bool = True  # ce: pairs holding the real candidate are labelled "real wins" (official)
+    smooth_gt_label: bool = False  # kl: uniform target where the expert prefers a generated sample over the real
+    lrm_score_real_pixels: bool = False  # the expert scores the real candidate on the images, not their decode
     rm_loss_scale: float = 1.0
     lrm_widths: tuple = (64, 128, 256)
     lrm_embed_dim: int = 512
@@ -98,6 +105,8 @@ class TrainConfig:
             raise ValueError(f"loss_type: expected 'huber' or 'l2', got {self.loss_type!r}")
         if self.lrm_loss not in ("kl", "ce"):
             raise ValueError(f"lrm_loss: expected 'kl' or 'ce', got {self.lrm_loss!r}")
+        if self.smooth_gt_label and self.lrm_loss != "kl":
+            raise ValueError("smooth_gt_label: applies to lrm_loss 'kl' only (ce labels real-holding pairs itself)")
         if not self.w_min <= self.w_max:
             raise ValueError(f"w_min: must be <= w_max ({self.w_max}), got {self.w_min}")
         if not 0.0 <= self.ema_decay <= 1.0:

@@ -76,6 +76,15 @@ class Teacher:
         posterior = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
         return posterior.sample(generator=generator).float() * vae.config.scaling_factor
 
+    def unet_state_float32(self) -> dict:
+        """The UNet's weights in float32: read again from the folder when the UNet runs in lower precision
+        (the student's float32 master weights must not start from bf16/fp16-rounded ones)."""
+        if self.unet.dtype == torch.float32:
+            return self.unet.state_dict()
+        from diffusers import UNet2DConditionModel
+        unet = UNet2DConditionModel.from_pretrained(self.folder, subfolder="unet", torch_dtype=torch.float32)
+        return unet.state_dict()
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images in [0, 1] (differentiable; the reward models' input)."""
         vae = self.vae
@@ -83,23 +92,27 @@ class Teacher:
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
-def make_student(teacher_unet, use_lora: bool, time_cond_proj_dim: int, lora_rank: int = 64, lora_alpha: int = 64):
-    """Full: the teacher's UNet with a guidance embedding of size time_cond_proj_dim (its projection zero,
-    so the student starts as the teacher), float32. LoRA: a float32 copy of the teacher with LoRA adapters
-    on LORA_TARGET_MODULES (as LCM-LoRA: no guidance embedding)."""
+def make_student(teacher_unet, use_lora: bool, time_cond_proj_dim: int, lora_rank: int = 64, lora_alpha: int = 64,
+                 state_dict: dict | None = None):
+    """Float32, from state_dict (default: the teacher UNet's own weights; pass Teacher.unet_state_float32()
+    when the teacher runs in lower precision). Full: the teacher's UNet with a guidance embedding of size
+    time_cond_proj_dim (its projection zero, so the student starts as the teacher). LoRA: a copy of the
+    teacher with LoRA adapters on LORA_TARGET_MODULES (as LCM-LoRA: no guidance embedding)."""
     from diffusers import UNet2DConditionModel
 
-    if use_lora:
+    state_dict = teacher_unet.state_dict() if state_dict is None else state_dict
+    if use_lora or teacher_unet.config.time_cond_proj_dim:  # LoRA, or distilling from a model that has one
+        student = copy.deepcopy(teacher_unet).float()
+        student.load_state_dict(state_dict)
+        if not use_lora:
+            return student.requires_grad_(True).train()
         from peft import LoraConfig
 
-        student = copy.deepcopy(teacher_unet).float()
         student.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=LORA_TARGET_MODULES))
         return student.train()
-    if teacher_unet.config.time_cond_proj_dim:  # distilling from a model that already has one
-        return copy.deepcopy(teacher_unet).float().requires_grad_(True).train()
     with torch.device(teacher_unet.device):  # built where the teacher lives: no host-side init of the weights
         student = UNet2DConditionModel.from_config(teacher_unet.config, time_cond_proj_dim=time_cond_proj_dim)
-    missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
+    missing, unexpected = student.load_state_dict(state_dict, strict=False)
     if unexpected or any(not k.startswith("time_embedding.cond_proj") for k in missing):
         raise ValueError(f"teacher: UNet weights do not fit the student (missing {missing}, unexpected {unexpected})")
     torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
@@ -121,13 +134,24 @@ def make_lrm(teacher: Teacher, widths, embed_dim: int, init_clip=None) -> Latent
 class RewardGuidance:
     """The reward of the student's one-step prediction (step 8) and the LRM update (step 9).
 
-    mode "direct": reward = expert.score(decode(model_pred), prompts), differentiable through the VAE
-    decoder; "lrm": reward = LRM logits of model_pred / scaling_factor, differentiable in the latents only
-    (the LRM's weights are read detached, so the student's loss never trains the LRM)."""
+    The student's reward is scale-free, as the official RG-LCD code (its ``return_logits=False``): mode
+    "direct": reward = expert.reward(decode(model_pred), prompts), differentiable through the VAE decoder;
+    "lrm": reward = the LRM's cosine of model_pred / scaling_factor and the prompt, differentiable in the
+    latents only (the LRM's weights are read detached, so the student's loss never trains the LRM). The LRM
+    update compares logits (× exp(logit scale)).
+
+    lrm_loss "kl" or "ce"; with "ce", ce_real_wins labels every pair holding the real candidate "real wins"
+    (the official rule); smooth_gt_label (KL) makes a pair's target uniform where the expert prefers the
+    generated candidate over the real one. score_real_pixels: the expert scores the real candidate on the
+    batch's images instead of on the decode of its latents (one VAE decode fewer; the label then describes
+    the images, not what the LRM reads)."""
+
+    REAL_INDEX = 2  # candidates: (student prediction, target, real)
 
     def __init__(self, mode: str, teacher: Teacher, expert: RewardModel, lrm: LatentRewardModel | None = None,
                  lrm_optimizer=None, lrm_loss: str = "kl", rm_loss_scale: float = 1.0, lrm_batch_size: int = 8,
-                 reduce_gradients=None, decode_batch_size: int | None = None):
+                 reduce_gradients=None, decode_batch_size: int | None = None, ce_real_wins: bool = True,
+                 smooth_gt_label: bool = False, score_real_pixels: bool = False):
         if mode not in ("direct", "lrm"):
             raise ValueError(f"mode: expected 'direct' or 'lrm', got {mode!r}")
         if decode_batch_size is not None and decode_batch_size < 1:
@@ -140,11 +164,14 @@ class RewardGuidance:
         # samples per VAE decode call in update_lrm (None: lrm_batch_size, one candidate a call)
         self.decode_batch_size = decode_batch_size
         self.reduce_gradients = reduce_gradients  # averages the LRM's gradients over ranks (None: one rank)
+        self.real_index = self.REAL_INDEX if (lrm_loss == "ce" and ce_real_wins) or smooth_gt_label else None
+        self.smooth_gt_label = smooth_gt_label
+        self.score_real_pixels = score_real_pixels
 
     def reward(self, model_pred: torch.Tensor, prompts) -> torch.Tensor:
         """[B] float32 rewards to maximise."""
         if self.mode == "direct":
-            return self.expert.score(self.teacher.decode(model_pred), prompts).float()
+            return self.expert.reward(self.teacher.decode(model_pred), prompts).float()
         weights = {name: p.detach() for name, p in self.lrm.named_parameters()}
         latents = model_pred / self.teacher.vae.config.scaling_factor
         return torch.func.functional_call(self.lrm, weights, (latents, list(prompts)))
@@ -152,30 +179,31 @@ class RewardGuidance:
     def update_lrm(self, model_pred, target, latents, prompts, images=None):
         """One LRM optimiser step (a fused AdamW: its found_inf flag skips a non-finite step) on the
         pairwise preference loss over {student prediction, target, real} of the first lrm_batch_size
-        samples (DESIGN.md §1 step 9); returns (loss, accuracy), detached.
+        samples (DESIGN.md §1 step 9); returns (loss, accuracy, expert reward of the student's predictions),
+        detached.
 
-        images: the batch's pixel values ([B, 3, H, W] in [-1, 1], on the device), what `latents` encode.
-        Given them, the expert scores the real candidate on the images themselves instead of on
-        decode(latents) (a change from step 9 as DESIGN.md writes it: the real images rather than their
-        VAE reconstruction, which differs by the VAE's error; it saves one of three VAE decodes). The LRM
-        still reads the real candidate as latents / scaling_factor. Without images the real latents are
-        decoded as before. The candidates to decode go through the VAE in calls of decode_batch_size
-        samples (default n: one candidate a call; at 768 px one call of 2n was no faster and took 7.8 GiB
-        more), and the expert scores all 3·n images in one call (the prompts repeated)."""
+        Every candidate is decoded with the VAE, the real one too: the LRM reads latents, so its label comes
+        from what those latents decode to. images: the batch's pixel values ([B, 3, H, W] in [-1, 1]), used
+        for the real candidate only with score_real_pixels. The candidates go through the VAE in calls of
+        decode_batch_size samples (default n: one candidate a call; at 768 px one call of 2n was no faster
+        and took 7.8 GiB more), and the expert scores all 3·n images in one call (the prompts repeated)."""
         n = self.lrm_batch_size
         scale = self.teacher.vae.config.scaling_factor
         candidates = [c[:n].detach().float() for c in (model_pred, target, latents)]
         prompts = list(prompts)[:n]
+        real_pixels = self.score_real_pixels and images is not None
         with torch.no_grad():
-            to_decode = torch.cat(candidates if images is None else candidates[:2])
-            chunk = self.decode_batch_size or n
-            pixels = [self.teacher.decode(part) for part in to_decode.split(chunk)]
-            if images is not None:
+            to_decode = torch.cat(candidates[:2] if real_pixels else candidates)
+            pixels = [self.teacher.decode(part) for part in to_decode.split(self.decode_batch_size or n)]
+            if real_pixels:
                 pixels.append((images[:n].to(device=to_decode.device, dtype=torch.float32) / 2 + 0.5).clamp(0, 1))
             k = len(candidates)
-            expert_logits = self.expert.logits(torch.cat(pixels), prompts * k).float().view(k, -1)
+            rewards, expert_logits = self.expert.reward_and_logits(torch.cat(pixels), prompts * k)
+            expert_logits = expert_logits.float().view(k, -1)
+            if self.expert.logits_use_lrm_scale:  # the official ImageReward target: × the LRM's exp(logit_scale)
+                expert_logits = expert_logits * self.lrm.logit_scale.detach().float().exp()
         loss, accuracy = self.lrm.preference_loss([c / scale for c in candidates], prompts, expert_logits,
-                                                  self.lrm_loss)
+                                                  self.lrm_loss, self.real_index, self.smooth_gt_label)
         self.lrm_optimizer.zero_grad(set_to_none=True)
         (loss * self.rm_loss_scale).backward()
         grads = [p.grad for p in self.lrm.parameters() if p.grad is not None]
@@ -184,4 +212,4 @@ class RewardGuidance:
         # a non-finite gradient (on any rank: they are averaged) skips the fused update on the device
         self.lrm_optimizer.found_inf = (~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())).float()
         self.lrm_optimizer.step()
-        return loss.detach(), accuracy.detach()
+        return loss.detach(), accuracy.detach(), rewards.float().view(k, -1)[0].mean()

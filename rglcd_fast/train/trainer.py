@@ -20,8 +20,10 @@ from .data import ImageCaptionDataset, ResumableDataLoader
 from .models import RewardGuidance, Teacher, make_lrm, make_student
 from .step import DistillationConfig, DistillationStep, update_ema
 
-LOG_COLUMNS = ("step", "loss", "distill_loss", "reward", "lrm_loss", "lrm_accuracy", "lr", "step_time_s",
-               "images_per_s", "nonfinite_skipped", "data_skipped")
+# reward: the student's (scale-free) reward, the LRM's in lrm mode; expert_reward: the expert's reward of the
+# student's one-step predictions (lrm mode: of the LRM update's sub-batch)
+LOG_COLUMNS = ("step", "loss", "distill_loss", "reward", "expert_reward", "lrm_loss", "lrm_accuracy", "lr",
+               "step_time_s", "images_per_s", "nonfinite_skipped", "data_skipped")
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -93,7 +95,7 @@ class Trainer:
         # models (DESIGN.md §1): frozen teacher parts, trainable student, EMA target
         self.teacher = teacher or Teacher.from_pretrained(config.teacher, self.device, self.weight_dtype)
         student = make_student(self.teacher.unet, config.use_lora, config.time_cond_proj_dim, config.lora_rank,
-                               config.lora_alpha)
+                               config.lora_alpha, state_dict=self.teacher.unet_state_float32())
         if config.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         if config.channels_last and self.device.type == "cuda":
@@ -165,7 +167,8 @@ class Trainer:
         reduce = self._mean_over_ranks if self.accelerator.num_processes > 1 else None
         return RewardGuidance(config.reward_mode, self.teacher, expert, lrm, optimizer, config.lrm_loss,
                               config.rm_loss_scale, config.lrm_batch_size, reduce,
-                              decode_batch_size=config.vae_decode_batch_size)
+                              decode_batch_size=config.vae_decode_batch_size, ce_real_wins=config.lrm_ce_real_wins,
+                              smooth_gt_label=config.smooth_gt_label, score_real_pixels=config.lrm_score_real_pixels)
 
     def _mean_over_ranks(self, tensors):
         """All-reduce (mean) a list of tensors in place through one flat buffer."""
@@ -256,9 +259,9 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
             metrics = {"loss": out.loss.detach(), "distill_loss": out.distill_loss.detach()}
             if out.reward_loss is not None:
-                metrics["reward"] = -out.reward_loss.detach()
+                metrics["reward"] = metrics["expert_reward"] = -out.reward_loss.detach()
             if self.guidance is not None and self.guidance.lrm is not None:
-                metrics["lrm_loss"], metrics["lrm_accuracy"] = self.guidance.update_lrm(
+                metrics["lrm_loss"], metrics["lrm_accuracy"], metrics["expert_reward"] = self.guidance.update_lrm(
                     out.model_pred, out.target, latents, prompts, images=pixel_values)
             window.append(metrics)
         if self.target is not None:
@@ -317,7 +320,8 @@ class Trainer:
             return torch.stack(values).float().mean().item() if values else None
 
         return {"step": self.step, "loss": mean("loss"), "distill_loss": mean("distill_loss"), "reward": mean("reward"),
-                "lrm_loss": mean("lrm_loss"), "lrm_accuracy": mean("lrm_accuracy"),
+                "expert_reward": mean("expert_reward"), "lrm_loss": mean("lrm_loss"),
+                "lrm_accuracy": mean("lrm_accuracy"),
                 "lr": self.lr_scheduler.get_last_lr()[0], "step_time_s": seconds,
                 "images_per_s": images_per_step / seconds if seconds > 0 else None,
                 "nonfinite_skipped": self.nonfinite.total, "data_skipped": self.loader.skipped}
@@ -333,38 +337,54 @@ class Trainer:
         dataset = self.loader.dataset
         return [dataset[i]["caption"] for i in range(min(4, len(dataset)))]
 
-    def sampler(self):
-        """An LCMSampler over the current student (eval mode while sampling) and the teacher's VAE and
-        text encoder."""
+    def sampler(self, unet=None):
+        """An LCMSampler over ``unet`` (default: the current student) and the teacher's VAE and text encoder."""
         from ..sample import LCMSampler
         from ..schedulers import FusedLCMScheduler
 
-        student = self.accelerator.unwrap_model(self.student)
-        return LCMSampler(unet=student, vae=self.teacher.vae, text_encoder=self.teacher.text_encoder,
+        unet = unet if unet is not None else self.accelerator.unwrap_model(self.student)
+        return LCMSampler(unet=unet, vae=self.teacher.vae, text_encoder=self.teacher.text_encoder,
                           tokenizer=self.teacher.tokenizer,
                           scheduler=FusedLCMScheduler.from_config(self.teacher.noise_scheduler.config),
-                          device=self.device, dtype=next(student.parameters()).dtype)
+                          device=self.device, dtype=next(unet.parameters()).dtype)
 
     def sample_grid(self, path=None):
         """Main process: a grid, one row per LCM step count of validation_lcm_steps, one column per
-        validation prompt, same seed every time; written to samples/step-<step>.png."""
+        validation prompt, same seed every time, for the online student (samples/step-<step>.png) and the
+        EMA target (samples/step-<step>-target.png; full students only); each grid also goes to the trackers
+        (TensorBoard) as an image. Returns the student's grid's path."""
         if not self.accelerator.is_main_process:
             return None
         from ..sample import image_grid
 
         path = path or os.path.join(self.config.output_dir, "samples", f"step-{self.step:06d}.png")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        student, prompts = self.accelerator.unwrap_model(self.student), self.validation_prompts()
-        sampler = self.sampler()
-        student.eval()
-        try:
-            images = [image for steps in self.config.validation_lcm_steps
-                      for image in sampler(prompts, steps=steps, seed=self.config.seed, height=self.resolution,
-                                           width=self.resolution)]
-        finally:
-            student.train()
-        image_grid(images, columns=len(prompts)).save(path)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        grids = {"student": (self.accelerator.unwrap_model(self.student), path)}
+        if self.target is not None:
+            grids["target"] = (self.target, path.removesuffix(".png") + "-target.png")
+        prompts = self.validation_prompts()
+        for name, (unet, grid_path) in grids.items():
+            sampler = self.sampler(unet)
+            was_training = unet.training
+            unet.eval()
+            try:
+                images = [image for steps in self.config.validation_lcm_steps
+                          for image in sampler(prompts, steps=steps, seed=self.config.seed, height=self.resolution,
+                                               width=self.resolution)]
+            finally:
+                unet.train(was_training)
+            grid = image_grid(images, columns=len(prompts))
+            grid.save(grid_path)
+            self._log_image(f"validation/{name}", grid)
         return path
+
+    def _log_image(self, tag, image):
+        """A PIL image to the trackers that take images (TensorBoard: HWC uint8)."""
+        import numpy as np
+
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image(tag, np.asarray(image), self.step, dataformats="HWC")
 
     def save_outputs(self) -> dict:
         """Main process writes, every rank waits: pipeline/ (a diffusers LCM pipeline folder: the student's

@@ -94,26 +94,27 @@ def prompted_digit(prompt: str) -> int:
 
 
 class DigitReward(RewardModel):
-    """The digits world's expert RM: score = the classifier's logit of the prompted digit. Images are
-    [B, 3, H, W] in [0, 1] (the RewardModel convention), resized to 32×32."""
+    """The digits world's expert RM. Images are [B, 3, H, W] in [0, 1] (the RewardModel convention), resized
+    to 32×32.
+
+    reward (the student's) = the classifier's probability of the prompted digit: bounded in [0, 1] as the
+    CLIP family's cosine is in [-1, 1], and saturating once a digit is clearly the prompted one, so the
+    student's reward term fades instead of pushing the logit ever higher (the over-optimisation a raw
+    logit invites). logits (the LRM update's, and the evaluation table's expert reward) = the prompted
+    digit's logit."""
 
     name = "digits"
 
-    def __init__(self, classifier: DigitClassifier, logit_scale: float = 1.0):
+    def __init__(self, classifier: DigitClassifier):
         super().__init__()
         self.classifier = classifier
-        self._logit_scale = float(logit_scale)
         self.freeze()
 
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        return torch.full((), self._logit_scale, device=self.device)
-
     @classmethod
-    def from_pretrained(cls, folder: str = WEIGHTS_DIR, name: str = "expert", **kwargs) -> "DigitReward":
-        return cls(load_classifier(name, folder), **kwargs)
+    def from_pretrained(cls, folder: str = WEIGHTS_DIR, name: str = "expert") -> "DigitReward":
+        return cls(load_classifier(name, folder))
 
-    def score(self, images: torch.Tensor, prompts) -> torch.Tensor:
+    def reward_and_logits(self, images: torch.Tensor, prompts):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images: expected [B, 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
         prompts = self._check_prompts(images, prompts)
@@ -121,8 +122,10 @@ class DigitReward(RewardModel):
         x = images.float() * 2 - 1
         if x.shape[-2:] != (32, 32):
             x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
-        logits = self.classifier(x)
-        return logits.gather(1, targets[:, None])[:, 0]
+        class_logits = self.classifier(x)
+        logits = class_logits.gather(1, targets[:, None])[:, 0]
+        probability = class_logits.softmax(dim=1).gather(1, targets[:, None])[:, 0]
+        return probability, logits
 
 
 def main(argv=None) -> int:

@@ -58,7 +58,7 @@ class Judge:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts) -> tuple:
         """images [N, 3, 32, 32] in [0, 1] -> (mean expert reward, evaluator accuracy, Fréchet distance)."""
-        reward = self.expert.score(images, prompts).mean().item()
+        reward = self.expert.logits(images, prompts).mean().item()  # the prompted digit's logit
         x = images.float() * 2 - 1
         targets = torch.tensor([prompted_digit(p) for p in prompts])
         accuracy = (self.evaluator(x).argmax(1) == targets).float().mean().item()
