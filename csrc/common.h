@@ -356,9 +356,51 @@ inline PreferenceKind parse_preference_kind(std::string_view s) {
   TORCH_CHECK_VALUE(false, "kind must be 'kl' or 'ce', got '", s, "'");
 }
 
+// How the pairs of K candidates get their targets: the kind, the real candidate's index (-1: none) and,
+// for KL, whether a pair holding the real candidate that the expert loses to the other gets a uniform target.
+struct PreferenceRule {
+  PreferenceKind kind;
+  int64_t real_index;
+  bool smooth;
+};
+
+inline PreferenceRule parse_preference_rule(std::string_view kind, std::optional<int64_t> real_index,
+                                            bool smooth_gt_label, int64_t num_candidates) {
+  const PreferenceKind k = parse_preference_kind(kind);
+  TORCH_CHECK_VALUE(!real_index.has_value() || (*real_index >= 0 && *real_index < num_candidates),
+                    "real_index: expected a candidate index in [0, K) = [0, ", num_candidates, "), got ",
+                    *real_index);
+  TORCH_CHECK_VALUE(!smooth_gt_label || k == PreferenceKind::KL,
+                    "smooth_gt_label: applies to kind 'kl' only (kind 'ce' labels the real candidate's pairs itself)");
+  TORCH_CHECK_VALUE(!smooth_gt_label || real_index.has_value(),
+                    "smooth_gt_label: needs real_index (the real candidate whose pairs it smooths)");
+  return {k, real_index.value_or(-1), smooth_gt_label};
+}
+
 // torch.argmax over two values: NaN counts as the maximum, a tie goes to the first.
 template <typename T>
 RGLCD_HD int pair_argmax(T a, T b) { return (a >= b || a != a) ? 0 : 1; }
+
+// The real candidate's position in pair (i, j), i < j: 0 or 1, or -1 when the pair does not hold it.
+RGLCD_HD int real_position(int64_t i, int64_t j, const PreferenceRule& rule) {
+  return i == rule.real_index ? 0 : (j == rule.real_index ? 1 : -1);
+}
+
+// The label of pair (i, j): the position of its winner. The expert's argmax (a tie to i), except that
+// CE with a real_index lets the real candidate win every pair that holds it (the official rule).
+template <typename acc_t>
+RGLCD_HD int pair_label(acc_t ei, acc_t ej, int64_t i, int64_t j, const PreferenceRule& rule) {
+  const int real = real_position(i, j, rule);
+  return rule.kind == PreferenceKind::CrossEntropy && real >= 0 ? real : pair_argmax(ei, ej);
+}
+
+// smooth_gt_label: the KL target of a pair holding the real candidate is uniform where the expert's argmax
+// picks the other candidate (the official `labels == 0` for pairs (i, real), real last).
+template <typename acc_t>
+RGLCD_HD bool pair_smoothed(acc_t ei, acc_t ej, int64_t i, int64_t j, const PreferenceRule& rule) {
+  const int real = real_position(i, j, rule);
+  return rule.smooth && real >= 0 && pair_argmax(ei, ej) != real;
+}
 
 // a − b as a two-way (log-)softmax sees it after subtracting the maximum: NaN when either is +inf.
 template <typename acc_t>
@@ -390,7 +432,7 @@ RGLCD_HD acc_t sigmoid(acc_t d) {
 }
 
 // The target distribution (p0, p1) of one pair (i, j) of candidates: KL: the expert's two-way softmax
-// of E_i − E_j; CE: one-hot on argmax(E_i, E_j).
+// of E_i − E_j (uniform where smoothed); CE: one-hot on the pair's label.
 template <typename acc_t>
 struct PairTarget {
   TwoWay<acc_t> p;
@@ -398,18 +440,23 @@ struct PairTarget {
 };
 
 template <typename acc_t>
-RGLCD_HD PairTarget<acc_t> pair_target(acc_t ei, acc_t ej, PreferenceKind kind) {
-  if (kind == PreferenceKind::CrossEntropy) {
-    const bool first = pair_argmax(ei, ej) == 0;
+RGLCD_HD PairTarget<acc_t> pair_target(acc_t ei, acc_t ej, int64_t i, int64_t j, const PreferenceRule& rule) {
+  if (rule.kind == PreferenceKind::CrossEntropy) {
+    const bool first = pair_label(ei, ej, i, j, rule) == 0;
     return {{acc_t(first ? 1 : 0), acc_t(first ? 0 : 1), acc_t(0), acc_t(0)}, true};  // logs unused
+  }
+  if (pair_smoothed(ei, ej, i, j, rule)) {
+    const acc_t half = 0.5, log_half = std::log(half);
+    return {{half, half, log_half, log_half}, false};
   }
   return {two_way_softmax(pair_difference(ei, ej)), false};
 }
 
 // p0 alone (the backward needs no logs).
 template <typename acc_t>
-RGLCD_HD acc_t pair_target_p0(acc_t ei, acc_t ej, PreferenceKind kind) {
-  if (kind == PreferenceKind::CrossEntropy) return pair_argmax(ei, ej) == 0 ? acc_t(1) : acc_t(0);
+RGLCD_HD acc_t pair_target_p0(acc_t ei, acc_t ej, int64_t i, int64_t j, const PreferenceRule& rule) {
+  if (rule.kind == PreferenceKind::CrossEntropy) return pair_label(ei, ej, i, j, rule) == 0 ? acc_t(1) : acc_t(0);
+  if (pair_smoothed(ei, ej, i, j, rule)) return acc_t(0.5);
   return sigmoid(pair_difference(ei, ej));
 }
 

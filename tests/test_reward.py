@@ -3,13 +3,18 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import rglcd_fast
 from helpers import CUDA_GRAPHS, DEVICES, check_against_reference, device_dtype_params, randn
 from rglcd_fast import ops
 from rglcd_fast.reference import reward as ref
 
-KINDS = ["kl", "ce"]
+# The loss variants (kind, real candidate, smooth_gt_label), the real candidate named by its place among the
+# K candidates (variant_args gives its index): none, the first, a middle one, the last (the official
+# candidates [student prediction, target, real] put it last).
+VARIANTS = [("kl", None, False), ("ce", None, False), ("ce", "first", False), ("ce", "middle", False),
+            ("ce", "last", False), ("kl", "last", True), ("kl", "first", True)]
 LOGIT_SCALE = 100.0  # CLIP's trained exp(logit_scale)
 
 # (image_features, text_features): K candidates × B prompts sharing the prompts' text features, odd
@@ -24,6 +29,18 @@ def make_features(image_shape, text_shape, device="cpu", dtype=torch.float32, se
     image = randn(*image_shape, dtype=dtype, device=device, generator=g)
     text = randn(*text_shape, dtype=dtype, device=device, generator=g)
     return image, text, torch.tensor(LOGIT_SCALE, device=device)
+
+
+def variant_id(variant):
+    kind, real, smooth = variant
+    return kind + (f"-real_{real}" if real else "") + ("-smooth" if smooth else "")
+
+
+def variant_args(variant, num_candidates):
+    """(kind, real_index, smooth_gt_label) of a variant for K candidates."""
+    kind, real, smooth = variant
+    real_index = {None: None, "first": 0, "middle": num_candidates // 2, "last": num_candidates - 1}[real]
+    return kind, real_index, smooth
 
 
 def make_logits(shape, device="cpu", dtype=torch.float32, seed=0):
@@ -123,33 +140,34 @@ def test_reward_head_matches_clip_formula(device):
 
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 @pytest.mark.parametrize("shape", LOSS_SHAPES, ids=str)
-def test_pairwise_loss_matches_reference(shape, kind, device, dtype):
+def test_pairwise_loss_matches_reference(shape, variant, device, dtype):
     latent, expert = make_logits(shape, device, dtype)
     loss, accuracy = check_against_reference(ops.pairwise_preference_loss, ref.pairwise_preference_loss,
-                                             (latent, expert, kind), grad_argnums=(0,))
+                                             (latent, expert, *variant_args(variant, shape[0])), grad_argnums=(0,))
     assert loss.shape == () and accuracy.shape == () and not accuracy.requires_grad
     assert loss.dtype == accuracy.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", KINDS)
-def test_pairwise_loss_layouts(kind, device):
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_pairwise_loss_layouts(variant, device):
     latent, expert = make_logits((5, 3), device)
     latent_t = latent.t().contiguous().t()  # column-major [K, B]
     expert_s = torch.stack([expert, expert], dim=-1)[..., 1]  # stride 2
-    check_against_reference(ops.pairwise_preference_loss, ref.pairwise_preference_loss, (latent_t, expert_s, kind),
-                            grad_argnums=(0,))
+    check_against_reference(ops.pairwise_preference_loss, ref.pairwise_preference_loss,
+                            (latent_t, expert_s, *variant_args(variant, 5)), grad_argnums=(0,))
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", KINDS)
-def test_pairwise_loss_empty_batch(kind, device):
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_pairwise_loss_empty_batch(variant, device):
     latent, expert = make_logits((3, 0), device)
     latent.requires_grad_()
-    loss, accuracy = ops.pairwise_preference_loss(latent, expert, kind)
-    ref_loss, ref_accuracy = ref.pairwise_preference_loss(latent, expert, kind)
+    args = variant_args(variant, 3)
+    loss, accuracy = ops.pairwise_preference_loss(latent, expert, *args)
+    ref_loss, ref_accuracy = ref.pairwise_preference_loss(latent, expert, *args)
     assert loss.isnan() and accuracy.isnan() and ref_loss.isnan() and ref_accuracy.isnan()  # means of nothing
     (grad,) = torch.autograd.grad(loss, latent)
     assert grad.shape == latent.shape
@@ -176,27 +194,104 @@ def test_pairwise_accuracy_ties():
     latent = torch.tensor([[1.0, 0.0, 3.0], [1.0, 1.0, 3.0], [0.0, 1.0, 3.0]])
     expert = torch.tensor([[2.0, 0.0, 1.0], [2.0, 0.0, 2.0], [3.0, 0.0, 2.0]])
     # argmax of pairs (0,1), (0,2), (1,2), latent vs expert, per b:
-    # b0: 0,0,0 vs 0,1,1; b1: 1,1,0 vs 0,0,0; b2: 0,0,0 vs 1,1,0: one hit each
-    for kind in KINDS:
-        _, accuracy = ops.pairwise_preference_loss(latent, expert, kind)
-        _, ref_accuracy = ref.pairwise_preference_loss(latent, expert, kind)
-        assert accuracy == ref_accuracy == torch.tensor(1 / 3)
+    # b0: 0,0,0 vs 0,1,1; b1: 1,1,0 vs 0,0,0; b2: 0,0,0 vs 1,1,0: one hit each. CE with the real candidate
+    # last labels (0,2), (1,2) 1: b0 0,1,1; b1 0,1,1; b2 1,1,1: 1 + 1 + 0 hits; first: (0,1), (0,2) 0: b0
+    # 0,0,1; b1 0,0,0; b2 0,0,0: 2 + 1 + 3 hits. KL's smoothing keeps the expert's labels.
+    hits = {("kl", None, False): 3, ("ce", None, False): 3, ("ce", 2, False): 2, ("ce", 0, False): 6,
+            ("kl", 2, True): 3, ("kl", 0, True): 3}
+    for args, count in hits.items():
+        _, accuracy = ops.pairwise_preference_loss(latent, expert, *args)
+        _, ref_accuracy = ref.pairwise_preference_loss(latent, expert, *args)
+        torch.testing.assert_close(accuracy, torch.tensor(count / 9))
+        torch.testing.assert_close(ref_accuracy, torch.tensor(count / 9))
+
+
+# ---- the official script's loss variants (real_index, smooth_gt_label), transcribed by hand --------------
+
+# K = 3 candidates [student prediction, target, real] × B = 4 prompts. The expert's argmax per pair (ties: the
+# first), b = 0..3: (0,1) 0,1,0,0 (b = 2 a tie); (0,2) 0,1,1,1; (1,2) 1,0,1,1: the expert prefers a generated
+# candidate over the real one at b = 0 of (0,2) and b = 1 of (1,2). The latent argmax: (0,1) 1,1,0,0 (b = 3 a
+# tie); (0,2) 0,1,0,1; (1,2) 0,1,1,1.
+OFFICIAL_LATENT = [[0.3, -1.0, 2.0, 0.5], [1.2, 0.4, -0.7, 0.5], [-0.2, 1.4, 0.1, 3.0]]
+OFFICIAL_EXPERT = [[4.0, -1.0, 0.5, 2.0], [1.0, 3.0, 0.5, -2.0], [2.0, 0.0, 1.0, 9.0]]
+PAIRS = [(0, 1), (0, 2), (1, 2)]
+
+
+def official_batch():
+    latent = torch.tensor(OFFICIAL_LATENT, dtype=torch.float64, requires_grad=True)
+    return latent, torch.tensor(OFFICIAL_EXPERT, dtype=torch.float64)
+
+
+def pair(x, i, j):
+    """The official script's [B, 2] logits of candidates (i, j)."""
+    return torch.stack([x[i], x[j]]).transpose(0, 1)
+
+
+def test_ce_real_wins_official_formula():
+    """kind "ce", real_index 2: the pairs holding the real candidate are labelled 1 (the real wins) whatever the
+    expert says, (0, 1) follows the expert's argmax; the loss is Σ F.cross_entropy over the pairs."""
+    latent, expert = official_batch()
+    labels = {(0, 1): [0, 1, 0, 0], (0, 2): [1, 1, 1, 1], (1, 2): [1, 1, 1, 1]}
+    expected = sum(F.cross_entropy(pair(latent, i, j), torch.tensor(y)) for (i, j), y in labels.items())
+    loss, accuracy = ops.pairwise_preference_loss(latent, expert, "ce", real_index=2)
+    torch.testing.assert_close(loss, expected)
+    assert accuracy.item() == pytest.approx(8 / 12)  # the latent argmax hits 3 + 2 + 3 of the labels
+    torch.testing.assert_close(torch.autograd.grad(loss, latent)[0], torch.autograd.grad(expected, latent)[0])
+    plain, _ = ops.pairwise_preference_loss(latent, expert, "ce")
+    assert not torch.isclose(plain, loss)  # the labels of b = 0 of (0,2) and b = 1 of (1,2) changed
+
+
+def test_smoothed_kl_official_formula():
+    """kind "kl", real_index 2, smooth_gt_label: the target of b = 0 of (0,2) and b = 1 of (1,2), where the expert
+    prefers the generated candidate, is uniform; every other row stays softmax(E_i, E_j). The accuracy keeps the
+    expert's argmax labels (the official code computes them before the smoothing)."""
+    latent, expert = official_batch()
+    targets = {(i, j): F.softmax(pair(expert, i, j), dim=1) for i, j in PAIRS}
+    targets[0, 2][0] = 0.5
+    targets[1, 2][1] = 0.5
+    expected = sum(F.kl_div(F.log_softmax(pair(latent, i, j), dim=1), p, reduction="batchmean")
+                   for (i, j), p in targets.items())
+    loss, accuracy = ops.pairwise_preference_loss(latent, expert, "kl", real_index=2, smooth_gt_label=True)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(torch.autograd.grad(loss, latent)[0], torch.autograd.grad(expected, latent)[0])
+    plain, plain_accuracy = ops.pairwise_preference_loss(latent, expert, "kl")
+    assert torch.equal(accuracy, plain_accuracy) and not torch.isclose(plain, loss)
+    # without smooth_gt_label, real_index leaves KL alone; b = 2, 3 (the expert prefers the real) are unchanged
+    assert torch.equal(ops.pairwise_preference_loss(latent, expert, "kl", real_index=2)[0], plain)
+    smoothed = ops.pairwise_preference_loss(latent[:, 2:], expert[:, 2:], "kl", real_index=2, smooth_gt_label=True)
+    assert torch.equal(smoothed[0], ops.pairwise_preference_loss(latent[:, 2:], expert[:, 2:], "kl")[0])
+
+
+def test_real_index_ties_go_to_the_first_candidate():
+    """With every expert pair tied, a pair without the real candidate is labelled 0 (torch.argmax) next to the
+    real-wins labels; the smoothing takes a tie (i, real) for a preference of i, whose uniform target is the
+    tie's own softmax."""
+    latent = torch.tensor([[0.5, -1.0], [2.0, 0.3], [1.0, 1.5]], dtype=torch.float64)
+    expert = torch.ones(3, 2, dtype=torch.float64)
+    for real_index, labels in [(2, [0, 1, 1]), (1, [1, 0, 0]), (0, [0, 0, 0])]:
+        expected = sum(F.cross_entropy(pair(latent, i, j), torch.full((2,), y)) for (i, j), y in zip(PAIRS, labels))
+        hits = sum((pair(latent, i, j).argmax(dim=1) == y).sum().item() for (i, j), y in zip(PAIRS, labels))
+        loss, accuracy = ops.pairwise_preference_loss(latent, expert, "ce", real_index=real_index)
+        torch.testing.assert_close(loss, expected)
+        assert accuracy.item() == pytest.approx(hits / 6)
+        smoothed, _ = ops.pairwise_preference_loss(latent, expert, "kl", real_index=real_index, smooth_gt_label=True)
+        torch.testing.assert_close(smoothed, ops.pairwise_preference_loss(latent, expert, "kl")[0])
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", KINDS)
-def test_pairwise_loss_extreme_logits(kind, device):
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_pairwise_loss_extreme_logits(variant, device):
     """Far-apart logits (saturated sigmoids) stay finite and match the reference."""
     latent = torch.tensor([[80.0, -80.0, 1e4], [-80.0, 80.0, -1e4], [0.0, 0.0, 0.0]], device=device)
     expert = torch.tensor([[200.0, -200.0, 0.0], [-200.0, 200.0, 1e5], [0.0, 1.0, -1e5]], device=device)
     loss, _ = check_against_reference(ops.pairwise_preference_loss, ref.pairwise_preference_loss,
-                                      (latent, expert, kind), grad_argnums=(0,))
+                                      (latent, expert, *variant_args(variant, 3)), grad_argnums=(0,))
     assert torch.isfinite(loss)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", KINDS)
-def test_pairwise_loss_nan_and_inf_propagate(kind, device):
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_pairwise_loss_nan_and_inf_propagate(variant, device):
     latent, expert = make_logits((3, 6), device)
     latent[1, 0] = float("nan")
     latent[0, 2] = float("inf")
@@ -205,7 +300,7 @@ def test_pairwise_loss_nan_and_inf_propagate(kind, device):
     expert[0, 4] = float("inf")
     expert[1, 5] = float("-inf")
     loss, _ = check_against_reference(ops.pairwise_preference_loss, ref.pairwise_preference_loss,
-                                      (latent, expert, kind), grad_argnums=(0,))
+                                      (latent, expert, *variant_args(variant, 3)), grad_argnums=(0,))
     assert loss.isnan()
 
 
@@ -307,8 +402,9 @@ def test_gradcheck_float64(device):
                    for t in make_features((4, 6), (1, 6), device=device, dtype=torch.float64)[:2])
     assert torch.autograd.gradcheck(lambda u, v: ops.reward_head(u, v, 3.0), inputs)
     latent, expert = make_logits((4, 5), device=device, dtype=torch.float64)
-    for kind in KINDS:
-        assert torch.autograd.gradcheck(lambda s: ops.pairwise_preference_loss(s, expert, kind),
+    for variant in VARIANTS:
+        args = variant_args(variant, 4)
+        assert torch.autograd.gradcheck(lambda s: ops.pairwise_preference_loss(s, expert, *args),
                                         (latent.clone().requires_grad_(),))
 
 
@@ -322,9 +418,10 @@ def _opcheck_samples(device="cpu"):
     yield ns.reward_head_backward.default, (grad, image, text, scale, [True, True, True])
     yield ns.reward_head_backward.default, (grad, image, text, scale, [False, True, False])
     latent, expert = make_logits((3, 5), device)
-    for kind in KINDS:
-        yield ns.pairwise_preference_loss.default, (latent.clone().requires_grad_(), expert, kind)
-        yield ns.pairwise_preference_loss_backward.default, (torch.tensor(0.7, device=device), latent, expert, kind)
+    for variant in VARIANTS:
+        args = variant_args(variant, 3)
+        yield ns.pairwise_preference_loss.default, (latent.clone().requires_grad_(), expert, *args)
+        yield ns.pairwise_preference_loss_backward.default, (torch.tensor(0.7, device=device), latent, expert, *args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -334,14 +431,17 @@ def test_opcheck(sample, device):
     torch.library.opcheck(op, args)
 
 
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_compile_fullgraph_matches_eager(variant):
     """The LRM update of §1 step 9: latent logits from the reward head, then the pairwise loss."""
     image, text, scale = make_features((3, 4, 32), (4, 32))
     expert = make_logits((3, 4))[1]
+    kind, real_index, smooth_gt_label = variant_args(variant, 3)
 
     def step(image, text, scale, expert):
         logits = ops.reward_head(image, text, scale)
-        loss, accuracy = ops.pairwise_preference_loss(logits, expert, "kl")
+        loss, accuracy = ops.pairwise_preference_loss(logits, expert, kind, real_index=real_index,
+                                                      smooth_gt_label=smooth_gt_label)
         return loss, accuracy
 
     def run(fn):
@@ -389,6 +489,9 @@ def test_bad_inputs_name_the_argument():
         (TypeError, "logits", lambda: ops.pairwise_preference_loss(latent.long(), expert.long())),
         (TypeError, "expert_logits", lambda: ops.pairwise_preference_loss(latent, [1.0])),
         (ValueError, "kind", lambda: ops.pairwise_preference_loss(latent, expert, "bce")),
+        (TypeError, "real_index", lambda: ops.pairwise_preference_loss(latent, expert, "ce", real_index=True)),
+        (TypeError, "real_index", lambda: ops.pairwise_preference_loss(latent, expert, "ce", real_index=2.0)),
+        (TypeError, "smooth_gt_label", lambda: ops.pairwise_preference_loss(latent, expert, "kl", 2, "yes")),
     ]
     if torch.cuda.is_available():
         cases.append((ValueError, "text_features", lambda: ops.reward_head(image, text.cuda(), scale)))
@@ -398,3 +501,24 @@ def test_bad_inputs_name_the_argument():
         with pytest.raises(error, match=name):
             call()
     assert math.isfinite(ops.reward_head(image, text, 1).sum().item())  # an int scale is a float
+
+
+# (kind, real_index, smooth_gt_label) for K = 3 and the message the error must carry
+BAD_RULES = [("ce", 3, False, r"real_index.*\[0, 3\)"), ("kl", -1, False, r"real_index.*\[0, 3\)"),
+             ("ce", 2, True, "smooth_gt_label.*'kl'"), ("kl", None, True, "smooth_gt_label.*real_index")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rule", BAD_RULES, ids=lambda r: f"{r[0]}-{r[1]}-{r[2]}")
+def test_bad_preference_rule(rule, device):
+    """A ValueError naming the argument from the public function, the reference and both ops called directly."""
+    *args, message = rule
+    latent, expert = make_logits((3, 4), device)
+    ns = torch.ops.rglcd_fast
+    calls = [lambda: ops.pairwise_preference_loss(latent, expert, *args),
+             lambda: ref.pairwise_preference_loss(latent, expert, *args),
+             lambda: ns.pairwise_preference_loss(latent, expert, *args),
+             lambda: ns.pairwise_preference_loss_backward(torch.tensor(1.0, device=device), latent, expert, *args)]
+    for call in calls:
+        with pytest.raises(ValueError, match=message):
+            call()

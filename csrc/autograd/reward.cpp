@@ -15,9 +15,10 @@ using torch::autograd::variable_list;
 using HeadSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&);
 using HeadBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, std::array<bool, 3>);
-using PairwiseSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, c10::string_view);
+using PairwiseSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, c10::string_view,
+                                                             std::optional<int64_t>, bool);
 using PairwiseBackwardSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                             c10::string_view);
+                                             c10::string_view, std::optional<int64_t>, bool);
 
 // score = scale·cos(u, v): differentiable in both features and the scale.
 class RewardHead : public torch::autograd::Function<RewardHead> {
@@ -51,12 +52,14 @@ class RewardHead : public torch::autograd::Function<RewardHead> {
 class PairwisePreferenceLoss : public torch::autograd::Function<PairwisePreferenceLoss> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& expert_logits,
-                               c10::string_view kind) {
+                               c10::string_view kind, std::optional<int64_t> real_index, bool smooth_gt_label) {
     static const auto op = find_op<PairwiseSignature>("rglcd_fast::pairwise_preference_loss");
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, accuracy] = op.call(logits, expert_logits, kind);
+    auto [loss, accuracy] = op.call(logits, expert_logits, kind, real_index, smooth_gt_label);
     ctx->save_for_backward({logits, expert_logits});
     ctx->saved_data["kind"] = std::string(kind);
+    ctx->saved_data["real_index"] = real_index;
+    ctx->saved_data["smooth_gt_label"] = smooth_gt_label;
     ctx->mark_non_differentiable({accuracy});
     ctx->set_materialize_grads(false);
     return {loss, accuracy};
@@ -64,10 +67,11 @@ class PairwisePreferenceLoss : public torch::autograd::Function<PairwisePreferen
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = find_op<PairwiseBackwardSignature>("rglcd_fast::pairwise_preference_loss_backward");
-    variable_list out(3);
+    variable_list out(5);
     if (!grads[0].defined() || !ctx->needs_input_grad(0)) return out;
     const auto saved = ctx->get_saved_variables();
-    out[0] = op.call(grads[0], saved[0], saved[1], ctx->saved_data["kind"].toStringRef());
+    out[0] = op.call(grads[0], saved[0], saved[1], ctx->saved_data["kind"].toStringRef(),
+                     ctx->saved_data["real_index"].toOptional<int64_t>(), ctx->saved_data["smooth_gt_label"].toBool());
     return out;
   }
 };
@@ -79,8 +83,10 @@ at::Tensor reward_head_autograd(const at::Tensor& image_features, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> pairwise_preference_loss_autograd(const at::Tensor& logits,
                                                                      const at::Tensor& expert_logits,
-                                                                     c10::string_view kind) {
-  auto out = PairwisePreferenceLoss::apply(logits, expert_logits, kind);
+                                                                     c10::string_view kind,
+                                                                     std::optional<int64_t> real_index,
+                                                                     bool smooth_gt_label) {
+  auto out = PairwisePreferenceLoss::apply(logits, expert_logits, kind, real_index, smooth_gt_label);
   return {out[0], out[1]};
 }
 

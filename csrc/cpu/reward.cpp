@@ -199,8 +199,7 @@ struct CpuBackend {
 
   static std::tuple<at::Tensor, at::Tensor> pairwise_preference_loss(const at::Tensor& logits,
                                                                       const at::Tensor& expert_logits,
-                                                                      c10::string_view kind) {
-    const PreferenceKind k = parse_preference_kind(kind);
+                                                                      PreferenceRule rule) {
     const int64_t K = logits.size(0), B = logits.size(1), pairs = K * (K - 1) / 2;
     LossAndHits total;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "rglcd_fast_pairwise_loss", [&] {
@@ -214,8 +213,8 @@ struct CpuBackend {
             for (int64_t j = i + 1; j < K; ++j) {
               const acc_t si = x.template student<acc_t>(i, b), sj = x.template student<acc_t>(j, b);
               const acc_t ei = x.template expert<acc_t>(i, b), ej = x.template expert<acc_t>(j, b);
-              loss_b += pair_loss(pair_target(ei, ej, k), pair_difference(si, sj));
-              s.hits += pair_argmax(si, sj) == pair_argmax(ei, ej);
+              loss_b += pair_loss(pair_target(ei, ej, i, j, rule), pair_difference(si, sj));
+              s.hits += pair_argmax(si, sj) == pair_label(ei, ej, i, j, rule);
             }
           }
           s.loss += static_cast<double>(loss_b);
@@ -232,8 +231,7 @@ struct CpuBackend {
 
   // grad_S[k, b] = grad_loss / B · (Σ_{j>k} (q − p)_{kj} − Σ_{i<k} (q − p)_{ik}).
   static at::Tensor pairwise_preference_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
-                                                      const at::Tensor& expert_logits, c10::string_view kind) {
-    const PreferenceKind k = parse_preference_kind(kind);
+                                                      const at::Tensor& expert_logits, PreferenceRule rule) {
     const int64_t K = logits.size(0), B = logits.size(1);
     at::Tensor grad = at::empty(logits.sizes(), logits.options());
     if (B == 0) return grad;
@@ -253,7 +251,7 @@ struct CpuBackend {
             for (int64_t j = i + 1; j < K; ++j) {
               const acc_t si = x.template student<acc_t>(i, b), sj = x.template student<acc_t>(j, b);
               const acc_t ei = x.template expert<acc_t>(i, b), ej = x.template expert<acc_t>(j, b);
-              const acc_t t = pair_loss_grad(pair_target_p0(ei, ej, k), pair_difference(si, sj));
+              const acc_t t = pair_loss_grad(pair_target_p0(ei, ej, i, j, rule), pair_difference(si, sj));
               acc[i] += t;
               acc[j] -= t;
             }

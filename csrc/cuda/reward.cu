@@ -293,7 +293,7 @@ constexpr int kLossThreads = 512;
 // fixed order; loss = Σ / B, accuracy = hits / (pairs · B) (0/0 = NaN for an empty batch, as torch).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kLossThreads)
-    pairwise_loss_kernel(PairLogits<scalar_t> x, int K, int64_t B, PreferenceKind kind,
+    pairwise_loss_kernel(PairLogits<scalar_t> x, int K, int64_t B, PreferenceRule rule,
                          at::opmath_type<scalar_t>* __restrict__ loss, at::opmath_type<scalar_t>* __restrict__ accuracy) {
   using acc_t = at::opmath_type<scalar_t>;
   double total = 0.0;
@@ -304,8 +304,8 @@ __global__ void __launch_bounds__(kLossThreads)
       const acc_t si = x.template student<acc_t>(i, b), ei = x.template expert<acc_t>(i, b);
       for (int j = i + 1; j < K; ++j) {
         const acc_t sj = x.template student<acc_t>(j, b), ej = x.template expert<acc_t>(j, b);
-        loss_b += pair_loss(pair_target(ei, ej, kind), pair_difference(si, sj));
-        hits += pair_argmax(si, sj) == pair_argmax(ei, ej);
+        loss_b += pair_loss(pair_target(ei, ej, i, j, rule), pair_difference(si, sj));
+        hits += pair_argmax(si, sj) == pair_label(ei, ej, i, j, rule);
       }
     }
     total += static_cast<double>(loss_b);
@@ -323,7 +323,7 @@ __global__ void __launch_bounds__(kLossThreads)
 // k's terms added in the CPU kernel's pair order (all (i, k) before all (k, j)).
 template <typename scalar_t>
 __global__ void __launch_bounds__(cuda::kThreads)
-    pairwise_loss_backward_kernel(PairLogits<scalar_t> x, int K, int64_t B, PreferenceKind kind,
+    pairwise_loss_backward_kernel(PairLogits<scalar_t> x, int K, int64_t B, PreferenceRule rule,
                                   DeviceScalar grad_loss, scalar_t* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -334,11 +334,11 @@ __global__ void __launch_bounds__(cuda::kThreads)
     acc_t acc = 0;
     for (int i = 0; i < k; ++i) {
       const acc_t si = x.template student<acc_t>(i, b), ei = x.template expert<acc_t>(i, b);
-      acc -= pair_loss_grad(pair_target_p0(ei, ek, kind), pair_difference(si, sk));
+      acc -= pair_loss_grad(pair_target_p0(ei, ek, i, k, rule), pair_difference(si, sk));
     }
     for (int j = k + 1; j < K; ++j) {
       const acc_t sj = x.template student<acc_t>(j, b), ej = x.template expert<acc_t>(j, b);
-      acc += pair_loss_grad(pair_target_p0(ek, ej, kind), pair_difference(sk, sj));
+      acc += pair_loss_grad(pair_target_p0(ek, ej, k, j, rule), pair_difference(sk, sj));
     }
     out[k * B + b] = static_cast<scalar_t>(scale * acc);
   }
@@ -442,9 +442,8 @@ struct CudaBackend {
 
   static std::tuple<at::Tensor, at::Tensor> pairwise_preference_loss(const at::Tensor& logits,
                                                                       const at::Tensor& expert_logits,
-                                                                      c10::string_view kind) {
+                                                                      PreferenceRule rule) {
     check_pair_devices(logits, expert_logits);
-    const PreferenceKind k = parse_preference_kind(kind);
     const c10::cuda::CUDAGuard guard(logits.device());
     const int64_t K = logits.size(0), B = logits.size(1);
     const auto options = logits.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
@@ -453,7 +452,7 @@ struct CudaBackend {
                                     [&] {
       using acc_t = at::opmath_type<scalar_t>;
       pairwise_loss_kernel<scalar_t><<<1, kLossThreads, 0, cuda::current_stream()>>>(
-          pair_logits<scalar_t>(logits, expert_logits), static_cast<int>(K), B, k, loss.mutable_data_ptr<acc_t>(),
+          pair_logits<scalar_t>(logits, expert_logits), static_cast<int>(K), B, rule, loss.mutable_data_ptr<acc_t>(),
           accuracy.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -461,9 +460,8 @@ struct CudaBackend {
   }
 
   static at::Tensor pairwise_preference_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
-                                                      const at::Tensor& expert_logits, c10::string_view kind) {
+                                                      const at::Tensor& expert_logits, PreferenceRule rule) {
     check_pair_devices(logits, expert_logits);
-    const PreferenceKind k = parse_preference_kind(kind);
     const c10::cuda::CUDAGuard guard(logits.device());
     const int64_t K = logits.size(0), B = logits.size(1);
     at::Tensor grad = at::empty(logits.sizes(), logits.options());
@@ -475,7 +473,7 @@ struct CudaBackend {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "rglcd_fast_pairwise_loss_bwd_cuda",
                                     [&] {
       pairwise_loss_backward_kernel<scalar_t><<<cuda::blocks_for(B), cuda::kThreads, 0, cuda::current_stream()>>>(
-          pair_logits<scalar_t>(logits, expert_logits), static_cast<int>(K), B, k, g,
+          pair_logits<scalar_t>(logits, expert_logits), static_cast<int>(K), B, rule, g,
           grad.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

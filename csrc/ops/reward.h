@@ -1,7 +1,8 @@
 // The reward family's ops (schemas: rglcd_fast/ops/reward.py) written once for both backends: the
 // argument checks they share and the registration. A backend (csrc/cpu/reward.cpp,
 // csrc/cuda/reward.cu) is a struct with reward_head, reward_head_backward, pairwise_preference_loss
-// and pairwise_preference_loss_backward, taking the op's arguments.
+// and pairwise_preference_loss_backward, taking the op's arguments (the pairwise ops' kind, real_index
+// and smooth_gt_label as one validated PreferenceRule).
 #pragma once
 
 #include <torch/library.h>
@@ -36,16 +37,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reward_head_backward(const at::Te
 // Pairwise preference loss of logits S against expert logits E, both [K, B]: (loss, accuracy).
 template <typename Backend>
 std::tuple<at::Tensor, at::Tensor> pairwise_preference_loss(const at::Tensor& logits, const at::Tensor& expert_logits,
-                                                            c10::string_view kind) {
+                                                            c10::string_view kind, std::optional<int64_t> real_index,
+                                                            bool smooth_gt_label) {
   check_pair_logits(logits, expert_logits);
-  return Backend::pairwise_preference_loss(logits, expert_logits, kind);
+  return Backend::pairwise_preference_loss(logits, expert_logits,
+                                           parse_preference_rule(kind, real_index, smooth_gt_label, logits.size(0)));
 }
 
 template <typename Backend>
 at::Tensor pairwise_preference_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
-                                             const at::Tensor& expert_logits, c10::string_view kind) {
+                                             const at::Tensor& expert_logits, c10::string_view kind,
+                                             std::optional<int64_t> real_index, bool smooth_gt_label) {
   check_pair_logits(logits, expert_logits);
-  return Backend::pairwise_preference_loss_backward(grad_loss, logits, expert_logits, kind);
+  return Backend::pairwise_preference_loss_backward(
+      grad_loss, logits, expert_logits, parse_preference_rule(kind, real_index, smooth_gt_label, logits.size(0)));
 }
 
 template <typename Backend>

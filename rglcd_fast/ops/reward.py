@@ -34,20 +34,21 @@ _reward_head_backward = lib.define(
     _reward_head_backward_reference)
 
 
-def _pairwise_backward_reference(grad_loss, logits, expert_logits, kind):
+def _pairwise_backward_reference(grad_loss, logits, expert_logits, kind, real_index=None, smooth_gt_label=False):
     latent = logits.detach().requires_grad_()
     with torch.enable_grad():
-        loss, _ = ref.pairwise_preference_loss(latent, expert_logits, kind)
+        loss, _ = ref.pairwise_preference_loss(latent, expert_logits, kind, real_index, smooth_gt_label)
         (grad,) = torch.autograd.grad(loss, latent, grad_loss)
     return grad.contiguous()
 
 
+_PAIRWISE_OPTIONS = "str kind, int? real_index=None, bool smooth_gt_label=False"
 _pairwise_preference_loss = lib.define(
-    "pairwise_preference_loss", "(Tensor logits, Tensor expert_logits, str kind) -> (Tensor, Tensor)",
+    "pairwise_preference_loss", f"(Tensor logits, Tensor expert_logits, {_PAIRWISE_OPTIONS}) -> (Tensor, Tensor)",
     ref.pairwise_preference_loss)
 _pairwise_preference_loss_backward = lib.define(
     "pairwise_preference_loss_backward",
-    "(Tensor grad_loss, Tensor logits, Tensor expert_logits, str kind) -> Tensor",
+    f"(Tensor grad_loss, Tensor logits, Tensor expert_logits, {_PAIRWISE_OPTIONS}) -> Tensor",
     _pairwise_backward_reference)
 
 # ---- fake kernels -------------------------------------------------------------------------------
@@ -69,13 +70,13 @@ def _loss_dtype(dtype):
 
 
 @torch.library.register_fake(lib.qualname("pairwise_preference_loss"))
-def _(logits, expert_logits, kind):
+def _(logits, expert_logits, kind, real_index=None, smooth_gt_label=False):
     dtype = _loss_dtype(logits.dtype)
     return logits.new_empty((), dtype=dtype), logits.new_empty((), dtype=dtype)
 
 
 @torch.library.register_fake(lib.qualname("pairwise_preference_loss_backward"))
-def _(grad_loss, logits, expert_logits, kind):
+def _(grad_loss, logits, expert_logits, kind, real_index=None, smooth_gt_label=False):
     return logits.new_empty(logits.shape)
 
 # ---- autograd -----------------------------------------------------------------------------------
@@ -98,17 +99,19 @@ lib.register_autograd("reward_head", _reward_head_setup_context, _reward_head_gr
 
 
 def _pairwise_setup_context(ctx, inputs, output):
-    logits, expert_logits, kind = inputs
+    # kind, then real_index and smooth_gt_label where given: a kernel called through torch.ops receives
+    # trailing arguments left at their defaults as absent
+    logits, expert_logits, *options = inputs
     ctx.save_for_backward(logits, expert_logits)
-    ctx.kind = kind
+    ctx.options = options
     ctx.mark_non_differentiable(output[1])  # the accuracy
 
 
 def _pairwise_grad(ctx, grad_loss, grad_accuracy):
     logits, expert_logits = ctx.saved_tensors
-    grad = _pairwise_preference_loss_backward(grad_loss, logits, expert_logits, ctx.kind) \
+    grad = _pairwise_preference_loss_backward(grad_loss, logits, expert_logits, *ctx.options) \
         if ctx.needs_input_grad[0] and grad_loss is not None else None
-    return grad, None, None  # the expert logits are a target
+    return (grad, None) + (None,) * len(ctx.options)  # the expert logits are a target
 
 
 lib.register_autograd("pairwise_preference_loss", _pairwise_setup_context, _pairwise_grad)
@@ -144,17 +147,22 @@ def reward_head(image_features: torch.Tensor, text_features: torch.Tensor, logit
     return _reward_head(image_features, text_features, logit_scale)
 
 
-def pairwise_preference_loss(logits: torch.Tensor, expert_logits: torch.Tensor, kind: str = "kl"):
+def pairwise_preference_loss(logits: torch.Tensor, expert_logits: torch.Tensor, kind: str = "kl",
+                             real_index: int | None = None, smooth_gt_label: bool = False):
     """Latent reward model loss (DESIGN.md §1 step 9) over K >= 2 candidates × B prompts.
 
     logits S [K, B] (the latent reward model's, differentiable); expert_logits E [K, B] (the expert
     RM's, times its logit scale: a target, no gradient). kind "kl": Σ over pairs i < j of
     KL(softmax(E_i, E_j) ‖ softmax(S_i, S_j)) averaged over b; "ce": Σ over pairs of the cross-entropy
-    of (S_i, S_j) against argmax(E_i, E_j), averaged over b. Returns (loss, accuracy): accuracy is the
-    fraction over pairs and b where argmax(S_i, S_j) == argmax(E_i, E_j) (ties: the first). Both 0-d
-    float32 (float64 for float64 inputs)."""
+    of (S_i, S_j) against the pair's label, averaged over b. Labels: argmax(E_i, E_j) (ties: the first).
+    real_index: the real candidate's index r (the official candidates are [student prediction, target,
+    real], r = 2); with "ce", every pair holding r is labelled "r wins". smooth_gt_label ("kl", needs
+    real_index): a pair holding r whose expert argmax picks the other candidate gets the uniform target
+    (0.5, 0.5). Returns (loss, accuracy): accuracy is the fraction over pairs and b where argmax(S_i, S_j)
+    == the label (for "kl", the expert's argmax, smoothed or not). Both 0-d float32 (float64 for float64
+    inputs)."""
     check.latents(logits=logits, expert_logits=expert_logits)
     if logits.dim() != 2 or logits.shape[0] < 2:
         raise ValueError(f"logits: expected [K, B] with K >= 2 candidates, got shape {tuple(logits.shape)}")
-    check.choice("kind", kind, ref.PREFERENCE_KINDS)
-    return _pairwise_preference_loss(logits, expert_logits, kind)
+    ref.check_preference_rule(kind, real_index, smooth_gt_label, logits.shape[0])
+    return _pairwise_preference_loss(logits, expert_logits, kind, real_index, smooth_gt_label)
