@@ -43,6 +43,19 @@ def _train(args) -> int:
     return 0
 
 
+def _pretrain_lrm(args) -> int:
+    from .train.config import LRMPretrainConfig, config_from_args
+    from .train.lrm_pretrain import LRMPretrainer
+
+    trainer = LRMPretrainer(config_from_args(args, LRMPretrainConfig))
+    outputs = trainer.train()
+    trainer.accelerator.end_training()
+    if trainer.accelerator.is_main_process:
+        print(f"latent reward model: {outputs['lrm']} (train with it: rglcd-fast train --lrm-path {outputs['lrm']})")
+        print(f"logs: {outputs['logs']}")
+    return 0
+
+
 def _make_world(args) -> int:
     from .world.teacher import main as make_world
 
@@ -124,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(train)
     train.set_defaults(run=_train)
 
+    pretrain = commands.add_parser(
+        "pretrain-lrm", help="pre-train a latent reward model (latent CLIP) offline; on the digits world by default",
+        description="The LRM as a latent CLIP: a contrastive loss between the teacher's VAE latents and captions, "
+        "plus the expert's preferences between real latents and the teacher's one-step predictions. Settings as "
+        "for train: defaults (the digits preset when --teacher is digits), then --config, then the flags.")
+    from .train.config import LRMPretrainConfig
+    add_arguments(pretrain, LRMPretrainConfig)
+    pretrain.set_defaults(run=_pretrain_lrm)
+
     world = commands.add_parser("make-world", help="rebuild the digits world (classifiers, teacher) from scratch",
                                 add_help=False)
     world.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of python -m rglcd_fast.world.teacher")
@@ -147,7 +169,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv[1:]
     errors = (FileNotFoundError, ValueError)
-    if args.command == "train":
+    if args.command in ("train", "pretrain-lrm"):
         from .train.trainer import NonFiniteLossError
         errors += (NonFiniteLossError,)
     try:

@@ -13,6 +13,7 @@ from torch import nn
 from ..ops import pairwise_preference_loss, reward_head
 
 CONFIG_NAME = "lrm_config.json"
+IMAGE_TOWERS = ("conv", "vit")
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -55,6 +56,83 @@ class LatentImageEncoder(nn.Module):
         h = self.act(self.norm_out(h)).mean(dim=(-2, -1))
         return self.proj(h)
 
+    def lock_groups(self):
+        """The tower's parts from input to output, for freezing the first ones (as open_clip's lock)."""
+        return [[self.conv_in], *self.blocks[:-1], [self.blocks[-1], self.norm_out], [self.proj]]
+
+
+class _ViTBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)) (GELU, 4× width)."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.ln_1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x):
+        b, n, w = x.shape
+        q, k, v = self.qkv(self.ln_1(x)).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        attended = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, w)
+        x = x + self.out(attended)
+        return x + self.mlp(self.ln_2(x))
+
+
+class LatentViTEncoder(nn.Module):
+    """A ViT over latents, as the official RG-LCD latent_ViT (open_clip's VisionTransformer with 4 input
+    channels: patch 4 over SD's 64×64 latents, width 512, 12 layers): patch embedding (a strided conv) →
+    class token + learned positions → LayerNorm → pre-norm transformer blocks → LayerNorm of the class
+    token → Linear to embed_dim. Latents of another size than latent_size interpolate the position grid
+    (bicubic)."""
+
+    def __init__(self, latent_channels=4, embed_dim=512, latent_size=64, patch_size=4, width=512, layers=12,
+                 heads=8):
+        super().__init__()
+        if latent_size % patch_size or width % heads:
+            raise ValueError(f"vit_config: latent_size ({latent_size}) must be a multiple of patch_size "
+                             f"({patch_size}) and width ({width}) of heads ({heads})")
+        self.grid = latent_size // patch_size
+        self.conv_in = nn.Conv2d(latent_channels, width, patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(width ** -0.5 * torch.randn(width))
+        self.positional_embedding = nn.Parameter(width ** -0.5 * torch.randn(self.grid ** 2 + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.blocks = nn.ModuleList(_ViTBlock(width, heads) for _ in range(layers))
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, embed_dim, bias=False)
+
+    def _positions(self, h, w):
+        if (h, w) == (self.grid, self.grid):
+            return self.positional_embedding
+        cls, grid = self.positional_embedding[:1], self.positional_embedding[1:]
+        grid = grid.T.reshape(1, -1, self.grid, self.grid)
+        grid = nn.functional.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+        return torch.cat([cls, grid.reshape(-1, h * w).T])
+
+    def forward(self, latents):
+        x = self.conv_in(latents)
+        h, w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1).to(x.dtype), x], dim=1)
+        x = self.ln_pre(x + self._positions(h, w).to(x.dtype))
+        for block in self.blocks:
+            x = block(x)
+        return self.proj(self.ln_post(x[:, 0]))
+
+    def lock_groups(self):
+        """open_clip's VisionTransformer.lock groups: [patch embedding, class token, positions, ln_pre],
+        every block but the last, [last block, ln_post], the projection."""
+        return [[self.conv_in, self.class_embedding, self.positional_embedding, self.ln_pre], *self.blocks[:-1],
+                [self.blocks[-1], self.ln_post], [self.proj]]
+
+
+def _set_trainable(parts, trainable):
+    for part in parts:
+        for p in [part] if isinstance(part, nn.Parameter) else part.parameters():
+            p.requires_grad_(trainable)
+
 
 class LatentRewardModel(nn.Module):
     """CLIP-like reward model over VAE latents ([B, C, h, w], divided by the VAE scaling factor).
@@ -65,15 +143,21 @@ class LatentRewardModel(nn.Module):
     reward head; logit_scale is learnable, initialised at log(1/0.07) as CLIP's."""
 
     def __init__(self, text_config, embed_dim=512, latent_channels=4, widths=(64, 128, 256), groups=32,
-                 tokenizer=None, logit_scale_init=math.log(1 / 0.07)):
+                 tokenizer=None, logit_scale_init=math.log(1 / 0.07), image_tower="conv", vit_config=None):
         super().__init__()
         from transformers import CLIPTextConfig, CLIPTextModel
 
         if isinstance(text_config, dict):
             text_config = CLIPTextConfig(**text_config)
+        if image_tower not in IMAGE_TOWERS:
+            raise ValueError(f"image_tower: expected one of {', '.join(IMAGE_TOWERS)}, got {image_tower!r}")
         self.config = {"embed_dim": embed_dim, "latent_channels": latent_channels, "widths": list(widths),
-                       "groups": groups, "logit_scale_init": logit_scale_init}
-        self.image_encoder = LatentImageEncoder(latent_channels, tuple(widths), embed_dim, groups)
+                       "groups": groups, "logit_scale_init": logit_scale_init, "image_tower": image_tower,
+                       "vit_config": dict(vit_config or {})}
+        if image_tower == "conv":
+            self.image_encoder = LatentImageEncoder(latent_channels, tuple(widths), embed_dim, groups)
+        else:
+            self.image_encoder = LatentViTEncoder(latent_channels, embed_dim, **self.config["vit_config"])
         self.text_model = CLIPTextModel(text_config)
         self.text_projection = nn.Linear(text_config.hidden_size, embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
@@ -105,6 +189,33 @@ class LatentRewardModel(nn.Module):
     def encode_latents(self, latents):
         p = self.logit_scale
         return self.image_encoder(latents.to(device=p.device, dtype=self.image_encoder.proj.weight.dtype))
+
+    # -- freezing (as the official code's lock_image_tower / lock_text_tower) ------------------------
+    def default_unlocked_text_layers(self) -> int:
+        """The official 5 of the 24 blocks of its ViT-H-14 text tower, scaled to this tower's depth (>= 1)."""
+        return max(1, round(5 * self.text_config.num_hidden_layers / 24))
+
+    def lock(self, unlocked_image_groups=2, unlocked_text_layers=None):
+        """Freeze all but the last parts, as the official fine-tuning: the image tower's last
+        ``unlocked_image_groups`` groups stay trainable (its lock_groups(): 2 = the last block with its final
+        norm, and the projection), the text tower's last ``unlocked_text_layers`` transformer layers with the
+        final LayerNorm and the text projection (None: default_unlocked_text_layers(); 0 freezes the whole
+        text side). The logit scale stays trainable. Returns self."""
+        image_groups = self.image_encoder.lock_groups()
+        if not 0 <= unlocked_image_groups <= len(image_groups):
+            raise ValueError(f"unlocked_image_groups: expected 0..{len(image_groups)}, got {unlocked_image_groups}")
+        text = getattr(self.text_model, "text_model", self.text_model)  # transformers 4.x nests the transformer
+        layers = text.encoder.layers
+        if unlocked_text_layers is None:
+            unlocked_text_layers = self.default_unlocked_text_layers()
+        if not 0 <= unlocked_text_layers <= len(layers):
+            raise ValueError(f"unlocked_text_layers: expected 0..{len(layers)}, got {unlocked_text_layers}")
+        _set_trainable([self.image_encoder, self.text_model, self.text_projection], False)
+        _set_trainable([m for group in image_groups[len(image_groups) - unlocked_image_groups:] for m in group], True)
+        if unlocked_text_layers:
+            _set_trainable([*layers[len(layers) - unlocked_text_layers:], text.final_layer_norm, self.text_projection],
+                           True)
+        return self
 
     def _scores(self, latents, prompts_or_input_ids, scale):
         u = self.encode_latents(latents).float()
@@ -196,7 +307,7 @@ class LatentRewardModel(nn.Module):
             from transformers import CLIPTokenizer
             tokenizer = CLIPTokenizer.from_pretrained(folder)
         text_config = config.pop("text_config")
-        model = cls(text_config, tokenizer=tokenizer, **config)
+        model = cls(text_config, tokenizer=tokenizer, **config)  # folders before image_tower: a conv tower
         model.load_state_dict(load_file(os.path.join(folder, WEIGHTS_NAME)))
         if dtype is not None:
             model = model.to(dtype=dtype)

@@ -60,7 +60,16 @@ class TrainConfig:
     reward_model: str = "digits"
     reward_model_path: Optional[str] = None  # its folder or file (digits: the shipped weights)
     reward_scale: float = _STEP_DEFAULTS.reward_scale  # × the scale-free reward (a cosine for CLIP-like models)
-    lrm_learning_rate: float = 1e-5
+    # the LRM: None trains one from random weights (image tower; text tower from lrm_init_clip or the teacher's
+    # text encoder); a folder (`rglcd-fast pretrain-lrm`'s output; "digits": the digits world's) starts from a
+    # pre-trained one, fine-tuned with its first parts frozen as the official code, or not at all (lrm_frozen)
+    lrm_path: Optional[str] = None
+    lrm_frozen: bool = False
+    # trainable parts of a pre-trained LRM: the image tower's last groups (2: its last block and the
+    # projection) and the text tower's last layers (None: the official 5 of 24 scaled to its depth)
+    lrm_unlocked_image_groups: int = 2
+    lrm_unlocked_text_layers: Optional[int] = None
+    lrm_learning_rate: Optional[float] = None  # None: 3.3e-6 (the official) for a pre-trained LRM, else 1e-5
     lrm_batch_size: int = 8  # samples of each batch the LRM update uses
     lrm_loss: str = "kl"  # kl (the official "distillation") or ce ("cross_entropy")
     lrm_ce_real_wins: bool = True  # ce: pairs holding the real candidate are labelled "real wins" (official)
@@ -119,6 +128,10 @@ class TrainConfig:
         self.validation_lcm_steps = tuple(self.validation_lcm_steps)
         if self.learning_rate is None:
             self.learning_rate = 1e-4 if self.use_lora else 1e-6
+        if self.lrm_learning_rate is None:
+            self.lrm_learning_rate = 3.3e-6 if self.lrm_path else 1e-5
+        if self.lrm_frozen and not self.lrm_path:
+            raise ValueError("lrm_frozen: a frozen LRM must be a pre-trained one (set lrm_path)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -133,6 +146,72 @@ DIGITS_PRESET = dict(
     time_cond_proj_dim=32, max_train_steps=300, train_batch_size=32, learning_rate=1e-4, lr_warmup_steps=20,
     lrm_learning_rate=1e-3, lrm_batch_size=32, lrm_widths=(32, 64), lrm_embed_dim=64, reward_scale=0.1,
     checkpointing_steps=100, logging_steps=10, validation_steps=100, output_dir="rglcd-digits")
+
+
+@dataclass
+class LRMPretrainConfig:
+    """`rglcd-fast pretrain-lrm`: the latent reward model pre-trained offline as a latent CLIP (DESIGN.md §1
+    step 9) on image-caption data encoded by the teacher's VAE, optionally distilling the expert's
+    preferences between real latents and the teacher's one-step predictions."""
+    # ---- models and data (as the trainer's)
+    teacher: str = "digits"
+    data: Optional[str] = None
+    resolution: Optional[int] = None
+    output_dir: str = "rglcd-lrm"
+    reward_model: str = "digits"  # the expert: its CLIP text tower starts the LRM's (else the teacher's)
+    reward_model_path: Optional[str] = None
+    # ---- the LRM (image tower: "conv", or "vit" as the official latent_ViT: patch 4, width 512, 12 layers)
+    image_tower: str = "conv"
+    lrm_widths: tuple = (64, 128, 256)
+    lrm_embed_dim: int = 512
+    vit_patch_size: int = 4
+    vit_width: int = 512
+    vit_layers: int = 12
+    vit_heads: int = 8
+    # ---- optimisation
+    max_train_steps: int = 2000
+    train_batch_size: int = 64
+    learning_rate: float = 5e-4
+    adam_weight_decay: float = 0.1
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 100
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    seed: int = 0
+    # ---- distilling the expert: its pairwise preferences between each real latent and distill_candidates
+    # one-step predictions of the teacher from noisy versions of it (what the LRM ranks online), weight
+    # distill_weight (0: contrastive only)
+    distill_weight: float = 1.0
+    distill_candidates: int = 2
+    # ---- bookkeeping
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: Optional[int] = 2
+    resume_from_checkpoint: Optional[str] = None
+    logging_steps: int = 50
+    dataloader_num_workers: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.image_tower not in ("conv", "vit"):
+            raise ValueError(f"image_tower: expected 'conv' or 'vit', got {self.image_tower!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision: expected one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        for name in ("max_train_steps", "train_batch_size", "checkpointing_steps", "logging_steps", "distill_candidates"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        if self.distill_weight < 0:
+            raise ValueError(f"distill_weight: expected a value >= 0, got {self.distill_weight}")
+        self.lrm_widths = tuple(self.lrm_widths)
+
+    to_dict = TrainConfig.to_dict
+    save = TrainConfig.save
+
+
+# The digits world's LRM (rglcd_fast/world/weights/lrm, rebuilt by `rglcd-fast make-world`).
+DIGITS_LRM_PRESET = dict(lrm_widths=(32, 64), lrm_embed_dim=64, vit_patch_size=2, vit_width=64, vit_layers=4,
+                         vit_heads=4, max_train_steps=1500, train_batch_size=64, learning_rate=1e-3,
+                         lr_warmup_steps=50, checkpointing_steps=500, logging_steps=50, output_dir="rglcd-digits-lrm")
+PRESETS = {TrainConfig: DIGITS_PRESET, LRMPretrainConfig: DIGITS_LRM_PRESET}
 
 
 def _read_file(path: str) -> dict:
@@ -150,18 +229,18 @@ def _read_file(path: str) -> dict:
     return values
 
 
-def make_config(file: Optional[str] = None, **overrides) -> TrainConfig:
+def make_config(file: Optional[str] = None, config_class=TrainConfig, **overrides):
     """Defaults, then the digits preset when the teacher is the digits world, then the file, then the
     overrides. Unknown names raise, naming them."""
     values = _read_file(file) if file else {}
     values.update(overrides)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"config: unknown setting(s) {', '.join(unknown)}")
-    teacher = values.get("teacher", TrainConfig.teacher)
-    preset = DIGITS_PRESET if teacher == "digits" else {}
-    return TrainConfig(**{**preset, **values})
+    teacher = values.get("teacher", config_class.teacher)
+    preset = PRESETS[config_class] if teacher == "digits" else {}
+    return config_class(**{**preset, **values})
 
 
 def _parse_bool(text: str) -> bool:
@@ -179,26 +258,25 @@ def _parse_optional(kind):
     return parse
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """--config FILE plus one --flag per TrainConfig field (absent from the namespace unless given;
+def add_arguments(parser: argparse.ArgumentParser, config_class=TrainConfig) -> None:
+    """--config FILE plus one --flag per field of config_class (absent from the namespace unless given;
     "none" sets an optional field to None)."""
     parser.add_argument("--config", default=None, help="a YAML or JSON file of settings")
-    hints = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    for name, f in hints.items():
+    for f in dataclasses.fields(config_class):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        flag = "--" + name.replace("_", "-")
+        flag = "--" + f.name.replace("_", "-")
         text = str(f.type)
         wrap = _parse_optional if "Optional" in text else (lambda kind: kind)
         if isinstance(default, bool):
             parser.add_argument(flag, type=_parse_bool, default=argparse.SUPPRESS, metavar="BOOL", help=f"default {default}")
         elif isinstance(default, (list, tuple)):
-            item = int if name in ("lrm_widths", "validation_lcm_steps") else str
+            item = type(default[0]) if default else str
             parser.add_argument(flag, type=item, nargs="+", default=argparse.SUPPRESS, help=f"default {list(default)}")
         else:
             kind = int if "int" in text else float if "float" in text else str
             parser.add_argument(flag, type=wrap(kind), default=argparse.SUPPRESS, help=f"default {default}")
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return make_config(args.config, **{k: v for k, v in vars(args).items() if k in names})
+def config_from_args(args: argparse.Namespace, config_class=TrainConfig):
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return make_config(args.config, config_class, **{k: v for k, v in vars(args).items() if k in names})

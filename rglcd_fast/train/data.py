@@ -478,6 +478,18 @@ class ResumableDataLoader:
         self.skipped = int(state.get("skipped", 0))
 
 
+def training_dataset(teacher: str, data, resolution: int):
+    """The data set of a run: `data` (an image folder with captions, a JSONL manifest or tar shards), or the
+    digits world's images when the teacher is the digits world and no data is given."""
+    if data is None:
+        if teacher != "digits":
+            raise ValueError("data: a training set is needed for this teacher (an image folder with captions, "
+                             "a JSONL manifest or tar shards)")
+        from ..world.digits import DigitsDataset
+        return DigitsDataset(resolution=resolution)
+    return ImageCaptionDataset.from_path(data, resolution)
+
+
 def make_dataloader(dataset, batch_size: int, **kwargs) -> ResumableDataLoader:
     """A resumable, rank-sharded loader (see :class:`ResumableDataLoader`); ``num_workers=0`` default.
     ``dataset`` may be an :class:`ImageCaptionDataset` or a path for :meth:`ImageCaptionDataset.from_path`

@@ -119,16 +119,47 @@ def make_student(teacher_unet, use_lora: bool, time_cond_proj_dim: int, lora_ran
     return student.to(teacher_unet.device).float().train()
 
 
-def make_lrm(teacher: Teacher, widths, embed_dim: int, init_clip=None) -> LatentRewardModel:
-    """The LRM: the text tower from an image-space CLIP folder when given, else a trainable copy of the
-    teacher's text encoder (with its tokenizer); a fresh latent image tower. Float32."""
+def make_lrm(teacher: Teacher, widths, embed_dim: int, init_clip=None, expert=None, image_tower="conv",
+             vit_config=None) -> LatentRewardModel:
+    """A fresh LRM (random latent image tower, "conv" or "vit") in float32 on the teacher's device. Its text
+    tower (with the projection when the shapes allow) starts from, in order: the CLIP folder init_clip; the
+    expert's CLIP model when it has one (the CLIP-family adapters); the teacher's text encoder (with its
+    tokenizer)."""
     channels = teacher.vae.config.latent_channels
+    tower = dict(latent_channels=channels, widths=widths, groups=min(32, widths[0]), image_tower=image_tower,
+                 vit_config=vit_config if image_tower == "vit" else None)
+    clip = getattr(expert, "model", None)
     if init_clip:
-        return LatentRewardModel.from_clip(init_clip, latent_channels=channels, widths=widths).float()
-    lrm = LatentRewardModel(teacher.text_encoder.config.to_dict(), embed_dim=embed_dim, latent_channels=channels,
-                            widths=widths, groups=min(32, widths[0]), tokenizer=teacher.tokenizer)
-    lrm.text_model.load_state_dict(teacher.text_encoder.state_dict())
+        lrm = LatentRewardModel.from_clip(init_clip, **tower)
+    elif clip is not None and type(clip).__name__ == "CLIPModel":
+        lrm = LatentRewardModel.from_clip(clip, tokenizer=getattr(expert, "tokenizer", None), **tower)
+    else:
+        lrm = LatentRewardModel(teacher.text_encoder.config.to_dict(), embed_dim=embed_dim, tokenizer=teacher.tokenizer,
+                                **tower)
+        lrm.text_model.load_state_dict(teacher.text_encoder.state_dict())
     return lrm.float().to(teacher.unet.device)
+
+
+def load_lrm(path: str, teacher: Teacher, device=None) -> LatentRewardModel:
+    """A pre-trained LRM folder ("digits": the digits world's), float32, checked against the teacher: the
+    latent channels of its image tower and a tokenizer for its text tower (it reads the prompts itself)."""
+    if path == "digits":
+        from ..world.lrm import LRM_DIR
+        path = LRM_DIR
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"lrm_path: no LRM folder at {path} (make one with `rglcd-fast pretrain-lrm`)")
+    lrm = LatentRewardModel.from_pretrained(path, device=device).float()
+    channels = teacher.vae.config.latent_channels
+    if lrm.config["latent_channels"] != channels:
+        raise ValueError(f"lrm_path: the LRM in {path} reads {lrm.config['latent_channels']}-channel latents, the "
+                         f"teacher's VAE makes {channels}")
+    if lrm.tokenizer is None:
+        raise ValueError(f"lrm_path: the LRM in {path} has no tokenizer (save one with it: the LRM reads the prompts "
+                         "with its own text tower)")
+    if len(lrm.tokenizer) > lrm.text_config.vocab_size:
+        raise ValueError(f"lrm_path: the LRM's tokenizer in {path} has {len(lrm.tokenizer)} tokens, its text tower "
+                         f"{lrm.text_config.vocab_size}")
+    return lrm
 
 
 class RewardGuidance:
@@ -156,8 +187,8 @@ class RewardGuidance:
             raise ValueError(f"mode: expected 'direct' or 'lrm', got {mode!r}")
         if decode_batch_size is not None and decode_batch_size < 1:
             raise ValueError(f"vae_decode_batch_size: expected a positive integer or None, got {decode_batch_size}")
-        if mode == "lrm" and (lrm is None or lrm_optimizer is None):
-            raise ValueError("lrm: mode 'lrm' needs the latent reward model and its optimiser")
+        if mode == "lrm" and lrm is None:
+            raise ValueError("lrm: mode 'lrm' needs the latent reward model (and its optimiser unless frozen)")
         self.mode, self.teacher, self.expert, self.lrm = mode, teacher, expert, lrm
         self.lrm_optimizer, self.lrm_loss, self.rm_loss_scale = lrm_optimizer, lrm_loss, rm_loss_scale
         self.lrm_batch_size = lrm_batch_size
@@ -175,6 +206,13 @@ class RewardGuidance:
         weights = {name: p.detach() for name, p in self.lrm.named_parameters()}
         latents = model_pred / self.teacher.vae.config.scaling_factor
         return torch.func.functional_call(self.lrm, weights, (latents, list(prompts)))
+
+    @torch.no_grad()
+    def expert_reward(self, model_pred, prompts) -> torch.Tensor:
+        """The expert's mean reward of the first lrm_batch_size one-step predictions (for the logs of a frozen
+        LRM, which has no update to score them)."""
+        n = self.lrm_batch_size
+        return self.expert.reward(self.teacher.decode(model_pred[:n].float()), list(prompts)[:n]).float().mean()
 
     def update_lrm(self, model_pred, target, latents, prompts, images=None):
         """One LRM optimiser step (a fused AdamW: its found_inf flag skips a non-finite step) on the

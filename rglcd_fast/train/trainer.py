@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from .checkpoint import capture_rng_state, load_checkpoint, resolve_resume, save_checkpoint, write_folder
 from .config import TrainConfig
-from .data import ImageCaptionDataset, ResumableDataLoader
-from .models import RewardGuidance, Teacher, make_lrm, make_student
+from .data import ResumableDataLoader, training_dataset
+from .models import RewardGuidance, Teacher, load_lrm, make_lrm, make_student
 from .step import DistillationConfig, DistillationStep, update_ema
 
 # reward: the student's (scale-free) reward, the LRM's in lrm mode; expert_reward: the expert's reward of the
@@ -140,7 +140,8 @@ class Trainer:
         self.guidance = self._make_reward_guidance()
 
         self.resolution = config.resolution or self.teacher.default_resolution
-        self.loader = ResumableDataLoader(dataset or self._dataset(), config.train_batch_size, shuffle=True, seed=config.seed,
+        dataset = dataset if dataset is not None else training_dataset(config.teacher, config.data, self.resolution)
+        self.loader = ResumableDataLoader(dataset, config.train_batch_size, shuffle=True, seed=config.seed,
                                           rank=acc.process_index, world_size=acc.num_processes,
                                           drop_last_batch=True, num_workers=config.dataloader_num_workers,
                                           pin_memory=self.device.type == "cuda")  # for a non-blocking copy
@@ -161,9 +162,19 @@ class Trainer:
             config.reward_model, config.reward_model_path, device=self.device)
         lrm = optimizer = None
         if config.reward_mode == "lrm":
-            lrm = make_lrm(self.teacher, config.lrm_widths, config.lrm_embed_dim, config.lrm_init_clip).to(self.device)
-            optimizer = torch.optim.AdamW(lrm.parameters(), lr=config.lrm_learning_rate,
-                                          weight_decay=config.adam_weight_decay, fused=True)
+            if config.lrm_path:
+                lrm = load_lrm(config.lrm_path, self.teacher, self.device)
+                if config.lrm_frozen:
+                    lrm.requires_grad_(False)
+                else:
+                    lrm.lock(config.lrm_unlocked_image_groups, config.lrm_unlocked_text_layers)
+            else:
+                lrm = make_lrm(self.teacher, config.lrm_widths, config.lrm_embed_dim, config.lrm_init_clip)
+            lrm = lrm.to(self.device)
+            trainable = [p for p in lrm.parameters() if p.requires_grad]
+            if trainable:  # a frozen LRM has no optimiser and no online update
+                optimizer = torch.optim.AdamW(trainable, lr=config.lrm_learning_rate,
+                                              weight_decay=config.adam_weight_decay, fused=True)
         reduce = self._mean_over_ranks if self.accelerator.num_processes > 1 else None
         return RewardGuidance(config.reward_mode, self.teacher, expert, lrm, optimizer, config.lrm_loss,
                               config.rm_loss_scale, config.lrm_batch_size, reduce,
@@ -179,15 +190,6 @@ class Trainer:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
 
-    def _dataset(self):
-        if self.config.data is None:
-            if self.config.teacher != "digits":
-                raise ValueError("data: a training set is needed for this teacher (an image folder with captions, "
-                                 "a JSONL manifest or tar shards)")
-            from ..world.digits import DigitsDataset
-            return DigitsDataset(resolution=self.resolution)
-        return ImageCaptionDataset.from_path(self.config.data, self.resolution)
-
     # ---- state -----------------------------------------------------------------------------------
 
     def _state(self) -> dict:
@@ -201,7 +203,8 @@ class Trainer:
             state["target"] = self.target
         if self.guidance is not None and self.guidance.lrm is not None:
             state["lrm"] = self.guidance.lrm
-            state["lrm_optimizer"] = self.guidance.lrm_optimizer
+            if self.guidance.lrm_optimizer is not None:
+                state["lrm_optimizer"] = self.guidance.lrm_optimizer
         if acc.scaler is not None:
             state["grad_scaler"] = acc.scaler
         return state
@@ -260,9 +263,11 @@ class Trainer:
             metrics = {"loss": out.loss.detach(), "distill_loss": out.distill_loss.detach()}
             if out.reward_loss is not None:
                 metrics["reward"] = metrics["expert_reward"] = -out.reward_loss.detach()
-            if self.guidance is not None and self.guidance.lrm is not None:
+            if self.guidance is not None and self.guidance.lrm_optimizer is not None:
                 metrics["lrm_loss"], metrics["lrm_accuracy"], metrics["expert_reward"] = self.guidance.update_lrm(
                     out.model_pred, out.target, latents, prompts, images=pixel_values)
+            elif self.guidance is not None and self.guidance.lrm is not None:  # a frozen LRM
+                metrics["expert_reward"] = self.guidance.expert_reward(out.model_pred, prompts)
             window.append(metrics)
         if self.target is not None:
             update_ema(self.target, acc.unwrap_model(self.student), config.ema_decay)
@@ -283,7 +288,7 @@ class Trainer:
         if acc.is_main_process:
             os.makedirs(config.output_dir, exist_ok=True)
             config.save(os.path.join(config.output_dir, "config.json"))
-            log = _CsvLog(os.path.join(config.output_dir, "logs.csv"), resume_step=self.step)
+            log = CsvLog(os.path.join(config.output_dir, "logs.csv"), LOG_COLUMNS, resume_step=self.step)
         acc.init_trackers("rglcd", config={k: v for k, v in config.to_dict().items()
                                            if isinstance(v, (int, float, str, bool))})
         batches = self.loader.infinite()
@@ -454,24 +459,24 @@ def _save_lora(folder, student):
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
 
 
-class _CsvLog:
-    """logs.csv: one row per logging step; a resumed run appends (rows after the checkpoint's step, from
-    the interrupted run, are dropped first)."""
+class CsvLog:
+    """logs.csv: one row per logging step, the given columns; a resumed run appends (rows after the
+    checkpoint's step, from the interrupted run, are dropped first)."""
 
-    def __init__(self, path, resume_step: int = 0):
-        self.path = path
+    def __init__(self, path, columns, resume_step: int = 0):
+        self.path, self.columns = path, columns
         if os.path.isfile(path):
             with open(path, newline="") as f:
                 rows = [row for row in csv.DictReader(f) if int(row["step"]) <= resume_step]
             with open(path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+                writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
                 writer.writeheader()
                 writer.writerows(rows)
 
     def write(self, row: dict) -> None:
         exists = os.path.isfile(self.path)
         with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=self.columns)
             if not exists:
                 writer.writeheader()
             writer.writerow({k: ("" if v is None else (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v))

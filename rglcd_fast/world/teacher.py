@@ -4,7 +4,8 @@
 and shipped as a diffusers-format `StableDiffusionPipeline` folder, so the trainer loads it exactly as
 it loads a real SD folder.
 
-Rebuild the whole world (the two classifiers, then the teacher) with fixed seeds:
+Rebuild the whole world (the two classifiers, the teacher, then the pre-trained latent reward model) with
+fixed seeds:
 `python -m rglcd_fast.world.teacher` (see `main` for the options).
 """
 import argparse
@@ -254,6 +255,7 @@ def main(argv=None) -> int:
     parser.add_argument("--unet-steps", type=int, default=1500)
     parser.add_argument("--skip-classifiers", action="store_true",
                         help="rebuild only the teacher (the shipped evaluator judges it)")
+    parser.add_argument("--skip-lrm", action="store_true", help="do not rebuild the pre-trained latent reward model")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     classifiers_dir = WEIGHTS_DIR if args.skip_classifiers else os.path.dirname(os.path.abspath(args.out))
@@ -267,6 +269,10 @@ def main(argv=None) -> int:
     reconstructions = reconstruction_accuracy(pipeline.vae, evaluator, dataset.images, dataset.labels)
     samples = sample_accuracy(pipeline, evaluator, per_digit=10)
     print(f"evaluator accuracy: VAE reconstructions {reconstructions:.4f}, DDIM-50 samples at CFG 7.5 {samples:.4f}")
+    if not args.skip_lrm:  # the pre-trained LRM reads this teacher's latents
+        from .lrm import build_digits_lrm
+        build_digits_lrm(os.path.join(os.path.dirname(os.path.abspath(folder)), "lrm"), folder, classifiers_dir,
+                         seed=args.seed)
     return 0
 
 
