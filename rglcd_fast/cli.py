@@ -62,47 +62,72 @@ def _make_world(args) -> int:
     return make_world(args.rest)
 
 
-def _eval(args) -> int:
+def _seeds(text: str) -> list:
+    return [int(s) for s in text.replace(",", " ").split()]
+
+
+def _table_header(title: str, args, seeds) -> str:
     import datetime
     import subprocess
 
     import torch
 
-    from .train.config import make_config
-    from .train.trainer import Trainer
-    from .world.evaluate import VARIANTS, evaluate, markdown_table
-    from .world.teacher import TEACHER_DIR
-
-    runs = {}
-    for name, mode in VARIANTS.items():
-        folder = os.path.join(args.work_dir, mode)
-        runs[name] = folder
-        if os.path.isdir(os.path.join(folder, "pipeline")):
-            print(f"{name}: using the finished run in {folder}")
-            continue
-        print(f"{name}: training into {folder}")
-        overrides = {} if args.train_steps is None else {"max_train_steps": args.train_steps}
-        trainer = Trainer(make_config(reward_mode=mode, output_dir=folder, seed=args.seed, progress=not args.quiet,
-                                      **overrides))
-        trainer.train()
-        trainer.finish()
-    out_dir = os.path.splitext(args.out)[0]
-    rows = evaluate(runs, TEACHER_DIR, out_dir, per_digit=args.per_digit, steps=tuple(args.steps), seed=args.seed)
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"
-    header = (f"# Digits world: teacher vs LCD vs RG-LCD\n\n"
-              f"{datetime.date.today()}, torch {torch.__version__}, commit {commit}, CPU ({os.cpu_count()} cores). "
-              f"{args.per_digit} samples per digit (prompt \"a handwritten digit <word>\"), the same initial noise in "
-              f"every row; LCM rows at guidance scale 8 (w = 7). Produced by:\n\n"
-              f"    rglcd-fast eval {' '.join(args.argv)}\n\n")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    return (f"# {title}\n\n{datetime.date.today()}, torch {torch.__version__}, commit {commit}; students trained on "
+            f"{device}, sampled and scored on the CPU ({os.cpu_count()} cores). {args.per_digit} samples per digit "
+            f"(prompt \"a handwritten digit <word>\"), the same initial noise in every row; LCM rows at guidance "
+            f"scale 8 (w = 7); mean ± std over training seeds {', '.join(map(str, seeds))} (each seed also draws "
+            f"the rows' initial noise). Produced by:\n\n    rglcd-fast {args.command} {' '.join(args.argv)}\n\n")
+
+
+def _eval(args) -> int:
+    from .world.evaluate import VARIANTS, evaluate, markdown_table, run_folder, train_runs
+    from .world.teacher import TEACHER_DIR
+
+    seeds = _seeds(args.seeds)
+    extra = {} if args.train_steps is None else {"max_train_steps": args.train_steps}
+    runs = {name: [run_folder(args.work_dir, name, seed) for seed in seeds] for name in VARIANTS}
+    train_runs({folder: {**VARIANTS[name], **extra, "seed": seed} for name, folders in runs.items()
+                for seed, folder in zip(seeds, folders)}, jobs=args.jobs, quiet=args.quiet)
+    out_dir = os.path.splitext(args.out)[0]
+    rows = evaluate(runs, TEACHER_DIR, out_dir, per_digit=args.per_digit, steps=tuple(args.steps), seeds=seeds)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        f.write(header + markdown_table(rows, relative_to=os.path.dirname(os.path.abspath(args.out))))
+        f.write(_table_header("Digits world: teacher vs LCD vs RG-LCD", args, seeds)
+                + markdown_table(rows, relative_to=os.path.dirname(os.path.abspath(args.out))))
     print(markdown_table(rows))
     print(f"wrote {args.out} and one sample grid per row in {out_dir}/")
+    return 0
+
+
+def _sweep(args) -> int:
+    from .world.evaluate import REWARD_VARIANTS, evaluate, markdown_table, plot_reward_vs_frechet, run_folder, train_runs
+    from .world.teacher import TEACHER_DIR
+
+    seeds = _seeds(args.seeds)
+    extra = {} if args.train_steps is None else {"max_train_steps": args.train_steps}
+    runs, settings = {"LCD": [run_folder(args.work_dir, "LCD", s) for s in seeds]}, {}
+    settings.update({folder: {"reward_mode": "none", **extra, "seed": s} for s, folder in zip(seeds, runs["LCD"])})
+    for name, variant in REWARD_VARIANTS.items():
+        for scale in args.reward_scales:
+            row = runs[f"{name} @ {scale:g}"] = [run_folder(args.work_dir, name, s, scale) for s in seeds]
+            settings.update({folder: {**variant, **extra, "reward_scale": scale, "seed": s} for s, folder in zip(seeds, row)})
+    train_runs(settings, jobs=args.jobs, quiet=args.quiet)
+    stem = os.path.splitext(args.out)[0]
+    rows = evaluate(runs, TEACHER_DIR, stem, per_digit=args.per_digit, steps=(args.steps,), seeds=seeds)
+    plot_reward_vs_frechet(rows, args.out, f"digits world, {args.steps}-step students (teacher: DDIM-50), "
+                                           f"{len(seeds)} seed(s); labels: reward_scale")
+    with open(stem + ".md", "w") as f:
+        f.write(_table_header("Digits world: expert reward against Fréchet distance over reward_scale", args, seeds)
+                + f"![reward vs Fréchet distance]({os.path.basename(args.out)})\n\n"
+                + markdown_table(rows, relative_to=os.path.dirname(os.path.abspath(args.out))))
+    print(markdown_table(rows))
+    print(f"wrote {args.out}, {stem}.md and one sample grid per row in {stem}/")
     return 0
 
 
@@ -151,16 +176,28 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of python -m rglcd_fast.world.teacher")
     world.set_defaults(run=_make_world)
 
-    evaluation = commands.add_parser("eval", help="the digits world comparison table (trains the students first)",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    evaluation.add_argument("--work-dir", default="rglcd-eval", help="where the three students are trained / found")
-    evaluation.add_argument("--train-steps", type=int, default=None, help="training steps (default: the preset's)")
-    evaluation.add_argument("--per-digit", type=int, default=50, help="samples per digit in every row")
+    def comparison(name, help, out):
+        command = commands.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        command.add_argument("--work-dir", default="rglcd-eval", help="where the students are trained / found "
+                             "(<work-dir>/<row>/[scale-<s>/]seed-<n>; reused only with the same settings)")
+        command.add_argument("--seeds", default="0,1,2", help="training seeds, e.g. 0,1,2 (mean ± std over them)")
+        command.add_argument("--train-steps", type=int, default=None, help="training steps (default: the preset's)")
+        command.add_argument("--per-digit", type=int, default=50, help="samples per digit in every row")
+        command.add_argument("--jobs", type=int, default=1, help="students trained at once (rglcd-fast train "
+                             "processes, the CPU's threads split between them)")
+        command.add_argument("--out", default=out, help="the table / the plot (grids go next to it)")
+        command.add_argument("--quiet", action="store_true")
+        return command
+
+    evaluation = comparison("eval", "the digits world comparison table (trains the students first)",
+                            "results/digits_eval.md")
     evaluation.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="LCM step counts")
-    evaluation.add_argument("--seed", type=int, default=0)
-    evaluation.add_argument("--out", default="results/digits_eval.md", help="the table (grids go next to it)")
-    evaluation.add_argument("--quiet", action="store_true")
     evaluation.set_defaults(run=_eval)
+    sweep = comparison("sweep", "the digits world's expert reward against Fréchet distance over reward_scale "
+                       "(trains the students first)", "results/reward_vs_frechet.png")
+    sweep.add_argument("--reward-scales", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0])
+    sweep.add_argument("--steps", type=int, default=2, help="LCM steps")
+    sweep.set_defaults(run=_sweep)
     return parser
 
 
