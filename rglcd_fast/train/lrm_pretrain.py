@@ -61,6 +61,16 @@ def ranking_candidates(teacher, latents, captions, count, generator):
     return [latents, *predictions.chunk(count)]
 
 
+def expert_preference_loss(lrm, teacher, expert, latents, captions, count, generator):
+    """The LRM's pairwise preference loss (KL) and accuracy against the expert's logits of the decoded
+    ranking_candidates of `latents` (VAE-scaled): the LRM reads them / scaling_factor, as online."""
+    candidates = ranking_candidates(teacher, latents, captions, count, generator)
+    with torch.no_grad():
+        expert_logits = expert.logits(teacher.decode(torch.cat(candidates)), captions * len(candidates)).float()
+    scale = teacher.vae.config.scaling_factor
+    return lrm.preference_loss([c / scale for c in candidates], captions, expert_logits.view(len(candidates), -1))
+
+
 class LRMPretrainer:
     """config: LRMPretrainConfig. Optional: accelerator, teacher (a Teacher in memory), dataset (a map-style
     data set of {"pixel_values", "caption"}) and reward_model (the expert, on the device)."""
@@ -124,12 +134,8 @@ class LRMPretrainer:
         metrics = {"contrastive_loss": contrastive.detach(), "retrieval_accuracy": retrieval}
         loss = contrastive
         if config.distill_weight > 0:
-            candidates = ranking_candidates(teacher, latents, captions, config.distill_candidates, generator)
-            with torch.no_grad():
-                pixels = teacher.decode(torch.cat(candidates))
-                expert_logits = self.expert.logits(pixels, captions * len(candidates)).float()
-            distill, accuracy = lrm.preference_loss([c / scale for c in candidates], captions,
-                                                    expert_logits.view(len(candidates), -1))
+            distill, accuracy = expert_preference_loss(lrm, teacher, self.expert, latents, captions,
+                                                       config.distill_candidates, generator)
             loss = loss + config.distill_weight * distill
             metrics.update(distill_loss=distill.detach(), preference_accuracy=accuracy)
         metrics["loss"] = loss.detach()
@@ -199,12 +205,9 @@ def preference_accuracy(lrm, teacher, expert, dataset, batch_size=64, batches=4,
     generator = torch.Generator(device).manual_seed(seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(seed))
-    scale, hits = teacher.vae.config.scaling_factor, []
+    hits = []
     for _, batch in zip(range(batches), loader):
         captions = list(batch["caption"])
         latents = teacher.encode_images(batch["pixel_values"].to(device), generator)
-        cands = ranking_candidates(teacher, latents, captions, candidates, generator)
-        expert_logits = expert.logits(teacher.decode(torch.cat(cands)), captions * len(cands)).float()
-        _, accuracy = lrm.preference_loss([c / scale for c in cands], captions, expert_logits.view(len(cands), -1))
-        hits.append(accuracy)
+        hits.append(expert_preference_loss(lrm, teacher, expert, latents, captions, candidates, generator)[1])
     return torch.stack(hits).mean().item()

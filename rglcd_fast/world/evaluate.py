@@ -187,16 +187,17 @@ def evaluate(runs: dict, teacher_dir: str, out_dir: str, per_digit: int = 50, st
             row.add(ms_per_image=(time.perf_counter() - start) * 1000 / len(images),
                     **judge(_to_tensor(images), prompts))
             if row.grid is None:
-                slug = "-".join(re.findall(r"[a-z0-9]+", name.split(" (DDIM")[0].lower()))
-                row.grid = _grid(images, os.path.join(out_dir, f"{slug}-{n_steps}step.png"), per_digit)
+                row.grid = _grid(images, os.path.join(out_dir, f"{_slug(name.split(' (DDIM')[0])}-{n_steps}step.png"),
+                                 per_digit)
         rows.append(row)
 
     pipe = load_teacher_pipeline(teacher_dir)
     measure(TEACHER, teacher_steps, lambda seed: teacher_images(pipe, prompts, seed, steps=teacher_steps))
     for name, folders in runs.items():
-        samplers = [LCMSampler.from_pretrained(os.path.join(folder, "pipeline"), device="cpu") for folder in folders]
+        samplers = {seed: LCMSampler.from_pretrained(os.path.join(folder, "pipeline"), device="cpu")
+                    for seed, folder in zip(seeds, folders)}
         for n_steps in steps:
-            measure(name, n_steps, lambda seed: student_images(samplers[list(seeds).index(seed)], prompts, seed, n_steps))
+            measure(name, n_steps, lambda seed: student_images(samplers[seed], prompts, seed, n_steps))
     return rows
 
 
@@ -225,10 +226,13 @@ def _comparable(settings: dict) -> dict:
     return {k: v for k, v in json.loads(json.dumps(settings, default=list)).items() if k not in _RUN_ONLY}
 
 
+def _slug(name: str) -> str:
+    return "-".join(re.findall(r"[a-z0-9]+", name.lower()))
+
+
 def run_folder(work_dir: str, name: str, seed: int, reward_scale: float | None = None) -> str:
-    slug = "-".join(re.findall(r"[a-z0-9]+", name.lower()))
     scale = [] if reward_scale is None else [f"scale-{reward_scale:g}"]
-    return os.path.join(work_dir, slug, *scale, f"seed-{seed}")
+    return os.path.join(work_dir, _slug(name), *scale, f"seed-{seed}")
 
 
 def train_runs(runs: dict, jobs: int = 1, quiet: bool = False) -> None:
