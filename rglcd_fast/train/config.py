@@ -141,10 +141,12 @@ class TrainConfig:
             json.dump(self.to_dict(), f, indent=2, default=list)
 
 
-# The digits world (DESIGN.md §4): 8×8 latents, a small LRM, a run of a few minutes on two CPU cores.
+# The digits world (DESIGN.md §4): 8×8 latents, the shipped pre-trained LRM fine-tuned online at the official
+# rate and reward scale (3.3e-6, 1.0; lrm_widths/lrm_embed_dim size an LRM from random weights), a run of a
+# few minutes on two CPU cores.
 DIGITS_PRESET = dict(
     time_cond_proj_dim=32, max_train_steps=300, train_batch_size=32, learning_rate=1e-4, lr_warmup_steps=20,
-    lrm_learning_rate=1e-3, lrm_batch_size=32, lrm_widths=(32, 64), lrm_embed_dim=64, reward_scale=0.1,
+    lrm_path="digits", lrm_batch_size=32, lrm_widths=(32, 64), lrm_embed_dim=64, reward_scale=1.0,
     checkpointing_steps=100, logging_steps=10, validation_steps=100, output_dir="rglcd-digits")
 
 
