@@ -169,7 +169,7 @@ def test_lrm_path_errors_name_the_setting(world, tmp_path, pretrained):
     with pytest.raises(FileNotFoundError, match="lrm_path"):
         Trainer(tiny_config(world, tmp_path, lrm_path=str(tmp_path / "missing")))
     with pytest.raises(ValueError, match="lrm_frozen"):
-        make_config(lrm_frozen=True)
+        make_config(lrm_frozen=True, lrm_path=None)
     source = LatentRewardModel.from_pretrained(pretrained)
     config = {k: v for k, v in source.config.items() if k != "text_config"}
     bad = str(tmp_path / "bad")  # the same LRM made for an 8-channel VAE
