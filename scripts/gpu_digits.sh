@@ -4,20 +4,16 @@
 #   device run:  bash scripts/gpu_digits.sh sweep|eval|lrm   (carry .whl: see gpu_check.sh)
 # sweep: rglcd-fast sweep (SEEDS, default 0; SCALES, default "0.1 0.3 1 3") -> $OUT/reward_vs_frechet.{png,md}
 # eval:  rglcd-fast eval --seeds ${SEEDS:-0,1,2} -> $OUT/digits_eval.md
-# lrm:   digits LRMs pre-trained side by side, LRM_VARIANTS="name:--set k=v ...;name2:..." (python -m
-#        rglcd_fast.world.lrm), each printing its pairwise accuracy against the expert -> $OUT/lrm.tar.gz
+# lrm:   digits LRMs pre-trained side by side, LRM_VARIANTS="name:--max-train-steps 6000 ...;name2:..."
+#        (python -m rglcd_fast.world.lrm), each printing its pairwise accuracy against the expert
 # LIMIT (seconds) stops the work in time for the results to be packed (a device call's limit kills everything).
-# Everything but the table and plot comes back as one tarball (the device returns at most 8 files).
-# The students' training logs (logs.csv, validation grids) come back under $OUT/runs/. The extension is not
+# The tables and the plot come back in $OUT; they, the sample grids, the LRMs and the students' training logs
+# (logs.csv, validation grids) in $OUT/results.tar.gz (the device returns at most 8 files). The extension is not
 # built: the ops run their PyTorch references (same math), which is all a tiny world needs.
 set -uo pipefail
 OUT=${OUT:-/tmp/rglcd_out}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  [ -d /tmp/site/diffusers ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+source scripts/device_env.sh
 work=${WORK:-/tmp/rglcd_digits}
 results=$work/results  # -> $OUT/results.tar.gz; the tables and the plot also straight to $OUT
 mkdir -p "$results" "$work/lrm"

@@ -5,7 +5,7 @@ by `rglcd-fast train` with no arguments.
 
 Rebuild it (fixed seed) with `python -m rglcd_fast.world.lrm` or as part of `rglcd-fast make-world`."""
 import argparse
-import json
+import dataclasses
 import os
 import sys
 import tempfile
@@ -19,14 +19,14 @@ LRM_DIR = os.path.join(WEIGHTS_DIR, "lrm")
 
 
 def build_digits_lrm(out: str = LRM_DIR, teacher_dir: str | None = None, classifiers_dir: str = WEIGHTS_DIR, seed: int = 0,
-             progress: bool = True, **overrides) -> str:
-    """Pre-trains the digits LRM with the digits preset (overrides on top) against the teacher folder
+             progress: bool = True, config_file: str | None = None, **overrides) -> str:
+    """Pre-trains the digits LRM with the digits preset (then config_file's settings, then overrides) against the teacher folder
     (default: the shipped one) and the digits expert in classifiers_dir, on CUDA when available (as the
     pre-trainer's accelerator); writes it to `out`. Prints its pairwise accuracy against the expert on freshly drawn
     candidates, beside a random LRM's."""
     from ..reward import load_reward_model
     from ..train.checkpoint import write_folder
-    from ..train.config import DIGITS_LRM_PRESET, LRMPretrainConfig
+    from ..train.config import LRMPretrainConfig, make_config
     from ..train.lrm_pretrain import LRMPretrainer, preference_accuracy
     from ..train.models import Teacher, make_lrm
     from .digits import DigitsDataset
@@ -37,8 +37,9 @@ def build_digits_lrm(out: str = LRM_DIR, teacher_dir: str | None = None, classif
     expert = load_reward_model("digits", classifiers_dir, device=device)
     dataset = DigitsDataset(resolution=teacher.default_resolution)
     with tempfile.TemporaryDirectory() as work:
-        config = LRMPretrainConfig(**{**DIGITS_LRM_PRESET, "teacher": teacher.folder, "seed": seed, "output_dir": work,
-                                      "progress": progress, **overrides})
+        config = make_config(config_file, LRMPretrainConfig, **{**overrides, "teacher": "digits", "seed": seed,
+                                                                "output_dir": work, "progress": progress})
+        config.teacher = teacher.folder  # the digits preset applies to a teacher folder given as teacher_dir too
         trainer = LRMPretrainer(config, teacher=teacher, dataset=dataset, reward_model=expert)
         trainer.train()
         lrm = trainer.model.eval()
@@ -53,24 +54,20 @@ def build_digits_lrm(out: str = LRM_DIR, teacher_dir: str | None = None, classif
 
 
 def main(argv=None) -> int:
+    from ..train.config import LRMPretrainConfig, add_arguments
+
     parser = argparse.ArgumentParser(prog="python -m rglcd_fast.world.lrm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=LRM_DIR, help="the LRM folder to write (default: the shipped one)")
-    parser.add_argument("--teacher", default=None, help="the teacher folder (default: the shipped one)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a pretrain-lrm setting over the digits preset (VALUE as JSON), e.g. max_train_steps=6000")
+    add_arguments(parser, LRMPretrainConfig)  # --config and every pretrain-lrm setting, over the digits preset
+    parser.set_defaults(teacher=None, seed=0)  # the shipped teacher folder
     args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set: expected KEY=VALUE, got {item!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:  # a bare word: a string setting (image_tower=vit)
-            overrides[key] = value
+    if "output_dir" in vars(args):
+        parser.error("--output-dir: the LRM folder is --out here")
+    names = {f.name for f in dataclasses.fields(LRMPretrainConfig)} - {"teacher", "seed"}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
     start = time.perf_counter()
-    build_digits_lrm(args.out, args.teacher, seed=args.seed, **overrides)
+    build_digits_lrm(args.out, args.teacher, seed=args.seed, config_file=args.config,
+                     progress=overrides.pop("progress", True), **overrides)
     print(f"({time.perf_counter() - start:.0f} s)")
     return 0
 

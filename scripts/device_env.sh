@@ -1,0 +1,7 @@
+# Sourced by the device scripts: diffusers from the carried wheels (.whl; the device image lacks it), this
+# checkout on PYTHONPATH.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  [ -d /tmp/site/diffusers ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
