@@ -1,4 +1,5 @@
-# Sourced by the device scripts: diffusers from the carried wheels (.whl; the device image lacks it), this
+# Sourced by the device scripts: diffusers from the carried wheels (.whl: the diffusers and importlib_metadata
+# wheels, which the device image lacks, in an ignored folder named in the call's carry), this
 # checkout on PYTHONPATH.
 if ls .whl/*.whl >/dev/null 2>&1; then
   [ -d /tmp/site/diffusers ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl

@@ -2,7 +2,7 @@
 # On the lent GPU machine (device tool): build rglcd_fast from source, run the whole test suite
 # (CUDA cases included), the op tests under compute-sanitizer, and the op benchmark.
 #   device run:  bash scripts/gpu_check.sh [tests|sanitizer|bench|sampling|sampling_sdxl|train|multi_gpu|all]...
-#   (carry .whl: see shared/wheels)
+#   (carry .whl, an ignored folder holding the diffusers and importlib_metadata wheels: see scripts/device_env.sh)
 # Logs and benchmark tables go to $OUT (the device tool brings them back; commit the tables under
 # benchmarks/results/ as ops_<card>.md, sampling_<card>.md and train_step_<card>.md). RGLCD_COMMIT names the
 # commit measured where the copy on the device has no git history. "train" (the SD2.1-scale training-step

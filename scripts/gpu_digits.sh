@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (device tool): the digits-world measurements, students trained on the GPU
 # (several `rglcd-fast train` processes at once), sampled and scored on the host's CPU as on any machine.
-#   device run:  bash scripts/gpu_digits.sh sweep|eval|lrm   (carry .whl: see gpu_check.sh)
+#   device run:  bash scripts/gpu_digits.sh sweep|eval|lrm   (carry .whl: see scripts/device_env.sh)
 # sweep: rglcd-fast sweep (SEEDS, default 0; SCALES, default "0.1 0.3 1 3") -> $OUT/reward_vs_frechet.{png,md}
 # eval:  rglcd-fast eval --seeds ${SEEDS:-0,1,2} -> $OUT/digits_eval.md
 # lrm:   digits LRMs pre-trained side by side, LRM_VARIANTS="name:--max-train-steps 6000 ...;name2:..."
