@@ -132,10 +132,11 @@ def _sweep(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rglcd-fast", description=__doc__)
+    parser = argparse.ArgumentParser(prog="rglcd-fast", description=__doc__, allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    sample = commands.add_parser("sample", help="few-step LCM sampling from a diffusers-format model folder",
+    sample = commands.add_parser("sample", allow_abbrev=False,
+                                 help="few-step LCM sampling from a diffusers-format model folder",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sample.add_argument("--model", required=True, help="diffusers Stable Diffusion folder with an LCM UNet "
                         "(or a base model with --lora)")
@@ -155,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--quiet", action="store_true", help="no progress bar")
     sample.set_defaults(run=_sample)
 
-    train = commands.add_parser("train", help="RG-LCD distillation; with no arguments, on the embedded digits world",
+    train = commands.add_parser("train", allow_abbrev=False,
+                                help="RG-LCD distillation; with no arguments, on the embedded digits world",
                                 description="RG-LCD training (DESIGN.md §1). Settings come from the defaults (the "
                                 "digits world preset when --teacher is digits), then --config, then the flags.")
     from .train.config import add_arguments
@@ -163,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
 
     pretrain = commands.add_parser(
-        "pretrain-lrm", help="pre-train a latent reward model (latent CLIP) offline; on the digits world by default",
+        "pretrain-lrm", allow_abbrev=False,
+        help="pre-train a latent reward model (latent CLIP) offline; on the digits world by default",
         description="The LRM as a latent CLIP: a contrastive loss between the teacher's VAE latents and captions, "
         "plus the expert's preferences between real latents and the teacher's one-step predictions. Settings as "
         "for train: defaults (the digits preset when --teacher is digits), then --config, then the flags.")
@@ -177,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     world.set_defaults(run=_make_world)
 
     def comparison(name, help, out):
-        command = commands.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        command = commands.add_parser(name, help=help, allow_abbrev=False,
+                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         command.add_argument("--work-dir", default="rglcd-eval", help="where the students are trained / found "
                              "(<work-dir>/<row>/[scale-<s>/]seed-<n>; reused only with the same settings)")
         command.add_argument("--seeds", default="0,1,2", help="training seeds, e.g. 0,1,2 (mean ± std over them)")

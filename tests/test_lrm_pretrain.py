@@ -13,7 +13,8 @@ from rglcd_fast.reward import LatentRewardModel
 from rglcd_fast.train.config import LRMPretrainConfig, make_config
 from rglcd_fast.train.lrm_pretrain import LRMPretrainer, contrastive_loss
 from rglcd_fast.train.trainer import Trainer
-from test_train_trainer import assert_same, tiny_config, weights, world  # noqa: F401 (the world fixture)
+from test_train_trainer import assert_same, weights
+from tiny_pipeline import tiny_config
 
 TEXT_CONFIG = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
                    max_position_embeddings=12)

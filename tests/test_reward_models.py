@@ -237,8 +237,18 @@ def test_factory_errors(clip_folder, tmp_path):
     missing = str(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="nope"):
         load_reward_model("clip", missing)
+    headless = tmp_path / "clip_without_head"
+    headless.mkdir()
+    (headless / "config.json").write_text('{"model_type": "clip"}')
     with pytest.raises(FileNotFoundError, match="head"):
+        load_reward_model("aesthetic", str(headless))
+    # a path of the wrong kind: named before anything is built
+    with pytest.raises(ValueError, match="reward_model_path: .*'aesthetic' needs a transformers CLIP folder"):
         load_reward_model("aesthetic", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="reward_model_path: the digits expert .*expert.safetensors"):
+        load_reward_model("digits", clip_folder)
+    with pytest.raises(ValueError, match="reward_model_path: the weighted expert needs .*hpsv2/ and imagereward/"):
+        load_reward_model("weighted_hpsv2_img_reward", clip_folder)
     assert isinstance(load_reward_model("pick", clip_folder), PickScore)  # the official code's name
 
 

@@ -15,36 +15,7 @@ from PIL import Image
 from rglcd_fast.reward import RewardModel
 from rglcd_fast.train.config import TrainConfig, make_config
 from rglcd_fast.train.trainer import NonFiniteLossError, Trainer
-from tiny_pipeline import save_tiny_pipeline
-
-WORDS = ("zero", "one", "two", "three")
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny base SD folder and 12 captioned 16×16 images (captions name a digit, for the digits expert)."""
-    root = tmp_path_factory.mktemp("world")
-    teacher = save_tiny_pipeline(str(root / "teacher"), lcm=False)
-    data = root / "data"
-    data.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(12):
-        pixels = (torch.rand(16, 16, 3, generator=g) * 255).byte().numpy()
-        Image.fromarray(pixels).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text(f"a digit {WORDS[i % 4]}")
-    return teacher, str(data)
-
-
-def tiny_config(world, out, **overrides) -> TrainConfig:
-    teacher, data = world
-    settings = dict(teacher=teacher, data=data, output_dir=str(out), max_train_steps=4, train_batch_size=4,
-                    time_cond_proj_dim=8, lrm_widths=(8, 16), lrm_embed_dim=8, lrm_batch_size=2,
-                    checkpointing_steps=2, logging_steps=1, validation_steps=0, validation_lcm_steps=(1,),
-                    lora_rank=2, lora_alpha=2, progress=False, learning_rate=1e-3, lrm_learning_rate=1e-3,
-                    lr_warmup_steps=1)
-    settings.update(overrides)
-    return make_config(**settings)
-
+from tiny_pipeline import tiny_config
 
 def weights(module):
     """A module's state on the CPU (the trainer's modules live on the accelerator's device)."""
@@ -344,7 +315,8 @@ def test_bad_teacher_and_data_are_named(world, tmp_path):
 TWO_RANKS = """
 import sys, torch
 sys.path.insert(0, {tests!r})
-from test_train_trainer import tiny_config, weights
+from test_train_trainer import weights
+from tiny_pipeline import tiny_config
 from rglcd_fast.train.trainer import Trainer
 torch.use_deterministic_algorithms(True)
 resume = None if sys.argv[1] == "none" else sys.argv[1]

@@ -92,3 +92,17 @@ def save_tiny_lcm_lora(base_folder, lora_folder, seed=1, xl=False):
     (StableDiffusionXLPipeline if xl else StableDiffusionPipeline).save_lora_weights(
         lora_folder, unet_lora_layers=layers, safe_serialization=True)
     return lora_folder
+
+
+def tiny_config(world, out, **overrides):
+    """A trainer config over the `world` fixture (conftest.py): 4 steps of batch 4, tiny LRM and LoRA."""
+    from rglcd_fast.train.config import make_config
+
+    teacher, data = world
+    settings = dict(teacher=teacher, data=data, output_dir=str(out), max_train_steps=4, train_batch_size=4,
+                    time_cond_proj_dim=8, lrm_widths=(8, 16), lrm_embed_dim=8, lrm_batch_size=2,
+                    checkpointing_steps=2, logging_steps=1, validation_steps=0, validation_lcm_steps=(1,),
+                    lora_rank=2, lora_alpha=2, progress=False, learning_rate=1e-3, lrm_learning_rate=1e-3,
+                    lr_warmup_steps=1)
+    settings.update(overrides)
+    return make_config(**settings)

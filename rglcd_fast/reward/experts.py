@@ -402,6 +402,51 @@ OFFICIAL_NAMES = {"pick": "pickscore", "img_reward": "imagereward",
                   "weighted_hpsv2_img_reward": "weighted_hpsv2_imagereward"}
 
 
+def _canonical_name(name) -> str:
+    """Our name of an expert from any spelling ('-' and '_' optional, the official code's names too)."""
+    def key_of(text):
+        return str(text).lower().replace("-", "").replace("_", "")
+
+    names = {key_of(n): n for n in (*REWARD_MODELS, "digits")}
+    names.update({key_of(alias): n for alias, n in OFFICIAL_NAMES.items()})
+    if key_of(name) not in names:
+        raise ValueError(f"reward_model: unknown reward model {name!r}; expected one of: "
+                         f"{', '.join(REWARD_MODELS)}, digits")
+    return names[key_of(name)]
+
+
+CLIP_FOLDER_EXPERTS = ("clip", "pickscore", "aesthetic", "aesthetic_mlp")
+
+
+def check_reward_model_path(name, path) -> str:
+    """Raises, naming the argument, where `path` cannot hold expert `name` (checked from the files alone, before
+    anything is built); returns the path to load (digits: the shipped folder for None)."""
+    name = _canonical_name(name)
+    if name == "digits":
+        from ..world.classifiers import WEIGHTS_DIR
+        path = WEIGHTS_DIR if path is None else path
+        if not os.path.isfile(os.path.join(path, "expert.safetensors")):
+            raise FileNotFoundError(f"reward_model_path: the digits expert is a folder holding expert.safetensors "
+                                    f"(the digits world's weights), got {path}")
+        return path
+    if path is None or not os.path.exists(path):
+        raise FileNotFoundError(f"reward_model_path: reward model {name!r} needs a local path; not found: {path}")
+    if name in CLIP_FOLDER_EXPERTS:
+        config = os.path.join(path, "config.json")
+        model_type = None
+        if os.path.isfile(config):
+            with open(config) as f:
+                model_type = json.load(f).get("model_type")
+        if model_type != "clip":
+            raise ValueError(f"reward_model_path: reward model {name!r} needs a transformers CLIP folder (config.json "
+                             f"with model_type 'clip'); {path} holds {model_type or 'no config.json'}")
+    if name == "weighted_hpsv2_imagereward" and not all(os.path.exists(os.path.join(path, part))
+                                                        for part in ("hpsv2", "imagereward")):
+        raise ValueError(f"reward_model_path: the weighted expert needs a folder holding hpsv2/ and imagereward/, "
+                         f"got {path}")
+    return path
+
+
 def load_reward_model(name, path, device=None, dtype=None, **kwargs) -> RewardModel:
     """Load an expert reward model by name (clip, pickscore, aesthetic, aesthetic_mlp, hpsv2, imagereward,
     weighted_hpsv2_imagereward, digits; the official code's names pick, img_reward and weighted_hpsv2_img_reward
@@ -409,20 +454,9 @@ def load_reward_model(name, path, device=None, dtype=None, **kwargs) -> RewardMo
     folder; for the weighted expert a folder holding hpsv2/ and imagereward/; for digits, the digits world's
     classifier folder (None: the shipped one). Extra keyword arguments go to the loader (aesthetic: head_path;
     hpsv2: model_name; imagereward: med_config)."""
-    def key_of(text):
-        return str(text).lower().replace("-", "").replace("_", "")
-
-    names = {key_of(n): n for n in REWARD_MODELS}
-    names.update({key_of(alias): n for alias, n in OFFICIAL_NAMES.items()})
-    key = key_of(name)
-    if key == "digits":  # the embedded world's expert (imported here: the world builds on this package)
-        from ..world.classifiers import WEIGHTS_DIR, DigitReward
-        path = WEIGHTS_DIR if path is None else path
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"reward model 'digits': folder not found: {path}")
+    path = check_reward_model_path(name, path)
+    name = _canonical_name(name)
+    if name == "digits":  # the embedded world's expert (imported here: the world builds on this package)
+        from ..world.classifiers import DigitReward
         return DigitReward.from_pretrained(path, **kwargs).to(device=device, dtype=dtype)
-    if key not in names:
-        raise ValueError(f"unknown reward model {name!r}; expected one of: {', '.join(REWARD_MODELS)}, digits")
-    if path is None or not os.path.exists(path):
-        raise FileNotFoundError(f"reward model {names[key]!r}: path not found: {path}")
-    return REWARD_MODELS[names[key]](path, device=device, dtype=dtype, **kwargs)
+    return REWARD_MODELS[name](path, device=device, dtype=dtype, **kwargs)

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -14,6 +15,18 @@ _STEP_DEFAULTS = DistillationConfig()  # the step's defaults, which the fields o
 REWARD_MODES = ("lrm", "direct", "none")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 COMPILE_UNETS = ("none", "frozen", "student_blocks", "all")
+REPORT_TO = ("tensorboard", "wandb", "all", "none")
+
+
+def _check_data(value):
+    if value is not None and str(value).split(":")[0] in ("pipe", "http", "https", "s3", "gs", "hf"):
+        raise ValueError(f"data: {value!r} is remote; rglcd_fast reads local data only: download the shards and pass "
+                         "their local path or brace pattern (e.g. /data/laion/{00000..01210}.tar)")
+
+
+def _check_mixed_precision(value):
+    if value is not None and value not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision: expected one of {', '.join(MIXED_PRECISION)}, got {value!r}")
 
 
 @dataclass
@@ -51,8 +64,11 @@ class TrainConfig:
     adam_weight_decay: float = 0.0  # the RG-LCD script's (diffusers' LCD script: 1e-2)
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
+    scale_lr: bool = False  # learning_rate × batch size × gradient accumulation × processes (as the scripts)
     gradient_checkpointing: bool = False
-    mixed_precision: str = "no"
+    # no, fp16 or bf16; None: accelerate's setting (`accelerate launch --mixed_precision`, `accelerate config`), else no
+    mixed_precision: Optional[str] = None
+    allow_tf32: bool = False  # TF32 matmuls and convolutions on Ampere and newer (as the scripts' --allow_tf32)
     seed: int = 0
     # ---- reward guidance (DESIGN.md §1 steps 8-9)
     reward_mode: str = "lrm"  # lrm (latent proxy), direct (decode and score), none (plain LCD)
@@ -80,6 +96,8 @@ class TrainConfig:
     lrm_embed_dim: int = 512
     lrm_init_clip: Optional[str] = None  # an image-space CLIP folder to start the LRM's text tower from
     # ---- bookkeeping
+    report_to: str = "tensorboard"  # accelerate's trackers: tensorboard, wandb, all or none (logs.csv is always written)
+    tracker_project_name: str = "rglcd"
     checkpointing_steps: int = 500
     checkpoints_total_limit: Optional[int] = 3
     resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
@@ -104,14 +122,17 @@ class TrainConfig:
     def __post_init__(self):
         if self.reward_mode not in REWARD_MODES:
             raise ValueError(f"reward_mode: expected one of {', '.join(REWARD_MODES)}, got {self.reward_mode!r}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision: expected one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        _check_mixed_precision(self.mixed_precision)
+        _check_data(self.data)
+        if self.report_to not in REPORT_TO:
+            raise ValueError(f"report_to: expected one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
         if self.compile_unets not in COMPILE_UNETS:
             raise ValueError(f"compile_unets: expected one of {', '.join(COMPILE_UNETS)}, got {self.compile_unets!r}")
         if self.compile_memory_budget is not None and not 0.0 < self.compile_memory_budget <= 1.0:
             raise ValueError(f"compile_memory_budget: expected a value in (0, 1], got {self.compile_memory_budget}")
         if self.loss_type not in ("huber", "l2"):
             raise ValueError(f"loss_type: expected 'huber' or 'l2', got {self.loss_type!r}")
+        self.lrm_loss = {"distillation": "kl", "cross_entropy": "ce"}.get(self.lrm_loss, self.lrm_loss)  # official names
         if self.lrm_loss not in ("kl", "ce"):
             raise ValueError(f"lrm_loss: expected 'kl' or 'ce', got {self.lrm_loss!r}")
         if self.smooth_gt_label and self.lrm_loss != "kl":
@@ -130,6 +151,9 @@ class TrainConfig:
             self.learning_rate = 1e-4 if self.use_lora else 1e-6
         if self.lrm_learning_rate is None:
             self.lrm_learning_rate = 3.3e-6 if self.lrm_path else 1e-5
+        if self.reward_mode == "lrm" and not self.lrm_frozen and self.lrm_batch_size > self.train_batch_size:
+            raise ValueError(f"lrm_batch_size: the LRM update takes its {self.lrm_batch_size} samples from each batch of "
+                             f"train_batch_size {self.train_batch_size}: lower --lrm-batch-size")
         if self.lrm_frozen and not self.lrm_path:
             raise ValueError("lrm_frozen: a frozen LRM must be a pre-trained one (set lrm_path)")
 
@@ -178,7 +202,7 @@ class LRMPretrainConfig:
     lr_scheduler: str = "cosine"
     lr_warmup_steps: int = 100
     max_grad_norm: float = 1.0
-    mixed_precision: str = "no"
+    mixed_precision: Optional[str] = None  # as the trainer's: None is accelerate's setting
     seed: int = 0
     # ---- distilling the expert: its pairwise preferences between each real latent and distill_candidates
     # one-step predictions of the teacher from noisy versions of it (what the LRM ranks online), weight
@@ -196,8 +220,8 @@ class LRMPretrainConfig:
     def __post_init__(self):
         if self.image_tower not in ("conv", "vit"):
             raise ValueError(f"image_tower: expected 'conv' or 'vit', got {self.image_tower!r}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision: expected one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        _check_mixed_precision(self.mixed_precision)
+        _check_data(self.data)
         for name in ("max_train_steps", "train_batch_size", "checkpointing_steps", "logging_steps", "distill_candidates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
@@ -260,25 +284,120 @@ def _parse_optional(kind):
     return parse
 
 
+# The official scripts (diffusers' examples/consistency_distillation/train_lcm_distill_*_wds.py, RG-LCD's
+# train_lcm_distill_sd_wds.py) spell every flag with underscores; each of ours takes that spelling too
+# (--output_dir). Theirs whose names differ from ours:
+SCRIPT_ALIASES = {
+    "pretrained_teacher_model": "teacher", "train_shards_path_or_url": "data", "rm_batch_size": "lrm_batch_size",
+    "rm_lr": "lrm_learning_rate", "unlocked_rm_text_layers": "lrm_unlocked_text_layers",
+    "pretrained_latent_rm": "lrm_path", "latent_rm_loss_type": "lrm_loss", "reward_fn_name": "reward_model",
+    "unet_time_cond_proj_dim": "time_cond_proj_dim", "timestep_scaling_factor": "timestep_scaling",
+}
+# RG-LCD's reward switches, read by config_from_args (see _script_settings)
+SCRIPT_SWITCHES = ("optimize_reward_fn", "direct_optim_expert_reward", "guide_with_expert_reward")
+_UPLOAD = "nothing is uploaded: upload OUTPUT/pipeline (or OUTPUT/lora) with `huggingface-cli upload`"
+_LENGTH = "the run's length is --max-train-steps"
+# The scripts' flags rglcd_fast does not take: flag -> (stops the run?, what happens instead / what to use).
+SCRIPT_UNSUPPORTED = {
+    "enable_xformers_memory_efficient_attention": (False, "not needed: the UNets' attention is torch's "
+                                                   "scaled_dot_product_attention (flash / memory-efficient kernels)"),
+    "use_8bit_adam": (False, "torch's fused AdamW is used (bitsandbytes is not a dependency); --use-lora trains "
+                      "far fewer optimiser states"),
+    "push_to_hub": (False, _UPLOAD), "hub_token": (False, _UPLOAD), "hub_model_id": (False, _UPLOAD),
+    "max_train_samples": (False, _LENGTH), "num_train_epochs": (False, _LENGTH),
+    "logging_dir": (False, "the logs go to OUTPUT/logs (trackers) and OUTPUT/logs.csv"),
+    "cache_dir": (False, "models are read from local folders only"),
+    "local_rank": (False, "accelerate launch / torchrun set each process's rank"),
+    "cast_teacher_unet": (False, "the teacher's UNet already runs in the weight dtype of --mixed-precision"),
+    "revision": (True, "models are read from local folders: download that revision and pass its folder"),
+    "teacher_revision": (True, "models are read from local folders: download that revision and pass its folder "
+                         "to --teacher"),
+    "pretrained_vae_model_name_or_path": (True, "the VAE is the teacher folder's vae/: put the one you want there"),
+    "latent_rm_type": (True, "the LRM's image tower is part of its folder: pre-train one with `rglcd-fast "
+                       "pretrain-lrm --image-tower vit` (the official latent_ViT) or conv, and pass --lrm-path"),
+    "proportion_empty_prompts": (True, "caption dropout is not implemented (the scripts' default is 0: leave "
+                                 "the flag out)"),
+}
+
+
+class _Setting(argparse.Action):
+    """Stores a setting and remembers the flag it came by (the scripts' dialect is told by its flags)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.flags_given = [*getattr(namespace, "flags_given", []), option_string]
+
+
+class _Unsupported(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.unsupported_flags = [*getattr(namespace, "unsupported_flags", []), self.dest]
+
+
 def add_arguments(parser: argparse.ArgumentParser, config_class=TrainConfig) -> None:
     """--config FILE plus one --flag per field of config_class (absent from the namespace unless given;
-    "none" sets an optional field to None)."""
+    "none" sets an optional field to None; a boolean flag alone means true), each also spelt with
+    underscores; for TrainConfig also the official scripts' names of the same settings, their reward switches,
+    and their flags rglcd_fast does not take (reported by config_from_args). The parser must not match
+    abbreviations (argparse.ArgumentParser(allow_abbrev=False)): --reward is no flag."""
     parser.add_argument("--config", default=None, help="a YAML or JSON file of settings")
+    aliases = {}
+    if config_class is TrainConfig:
+        for script_name, name in SCRIPT_ALIASES.items():
+            aliases.setdefault(name, []).append("--" + script_name)
     for f in dataclasses.fields(config_class):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        flag = "--" + f.name.replace("_", "-")
+        flags = list(dict.fromkeys(["--" + f.name.replace("_", "-"), "--" + f.name, *aliases.get(f.name, [])]))
         text = str(f.type)
         wrap = _parse_optional if "Optional" in text else (lambda kind: kind)
+        common = dict(dest=f.name, action=_Setting, default=argparse.SUPPRESS, help=f"default {default}")
         if isinstance(default, bool):
-            parser.add_argument(flag, type=_parse_bool, default=argparse.SUPPRESS, metavar="BOOL", help=f"default {default}")
+            parser.add_argument(*flags, type=_parse_bool, nargs="?", const=True, metavar="BOOL", **common)
         elif isinstance(default, (list, tuple)):
             item = type(default[0]) if default else str
-            parser.add_argument(flag, type=item, nargs="+", default=argparse.SUPPRESS, help=f"default {list(default)}")
+            parser.add_argument(*flags, type=item, nargs="+", **common)
         else:
             kind = int if "int" in text else float if "float" in text else str
-            parser.add_argument(flag, type=wrap(kind), default=argparse.SUPPRESS, help=f"default {default}")
+            parser.add_argument(*flags, type=wrap(kind), **common)
+    if config_class is TrainConfig:
+        scripts = parser.add_argument_group("the official scripts' flags (see config_from_args)")
+        for name in SCRIPT_SWITCHES:
+            scripts.add_argument("--" + name, action="store_true", default=argparse.SUPPRESS, help="RG-LCD's switch")
+        for name, (stops, message) in SCRIPT_UNSUPPORTED.items():
+            scripts.add_argument("--" + name, dest=name, action=_Unsupported, nargs="?", default=argparse.SUPPRESS,
+                                 help=("not taken: " if stops else "ignored: ") + message)
+
+
+def _script_settings(given: dict, settings: dict) -> dict:
+    """A command in the scripts' dialect (it names --pretrained_teacher_model or an RG-LCD reward switch)
+    means what the script would train: reward guidance only with --optimize_reward_fn (the expert directly with
+    --direct_optim_expert_reward, else the LRM, updated online only with --guide_with_expert_reward), and a
+    LoRA student where it sets --lora_rank (only the LoRA scripts have that flag). Our own flags (--reward-mode,
+    --lrm-frozen, --use-lora) win."""
+    used = given.get("flags_given", [])
+    if "--pretrained_teacher_model" not in used and not any(given.get(name) for name in SCRIPT_SWITCHES):
+        return {}
+    implied = {}
+    if "reward_mode" not in settings:
+        direct = given.get("direct_optim_expert_reward", False)
+        implied["reward_mode"] = ("direct" if direct else "lrm") if given.get("optimize_reward_fn") else "none"
+    if implied.get("reward_mode", settings.get("reward_mode")) == "lrm" and "lrm_frozen" not in settings:
+        implied["lrm_frozen"] = not given.get("guide_with_expert_reward", False)
+    if "--lora_rank" in used and "use_lora" not in settings:
+        implied["use_lora"] = True
+    return implied
 
 
 def config_from_args(args: argparse.Namespace, config_class=TrainConfig):
+    """The config of a parsed command line. The scripts' flags we do not take: one line each on stderr where
+    leaving them out changes nothing that is trained, else a ValueError naming the flag."""
+    given = vars(args)
     names = {f.name for f in dataclasses.fields(config_class)}
-    return make_config(args.config, config_class, **{k: v for k, v in vars(args).items() if k in names})
+    settings = {k: v for k, v in given.items() if k in names}
+    for flag in given.get("unsupported_flags", []):
+        stops, message = SCRIPT_UNSUPPORTED[flag]
+        if stops:
+            raise ValueError(f"--{flag}: not supported: {message}")
+        print(f"--{flag}: ignored: {message}", file=sys.stderr)
+    if config_class is TrainConfig:
+        settings.update(_script_settings(given, settings))
+    return make_config(args.config, config_class, **settings)

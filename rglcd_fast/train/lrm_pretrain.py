@@ -77,22 +77,17 @@ class LRMPretrainer:
 
     def __init__(self, config: LRMPretrainConfig, accelerator=None, teacher: Teacher | None = None, dataset=None,
                  reward_model=None):
-        from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration, set_seed
+        from accelerate.utils import set_seed
         from diffusers.optimization import get_scheduler
 
         from ..reward import load_reward_model
-        from .trainer import WEIGHT_DTYPES
+        from .trainer import make_accelerator, weight_dtype
 
         self.config = config
-        self.accelerator = acc = accelerator or Accelerator(
-            mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(), log_with="tensorboard",
-            project_config=ProjectConfiguration(project_dir=config.output_dir,
-                                                logging_dir=os.path.join(config.output_dir, "logs")))
+        self.accelerator = acc = accelerator or make_accelerator(config)
         set_seed(config.seed)
         self.device = acc.device
-        self.teacher = teacher or Teacher.from_pretrained(config.teacher, self.device,
-                                                          WEIGHT_DTYPES[config.mixed_precision])
+        self.teacher = teacher or Teacher.from_pretrained(config.teacher, self.device, weight_dtype(acc))
         self.expert = reward_model if reward_model is not None else load_reward_model(
             config.reward_model, config.reward_model_path, device=self.device)
         vit_config = dict(latent_size=self.teacher.unet.config.sample_size, patch_size=config.vit_patch_size,

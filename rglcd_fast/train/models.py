@@ -3,6 +3,7 @@ student made from the teacher (full with a guidance embedding, or LoRA), the exp
 latent proxy reward model (LRM), and the reward guidance that ties the last two to the step (DESIGN.md
 §1 steps 8-9)."""
 import copy
+import json
 import os
 from dataclasses import dataclass
 
@@ -140,14 +141,49 @@ def make_lrm(teacher: Teacher, widths, embed_dim: int, init_clip=None, expert=No
     return lrm.float().to(teacher.unet.device)
 
 
-def load_lrm(path: str, teacher: Teacher, device=None) -> LatentRewardModel:
-    """A pre-trained LRM folder ("digits": the digits world's), float32, checked against the teacher: the
-    latent channels of its image tower and a tokenizer for its text tower (it reads the prompts itself)."""
+def _read_json(folder, name):
+    with open(os.path.join(folder, name)) as f:
+        return json.load(f)
+
+
+def lrm_folder(path: str) -> str:
+    """The folder of lrm_path ("digits": the digits world's LRM), checked to hold an LRM."""
     if path == "digits":
         from ..world.lrm import LRM_DIR
         path = LRM_DIR
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"lrm_path: no LRM folder at {path} (make one with `rglcd-fast pretrain-lrm`)")
+    if not os.path.isfile(os.path.join(path, "lrm_config.json")):
+        raise FileNotFoundError(f"lrm_path: no LRM folder (lrm_config.json) at {path} (make one with "
+                                "`rglcd-fast pretrain-lrm`)")
+    return path
+
+
+def check_settings(config, teacher: Teacher | None = None, expert_given: bool = False) -> None:
+    """What can be checked from the config and the folders' JSON files before any model is built, each with
+    one line naming the setting: the resolution against the teacher's VAE and UNet, the expert's path, the
+    LRM folder. teacher: one already in memory (its configs are read instead of its folder's)."""
+    from ..reward.experts import check_reward_model_path
+
+    if teacher is None:
+        folder = resolve_teacher(config.teacher)
+        unet, vae = _read_json(folder, "unet/config.json"), _read_json(folder, "vae/config.json")
+    else:
+        unet, vae = teacher.unet.config, teacher.vae.config
+    # the VAE downsamples 2^(blocks-1) times, the UNet's down blocks 2^(blocks-1) times more
+    factor = 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["down_block_types"]) - 1)
+    if config.resolution is not None and (config.resolution < factor or config.resolution % factor):
+        nearest = max(factor, round(config.resolution / factor) * factor)
+        raise ValueError(f"resolution: {config.resolution} px does not pass the teacher's VAE and UNet (a multiple "
+                         f"of {factor} does, e.g. {nearest})")
+    if config.reward_mode != "none" and not expert_given:
+        check_reward_model_path(config.reward_model, config.reward_model_path)
+    if config.reward_mode == "lrm" and config.lrm_path:
+        lrm_folder(config.lrm_path)
+
+
+def load_lrm(path: str, teacher: Teacher, device=None) -> LatentRewardModel:
+    """A pre-trained LRM folder ("digits": the digits world's), float32, checked against the teacher: the
+    latent channels of its image tower and a tokenizer for its text tower (it reads the prompts itself)."""
+    path = lrm_folder(path)
     lrm = LatentRewardModel.from_pretrained(path, device=device).float()
     channels = teacher.vae.config.latent_channels
     if lrm.config["latent_channels"] != channels:

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from .checkpoint import capture_rng_state, load_checkpoint, resolve_resume, save_checkpoint, write_folder
 from .config import TrainConfig
 from .data import ResumableDataLoader, training_dataset
-from .models import RewardGuidance, Teacher, load_lrm, make_lrm, make_student
+from .models import RewardGuidance, Teacher, check_settings, load_lrm, make_lrm, make_student
 from .step import DistillationConfig, DistillationStep, update_ema
 
 # reward: the student's (scale-free) reward, the LRM's in lrm mode; expert_reward: the expert's reward of the
@@ -25,6 +25,28 @@ from .step import DistillationConfig, DistillationStep, update_ema
 LOG_COLUMNS = ("step", "loss", "distill_loss", "reward", "expert_reward", "lrm_loss", "lrm_accuracy", "lr",
                "step_time_s", "images_per_s", "nonfinite_skipped", "data_skipped")
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def weight_dtype(accelerator) -> torch.dtype:
+    """The frozen models' dtype, from the accelerator's mixed precision (the config's, else accelerate's)."""
+    if accelerator.mixed_precision not in WEIGHT_DTYPES:
+        raise ValueError(f"mixed_precision: accelerate's {accelerator.mixed_precision!r} is not supported "
+                         f"(use one of {', '.join(WEIGHT_DTYPES)})")
+    return WEIGHT_DTYPES[accelerator.mixed_precision]
+
+
+def make_accelerator(config, **kwargs):
+    """An Accelerator for a run of config: its mixed precision (None: accelerate's own setting), its trackers,
+    logs under OUTPUT/logs, CPU processes when no GPU is there (torchrun, accelerate launch: gloo)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    report_to = getattr(config, "report_to", "tensorboard")
+    return Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(),
+                       log_with=None if report_to == "none" else report_to,
+                       project_config=ProjectConfiguration(project_dir=config.output_dir,
+                                                           logging_dir=os.path.join(config.output_dir, "logs")),
+                       **kwargs)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,17 +94,14 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, accelerator=None, teacher: Teacher | None = None, dataset=None,
                  reward_model=None):
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+        from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
+        check_settings(config, teacher, expert_given=reward_model is not None)
         self.config = config
-        self.accelerator = accelerator or Accelerator(
-            mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
-            cpu=not torch.cuda.is_available(),  # several CPU processes (torchrun, accelerate launch): gloo
+        self.accelerator = accelerator or make_accelerator(
+            config, gradient_accumulation_steps=config.gradient_accumulation_steps,
             # DDP: the gradients live in the all-reduce buckets (no second copy of them)
-            kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
-            log_with="tensorboard", project_config=ProjectConfiguration(
-                project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")))
+            kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)])
         acc = self.accelerator
         set_seed(config.seed)
         self.device = acc.device
@@ -90,7 +109,9 @@ class Trainer:
             raise ValueError("compile_unets: 'all' (the student's backward compiled) is for CUDA; torch's CPU inductor "
                              "gets diffusers' UNet gradients wrong (torch 2.13: scripts/inductor_cpu_unet_grad.py). "
                              "Use 'student_blocks', 'frozen' or 'none' on the CPU")
-        self.weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
+        self.weight_dtype = weight_dtype(acc)
+        if config.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
         # models (DESIGN.md §1): frozen teacher parts, trainable student, EMA target
         self.teacher = teacher or Teacher.from_pretrained(config.teacher, self.device, self.weight_dtype)
@@ -108,7 +129,10 @@ class Trainer:
         # LoRA (as train_lcm_distill_lora_sd.py): the target is the student itself, without gradient
         self.target = None if config.use_lora else make_target(student)
         params = [p for p in student.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+        learning_rate = config.learning_rate
+        if config.scale_lr:  # as the scripts: by the images a step sees
+            learning_rate *= config.train_batch_size * config.gradient_accumulation_steps * acc.num_processes
+        optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                       weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
                                       fused=True)  # found_inf: skips a non-finite step on the device
         from diffusers.optimization import get_scheduler
@@ -289,8 +313,9 @@ class Trainer:
             os.makedirs(config.output_dir, exist_ok=True)
             config.save(os.path.join(config.output_dir, "config.json"))
             log = CsvLog(os.path.join(config.output_dir, "logs.csv"), LOG_COLUMNS, resume_step=self.step)
-        acc.init_trackers("rglcd", config={k: v for k, v in config.to_dict().items()
-                                           if isinstance(v, (int, float, str, bool))})
+        settings = {**config.to_dict(), "mixed_precision": acc.mixed_precision}  # the one in effect
+        acc.init_trackers(config.tracker_project_name,
+                          config={k: v for k, v in settings.items() if isinstance(v, (int, float, str, bool))})
         batches = self.loader.infinite()
         progress = tqdm(total=config.max_train_steps, initial=self.step, desc="RG-LCD",
                         disable=not (config.progress and acc.is_main_process))
@@ -384,12 +409,14 @@ class Trainer:
         return path
 
     def _log_image(self, tag, image):
-        """A PIL image to the trackers that take images (TensorBoard: HWC uint8)."""
+        """A PIL image to the trackers (TensorBoard: HWC uint8; wandb and the others: their log_images)."""
         import numpy as np
 
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.writer.add_image(tag, np.asarray(image), self.step, dataformats="HWC")
+            else:
+                tracker.log_images({tag: [image]}, step=self.step)
 
     def save_outputs(self) -> dict:
         """Main process writes, every rank waits: pipeline/ (a diffusers LCM pipeline folder: the student's

@@ -56,7 +56,8 @@ def build_digits_lrm(out: str = LRM_DIR, teacher_dir: str | None = None, classif
 def main(argv=None) -> int:
     from ..train.config import LRMPretrainConfig, add_arguments
 
-    parser = argparse.ArgumentParser(prog="python -m rglcd_fast.world.lrm", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rglcd_fast.world.lrm", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("--out", default=LRM_DIR, help="the LRM folder to write (default: the shipped one)")
     add_arguments(parser, LRMPretrainConfig)  # --config and every pretrain-lrm setting, over the digits preset
     parser.set_defaults(teacher=None, seed=0)  # the shipped teacher folder

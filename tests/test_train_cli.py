@@ -1,0 +1,212 @@
+"""`rglcd-fast train` as diffusers' and RG-LCD's users call it: the official scripts' command lines (their
+READMEs', with local paths) parse to the settings the scripts would train with; flags we don't take say so;
+no abbreviations; bare boolean switches; accelerate's mixed precision and trackers are respected."""
+import shlex
+
+import pytest
+import torch
+
+from rglcd_fast.cli import build_parser
+from rglcd_fast.train.config import config_from_args
+from tiny_pipeline import tiny_config
+
+# diffusers' examples/consistency_distillation/README.md: the full-model and the LoRA command (their
+# PROGRAM), with local paths for the model, the output and the shards
+DIFFUSERS_FULL = """train_lcm_distill_sd_wds.py \
+    --pretrained_teacher_model=/models/sd15 \
+    --output_dir=/runs/lcm \
+    --mixed_precision=fp16 \
+    --resolution=512 \
+    --learning_rate=1e-6 --loss_type="huber" --ema_decay=0.95 --adam_weight_decay=0.0 \
+    --max_train_steps=1000 \
+    --max_train_samples=4000000 \
+    --dataloader_num_workers=8 \
+    --train_shards_path_or_url='/data/laion/{00000..01210}.tar' \
+    --validation_steps=200 \
+    --checkpointing_steps=200 --checkpoints_total_limit=10 \
+    --train_batch_size=12 \
+    --gradient_checkpointing --enable_xformers_memory_efficient_attention \
+    --gradient_accumulation_steps=1 \
+    --use_8bit_adam \
+    --resume_from_checkpoint=latest \
+    --report_to=wandb \
+    --seed=453645634 \
+    --push_to_hub"""
+DIFFUSERS_LORA = """train_lcm_distill_lora_sd_wds.py \
+    --pretrained_teacher_model=/models/sd15 \
+    --output_dir=/runs/lcm-lora \
+    --mixed_precision=fp16 \
+    --resolution=512 \
+    --lora_rank=64 \
+    --learning_rate=1e-6 --loss_type="huber" --adam_weight_decay=0.0 \
+    --max_train_steps=1000 \
+    --max_train_samples=4000000 \
+    --dataloader_num_workers=8 \
+    --train_shards_path_or_url='/data/laion/{00000..01210}.tar' \
+    --validation_steps=200 \
+    --checkpointing_steps=200 --checkpoints_total_limit=10 \
+    --train_batch_size=12 \
+    --gradient_checkpointing --enable_xformers_memory_efficient_attention \
+    --gradient_accumulation_steps=1 \
+    --use_8bit_adam \
+    --resume_from_checkpoint=latest \
+    --report_to=wandb \
+    --seed=453645634 \
+    --push_to_hub"""
+# RG-LCD's README (accelerate launch main.py ...), with a local teacher and shards
+RGLCD_DIRECT = """main.py --output_dir=/runs/rglcd \
+ --pretrained_teacher_model /models/sd21 \
+ --gradient_checkpointing \
+ --use_8bit_adam \
+ --enable_xformers_memory_efficient_attention --resolution 768 \
+ --train_shards_path_or_url "/data/cc12m/{00000..01090}.tar" \
+ --optimize_reward_fn \
+ --reward_fn_name hpsv2 \
+ --direct_optim_expert_reward \
+ --reward_scale 1"""
+
+
+def parse(command: str):
+    """The config of a script command line given to `rglcd-fast train` (the script's name dropped)."""
+    return config_from_args(build_parser().parse_args(["train", *shlex.split(command)[1:]]))
+
+
+def test_diffusers_full_model_command(capsys):
+    config = parse(DIFFUSERS_FULL)
+    assert (config.teacher, config.output_dir, config.mixed_precision, config.resolution) == \
+        ("/models/sd15", "/runs/lcm", "fp16", 512)
+    assert (config.learning_rate, config.loss_type, config.ema_decay, config.adam_weight_decay) == \
+        (1e-6, "huber", 0.95, 0.0)
+    assert (config.max_train_steps, config.dataloader_num_workers, config.validation_steps) == (1000, 8, 200)
+    assert (config.checkpointing_steps, config.checkpoints_total_limit, config.train_batch_size) == (200, 10, 12)
+    assert config.data == "/data/laion/{00000..01210}.tar"
+    assert config.gradient_checkpointing and config.gradient_accumulation_steps == 1
+    assert (config.resume_from_checkpoint, config.report_to, config.seed) == ("latest", "wandb", 453645634)
+    assert config.reward_mode == "none" and not config.use_lora  # the LCD script: no reward, a full student
+    ignored = capsys.readouterr().err
+    for flag in ("max_train_samples", "enable_xformers_memory_efficient_attention", "use_8bit_adam", "push_to_hub"):
+        assert f"--{flag}: ignored:" in ignored
+    assert len(ignored.strip().splitlines()) == 4  # one line each
+
+
+def test_diffusers_lora_command_trains_a_lora_student():
+    config = parse(DIFFUSERS_LORA)
+    assert config.use_lora and config.lora_rank == 64 and config.reward_mode == "none"
+    assert config.learning_rate == 1e-6  # the command's, not our LoRA default
+
+
+def test_rglcd_command_and_reward_switches():
+    config = parse(RGLCD_DIRECT)
+    assert (config.reward_mode, config.reward_model, config.reward_scale) == ("direct", "hpsv2", 1.0)
+    assert (config.resolution, config.gradient_checkpointing, config.output_dir) == (768, True, "/runs/rglcd")
+    lrm = "x.py --pretrained_teacher_model=/m --optimize_reward_fn --pretrained_latent_rm=/lrm --rm_lr=1e-5 " \
+          "--rm_batch_size 4 --unlocked_rm_text_layers 3 --latent_rm_loss_type distillation --smooth_gt_label"
+    online = parse(lrm + " --guide_with_expert_reward")
+    assert (online.reward_mode, online.lrm_frozen, online.lrm_path) == ("lrm", False, "/lrm")
+    assert (online.lrm_learning_rate, online.lrm_batch_size, online.lrm_unlocked_text_layers) == (1e-5, 4, 3)
+    assert online.lrm_loss == "kl" and online.smooth_gt_label is True
+    frozen = parse(lrm.replace("distillation --smooth_gt_label", "cross_entropy"))
+    assert frozen.lrm_frozen and frozen.lrm_loss == "ce"  # no --guide_with_expert_reward: frozen
+    # our own flags win over what the dialect implies
+    assert parse("x.py --pretrained_teacher_model=/m --reward-mode lrm --lrm-frozen false").reward_mode == "lrm"
+    assert parse("x.py --pretrained_teacher_model=/m --lora_rank 4 --use-lora false").use_lora is False
+
+
+def test_spellings_bare_switches_and_no_abbreviations(capsys):
+    config = parse("x --teacher=/m --gradient-checkpointing --max_train_steps 5 --lrm-widths 8 16 --use_lora false")
+    assert config.gradient_checkpointing and config.max_train_steps == 5 and config.lrm_widths == (8, 16)
+    assert not config.use_lora
+    assert not parse("x --teacher /m --gradient_checkpointing=false").gradient_checkpointing
+    for abbreviated in ("--reward 1", "--max-train 5", "--lrm-pa /x"):
+        with pytest.raises(SystemExit):
+            parse(f"x --teacher /m {abbreviated}")
+        assert "unrecognized arguments" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, match", [
+    ("--train_shards_path_or_url 'pipe:aws s3 cp s3://b/{0..9}.tar -'", "data: .*remote.*local"),
+    ("--train_shards_path_or_url https://huggingface.co/d/{00000..01090}.tar", "data: .*remote"),
+    ("--proportion_empty_prompts 0.1", "--proportion_empty_prompts: not supported: caption dropout"),
+    ("--latent_rm_type latent_ViT", "--latent_rm_type: not supported: .*pretrain-lrm --image-tower vit"),
+    ("--teacher_revision fp16", "--teacher_revision: not supported"),
+    ("--mixed_precision fp8", "mixed_precision: expected one of no, fp16, bf16"),
+    ("--report_to comet", "report_to: expected one of"),
+])
+def test_what_we_do_not_take_stops_with_one_clear_line(command, match):
+    with pytest.raises(ValueError, match=match):
+        parse(f"x --pretrained_teacher_model /m {command}")
+
+
+def test_accelerate_mixed_precision_sets_the_weight_dtype(world, tmp_path, monkeypatch):
+    """No --mixed-precision: accelerate's own setting (accelerate launch --mixed_precision bf16 exports it)."""
+    from accelerate.state import AcceleratorState
+
+    from rglcd_fast.train.trainer import Trainer
+
+    assert tiny_config(world, tmp_path).mixed_precision is None
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    AcceleratorState._reset_state()  # accelerate keeps one mixed-precision setting a process
+    try:
+        trainer = Trainer(tiny_config(world, tmp_path, reward_mode="none"))
+        assert trainer.accelerator.mixed_precision == "bf16" and trainer.teacher.unet.dtype == torch.bfloat16
+        AcceleratorState._reset_state()
+        trainer = Trainer(tiny_config(world, tmp_path, reward_mode="none", mixed_precision="no"))  # ours wins
+        assert trainer.teacher.unet.dtype == torch.float32
+    finally:
+        AcceleratorState._reset_state()
+
+
+@pytest.mark.parametrize("report_to", ["tensorboard", "wandb"])
+def test_validation_grids_reach_the_tracker_as_images(world, tmp_path, monkeypatch, report_to):
+    """--report-to through accelerate's trackers (wandb offline): the student's and the EMA target's
+    validation grids arrive as images, at the validation steps and at the end."""
+    import glob
+
+    from rglcd_fast.train.trainer import Trainer
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_config(world, out, reward_mode="none", max_train_steps=2, validation_steps=1,
+                                  report_to=report_to))
+    assert [tracker.name for tracker in trainer.accelerator.trackers] == []  # started by train()
+    trainer.train()
+    trainer.finish()
+    if report_to == "tensorboard":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(out / "logs" / "rglcd"), size_guidance={"images": 0})
+        events.Reload()
+        images = {tag: [event.step for event in events.Images(tag)] for tag in events.Tags()["images"]}
+    else:
+        files = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "files" / "media" / "images" / "validation" / "*"))
+        images = {}
+        for path in files:  # <name>_<step>_<hash>.png
+            name, step = path.rsplit("/", 1)[1].split("_")[:2]
+            images.setdefault(f"validation/{name}", []).append(int(step))
+    assert {tag: sorted(steps) for tag, steps in images.items()} == {"validation/student": [1, 2],
+                                                                     "validation/target": [1, 2]}
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["--resolution", "33"], "resolution: 33 px does not pass the teacher's VAE and UNet (a multiple of 4 does, e.g. 32)"),
+    (["--train-batch-size", "4", "--lrm-batch-size", "8"], "lrm_batch_size: the LRM update takes its 8 samples"),
+    (["--reward-mode", "direct", "--reward-model", "clip", "--reward-model-path", "TEACHER"],
+     "reward_model_path: reward model 'clip' needs a transformers CLIP folder"),
+    (["--lrm-path", "TEACHER"], "lrm_path: no LRM folder (lrm_config.json)"),
+])
+def test_bad_settings_stop_with_one_line_before_any_model_is_built(world, tmp_path, capsys, monkeypatch, flags,
+                                                                   line):
+    from rglcd_fast import cli
+    from rglcd_fast.train import models
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("a model was built before the settings were checked")
+
+    monkeypatch.setattr(models.Teacher, "from_pretrained", no_models)
+    teacher, data = world
+    flags = [teacher if flag == "TEACHER" else flag for flag in flags]
+    assert cli.main(["train", "--teacher", teacher, "--data", data, "--output-dir", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rglcd-fast train: {line}") and len(err.strip().splitlines()) == 1
