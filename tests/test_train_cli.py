@@ -210,3 +210,30 @@ def test_bad_settings_stop_with_one_line_before_any_model_is_built(world, tmp_pa
     assert cli.main(["train", "--teacher", teacher, "--data", data, "--output-dir", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"rglcd-fast train: {line}") and len(err.strip().splitlines()) == 1
+
+
+def test_the_readmes_accelerate_launch_command_runs_at_tiny_size(world, tmp_path):
+    """The README's `accelerate launch` example as written, with the tiny world's paths and sizes appended
+    (the last of a repeated flag wins): accelerate's --mixed_precision bf16 reaches the run."""
+    import glob
+    import os
+    import re
+    import subprocess
+    import sys
+
+    import yaml
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    command = re.search(r"^accelerate launch .*?(?<!\\)$", readme, re.S | re.M).group(0).replace("\\\n", " ")
+    teacher, data = world
+    argv = shlex.split(command) + [f"--pretrained_teacher_model={teacher}", f"--train_shards_path_or_url={data}",
+                                   f"--output_dir={tmp_path}", "--resolution=16", "--max_train_steps=2",
+                                   "--train_batch_size=4", "--validation_steps=1", "--progress=false"]
+    argv[:2] = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes=1", "--cpu"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert os.path.isfile(tmp_path / "pipeline" / "unet" / "config.json")
+    (hparams,) = glob.glob(str(tmp_path / "logs" / "rglcd" / "*" / "hparams.yml"))
+    settings = yaml.safe_load(open(hparams))
+    assert (settings["mixed_precision"], settings["reward_mode"], settings["gradient_checkpointing"]) == \
+        ("bf16", "none", True)
