@@ -104,3 +104,47 @@ def test_ema_update():
         update_ema(target, student, 1.5)
     with pytest.raises(ValueError, match="target"):
         update_ema(torch.nn.Linear(4, 2), student)
+
+
+@pytest.mark.parametrize("with_reward", [False, True])
+def test_lora_on_the_teacher_unet_is_the_two_unet_step(with_reward):
+    """LCM-LoRA with one UNet (the adapters on the teacher's UNet, the teacher passes with them off) is the
+    step of a LoRA copy of the teacher beside the teacher, bit for bit: loss and adapter gradients."""
+    from rglcd_fast.train.models import LORA_TARGET_MODULES, WithoutAdapters, add_lora
+
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    teacher = tiny_unet(time_cond_proj_dim=None).eval().requires_grad_(False)
+    one_unet = copy.deepcopy(teacher)
+    torch.manual_seed(1)  # the adapters' initial weights
+    two_unet_student = copy.deepcopy(teacher)
+    two_unet_student.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGET_MODULES))
+    two_unet_student.train()
+    torch.manual_seed(1)
+    student = add_lora(one_unet, 4, 4)
+    assert student is one_unet
+    for module in (two_unet_student, student):  # LoRA-B starts at zero: move it so the adapters matter
+        lora_b = [p for name, p in module.named_parameters() if "lora_B" in name]
+        for i, p in enumerate(lora_b):
+            torch.nn.init.normal_(p, generator=torch.Generator().manual_seed(i))
+    scheduler = DDPMScheduler(**SD_SCHEDULE)
+    latents, embeds, uncond = torch.randn(3, 4, 8, 8), torch.randn(3, 5, 8), torch.randn(3, 5, 8)
+    reward_weights = torch.randn(4, 8, 8)
+    reward_fn = (lambda z: (z * reward_weights).flatten(1).mean(1)) if with_reward else None
+    step = DistillationStep(scheduler, DistillationConfig(reward_scale=0.5))
+
+    def run(student, teacher):
+        out = step(student, teacher, student, latents, embeds, uncond, reward_fn, torch.Generator().manual_seed(7))
+        names = [n for n, p in student.named_parameters() if p.requires_grad]
+        grads = torch.autograd.grad(out.loss, [p for p in student.parameters() if p.requires_grad])
+        return out.loss, dict(zip(names, grads))
+
+    loss, grads = run(student, WithoutAdapters(student))
+    expected_loss, expected_grads = run(two_unet_student, teacher)
+    assert torch.equal(loss, expected_loss)
+    assert grads.keys() == expected_grads.keys() and all("lora" in name for name in grads)
+    for name in grads:
+        assert torch.equal(grads[name], expected_grads[name]), name
+    assert all(p.dtype == torch.float32 for p in student.parameters() if p.requires_grad)
+    assert student.active_adapters() == ["default"]  # back on after the teacher's pass

@@ -93,24 +93,17 @@ class Teacher:
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
-def make_student(teacher_unet, use_lora: bool, time_cond_proj_dim: int, lora_rank: int = 64, lora_alpha: int = 64,
-                 state_dict: dict | None = None):
-    """Float32, from state_dict (default: the teacher UNet's own weights; pass Teacher.unet_state_float32()
-    when the teacher runs in lower precision). Full: the teacher's UNet with a guidance embedding of size
-    time_cond_proj_dim (its projection zero, so the student starts as the teacher). LoRA: a copy of the
-    teacher with LoRA adapters on LORA_TARGET_MODULES (as LCM-LoRA: no guidance embedding)."""
+def make_student(teacher_unet, time_cond_proj_dim: int, state_dict: dict | None = None):
+    """The full student, float32, from state_dict (default: the teacher UNet's own weights; pass
+    Teacher.unet_state_float32() when the teacher runs in lower precision): the teacher's UNet with a guidance
+    embedding of size time_cond_proj_dim (its projection zero, so the student starts as the teacher)."""
     from diffusers import UNet2DConditionModel
 
     state_dict = teacher_unet.state_dict() if state_dict is None else state_dict
-    if use_lora or teacher_unet.config.time_cond_proj_dim:  # LoRA, or distilling from a model that has one
+    if teacher_unet.config.time_cond_proj_dim:  # distilling from a model that has one
         student = copy.deepcopy(teacher_unet).float()
         student.load_state_dict(state_dict)
-        if not use_lora:
-            return student.requires_grad_(True).train()
-        from peft import LoraConfig
-
-        student.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=LORA_TARGET_MODULES))
-        return student.train()
+        return student.requires_grad_(True).train()
     with torch.device(teacher_unet.device):  # built where the teacher lives: no host-side init of the weights
         student = UNet2DConditionModel.from_config(teacher_unet.config, time_cond_proj_dim=time_cond_proj_dim)
     missing, unexpected = student.load_state_dict(state_dict, strict=False)
@@ -118,6 +111,36 @@ def make_student(teacher_unet, use_lora: bool, time_cond_proj_dim: int, lora_ran
         raise ValueError(f"teacher: UNet weights do not fit the student (missing {missing}, unexpected {unexpected})")
     torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
     return student.to(teacher_unet.device).float().train()
+
+
+def add_lora(teacher_unet, lora_rank: int = 64, lora_alpha: int = 64):
+    """The LoRA student (LCM-LoRA: no guidance embedding, its own target), as diffusers' LCD-LoRA scripts make
+    it: LoRA adapters (peft) on LORA_TARGET_MODULES of the teacher's own UNet, whose weights stay frozen in
+    their dtype, the adapters trained in float32 (cast_training_params). One UNet in memory: the teacher's
+    passes run it with the adapters off (WithoutAdapters)."""
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    teacher_unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=LORA_TARGET_MODULES))
+    cast_training_params(teacher_unet, dtype=torch.float32)
+    return teacher_unet.train()
+
+
+class WithoutAdapters:
+    """The teacher of a LoRA run: the student's UNet called with its LoRA adapters disabled."""
+
+    def __init__(self, unet):
+        self.unet = unet
+
+    def __call__(self, *args, **kwargs):
+        from accelerate.utils import extract_model_from_parallel
+
+        unet = extract_model_from_parallel(self.unet)
+        unet.disable_adapters()
+        try:
+            return unet(*args, **kwargs)
+        finally:
+            unet.enable_adapters()
 
 
 def make_lrm(teacher: Teacher, widths, embed_dim: int, init_clip=None, expert=None, image_tower="conv",

@@ -17,7 +17,8 @@ from tqdm import tqdm
 from .checkpoint import capture_rng_state, load_checkpoint, resolve_resume, save_checkpoint, write_folder
 from .config import TrainConfig
 from .data import ResumableDataLoader, training_dataset
-from .models import RewardGuidance, Teacher, check_settings, load_lrm, make_lrm, make_student
+from .models import (RewardGuidance, Teacher, WithoutAdapters, add_lora, check_settings, load_lrm, make_lrm,
+                     make_student)
 from .step import DistillationConfig, DistillationStep, update_ema
 
 # reward: the student's (scale-free) reward, the LRM's in lrm mode; expert_reward: the expert's reward of the
@@ -115,8 +116,13 @@ class Trainer:
 
         # models (DESIGN.md §1): frozen teacher parts, trainable student, EMA target
         self.teacher = teacher or Teacher.from_pretrained(config.teacher, self.device, self.weight_dtype)
-        student = make_student(self.teacher.unet, config.use_lora, config.time_cond_proj_dim, config.lora_rank,
-                               config.lora_alpha, state_dict=self.teacher.unet_state_float32())
+        if config.use_lora:  # the adapters on the teacher's UNet, whose passes turn them off
+            student = add_lora(self.teacher.unet, config.lora_rank, config.lora_alpha)
+            self.teacher_unet = WithoutAdapters(student)
+        else:
+            student = make_student(self.teacher.unet, config.time_cond_proj_dim,
+                                   state_dict=self.teacher.unet_state_float32())
+            self.teacher_unet = self.teacher.unet
         if config.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         if config.channels_last and self.device.type == "cuda":
@@ -270,7 +276,7 @@ class Trainer:
             reward_fn = None if self.guidance is None else (lambda pred: self.guidance.reward(pred, prompts))
             with acc.accumulate(self.student):
                 with acc.autocast():
-                    out = self.distill(self.student, self.teacher.unet, target_unet, latents, prompt_embeds, uncond,
+                    out = self.distill(self.student, self.teacher_unet, target_unet, latents, prompt_embeds, uncond,
                                        reward_fn=reward_fn, generator=self.generator)
                 bad = bad | ~torch.isfinite(out.loss.detach())
                 acc.backward(out.loss)
