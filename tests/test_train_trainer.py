@@ -30,7 +30,8 @@ def assert_same(a, b):
 
 @pytest.mark.parametrize("mode", ["lrm", "direct", "none"])
 def test_every_reward_mode_trains_and_writes_its_outputs(world, tmp_path, mode):
-    from diffusers import LatentConsistencyModelPipeline
+    from diffusers import LatentConsistencyModelPipeline, UNet2DConditionModel
+    from huggingface_hub import ModelCard
 
     from rglcd_fast.reward import LatentRewardModel
     from rglcd_fast.sample import LCMSampler
@@ -63,6 +64,11 @@ def test_every_reward_mode_trains_and_writes_its_outputs(world, tmp_path, mode):
     pipe = LatentConsistencyModelPipeline.from_pretrained(outputs["pipeline"])
     assert pipe.unet.config.time_cond_proj_dim == 8
     assert_same(weights(pipe.unet), after)
+    assert_same(weights(UNet2DConditionModel.from_pretrained(tmp_path, subfolder="unet")), after)  # the scripts' name
+    card = ModelCard.load(os.path.join(outputs["pipeline"], "README.md"))
+    assert "latent-consistency-model" in card.data.tags and "![samples](sample.png)" in card.text
+    assert f"| reward_mode | {mode} |" in card.text and f"| teacher | {world[0]} |" in card.text
+    assert Image.open(os.path.join(outputs["pipeline"], "sample.png")).size == (4 * 16, 16)
     sampler = LCMSampler.from_pretrained(outputs["pipeline"], device="cpu")
     assert len(sampler(["a digit one"], steps=2)) == 1
     assert ("lrm" in outputs) == (mode == "lrm")
@@ -176,7 +182,7 @@ def test_validation_grid_has_a_row_per_step_count_and_a_column_per_prompt(world,
 
 
 def test_lora_student_writes_weights_diffusers_loads(world, tmp_path):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     from rglcd_fast.sample import LCMSampler
 
@@ -184,9 +190,14 @@ def test_lora_student_writes_weights_diffusers_loads(world, tmp_path):
     assert trainer.target is None  # LCM-LoRA: the student is its own target
     outputs = trainer.train()
     pipe = StableDiffusionPipeline.from_pretrained(outputs["pipeline"], safety_checker=None)
+    assert_same(weights(pipe.unet), weights(UNet2DConditionModel.from_pretrained(world[0], subfolder="unet")))
     pipe.load_lora_weights(outputs["lora"])
+    pipe.load_lora_weights(str(tmp_path / "unet_lora"), adapter_name="as_the_script_names_it")
     sampler = LCMSampler.from_pretrained(outputs["pipeline"], lora=outputs["lora"], device="cpu")
     assert len(sampler(["a digit one"], steps=1)) == 1
+    for folder in (outputs["pipeline"], outputs["lora"]):
+        card = open(os.path.join(folder, "README.md")).read()
+        assert card.startswith("---") and "LCM-LoRA (rank 2)" in card and "| use_lora | True |" in card
 
 
 @pytest.mark.parametrize("mode", ["lrm", "none"])

@@ -8,7 +8,6 @@ import csv
 import dataclasses
 import math
 import os
-import shutil
 import time
 
 import torch
@@ -19,6 +18,7 @@ from .config import TrainConfig
 from .data import ResumableDataLoader, training_dataset
 from .models import (RewardGuidance, Teacher, WithoutAdapters, add_lora, check_settings, load_lrm, make_lrm,
                      make_student)
+from .outputs import link_script_layout, save_lora, save_pipeline
 from .step import DistillationConfig, DistillationStep, update_ema
 
 # reward: the student's (scale-free) reward, the LRM's in lrm mode; expert_reward: the expert's reward of the
@@ -319,9 +319,8 @@ class Trainer:
             os.makedirs(config.output_dir, exist_ok=True)
             config.save(os.path.join(config.output_dir, "config.json"))
             log = CsvLog(os.path.join(config.output_dir, "logs.csv"), LOG_COLUMNS, resume_step=self.step)
-        settings = {**config.to_dict(), "mixed_precision": acc.mixed_precision}  # the one in effect
-        acc.init_trackers(config.tracker_project_name,
-                          config={k: v for k, v in settings.items() if isinstance(v, (int, float, str, bool))})
+        acc.init_trackers(config.tracker_project_name, config={
+            k: v for k, v in self.settings().items() if isinstance(v, (int, float, str, bool))})
         batches = self.loader.infinite()
         progress = tqdm(total=config.max_train_steps, initial=self.step, desc="RG-LCD",
                         disable=not (config.progress and acc.is_main_process))
@@ -424,9 +423,14 @@ class Trainer:
             else:
                 tracker.log_images({tag: [image]}, step=self.step)
 
+    def settings(self) -> dict:
+        """The run's config as a dict, with the mixed precision in effect (the config's, else accelerate's)."""
+        return {**self.config.to_dict(), "mixed_precision": self.accelerator.mixed_precision}
+
     def save_outputs(self) -> dict:
-        """Main process writes, every rank waits: pipeline/ (a diffusers LCM pipeline folder: the student's
-        UNet, or the teacher's plus lora/ for LoRA), unet_target/, lrm/, and the final sample grid."""
+        """Main process writes, every rank waits: the final sample grid, pipeline/ (a diffusers LCM pipeline
+        folder: the student's UNet, or the teacher's plus lora/ for LoRA; each with a model card),
+        unet_target/, lrm/, and the scripts' names for the student (outputs.link_script_layout)."""
         acc, config = self.accelerator, self.config
         outputs = {"pipeline": os.path.join(config.output_dir, "pipeline"),
                    "logs": os.path.join(config.output_dir, "logs.csv")}
@@ -438,41 +442,18 @@ class Trainer:
             outputs["lrm"] = os.path.join(config.output_dir, "lrm")
         if acc.is_main_process:
             student = acc.unwrap_model(self.student)
-            write_folder(outputs["pipeline"], lambda tmp: self._save_pipeline(tmp, student))
+            outputs["samples"] = self.sample_grid()
+            card = dict(settings=self.settings(), grid=outputs["samples"], prompts=self.validation_prompts())
+            write_folder(outputs["pipeline"], lambda tmp: save_pipeline(tmp, self.teacher, student, **card))
             if config.use_lora:
-                write_folder(outputs["lora"], lambda tmp: _save_lora(tmp, student))
+                write_folder(outputs["lora"], lambda tmp: save_lora(tmp, student, **card))
             if self.target is not None:
                 write_folder(outputs["unet_target"], self.target.save_pretrained)
             if "lrm" in outputs:
                 write_folder(outputs["lrm"], self.guidance.lrm.save_pretrained)
-            outputs["samples"] = self.sample_grid()
+            link_script_layout(config.output_dir, config.use_lora)
         acc.wait_for_everyone()
         return outputs
-
-    def _save_pipeline(self, folder, student):
-        """The teacher's VAE, text encoder and tokenizer copied as they are, the UNet (the student's; the
-        teacher's for LoRA), an LCMScheduler with the teacher's schedule, and model_index.json."""
-        import json
-
-        from diffusers import LCMScheduler
-
-        os.makedirs(folder)
-        for part in ("vae", "text_encoder", "tokenizer"):
-            shutil.copytree(os.path.join(self.teacher.folder, part), os.path.join(folder, part))
-        if self.config.use_lora:
-            shutil.copytree(os.path.join(self.teacher.folder, "unet"), os.path.join(folder, "unet"))
-        else:
-            student.save_pretrained(os.path.join(folder, "unet"))
-        LCMScheduler.from_config(self.teacher.noise_scheduler.config).save_pretrained(os.path.join(folder, "scheduler"))
-        import diffusers
-        index = {"_class_name": "StableDiffusionPipeline" if self.config.use_lora else "LatentConsistencyModelPipeline",
-                 "_diffusers_version": diffusers.__version__, "unet": ["diffusers", "UNet2DConditionModel"],
-                 "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-                 "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "LCMScheduler"],
-                 "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None],
-                 "requires_safety_checker": False}
-        with open(os.path.join(folder, "model_index.json"), "w") as f:
-            json.dump(index, f, indent=2)
 
 
 def make_target(student):
@@ -481,15 +462,6 @@ def make_target(student):
 
     target = copy.deepcopy(student).requires_grad_(False)
     return target.train()
-
-
-def _save_lora(folder, student):
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(student))
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
 
 
 class CsvLog:
