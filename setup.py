@@ -3,13 +3,25 @@
 Environment switches (every build choice is one):
   RGLCD_FAST_NO_EXT=1          skip the extension; the pure-PyTorch references serve as the kernels
   RGLCD_FAST_CUDA=auto|0|1     CUDA kernels: when possible (default), never, or always (fail if impossible)
-  TORCH_CUDA_ARCH_LIST         CUDA architectures (default "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST         CUDA architectures (default: the visible GPUs', else default_cuda_arch_list's)
   MAX_JOBS                     parallel compile jobs (read by torch's ninja builder)
 """
 import glob
 import os
 
 from setuptools import setup
+
+
+def default_cuda_arch_list(cuda_version: str, gpu_visible: bool):
+    """TORCH_CUDA_ARCH_LIST when unset: None (torch's own choice, the visible GPUs' architectures) where a GPU
+    is visible; else the current data-centre and consumer GPUs (Turing T4 / RTX 20, A100, RTX 30 / A10,
+    RTX 40 / L4, H100, and with CUDA >= 12.8 B200 and RTX 50), PTX for the newest so later cards compile it
+    at load time."""
+    if gpu_visible:
+        return None
+    major, minor = (int(x) for x in cuda_version.split(".")[:2])
+    archs = ["7.5", "8.0", "8.6", "8.9", "9.0"] + (["10.0", "12.0"] if (major, minor) >= (12, 8) else [])
+    return ";".join(archs) + "+PTX"
 
 
 def _extensions():
@@ -40,7 +52,9 @@ def _extensions():
         define_macros=[],
     )
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        archs = default_cuda_arch_list(torch.version.cuda, torch.cuda.is_available() and torch.cuda.device_count() > 0)
+        if archs and "TORCH_CUDA_ARCH_LIST" not in os.environ:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         kwargs["sources"] += sorted(glob.glob("csrc/cuda/*.cu"))
         extra["nvcc"] = ["-O3", "-lineinfo", "--extended-lambda"]  # torch's DistributionTemplates.h needs it
         kwargs["define_macros"].append(("RGLCD_FAST_WITH_CUDA", None))
@@ -50,9 +64,10 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension}
 
 
-ext_modules, cmdclass = _extensions()
-setup(
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
-)
+if __name__ == "__main__":  # pip's build backend runs this file as __main__; tests import it
+    ext_modules, cmdclass = _extensions()
+    setup(
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
+    )
