@@ -33,11 +33,12 @@ def requirement_name(requirement: str) -> str:
 
 
 def test_every_imported_package_is_declared():
-    """In the dependencies, except the experts' own packages, which their extras declare."""
+    """In the dependencies, except the optional experts' and data sources' packages, which their extras declare."""
     project = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]
     extras = project["optional-dependencies"]
     declared = {requirement_name(r) for r in project["dependencies"]}
-    declared |= {requirement_name(r) for name in ("hpsv2", "imagereward") for r in extras[name]}
+    declared |= {requirement_name(r) for name in ("hpsv2", "imagereward", "datasets")
+                 for r in extras[name]}
     imported = {DISTRIBUTIONS.get(name, name).lower().replace("_", "-")
                 for name in imported_top_level_modules(os.path.join(ROOT, "rglcd_fast"))}
     assert imported - declared == set()

@@ -118,6 +118,71 @@ def test_tar_shards_folder_single_and_brace(tmp_path):
     assert again[3]["caption"] == "caption 3"
 
 
+def _hf_table(n=5):
+    """A Hugging Face data set of images and two text columns."""
+    import datasets
+
+    return datasets.Dataset.from_dict(
+        {"img": [_image(i) for i in range(n)], "prompt": [f"prompt {i}" for i in range(n)],
+         "text": [f"caption {i}" for i in range(n)]},
+        features=datasets.Features({"img": datasets.Image(), "prompt": datasets.Value("string"),
+                                    "text": datasets.Value("string")}))
+
+
+def test_hugging_face_data_sets_on_disk(tmp_path):
+    table = _hf_table()
+    table.save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "parquet").mkdir()
+    table.select(range(3)).to_parquet(str(tmp_path / "parquet" / "part-0.parquet"))
+    table.select(range(3, 5)).to_parquet(str(tmp_path / "parquet" / "part-1.parquet"))
+    expected = [preprocess_image(_image(i), R) for i in range(5)]
+    for path in (tmp_path / "saved", tmp_path / "parquet", tmp_path / "parquet" / "part-0.parquet"):
+        items = _all(ImageCaptionDataset.from_path(path, R))  # the image column found, "text" as captions
+        assert [it["caption"] for it in items] == [f"caption {i}" for i in range(len(items))]
+        for item, pixels in zip(items, expected):
+            assert torch.equal(item["pixel_values"], pixels)
+    prompts = ImageCaptionDataset.from_path(tmp_path / "saved", R, image_column="img", caption_column="prompt")
+    assert prompts[4]["caption"] == "prompt 4"
+    with pytest.raises(ValueError, match="caption_column: 'caption' is not a column of .*img, prompt, text"):
+        ImageCaptionDataset.from_path(tmp_path / "saved", R, caption_column="caption")
+    with pytest.raises(ValueError, match="image_column: 'pixels'"):
+        ImageCaptionDataset.from_path(tmp_path / "saved", R, image_column="pixels")
+
+
+def test_imagefolder_metadata_caption_column_and_webdataset_member_keys(tmp_path):
+    d = tmp_path / "imagefolder"
+    d.mkdir()
+    with open(d / "metadata.jsonl", "w") as f:
+        for i in range(3):
+            (d / f"{i}.png").write_bytes(_png_bytes(i))
+            f.write(json.dumps({"file_name": f"{i}.png", "text": f"caption {i}", "prompt": f"prompt {i}"}) + "\n")
+    assert ImageCaptionDataset.from_path(d, R, caption_column="prompt")[2]["caption"] == "prompt 2"
+    _tar(tmp_path / "keys.tar", [("a.webp", _png_bytes(0, "WEBP")), ("a.caption", b"from .caption"),
+                                 ("b.png", _png_bytes(1)), ("b.txt", b"from .txt")])
+    assert [it["caption"] for it in _all(ImageCaptionDataset.from_path(tmp_path / "keys.tar", R))] == \
+        ["from .caption", "from .txt"]
+
+
+@pytest.mark.parametrize("url", ["pipe:aws s3 cp s3://b/{0..9}.tar -", "https://h.co/d/{0..9}.tar", "s3://b/x.tar"])
+def test_remote_data_is_a_clear_error(url):
+    with pytest.raises(ValueError, match="data: .* is remote; rglcd_fast reads local data only"):
+        ImageCaptionDataset.from_path(url, R)
+
+
+def test_the_runs_data_settings_reach_the_data_set(tmp_path):
+    from rglcd_fast.train.config import make_config
+    from rglcd_fast.train.data import training_dataset
+
+    _hf_table().save_to_disk(str(tmp_path / "saved"))
+    config = make_config(teacher="/sd", data=str(tmp_path / "saved"), caption_column="prompt", center_crop=False,
+                         random_flip=True, interpolation="bilinear", seed=5)
+    data = training_dataset(config, R)
+    assert (data.center_crop, data.random_flip, data.interpolation, data.seed) == (False, True, "bilinear", 5)
+    assert data[0]["caption"] == "prompt 0"
+    with pytest.raises(ValueError, match="interpolation: expected one of bilinear, bicubic, lanczos"):
+        make_config(teacher="/sd", interpolation="nearest")
+
+
 def test_braceexpand():
     assert braceexpand("s-{00000..00002}.tar") == ["s-00000.tar", "s-00001.tar", "s-00002.tar"]
     assert braceexpand("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]

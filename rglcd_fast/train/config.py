@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .data import check_data_settings
 from .step import DistillationConfig
 
 _STEP_DEFAULTS = DistillationConfig()  # the step's defaults, which the fields of the same names take
@@ -16,12 +17,6 @@ REWARD_MODES = ("lrm", "direct", "none")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 COMPILE_UNETS = ("none", "frozen", "student_blocks", "all")
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
-
-
-def _check_data(value):
-    if value is not None and str(value).split(":")[0] in ("pipe", "http", "https", "s3", "gs", "hf"):
-        raise ValueError(f"data: {value!r} is remote; rglcd_fast reads local data only: download the shards and pass "
-                         "their local path or brace pattern (e.g. /data/laion/{00000..01210}.tar)")
 
 
 def _check_mixed_precision(value):
@@ -36,6 +31,14 @@ class TrainConfig:
     data: Optional[str] = None  # image folder / JSONL manifest / tar shards; None: the digits world's data
     resolution: Optional[int] = None  # pixels; None: the teacher's UNet sample_size × the VAE factor
     output_dir: str = "rglcd-output"
+    # data options (images and captions, see rglcd_fast.train.data): the Hugging Face data set's columns (None:
+    # the first image column; "text", "caption" or the first string column), a centre or random square crop
+    # after resizing the short side, a random horizontal flip, the resize filter (bilinear, bicubic, lanczos)
+    image_column: Optional[str] = None
+    caption_column: Optional[str] = None
+    center_crop: bool = True
+    random_flip: bool = False
+    interpolation: str = "bicubic"
     # ---- student
     use_lora: bool = False  # LoRA student (as train_lcm_distill_lora_sd.py: no w-embedding, target = student)
     lora_rank: int = 64
@@ -123,7 +126,7 @@ class TrainConfig:
         if self.reward_mode not in REWARD_MODES:
             raise ValueError(f"reward_mode: expected one of {', '.join(REWARD_MODES)}, got {self.reward_mode!r}")
         _check_mixed_precision(self.mixed_precision)
-        _check_data(self.data)
+        check_data_settings(self)
         if self.report_to not in REPORT_TO:
             raise ValueError(f"report_to: expected one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
         if self.compile_unets not in COMPILE_UNETS:
@@ -184,6 +187,14 @@ class LRMPretrainConfig:
     data: Optional[str] = None
     resolution: Optional[int] = None
     output_dir: str = "rglcd-lrm"
+    # data options (images and captions, see rglcd_fast.train.data): the Hugging Face data set's columns (None:
+    # the first image column; "text", "caption" or the first string column), a centre or random square crop
+    # after resizing the short side, a random horizontal flip, the resize filter (bilinear, bicubic, lanczos)
+    image_column: Optional[str] = None
+    caption_column: Optional[str] = None
+    center_crop: bool = True
+    random_flip: bool = False
+    interpolation: str = "bicubic"
     reward_model: str = "digits"  # the expert: its CLIP text tower starts the LRM's (else the teacher's)
     reward_model_path: Optional[str] = None
     # ---- the LRM (image tower: "conv", or "vit" as the official latent_ViT: patch 4, width 512, 12 layers)
@@ -221,7 +232,7 @@ class LRMPretrainConfig:
         if self.image_tower not in ("conv", "vit"):
             raise ValueError(f"image_tower: expected 'conv' or 'vit', got {self.image_tower!r}")
         _check_mixed_precision(self.mixed_precision)
-        _check_data(self.data)
+        check_data_settings(self)
         for name in ("max_train_steps", "train_batch_size", "checkpointing_steps", "logging_steps", "distill_candidates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
@@ -292,6 +303,7 @@ SCRIPT_ALIASES = {
     "rm_lr": "lrm_learning_rate", "unlocked_rm_text_layers": "lrm_unlocked_text_layers",
     "pretrained_latent_rm": "lrm_path", "latent_rm_loss_type": "lrm_loss", "reward_fn_name": "reward_model",
     "unet_time_cond_proj_dim": "time_cond_proj_dim", "timestep_scaling_factor": "timestep_scaling",
+    "interpolation_type": "interpolation",
 }
 # RG-LCD's reward switches, read by config_from_args (see _script_settings)
 SCRIPT_SWITCHES = ("optimize_reward_fn", "direct_optim_expert_reward", "guide_with_expert_reward")

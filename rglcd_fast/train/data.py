@@ -5,13 +5,19 @@ Every sample is ``{"pixel_values": float32 [3, R, R] in [-1, 1], "caption": str}
 
 * a folder of images (png/jpg/jpeg/webp, searched recursively) with ``name.txt`` caption sidecars;
 * a JSONL manifest (``{"file_name": ..., "text": ...}`` per line, paths relative to the manifest), given
-  as the ``.jsonl`` file or as a folder holding ``metadata.jsonl``;
+  as the ``.jsonl`` file or as a folder holding ``metadata.jsonl`` (a Hugging Face ``imagefolder``);
+* a Hugging Face ``datasets`` data set on disk: a ``save_to_disk`` folder, or parquet files (a ``.parquet``
+  file or a folder of them), with an image column and a caption column (``image_column`` /
+  ``caption_column``; default: the first image feature and "text", "caption" or the first string column);
+  needs the ``datasets`` package (``pip install "rglcd_fast[datasets]"``);
 * webdataset tar shards: one ``.tar``, a brace pattern (``shard-{00000..00009}.tar``), a list of
   them, or a folder of ``.tar`` files. Members are grouped by webdataset key (path up to the first dot
-  of the basename); a sample needs an image member (jpg/jpeg/png/webp) and a ``txt`` member (or a
-  ``json`` one holding "caption" or "text"). Shards are indexed once at construction (one pass over the
+  of the basename); a sample needs an image member (jpg/jpeg/png/webp) and a ``txt`` or ``caption``
+  member (or a ``json`` one holding "caption" or "text"). Shards are indexed once at construction (one pass over the
   tar headers, seeking over the data) and members are then read by offset, so tar data is a map-style
   data set that shuffles across shards and resumes exactly like the others. Only uncompressed tars.
+
+Remote data (``pipe:``, http(s), s3 URLs) is not read: download it and pass the local path.
 
 Bad data never stops a run: images without captions (found at construction) and unreadable images or
 captions (found at load time) are skipped, counted in ``dataset.skipped`` (and, with worker processes,
@@ -38,6 +44,7 @@ import torch
 from PIL import Image
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+REMOTE_SCHEMES = ("pipe", "http", "https", "s3", "gs", "hf")
 _INTERP = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
            "lanczos": Image.Resampling.LANCZOS}
 
@@ -46,6 +53,20 @@ __all__ = ["ImageCaptionDataset", "ResumableSampler", "ResumableDataLoader", "co
 
 
 # ----------------------------------------------------------------------------------------- helpers
+def check_data_settings(config) -> None:
+    """A config's data settings, checked before anything is read: local data, a known resize filter."""
+    check_local(config.data)
+    if config.interpolation not in _INTERP:
+        raise ValueError(f"interpolation: expected one of {', '.join(_INTERP)}, got {config.interpolation!r}")
+
+
+def check_local(path) -> None:
+    """Remote data is not read: a clear error naming the setting."""
+    if path is not None and str(path).split(":")[0] in REMOTE_SCHEMES:
+        raise ValueError(f"data: {str(path)!r} is remote; rglcd_fast reads local data only: download it and pass "
+                         "its local path or brace pattern (e.g. /data/laion/{00000..01210}.tar)")
+
+
 def braceexpand(pattern: str) -> list[str]:
     """Expand shell-style braces: ``{00000..00009}`` (zero padding kept) and ``{a,b,c}``, nested."""
     m = re.search(r"\{([^{}]*)\}", pattern)
@@ -109,6 +130,7 @@ def preprocess_image(image: Image.Image, resolution: int, center_crop: bool = Tr
 # A record is a small picklable tuple:
 #   ("file", image_path, caption_or_None, caption_path_or_None)
 #   ("tar", tar_path, img_offset, img_size, cap_offset, cap_size, cap_ext)
+#   ("row", row_index): a row of the Hugging Face data set self.table
 class ImageCaptionDataset(torch.utils.data.Dataset):
     """Map-style image-caption data set over records built by :meth:`from_path`.
 
@@ -119,7 +141,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
     def __init__(self, records: Sequence[tuple], resolution: int, *, center_crop: bool = True,
                  random_flip: bool = False, seed: int = 0, interpolation: str = "bicubic",
-                 source: str = "", skipped: int = 0):
+                 source: str = "", skipped: int = 0, table=None, columns: tuple = ("image", "text")):
         if interpolation not in _INTERP:
             raise ValueError(f"interpolation must be one of {sorted(_INTERP)}, got {interpolation!r}")
         self.records = list(records)
@@ -129,6 +151,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.interpolation = interpolation
         self.source = source
+        self.table, self.columns = table, columns  # "row" records: a datasets.Dataset, (image, caption) columns
         self.skipped = int(skipped)   # construction-time skips (missing captions) + load-time skips
         self.skipped_at_construction = int(skipped)
         self._warned = False
@@ -148,22 +171,29 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                 shards.extend(braceexpand(os.fspath(p)))
             return cls.from_tar_shards(shards, resolution, **kwargs)
         path = os.fspath(path)
+        check_local(path)
         if "{" in path and not os.path.exists(path):
             return cls.from_tar_shards(braceexpand(path), resolution, **kwargs)
         if not os.path.exists(path):
             raise FileNotFoundError(f"data path does not exist: {path}")
+        hf = {k: kwargs.pop(k) for k in ("image_column", "caption_column") if k in kwargs}
+        if path.endswith(".parquet") or os.path.isfile(os.path.join(path, "dataset_info.json")) or (
+                os.path.isdir(path) and any(f.endswith(".parquet") for f in os.listdir(path))):
+            return cls.from_hf_dataset(path, resolution, **hf, **kwargs)
         if os.path.isdir(path):
             if os.path.isfile(os.path.join(path, "metadata.jsonl")):
-                return cls.from_jsonl(os.path.join(path, "metadata.jsonl"), resolution, **kwargs)
+                caption = {"caption_key": hf["caption_column"]} if hf.get("caption_column") else {}
+                return cls.from_jsonl(os.path.join(path, "metadata.jsonl"), resolution, **caption, **kwargs)
             tars = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".tar"))
             if tars:
                 return cls.from_tar_shards(tars, resolution, **kwargs)
             return cls.from_folder(path, resolution, **kwargs)
         if path.endswith(".jsonl"):
-            return cls.from_jsonl(path, resolution, **kwargs)
+            caption = {"caption_key": hf["caption_column"]} if hf.get("caption_column") else {}
+            return cls.from_jsonl(path, resolution, **caption, **kwargs)
         if path.endswith(".tar"):
             return cls.from_tar_shards([path], resolution, **kwargs)
-        raise ValueError(f"cannot tell what kind of data {path} is (expected a folder, .jsonl or .tar)")
+        raise ValueError(f"cannot tell what kind of data {path} is (expected a folder, .jsonl, .parquet or .tar)")
 
     @classmethod
     def from_folder(cls, folder, resolution: int, **kwargs):
@@ -213,6 +243,38 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return cls(records, resolution, source=manifest, skipped=skipped, **kwargs)
 
     @classmethod
+    def from_hf_dataset(cls, path, resolution: int, *, image_column: str | None = None,
+                        caption_column: str | None = None, **kwargs):
+        """A Hugging Face data set on disk: a save_to_disk folder (load_from_disk) or parquet files."""
+        try:
+            import datasets
+        except ImportError as exc:
+            raise ImportError(f"data: {path} is a Hugging Face data set; reading it needs the datasets package "
+                              '(pip install "rglcd_fast[datasets]")') from exc
+        path = os.fspath(path)
+        if os.path.isfile(os.path.join(path, "dataset_info.json")):
+            table = datasets.load_from_disk(path)
+        else:
+            files = [path] if path.endswith(".parquet") else sorted(
+                os.path.join(path, f) for f in os.listdir(path) if f.endswith(".parquet"))
+            table = datasets.load_dataset("parquet", data_files=files, split="train")
+        if isinstance(table, datasets.DatasetDict):
+            table = table["train"] if "train" in table else next(iter(table.values()))
+        features = table.features
+        images = [n for n, f in features.items() if isinstance(f, datasets.Image)]
+        texts = [n for n, f in features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+        image_column = image_column or (images[0] if images else None)
+        caption_column = caption_column or next((n for n in ("text", "caption") if n in texts), texts[0] if texts
+                                                else None)
+        for kind, name in (("image_column", image_column), ("caption_column", caption_column)):
+            if name not in features:
+                raise ValueError(f"{kind}: {name!r} is not a column of {path} (columns: {', '.join(features)})")
+        records = [("row", i) for i in range(len(table))]
+        if not records:
+            raise ValueError(f"no rows in the data set {path}")
+        return cls(records, resolution, source=path, table=table, columns=(image_column, caption_column), **kwargs)
+
+    @classmethod
     def from_tar_shards(cls, shards: Iterable, resolution: int, **kwargs):
         shards = [os.fspath(s) for s in shards]
         if not shards:
@@ -259,7 +321,14 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return data
 
     def _load(self, rec):
-        if rec[0] == "file":
+        if rec[0] == "row":
+            row = self.table[rec[1]]
+            image, caption = row[self.columns[0]], row[self.columns[1]]
+            if isinstance(image, dict):  # an undecoded image: {"bytes", "path"}
+                image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
+            if not isinstance(caption, str):
+                raise ValueError(f"caption column {self.columns[1]!r} holds {type(caption).__name__}, not text")
+        elif rec[0] == "file":
             _, img_path, caption, cap_path = rec
             if caption is None:
                 with open(cap_path, encoding="utf-8") as fh:
@@ -319,7 +388,8 @@ def _index_tar(shard: str):
     for key in order:
         g = groups[key]
         img = next((g[e] for e in IMAGE_EXTS if e in g), None)
-        cap, cext = (g["txt"], "txt") if "txt" in g else ((g["json"], "json") if "json" in g else (None, None))
+        cext = next((e for e in ("txt", "caption", "json") if e in g), None)
+        cap = g[cext] if cext else None
         if img is None and cap is None:
             continue   # not a sample (e.g. a stray metadata member)
         if img is None or cap is None:
@@ -478,16 +548,20 @@ class ResumableDataLoader:
         self.skipped = int(state.get("skipped", 0))
 
 
-def training_dataset(teacher: str, data, resolution: int):
-    """The data set of a run: `data` (an image folder with captions, a JSONL manifest or tar shards), or the
-    digits world's images when the teacher is the digits world and no data is given."""
-    if data is None:
-        if teacher != "digits":
+def training_dataset(config, resolution: int):
+    """The data set of a run (a TrainConfig or LRMPretrainConfig): config.data (see the module docstring) read
+    with its image/caption columns, crop, flip and interpolation settings, or the digits world's images when
+    the teacher is the digits world and no data is given."""
+    if config.data is None:
+        if config.teacher != "digits":
             raise ValueError("data: a training set is needed for this teacher (an image folder with captions, "
-                             "a JSONL manifest or tar shards)")
+                             "a JSONL manifest, a Hugging Face data set on disk or tar shards)")
         from ..world.digits import DigitsDataset
         return DigitsDataset(resolution=resolution)
-    return ImageCaptionDataset.from_path(data, resolution)
+    return ImageCaptionDataset.from_path(
+        config.data, resolution, image_column=config.image_column, caption_column=config.caption_column,
+        center_crop=config.center_crop, random_flip=config.random_flip, interpolation=config.interpolation,
+        seed=config.seed)
 
 
 def make_dataloader(dataset, batch_size: int, **kwargs) -> ResumableDataLoader:

@@ -101,7 +101,7 @@ class LRMPretrainer:
         self.lrm, self.optimizer, self.lr_scheduler = acc.prepare(lrm, optimizer, lr_scheduler)
         resolution = config.resolution or self.teacher.default_resolution
         self.loader = ResumableDataLoader(
-            dataset if dataset is not None else training_dataset(config.teacher, config.data, resolution),
+            dataset if dataset is not None else training_dataset(config, resolution),
             config.train_batch_size, shuffle=True, seed=config.seed, rank=acc.process_index,
             world_size=acc.num_processes, drop_last_batch=True, num_workers=config.dataloader_num_workers,
             pin_memory=self.device.type == "cuda")

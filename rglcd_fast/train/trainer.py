@@ -170,7 +170,7 @@ class Trainer:
         self.guidance = self._make_reward_guidance()
 
         self.resolution = config.resolution or self.teacher.default_resolution
-        dataset = dataset if dataset is not None else training_dataset(config.teacher, config.data, self.resolution)
+        dataset = dataset if dataset is not None else training_dataset(config, self.resolution)
         self.loader = ResumableDataLoader(dataset, config.train_batch_size, shuffle=True, seed=config.seed,
                                           rank=acc.process_index, world_size=acc.num_processes,
                                           drop_last_batch=True, num_workers=config.dataloader_num_workers,
