@@ -365,3 +365,29 @@ def test_lrm_preference_step(clip_folder, kind):
     assert lrm.preference_loss(candidates, prompts, expert, kind=kind)[0].item() < loss0.item()
     with pytest.raises(ValueError, match="expert_logits"):
         lrm.preference_loss(candidates, prompts, expert[:2])
+
+
+class _Payload:
+    """Unpickling this would create a folder: the stand-in for a checkpoint that runs code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.makedirs, (self.marker,)
+
+
+def test_a_crafted_pickle_is_refused_and_never_runs(clip_folder, tmp_path):
+    from rglcd_fast.reward.experts import load_state_file
+
+    marker = str(tmp_path / "payload-ran")
+    crafted = str(tmp_path / "aesthetic_linear.pth")
+    torch.save({"weight": torch.zeros(1, 8), "bias": torch.zeros(1), "extra": _Payload(marker)}, crafted)
+    with pytest.raises(ValueError, match="HPSv2: .* holds pickled objects besides tensors.*convert it once"):
+        load_state_file(crafted, "HPSv2")
+    with pytest.raises(ValueError, match="aesthetic head: .* holds pickled objects"):
+        load_reward_model("aesthetic", clip_folder, head_path=crafted)
+    assert not os.path.exists(marker)
+    plain = str(tmp_path / "plain.pt")  # tensors under "state_dict", DDP's "module." prefix: loads
+    torch.save({"state_dict": {"module.weight": torch.ones(1, 8), "module.bias": torch.zeros(1)}, "epoch": 3}, plain)
+    assert set(load_state_file(plain, "HPSv2")) == {"weight", "bias"}

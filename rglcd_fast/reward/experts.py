@@ -116,17 +116,34 @@ class PickScore(ClipScore):
     name = "pickscore"
 
 
-def _load_state(path, required_key):
-    """A state dict from .safetensors or a torch.save'd .pth/.pt/.bin (optionally under "state_dict")."""
+def load_state_file(path, what: str) -> dict:
+    """A state dict from .safetensors or a torch.save'd .pt/.pth/.bin (optionally under "state_dict", keys
+    without DDP's "module." prefix). Pickles load with weights_only=True: tensors and plain containers only,
+    so a crafted checkpoint cannot run code; one that holds other objects is refused with a way out."""
+    import pickle
+
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"aesthetic head file not found: {path}")
+        raise FileNotFoundError(f"{what}: checkpoint not found: {path}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         state = load_file(path)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise ValueError(
+                f"{what}: {path} holds pickled objects besides tensors, and unpickling them could run code, so it is "
+                "not loaded. If you trust the file, convert it once: python -c \"import torch, safetensors.torch as s; "
+                f"d = torch.load('{path}', weights_only=False); d = d.get('state_dict', d); "
+                f"s.save_file({{k: v.contiguous() for k, v in d.items()}}, '{os.path.splitext(path)[0]}.safetensors')\" "
+                f"and pass the .safetensors file ({str(error).splitlines()[0]})") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_head_state(path, required_key):
+    state = load_state_file(path, "aesthetic head")
     if required_key not in state:
         raise ValueError(f"{path}: not the expected aesthetic head (no {required_key!r} in its state dict)")
     return state
@@ -152,7 +169,7 @@ class AestheticLinearHead(torch.nn.Linear):
 
     @classmethod
     def from_file(cls, path):
-        state = _load_state(path, "weight")
+        state = _load_head_state(path, "weight")
         head = cls(state["weight"].shape[1])
         head.load_state_dict(state)
         return head
@@ -179,7 +196,7 @@ class AestheticMLPHead(torch.nn.Module):
 
     @classmethod
     def from_file(cls, path):
-        state = _load_state(path, "layers.0.weight")
+        state = _load_head_state(path, "layers.0.weight")
         head = cls(state["layers.0.weight"].shape[1])
         head.load_state_dict(state)
         return head
@@ -280,16 +297,9 @@ class HPSv2(RewardModel):
                 raise FileNotFoundError(f"HPSv2: expected one checkpoint (.pt/.bin/.safetensors) in {checkpoint}, "
                                         f"found {files}")
             checkpoint = files[0]
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"HPSv2: checkpoint not found: {checkpoint}")
+        state = load_state_file(checkpoint, "HPSv2")  # HPS_v2*_compressed.pt: tensors only, weights_only loads it
         model = open_clip.create_model(model_name, pretrained=None)
-        if checkpoint.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            state = load_file(checkpoint)
-        else:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-            state = state.get("state_dict", state)
-        model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+        model.load_state_dict(state)
         size = getattr(model.visual, "image_size", 224)
         mean = getattr(model.visual, "image_mean", None) or OPENAI_CLIP_MEAN
         std = getattr(model.visual, "image_std", None) or OPENAI_CLIP_STD
