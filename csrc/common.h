@@ -138,7 +138,8 @@ RGLCD_HD acc_t guided(acc_t cond, acc_t uncond, acc_t w) {
 // torch.clamp: NaN stays NaN (in the value or in the bounds).
 template <typename acc_t>
 RGLCD_HD acc_t clamp_nan(acc_t v, acc_t lo, acc_t hi) {
-  return v < lo ? lo : (v > hi ? hi : v);
+  const acc_t at_least_lo = v < lo ? lo : v;  // torch.clamp's order: bounds that cross give hi
+  return at_least_lo > hi ? hi : at_least_lo;
 }
 
 // torch.lerp's formula, which torch.quantile uses for its linear interpolation.
@@ -578,10 +579,10 @@ struct X0Options {
 
 inline X0Options x0_options(bool clip_sample, double clip_sample_range, bool thresholding,
                             double dynamic_thresholding_ratio, double sample_max_value) {
-  TORCH_CHECK_VALUE(clip_sample_range > 0, "clip_sample_range: expected a positive range, got ", clip_sample_range);
-  TORCH_CHECK_VALUE(dynamic_thresholding_ratio > 0 && dynamic_thresholding_ratio <= 1,
-                    "dynamic_thresholding_ratio: expected a value in (0, 1], got ", dynamic_thresholding_ratio);
-  TORCH_CHECK_VALUE(sample_max_value >= 1, "sample_max_value: expected a value >= 1, got ", sample_max_value);
+  // diffusers' domain: any clip range and maximum (torch.clamp's rule where bounds cross), q in [0, 1]
+  TORCH_CHECK_VALUE(dynamic_thresholding_ratio >= 0 && dynamic_thresholding_ratio <= 1,
+                    "dynamic_thresholding_ratio: expected a value in [0, 1] (torch.quantile's q), got ",
+                    dynamic_thresholding_ratio);
   const X0Limit kind = thresholding ? X0Limit::Threshold : (clip_sample ? X0Limit::Clip : X0Limit::None);
   return {kind, clip_sample_range, dynamic_thresholding_ratio, sample_max_value};
 }

@@ -2,6 +2,7 @@
 import builtins
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -68,6 +69,11 @@ def test_adapter_reward_logits_and_gradients(clip_folder, name):
     assert not rm.logits_use_lrm_scale
 
 
+def pooled(features):
+    """transformers 4 returns the projected embedding, 5 an output whose pooler_output it is."""
+    return getattr(features, "pooler_output", features)
+
+
 @pytest.mark.parametrize("cls", [ClipScore, PickScore])
 def test_clip_family_units_are_the_official_ones(clip_folder, cls):
     """reward_fn.py (get_pick_score_fn / get_clip_score_fn): the student's reward is the plain cosine of the
@@ -76,9 +82,9 @@ def test_clip_family_units_are_the_official_ones(clip_folder, cls):
     x = images(h=24, w=24)  # square, as the official code's images
     with torch.no_grad():
         model = rm.model
-        u = model.get_image_features(pixel_values=official_clip_pixels(x, 16)).pooler_output
+        u = pooled(model.get_image_features(pixel_values=official_clip_pixels(x, 16)))
         tok = rm.tokenizer(PROMPTS, padding=True, truncation=True, max_length=77, return_tensors="pt")
-        v = model.get_text_features(**tok).pooler_output
+        v = pooled(model.get_text_features(**tok))
         cos = ((u / u.norm(dim=-1, keepdim=True)) * (v / v.norm(dim=-1, keepdim=True))).sum(-1)
         reward, logits = rm.reward_and_logits(x, PROMPTS)
         out = model(input_ids=tok.input_ids, attention_mask=tok.attention_mask,
@@ -97,8 +103,12 @@ def test_features_from_transformers_4_and_5(clip_folder, monkeypatch):
     x = images()
     expected = rm.reward(x, PROMPTS)
     image_fn, text_fn = rm.model.get_image_features, rm.model.get_text_features
-    monkeypatch.setattr(rm.model, "get_image_features", lambda **kw: image_fn(**kw).pooler_output)
-    monkeypatch.setattr(rm.model, "get_text_features", lambda **kw: text_fn(**kw).pooler_output)
+
+    def the_other_version(features):  # the installed version's answer as the other major version gives it
+        return features.pooler_output if hasattr(features, "pooler_output") else SimpleNamespace(pooler_output=features)
+
+    monkeypatch.setattr(rm.model, "get_image_features", lambda **kw: the_other_version(image_fn(**kw)))
+    monkeypatch.setattr(rm.model, "get_text_features", lambda **kw: the_other_version(text_fn(**kw)))
     torch.testing.assert_close(rm.reward(x, PROMPTS), expected)
 
 
@@ -111,7 +121,7 @@ def test_aesthetic_is_the_official_linear_head(clip_folder):
     rm = AestheticScore.from_pretrained(clip_folder)
     x = images(h=24, w=24)
     with torch.no_grad():
-        u = rm.model.get_image_features(pixel_values=official_clip_pixels(x, 16)).pooler_output
+        u = pooled(rm.model.get_image_features(pixel_values=official_clip_pixels(x, 16)))
         rating = rm.head(u / u.norm(dim=-1, keepdim=True)).squeeze(-1)
         reward, logits = rm.reward_and_logits(x, PROMPTS)
     torch.testing.assert_close(reward, rating, rtol=1e-5, atol=1e-5)

@@ -121,6 +121,42 @@ def test_ddim_matches_diffusers(prediction_type, limit, eta, use_clipped, device
                  step_kwargs=dict(eta=eta, use_clipped_model_output=use_clipped))
 
 
+# Settings diffusers accepts at the edges of their range (it checks none of them); each must run and give
+# diffusers' result. torch.clamp's rule where bounds cross: the maximum wins (sample_max_value < 1 becomes
+# the threshold; a clip range <= 0 maps everything to it); torch.quantile takes q in [0, 1].
+EDGE_CONFIGS = {
+    "sample_max_value below 1": dict(thresholding=True, sample_max_value=0.5),
+    "sample_max_value negative": dict(thresholding=True, sample_max_value=-1.0),
+    "thresholding ratio 0": dict(thresholding=True, dynamic_thresholding_ratio=0.0, sample_max_value=3.0),
+    "thresholding ratio 1": dict(thresholding=True, dynamic_thresholding_ratio=1.0, sample_max_value=3.0),
+    "clip range 0": dict(clip_sample=True, clip_sample_range=0.0),
+    "clip range negative": dict(clip_sample=True, clip_sample_range=-0.5),
+    "clip range below 1": dict(clip_sample=True, clip_sample_range=0.25),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("edge", EDGE_CONFIGS)
+def test_edge_settings_diffusers_accepts_give_its_result(edge, device):
+    config = dict(SD_SCHEDULE, **EDGE_CONFIGS[edge])
+    run_pair(*pair(FusedLCMScheduler, LCMScheduler, config, device, num_inference_steps=4), device)
+    run_pair(*pair(FusedDDIMScheduler, DDIMScheduler, config, device, num_inference_steps=5), device,
+             step_kwargs=dict(eta=0.5))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_negative_eta_is_diffusers_ddim(device):
+    """diffusers takes any eta: σ = η·sqrt(var) enters the direction squared, the noise only when η > 0."""
+    run_pair(*pair(FusedDDIMScheduler, DDIMScheduler, dict(SD_SCHEDULE), device, num_inference_steps=10), device,
+             step_kwargs=dict(eta=-0.5))
+
+
+def test_settings_outside_what_diffusers_can_run_are_named():
+    for ratio in (-0.1, 1.5):  # torch.quantile refuses q outside [0, 1], so diffusers' step raises too
+        with pytest.raises(ValueError, match="dynamic_thresholding_ratio: expected a value in \\[0, 1\\]"):
+            FusedLCMScheduler(**SD_SCHEDULE, thresholding=True, dynamic_thresholding_ratio=ratio).set_timesteps(4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision(dtype):
     config = dict(SD_SCHEDULE, set_alpha_to_one=False, clip_sample=True)

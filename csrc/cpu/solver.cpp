@@ -225,7 +225,7 @@ struct CpuBackend {
       const auto coeff = step_coefficients<acc_t>(args, in.batch, args.final_alpha_cumprod, true, make);
       const scalar_t* mp = in.m.const_data_ptr<scalar_t>();
       const scalar_t* xp = in.x.const_data_ptr<scalar_t>();
-      const scalar_t* zp = eta > 0 ? in.z.const_data_ptr<scalar_t>() : nullptr;  // noise is unused when eta = 0
+      const scalar_t* zp = eta > 0 ? in.z.const_data_ptr<scalar_t>() : nullptr;  // noise is unused when eta <= 0
       scalar_t *pp = prev.mutable_data_ptr<scalar_t>(), *op = pred_x0.mutable_data_ptr<scalar_t>();
       with_prediction_type(args.type, [&](auto tag) {
         constexpr PredictionType kType = decltype(tag)::value;

@@ -538,7 +538,7 @@ struct CudaBackend {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "rglcd_fast_ddim_step_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t *mp = in.m.const_data_ptr<scalar_t>(), *xp = in.x.const_data_ptr<scalar_t>();
-      const scalar_t* zp = eta > 0 ? in.z.const_data_ptr<scalar_t>() : nullptr;  // noise is unused when eta = 0
+      const scalar_t* zp = eta > 0 ? in.z.const_data_ptr<scalar_t>() : nullptr;  // noise is unused when eta <= 0
       scalar_t *pp = prev.mutable_data_ptr<scalar_t>(), *op = pred_x0.mutable_data_ptr<scalar_t>();
       launch_sampling_step<scalar_t>(in, args, [&](auto tag, const auto& schedule, const auto& limits) {
         with_vector_width<scalar_t>(in.per_sample, {mp, xp, zp, pp, op}, [&](auto width) {

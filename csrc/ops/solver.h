@@ -170,11 +170,11 @@ std::tuple<at::Tensor, at::Tensor> ddim_step(const at::Tensor& model_output, con
   const SamplingArgs args{
       {timesteps, prev_timesteps, alphas_cumprod}, final_alpha_cumprod, parse_prediction_type(prediction_type),
       x0_options(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value)};
-  TORCH_CHECK_VALUE(eta >= 0, "eta: expected a non-negative value, got ", eta);
   check_sampling_devices<Backend>(model_output, sample, noise, args);
   const typename Backend::DeviceGuard guard(sample.device());
   const StepInputs in(model_output, sample, noise);
-  TORCH_CHECK_VALUE(eta == 0 || in.z.defined(), "noise: required when eta > 0 (got eta = ", eta, ")");
+  // any eta, as diffusers: σ = η·sqrt(var) enters the direction squared, the noise only when η > 0
+  TORCH_CHECK_VALUE(eta <= 0 || in.z.defined(), "noise: required when eta > 0 (got eta = ", eta, ")");
   at::Tensor prev = in.layout.output(), pred_x0 = in.layout.output();
   Backend::ddim_step(in, prev, pred_x0, args, eta, use_clipped_model_output);
   return {in.layout.deliver(prev), in.layout.deliver(pred_x0)};

@@ -129,12 +129,13 @@ def _step_schedule_arguments(sample, timesteps, prev_timesteps, alphas_cumprod, 
 
 
 def _x0_limit_arguments(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value):
-    return (bool(clip_sample),
-            _number("clip_sample_range", clip_sample_range, lambda v: v > 0, "a positive range"),
-            bool(thresholding),
-            _number("dynamic_thresholding_ratio", dynamic_thresholding_ratio, lambda v: 0 < v <= 1,
-                    "a value in (0, 1]"),
-            _number("sample_max_value", sample_max_value, lambda v: v >= 1, "a value >= 1"))
+    """What diffusers accepts: any range and maximum (torch.clamp's rule where the bounds cross: a clip range
+    r <= 0 gives r, a sample_max_value below 1 gives itself as the threshold), a quantile ratio in [0, 1]
+    (torch.quantile's domain)."""
+    return (bool(clip_sample), _number("clip_sample_range", clip_sample_range), bool(thresholding),
+            _number("dynamic_thresholding_ratio", dynamic_thresholding_ratio, lambda v: 0 <= v <= 1,
+                    "a value in [0, 1] (torch.quantile's q)"),
+            _number("sample_max_value", sample_max_value))
 
 
 def _final_alpha_cumprod(value):
@@ -220,7 +221,7 @@ def ddim_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, n
     unused when eta = 0."""
     check.latents(model_output=model_output, sample=sample, **({} if noise is None else {"noise": noise}))
     _forward_only("ddim_step", model_output=model_output, sample=sample, noise=noise)
-    eta = _number("eta", eta, lambda v: v >= 0, "a non-negative value")
+    eta = _number("eta", eta)  # as diffusers: the variance noise is added only when eta > 0
     if eta > 0 and noise is None:
         raise ValueError(f"noise: required when eta > 0 (got eta = {eta})")
     timesteps, prev_timesteps, alphas_cumprod = _step_schedule_arguments(sample, timesteps, prev_timesteps,
