@@ -1,4 +1,4 @@
-"""Benchmarks of the reward family: the latent reward model update of DESIGN.md §1 step 9 — LRM
+"""Benchmarks of the reward family: the latent reward model update of docs/design.md §1 step 9 — LRM
 logits S = reward_head(image features [3, B, 1024], text features [B, 1024], logit scale), the
 pairwise KL against random expert logits over the 3 candidates, gradients to both feature tensors
 and the logit scale. CPU: pytest-benchmark, eager reference vs rglcd_fast at 3×16×1024

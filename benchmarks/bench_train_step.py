@@ -400,7 +400,7 @@ def lrm_scores_unfused(lrm, latents, text_features, scale):
 
 
 def pairwise_kl_unfused(scores, expert_logits):
-    """Σ over pairs i < j of KL(softmax(E_i, E_j) ‖ softmax(S_i, S_j)), batchmean (DESIGN.md §1 step 9)."""
+    """Σ over pairs i < j of KL(softmax(E_i, E_j) ‖ softmax(S_i, S_j)), batchmean (docs/design.md §1 step 9)."""
     loss = scores.new_zeros(())
     for i in range(scores.shape[0] - 1):
         for j in range(i + 1, scores.shape[0]):

@@ -1,5 +1,5 @@
 // Shared helpers for every op family and backend: argument parsing, the per-sample schedule math
-// (DESIGN.md §2) as host/device scalar functions, and the batch-outer memory layout.
+// (docs/design.md §2) as host/device scalar functions, and the batch-outer memory layout.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -60,7 +60,7 @@ struct Linear {
   }
 };
 
-// DESIGN.md §2 parameterisation table, with a = sqrt(ᾱ_t), s = sqrt(1 - ᾱ_t).
+// docs/design.md §2 parameterisation table, with a = sqrt(ᾱ_t), s = sqrt(1 - ᾱ_t).
 template <typename acc_t>
 RGLCD_HD Linear<acc_t> x0_coefficients(acc_t alpha_bar, PredictionType type) {
   const acc_t a = std::sqrt(alpha_bar), s = std::sqrt(acc_t(1) - alpha_bar);
@@ -119,7 +119,7 @@ struct ConsistencyMap {
   }
 };
 
-// ---- solver steps (DESIGN.md §2: the guided DDIM step, diffusers' LCM and DDIM steps) ----------
+// ---- solver steps (docs/design.md §2: the guided DDIM step, diffusers' LCM and DDIM steps) ----------
 
 // ᾱ at the previous timestep: the schedule, or final_alpha_cumprod for a negative one (diffusers'
 // `alphas_cumprod[prev] if prev >= 0 else final_alpha_cumprod`).
@@ -263,7 +263,7 @@ inline LossType parse_loss_type(std::string_view s) {
   TORCH_CHECK_VALUE(false, "loss_type must be 'l2' or 'huber', got '", s, "'");
 }
 
-// ρ(d) and ρ'(d) of DESIGN.md §1 step 7: L2 d², Huber sqrt(d² + c²) - c.
+// ρ(d) and ρ'(d) of docs/design.md §1 step 7: L2 d², Huber sqrt(d² + c²) - c.
 template <typename acc_t>
 RGLCD_HD acc_t loss_value(acc_t d, LossType type, acc_t c) {
   return type == LossType::Huber ? std::sqrt(d * d + c * c) - c : d * d;
@@ -274,7 +274,7 @@ RGLCD_HD acc_t loss_derivative(acc_t d, LossType type, acc_t c) {
   return type == LossType::Huber ? d / std::sqrt(d * d + c * c) : acc_t(2) * d;
 }
 
-// ---- reward family (DESIGN.md §2 "Latent reward head", §1 step 9) ----------------------------
+// ---- reward family (docs/design.md §2 "Latent reward head", §1 step 9) ----------------------------
 
 // Per-row sums of the reward head: ⟨u, v⟩, ‖u‖², ‖v‖².
 template <typename acc_t>

@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", allow_abbrev=False,
                                 help="RG-LCD distillation; with no arguments, on the embedded digits world",
-                                description="RG-LCD training (DESIGN.md §1). Settings come from the defaults (the "
+                                description="RG-LCD training (docs/design.md §1). Settings come from the defaults (the "
                                 "digits world preset when --teacher is digits), then --config, then the flags.")
     from .train.config import add_arguments
     add_arguments(train)

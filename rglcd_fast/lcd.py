@@ -30,7 +30,7 @@ def _script_arguments(model_output, sample, alphas):
 
 
 def get_predicted_original_sample(model_output, timesteps, sample, prediction_type, alphas, sigmas):
-    """x0 from a model output (DESIGN.md §2 parameterisation), one fused pass."""
+    """x0 from a model output (docs/design.md §2 parameterisation), one fused pass."""
     if prediction_type == "sample":  # the script returns the model output itself
         return model_output
     m, x, alphas_cumprod = _script_arguments(model_output, sample, alphas)
@@ -38,7 +38,7 @@ def get_predicted_original_sample(model_output, timesteps, sample, prediction_ty
 
 
 def get_predicted_noise(model_output, timesteps, sample, prediction_type, alphas, sigmas):
-    """ε from a model output (DESIGN.md §2 parameterisation), one fused pass."""
+    """ε from a model output (docs/design.md §2 parameterisation), one fused pass."""
     if prediction_type == "epsilon":  # the script returns the model output itself
         return model_output
     m, x, alphas_cumprod = _script_arguments(model_output, sample, alphas)

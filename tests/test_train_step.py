@@ -1,4 +1,4 @@
-"""One RG-LCD step on the fused ops equals a straight eager implementation of DESIGN.md §1 (the LCD
+"""One RG-LCD step on the fused ops equals a straight eager implementation of docs/design.md §1 (the LCD
 script's code: unfused helpers, two teacher passes) on the same inputs and draws."""
 import copy
 
@@ -13,7 +13,7 @@ from tiny_pipeline import tiny_unet
 
 
 def eager_step(student, teacher, target_unet, latents, embeds, uncond, scheduler, config, generator, reward_fn):
-    """DESIGN.md §1 steps 2-8 as train_lcm_distill_sd_wds.py writes them."""
+    """docs/design.md §1 steps 2-8 as train_lcm_distill_sd_wds.py writes them."""
     ac = scheduler.alphas_cumprod
     alpha_schedule, sigma_schedule = torch.sqrt(ac), torch.sqrt(1 - ac)
     solver = lcd_script.DDIMSolver(ac.numpy(), 1000, config.num_ddim_timesteps)

@@ -1,4 +1,4 @@
-// CPU kernels of the reward family (DESIGN.md §2 "Latent reward head", §1 step 9): the CLIP-style
+// CPU kernels of the reward family (docs/design.md §2 "Latent reward head", §1 step 9): the CLIP-style
 // reward head score = scale·cos(u, v) and the pairwise preference loss of the latent reward model,
 // with backwards. The ops around them (argument checks, registration): csrc/ops/reward.h.
 #include <ATen/cpu/vec/functional.h>

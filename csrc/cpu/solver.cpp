@@ -1,4 +1,4 @@
-// CPU kernels of the solver family (DESIGN.md §2): the teacher's guided DDIM solver step of LCD
+// CPU kernels of the solver family (docs/design.md §2): the teacher's guided DDIM solver step of LCD
 // training (with backward), and the LCM and DDIM sampling steps with diffusers' step() semantics
 // (clip / dynamic thresholding, final_alpha_cumprod, eta and noise), forward only. The ops around
 // them (arguments, layouts, registration): csrc/ops/solver.h.

@@ -1,4 +1,4 @@
-// CUDA kernels of the consistency family (DESIGN.md §2): boundary scalings, x0 / ε from a model
+// CUDA kernels of the consistency family (docs/design.md §2): boundary scalings, x0 / ε from a model
 // output, the consistency output f(m, x, t), and the fused distillation loss, with backwards.
 // One thread handles one 16-byte vector; per-sample coefficients are computed in the thread from
 // timesteps[b] and the schedule (no extra launch, no host sync). The loss reduction is

@@ -1,4 +1,4 @@
-// CUDA kernels of the reward family (DESIGN.md §2 "Latent reward head", §1 step 9), the same math as
+// CUDA kernels of the reward family (docs/design.md §2 "Latent reward head", §1 step 9), the same math as
 // csrc/cpu/reward.cpp: the CLIP-style reward head score = scale·cos(u, v) and the latent reward
 // model's pairwise preference loss, with backwards.
 //

@@ -1,4 +1,4 @@
-// CUDA kernels of the solver family (DESIGN.md §2): the teacher's guided DDIM solver step of LCD
+// CUDA kernels of the solver family (docs/design.md §2): the teacher's guided DDIM solver step of LCD
 // training (with backward), and the LCM and DDIM sampling steps with diffusers' step() semantics
 // (clip / dynamic thresholding, final_alpha_cumprod, eta and noise), forward only. Same semantics as
 // csrc/cpu/solver.cpp, except that an out-of-range timestep gives NaN for its sample instead of a

@@ -97,7 +97,7 @@ struct LossArgs {
   double huber_c;
 };
 
-// Fused distillation loss (DESIGN.md §1 steps 4 and 7): model_pred = f(m, x, t) and
+// Fused distillation loss (docs/design.md §1 steps 4 and 7): model_pred = f(m, x, t) and
 // loss = mean ρ(model_pred - target), in one pass; the loss is float32 (float64 for float64 inputs).
 template <typename Backend>
 std::tuple<at::Tensor, at::Tensor> consistency_loss(const at::Tensor& model_output, const at::Tensor& sample,

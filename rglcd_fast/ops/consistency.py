@@ -1,4 +1,4 @@
-"""Consistency family ops (DESIGN.md §2): boundary scalings, x0 / ε from a model output, the
+"""Consistency family ops (docs/design.md §2): boundary scalings, x0 / ε from a model output, the
 consistency output f(m, x, t) and the fused distillation loss. Each op: schema, fake kernel,
 autograd (the backward is itself an op) and a validating public function."""
 import torch
@@ -177,12 +177,12 @@ def _map_arguments(model_output, sample, timesteps, alphas_cumprod, prediction_t
 
 
 def predicted_x0(model_output, sample, timesteps, alphas_cumprod, prediction_type="epsilon"):
-    """x0 predicted from a model output at (sample, timesteps): DESIGN.md §2 parameterisation table."""
+    """x0 predicted from a model output at (sample, timesteps): docs/design.md §2 parameterisation table."""
     return _predicted_x0(*_map_arguments(model_output, sample, timesteps, alphas_cumprod, prediction_type))
 
 
 def predicted_eps(model_output, sample, timesteps, alphas_cumprod, prediction_type="epsilon"):
-    """ε predicted from a model output at (sample, timesteps): DESIGN.md §2 parameterisation table."""
+    """ε predicted from a model output at (sample, timesteps): docs/design.md §2 parameterisation table."""
     return _predicted_eps(*_map_arguments(model_output, sample, timesteps, alphas_cumprod, prediction_type))
 
 

@@ -1,4 +1,4 @@
-"""Reward family ops (DESIGN.md §2 "Latent reward head", §1 step 9): the CLIP-style reward head
+"""Reward family ops (docs/design.md §2 "Latent reward head", §1 step 9): the CLIP-style reward head
 score = scale·cos(u, v) and the latent reward model's pairwise preference loss. Each op: schema, fake
 kernel, autograd (the backward is itself an op) and a validating public function."""
 import torch
@@ -149,7 +149,7 @@ def reward_head(image_features: torch.Tensor, text_features: torch.Tensor, logit
 
 def pairwise_preference_loss(logits: torch.Tensor, expert_logits: torch.Tensor, kind: str = "kl",
                              real_index: int | None = None, smooth_gt_label: bool = False):
-    """Latent reward model loss (DESIGN.md §1 step 9) over K >= 2 candidates × B prompts.
+    """Latent reward model loss (docs/design.md §1 step 9) over K >= 2 candidates × B prompts.
 
     logits S [K, B] (the latent reward model's, differentiable); expert_logits E [K, B] (the expert
     RM's, times its logit scale: a target, no gradient). kind "kl": Σ over pairs i < j of

@@ -1,4 +1,4 @@
-"""Solver family ops (DESIGN.md §2): the teacher's guided DDIM solver step of LCD training
+"""Solver family ops (docs/design.md §2): the teacher's guided DDIM solver step of LCD training
 (differentiable in the model outputs and the sample) and the LCM / DDIM sampling steps with diffusers'
 step() semantics (inference: forward only). Each op: schema, fake kernel, autograd where
 differentiable (the backward is itself an op) and a validating public function. Outputs follow
@@ -144,7 +144,7 @@ def _final_alpha_cumprod(value):
 
 def guided_ddim_step(cond_output, uncond_output, sample, timesteps, prev_timesteps, guidance_scale, alphas_cumprod,
                      prediction_type="epsilon"):
-    """The teacher's CFG + DDIM solver step of LCD training (DESIGN.md §2), one fused pass.
+    """The teacher's CFG + DDIM solver step of LCD training (docs/design.md §2), one fused pass.
 
     With x0_c, ε_c (x0_u, ε_u) from cond_output (uncond_output) at (sample, timesteps):
     x0 = x0_c + w·(x0_c − x0_u), ε = ε_c + w·(ε_c − ε_u),

@@ -1,4 +1,4 @@
-"""Pure-PyTorch versions of every op: the spec in code (DESIGN.md §2), the test oracle, the
+"""Pure-PyTorch versions of every op: the spec in code (docs/design.md §2), the test oracle, the
 benchmark baseline, and the kernels used where the compiled extension is absent."""
 from . import consistency, reward, solver
 

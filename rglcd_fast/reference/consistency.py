@@ -1,6 +1,6 @@
 """Reference consistency family: LCM boundary scalings, x0 / ε from a model output, the consistency
 output and the distillation loss, exactly as diffusers' train_lcm_distill_sd_wds.py computes them
-(DESIGN.md §2). Results are returned in the model output's dtype; the loss in float32 (float64)."""
+(docs/design.md §2). Results are returned in the model output's dtype; the loss in float32 (float64)."""
 import torch
 
 from ._schedule import accumulation_dtype, alphas_sigmas

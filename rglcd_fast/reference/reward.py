@@ -1,4 +1,4 @@
-"""Reference reward family (DESIGN.md §2 "Latent reward head", §1 step 9): the CLIP-style reward head
+"""Reference reward family (docs/design.md §2 "Latent reward head", §1 step 9): the CLIP-style reward head
 and the latent reward model's pairwise preference loss, written as the public RG-LCD training script
 computes them (open_clip features, then F.kl_div / F.cross_entropy per pair of candidates)."""
 import torch

@@ -1,7 +1,7 @@
 """Reference solver family: the teacher's guided DDIM solver step of LCD training, written as the public
 LCD script (diffusers examples/consistency_distillation/train_lcm_distill_sd_wds.py) writes it, and the
 LCM / DDIM sampling steps, written as diffusers' LCMScheduler.step and DDIMScheduler.step write them,
-with every per-timestep scalar a per-sample tensor (DESIGN.md §2). Math in float32 (float64 for
+with every per-timestep scalar a per-sample tensor (docs/design.md §2). Math in float32 (float64 for
 float64 inputs); results in the input dtype."""
 import torch
 

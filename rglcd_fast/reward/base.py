@@ -4,7 +4,7 @@ Two quantities per reward model, as the official RG-LCD reward functions return 
   * ``reward(images, prompts) -> [B]``: what the student maximises (the official ``return_logits=False``),
     scale-free: the plain cosine for the CLIP family, ImageReward's min(r, 2), the aesthetic rating.
   * ``logits(images, prompts) -> [B]``: what the latent reward model's pairwise preference loss compares
-    (``return_logits=True``; DESIGN.md §1 step 9): the cosine × exp(the model's logit scale) for the CLIP
+    (``return_logits=True``; docs/design.md §1 step 9): the cosine × exp(the model's logit scale) for the CLIP
     family, the reward itself where the model has no logit scale.
 Each adapter writes both once, in ``reward_and_logits``. Images are float tensors [B, 3, H, W] in [0, 1];
 the models are frozen (eval mode, no gradient to their weights) but differentiable with respect to the

@@ -1,4 +1,4 @@
-"""The latent proxy reward model (LRM, DESIGN.md §1 steps 8-9): a CLIP-like model whose image tower reads
+"""The latent proxy reward model (LRM, docs/design.md §1 steps 8-9): a CLIP-like model whose image tower reads
 VAE latents (already divided by the VAE scaling factor) and whose text tower is a transformers
 CLIPTextModel + projection. As the official RG-LCD code: the student's reward is the plain cosine
 cos(image_emb, text_emb) (scale-free, so reward_scale keeps its meaning while the learnable logit scale moves);

@@ -1,6 +1,6 @@
 """The trainer's settings: one dataclass, readable from a YAML/JSON file and overridable from the command
 line (every field is a `--flag`). Defaults follow the public LCD / RG-LCD scripts; `teacher: digits`
-selects the embedded digits world (DESIGN.md §4), whose preset overrides the sizes and lengths."""
+selects the embedded digits world (docs/design.md §4), whose preset overrides the sizes and lengths."""
 import argparse
 import dataclasses
 import json
@@ -44,7 +44,7 @@ class TrainConfig:
     lora_rank: int = 64
     lora_alpha: int = 64
     time_cond_proj_dim: int = 256  # the full student's guidance (w) embedding size
-    # ---- distillation (DESIGN.md §1)
+    # ---- distillation (docs/design.md §1)
     num_ddim_timesteps: int = _STEP_DEFAULTS.num_ddim_timesteps
     w_min: float = _STEP_DEFAULTS.w_min
     w_max: float = _STEP_DEFAULTS.w_max
@@ -73,7 +73,7 @@ class TrainConfig:
     mixed_precision: Optional[str] = None
     allow_tf32: bool = False  # TF32 matmuls and convolutions on Ampere and newer (as the scripts' --allow_tf32)
     seed: int = 0
-    # ---- reward guidance (DESIGN.md §1 steps 8-9)
+    # ---- reward guidance (docs/design.md §1 steps 8-9)
     reward_mode: str = "lrm"  # lrm (latent proxy), direct (decode and score), none (plain LCD)
     # expert RM: digits, clip, pickscore, aesthetic, aesthetic_mlp, hpsv2, imagereward, weighted_hpsv2_imagereward
     reward_model: str = "digits"
@@ -168,7 +168,7 @@ class TrainConfig:
             json.dump(self.to_dict(), f, indent=2, default=list)
 
 
-# The digits world (DESIGN.md §4): 8×8 latents, the shipped pre-trained LRM fine-tuned online at the official
+# The digits world (docs/design.md §4): 8×8 latents, the shipped pre-trained LRM fine-tuned online at the official
 # rate and reward scale (3.3e-6, 1.0; lrm_widths/lrm_embed_dim size an LRM from random weights), a run of a
 # few minutes on two CPU cores.
 DIGITS_PRESET = dict(
@@ -179,7 +179,7 @@ DIGITS_PRESET = dict(
 
 @dataclass
 class LRMPretrainConfig:
-    """`rglcd-fast pretrain-lrm`: the latent reward model pre-trained offline as a latent CLIP (DESIGN.md §1
+    """`rglcd-fast pretrain-lrm`: the latent reward model pre-trained offline as a latent CLIP (docs/design.md §1
     step 9) on image-caption data encoded by the teacher's VAE, optionally distilling the expert's
     preferences between real latents and the teacher's one-step predictions."""
     # ---- models and data (as the trainer's)

@@ -1,5 +1,5 @@
 """`rglcd-fast pretrain-lrm`: the latent reward model (LRM) pre-trained offline as a latent CLIP, as the official
-RG-LCD LRM is before its online fine-tuning (DESIGN.md §1 step 9).
+RG-LCD LRM is before its online fine-tuning (docs/design.md §1 step 9).
 
 Each step: the teacher's VAE encodes a batch of captioned images (latents / scaling factor, what the LRM reads
 online); a symmetric contrastive loss aligns the LRM's latent image tower with its text tower (images that

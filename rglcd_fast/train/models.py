@@ -1,6 +1,6 @@
 """The models of an RG-LCD run: the teacher's components from a diffusers Stable Diffusion folder, the
 student made from the teacher (full with a guidance embedding, or LoRA), the expert reward model and the
-latent proxy reward model (LRM), and the reward guidance that ties the last two to the step (DESIGN.md
+latent proxy reward model (LRM), and the reward guidance that ties the last two to the step (docs/design.md
 §1 steps 8-9)."""
 import copy
 import json
@@ -72,7 +72,7 @@ class Teacher:
 
     @torch.no_grad()
     def encode_images(self, pixel_values, generator=None) -> torch.Tensor:
-        """DESIGN.md §1 step 1: x0 = a draw of the VAE posterior × scaling_factor, float32."""
+        """docs/design.md §1 step 1: x0 = a draw of the VAE posterior × scaling_factor, float32."""
         vae = self.vae
         posterior = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
         return posterior.sample(generator=generator).float() * vae.config.scaling_factor
@@ -276,7 +276,7 @@ class RewardGuidance:
     def update_lrm(self, model_pred, target, latents, prompts, images=None):
         """One LRM optimiser step (a fused AdamW: its found_inf flag skips a non-finite step) on the
         pairwise preference loss over {student prediction, target, real} of the first lrm_batch_size
-        samples (DESIGN.md §1 step 9); returns (loss, accuracy, expert reward of the student's predictions),
+        samples (docs/design.md §1 step 9); returns (loss, accuracy, expert reward of the student's predictions),
         detached.
 
         Every candidate is decoded with the VAE, the real one too: the LRM reads latents, so its label comes

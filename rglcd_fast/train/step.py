@@ -1,4 +1,4 @@
-"""One RG-LCD training step's math (DESIGN.md §1 steps 2-8), on the fused ops.
+"""One RG-LCD training step's math (docs/design.md §1 steps 2-8), on the fused ops.
 
 `DistillationStep` holds the schedule and the DDIM solver; calling it with the student, teacher and
 target (EMA) UNets, a batch of latents and prompt embeddings returns the distillation loss, the
@@ -38,7 +38,7 @@ class StepOutput:
 
 @torch.no_grad()
 def update_ema(target: torch.nn.Module, student: torch.nn.Module, decay: float = 0.95) -> None:
-    """DESIGN.md §1 step 8: target <- decay·target + (1 - decay)·student, over matching parameters, in
+    """docs/design.md §1 step 8: target <- decay·target + (1 - decay)·student, over matching parameters, in
     one fused multi-tensor update (the target may hold a lower precision than the student)."""
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"decay: expected a value in [0, 1], got {decay}")
@@ -68,7 +68,7 @@ class DistillationStep:
         self.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
 
     def draw(self, latents: torch.Tensor, generator: torch.Generator | None = None):
-        """DESIGN.md §1 steps 2-3: DDIM index n, t_start, t = max(t_start - T/N, 0), w ~ U[w_min, w_max],
+        """docs/design.md §1 steps 2-3: DDIM index n, t_start, t = max(t_start - T/N, 0), w ~ U[w_min, w_max],
         noise, and the noisy latents. Drawn on the generator's device (the latents' without one): a CPU
         generator reproduces runs across devices, a CUDA one spares the host the noise and its copy."""
         bsz = latents.shape[0]

@@ -1,4 +1,4 @@
-"""The RG-LCD trainer (DESIGN.md §1): accelerate runs the same code on the CPU, one GPU or many
+"""The RG-LCD trainer (docs/design.md §1): accelerate runs the same code on the CPU, one GPU or many
 (`accelerate launch`). Each optimiser step: encode images and prompts, `DistillationStep` (student,
 teacher CFG + fused solver step, EMA target, fused consistency loss, reward of the one-step prediction),
 backward, clip, AdamW, LR schedule, EMA update, LRM update. Checkpoints are atomic and resume exactly;
@@ -114,7 +114,7 @@ class Trainer:
         if config.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-        # models (DESIGN.md §1): frozen teacher parts, trainable student, EMA target
+        # models (docs/design.md §1): frozen teacher parts, trainable student, EMA target
         self.teacher = teacher or Teacher.from_pretrained(config.teacher, self.device, self.weight_dtype)
         if config.use_lora:  # the adapters on the teacher's UNet, whose passes turn them off
             student = add_lora(self.teacher.unet, config.lora_rank, config.lora_alpha)
@@ -457,7 +457,7 @@ class Trainer:
 
 
 def make_target(student):
-    """The EMA target: a frozen copy of the student (DESIGN.md §1 step 6)."""
+    """The EMA target: a frozen copy of the student (docs/design.md §1 step 6)."""
     import copy
 
     target = copy.deepcopy(student).requires_grad_(False)

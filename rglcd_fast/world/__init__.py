@@ -1,4 +1,4 @@
-"""The embedded default world the main job runs on (DESIGN.md §4)."""
+"""The embedded default world the main job runs on (docs/design.md §4)."""
 from .classifiers import DigitClassifier, DigitReward, load_classifier, prompted_digit, train_classifier
 from .digits import (DIGIT_WORDS, DigitsDataset, load_digits, prompt_for, save_tokenizer, split_halves,
                      to_rgb_images, vocabulary)

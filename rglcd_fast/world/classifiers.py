@@ -1,6 +1,7 @@
-"""The digits world's expert reward model and held-out evaluator (DESIGN.md §4): two small CNN
+"""The digits world's expert reward model and held-out evaluator (docs/design.md §4): two small CNN
 classifiers of 32×32 digit images, trained on the two disjoint halves of the data with different
-architectures and seeds. The expert's reward is the logit of the prompted digit; the evaluator's
+architectures and seeds. The expert rewards the student with its probability of the prompted digit (its
+logit is the LRM update's logits and the evaluation's expert reward); the evaluator's
 accuracy on the prompted digit and its penultimate features (for a Fréchet distance) judge samples.
 
 Rebuild both with `python -m rglcd_fast.world.classifiers OUT_DIR` (fixed seeds); the package ships

@@ -1,4 +1,4 @@
-"""The data of the embedded default world (DESIGN.md §4): the 1,797 handwritten digits scikit-learn
+"""The data of the embedded default world (docs/design.md §4): the 1,797 handwritten digits scikit-learn
 ships (8×8, 17 grey levels), as 32×32 RGB images of dark ink on white paper with prompts like
 "a handwritten digit seven", a fixed split into two halves (one for the expert reward model, the
 other for the held-out evaluator), and the small vocabulary those prompts need.

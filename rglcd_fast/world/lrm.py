@@ -1,4 +1,4 @@
-"""The digits world's pre-trained latent reward model (DESIGN.md §4 and §1 step 9): `rglcd-fast pretrain-lrm`'s
+"""The digits world's pre-trained latent reward model (docs/design.md §4 and §1 step 9): `rglcd-fast pretrain-lrm`'s
 digits preset (a conv tower over the teacher's 4×8×8 latents, the teacher's text encoder as the text tower,
 the contrastive loss plus the digits expert's preferences), shipped in rglcd_fast/world/weights/lrm/ and used
 by `rglcd-fast train` with no arguments.

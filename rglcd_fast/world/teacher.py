@@ -1,4 +1,4 @@
-"""The digits world's teacher (DESIGN.md §4): a tiny Stable-Diffusion-class latent diffusion model of the
+"""The digits world's teacher (docs/design.md §4): a tiny Stable-Diffusion-class latent diffusion model of the
 32×32 digit images, built from the same classes as Stable Diffusion (diffusers `AutoencoderKL` and
 `UNet2DConditionModel`, transformers `CLIPTextModel` and `CLIPTokenizer`, SD's `DDPMScheduler` config)
 and shipped as a diffusers-format `StableDiffusionPipeline` folder, so the trainer loads it exactly as
