@@ -72,9 +72,10 @@ def _table_header(title: str, args, seeds) -> str:
 
     import torch
 
+    commit = os.environ.get("RGLCD_COMMIT")  # set where the tree's .git may be stale (the device machine's copy)
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                          cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
