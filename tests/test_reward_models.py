@@ -301,7 +301,7 @@ def test_lrm_from_clip_copies_text_tower(clip_folder):
     lrm = tiny_lrm(clip_folder)
     clip = CLIPModel.from_pretrained(clip_folder)
     for k, v in clip.text_model.state_dict().items():
-        torch.testing.assert_close(lrm.text_model.state_dict()[k], v)
+        torch.testing.assert_close(lrm.text_transformer.state_dict()[k], v)
     torch.testing.assert_close(lrm.text_projection.weight, clip.text_projection.weight)
     assert lrm.config["embed_dim"] == 8 and lrm.tokenizer is not None
     assert math.isclose(lrm.logit_scale.item(), math.log(1 / 0.07), rel_tol=1e-6)

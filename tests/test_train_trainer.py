@@ -5,6 +5,7 @@ import contextlib
 import csv
 import math
 import os
+import socket
 import subprocess
 import sys
 
@@ -356,10 +357,18 @@ def test_two_processes_stay_in_sync_and_resume(world, tmp_path):
         env["CUDA_VISIBLE_DEVICES"] = ""
 
     def launch(*args):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-               str(script), *args]
+        # an explicit rendezvous on a free local port (not --standalone), each rank's output kept apart
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        logs = tmp_path / f"ranks-{'-'.join(args)}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--log-dir", str(logs),
+               "--redirects", "3", str(script), *args]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, f"exit {done.returncode}\n" + done.stdout[-3000:] + done.stderr[-6000:]
+        ranks = "".join(f"\n--- {path.relative_to(logs)}\n{path.read_text()[-3000:]}"
+                        for path in sorted(logs.rglob("*.log")))
+        assert done.returncode == 0, f"exit {done.returncode}\n" + done.stderr[-3000:] + ranks
 
     launch("none", "2")
     assert sorted(os.listdir(tmp_path / "out" / "checkpoint-2")).count("rng_rank1.pt") == 1

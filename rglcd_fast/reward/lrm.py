@@ -15,6 +15,7 @@ from ..ops import pairwise_preference_loss, reward_head
 CONFIG_NAME = "lrm_config.json"
 IMAGE_TOWERS = ("conv", "vit")
 WEIGHTS_NAME = "model.safetensors"
+_NESTED, _FLAT = "text_model.text_model.", "text_model."  # LRM state keys of the text transformer
 
 
 class _ResBlock(nn.Module):
@@ -167,6 +168,11 @@ class LatentRewardModel(nn.Module):
     def text_config(self):
         return self.text_model.config
 
+    @property
+    def text_transformer(self):
+        """The text tower's transformer (transformers 4.x nests it in CLIPTextModel.text_model, 5.x does not)."""
+        return getattr(self.text_model, "text_model", self.text_model)
+
     # -- towers -------------------------------------------------------------------------------------
     def tokenize(self, prompts):
         if self.tokenizer is None:
@@ -204,8 +210,7 @@ class LatentRewardModel(nn.Module):
         image_groups = self.image_encoder.lock_groups()
         if not 0 <= unlocked_image_groups <= len(image_groups):
             raise ValueError(f"unlocked_image_groups: expected 0..{len(image_groups)}, got {unlocked_image_groups}")
-        text = getattr(self.text_model, "text_model", self.text_model)  # transformers 4.x nests the transformer
-        layers = text.encoder.layers
+        layers = self.text_transformer.encoder.layers
         if unlocked_text_layers is None:
             unlocked_text_layers = self.default_unlocked_text_layers()
         if not 0 <= unlocked_text_layers <= len(layers):
@@ -213,8 +218,8 @@ class LatentRewardModel(nn.Module):
         _set_trainable([self.image_encoder, self.text_model, self.text_projection], False)
         _set_trainable([m for group in image_groups[len(image_groups) - unlocked_image_groups:] for m in group], True)
         if unlocked_text_layers:
-            _set_trainable([*layers[len(layers) - unlocked_text_layers:], text.final_layer_norm, self.text_projection],
-                           True)
+            _set_trainable([*layers[len(layers) - unlocked_text_layers:], self.text_transformer.final_layer_norm,
+                            self.text_projection], True)
         return self
 
     def _scores(self, latents, prompts_or_input_ids, scale):
@@ -273,7 +278,7 @@ class LatentRewardModel(nn.Module):
                     tokenizer = None
         kwargs.setdefault("embed_dim", clip.config.projection_dim)
         model = cls(clip.config.text_config.to_dict(), tokenizer=tokenizer, **kwargs)
-        model.text_model.load_state_dict(clip.text_model.state_dict())
+        model.text_transformer.load_state_dict(clip.text_model.state_dict())
         if model.text_projection.weight.shape == clip.text_projection.weight.shape:
             model.text_projection.load_state_dict(clip.text_projection.state_dict())
         return model.to(clip.logit_scale.device)
@@ -287,7 +292,8 @@ class LatentRewardModel(nn.Module):
         config = dict(self.config, text_config=self.text_config.to_dict())
         with open(os.path.join(folder, CONFIG_NAME), "w") as f:
             json.dump(config, f, indent=2, default=str)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        # the file's keys as transformers 5 names them (4.x nests the text transformer one level deeper)
+        state = {k.replace(_NESTED, _FLAT, 1): v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(folder)
@@ -308,7 +314,10 @@ class LatentRewardModel(nn.Module):
             tokenizer = CLIPTokenizer.from_pretrained(folder)
         text_config = config.pop("text_config")
         model = cls(text_config, tokenizer=tokenizer, **config)  # folders before image_tower: a conv tower
-        model.load_state_dict(load_file(os.path.join(folder, WEIGHTS_NAME)))
+        state = load_file(os.path.join(folder, WEIGHTS_NAME))
+        if any(k.startswith(_NESTED) for k in model.state_dict()):  # transformers 4.x
+            state = {k.replace(_FLAT, _NESTED, 1) if not k.startswith(_NESTED) else k: v for k, v in state.items()}
+        model.load_state_dict(state)
         if dtype is not None:
             model = model.to(dtype=dtype)
         return model.to(device) if device is not None else model
