@@ -212,8 +212,8 @@ def main(argv=None) -> int:
     args.argv = argv[1:]
     errors = (FileNotFoundError, ValueError)
     if args.command in ("train", "pretrain-lrm"):
-        from .train.trainer import NonFiniteLossError
-        errors += (NonFiniteLossError,)
+        from .train.trainer import CheckpointWriteError, NonFiniteLossError
+        errors += (NonFiniteLossError, CheckpointWriteError)
     try:
         return args.run(args)
     except errors as error:

@@ -129,12 +129,31 @@ def test_crash_mid_save_keeps_previous(tmp_path, monkeypatch):
     assert len([n for n in names if n.startswith(".tmp-checkpoint-")]) == 2
     assert latest_checkpoint(tmp_path) == os.path.join(tmp_path, "checkpoint-2")
     assert load_checkpoint(latest_checkpoint(tmp_path), {"meta": None})["meta"] == {"i": 2}
-    os.makedirs(tmp_path / "checkpoint-9")  # no COMPLETE marker: ignored
-    assert latest_checkpoint(tmp_path) == os.path.join(tmp_path, "checkpoint-2")
+    os.makedirs(tmp_path / "checkpoint-9")  # no COMPLETE marker: skipped, with a warning
+    with pytest.warns(RuntimeWarning, match="checkpoint-9: no COMPLETE marker"):
+        assert latest_checkpoint(tmp_path) == os.path.join(tmp_path, "checkpoint-2")
 
     save_checkpoint(tmp_path, 3, {"model": m, "meta": {"i": 3}}, keep=5)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-9"]
     assert latest_checkpoint(tmp_path) == os.path.join(tmp_path, "checkpoint-3")
+
+
+def test_a_damaged_checkpoint_is_skipped_by_latest_with_a_warning(tmp_path):
+    m = torch.nn.Linear(2, 2)
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, {"model": m, "meta": {"i": step}}, keep=None)
+    newest = tmp_path / "checkpoint-3"
+    (weights,) = [f for f in os.listdir(newest) if f.startswith("model")]
+    with open(newest / weights, "r+b") as f:  # truncated after the save (a full disk, a bad copy)
+        f.truncate(10)
+    with pytest.warns(RuntimeWarning, match=f"checkpoint-3: {weights} has 10 bytes, the save wrote"):
+        assert latest_checkpoint(tmp_path) == os.path.join(tmp_path, "checkpoint-2")
+    os.remove(tmp_path / "checkpoint-2" / "COMPLETE")
+    with pytest.warns(RuntimeWarning, match="checkpoint-2: no COMPLETE marker"):
+        assert latest_checkpoint(tmp_path) == os.path.join(tmp_path, "checkpoint-1")
+    with pytest.raises(ValueError, match="resume checkpoint .*checkpoint-3: .* has 10 bytes"):
+        resolve_resume(str(newest), str(tmp_path))
+    assert load_checkpoint(latest_checkpoint(tmp_path), {"meta": None})["meta"] == {"i": 1}
 
 
 def test_pruning(tmp_path, monkeypatch):

@@ -249,6 +249,18 @@ def test_corrupt_and_missing_caption_are_skipped_and_counted(tmp_path):
     assert got == ["ok", None, "from json"] and tds.skipped == 2
 
 
+def test_a_shard_that_turns_unreadable_mid_run_is_skipped_and_counted(tmp_path):
+    d = _shards(tmp_path, n_shards=2, per=4)
+    ds = ImageCaptionDataset.from_path(d, R)
+    assert len(ds) == 8 and ds[0] is not None
+    with open(d / "shard-00001.tar", "r+b") as f:  # the second shard loses its data after indexing
+        f.truncate(512)
+    with pytest.warns(RuntimeWarning, match="skipped unreadable sample"):
+        items = _all(ds)
+    assert sum(item is None for item in items) == 4 and ds.skipped == 4
+    assert [it["caption"] for it in items[:4]] == [f"caption {k}" for k in range(4)]
+
+
 def test_bad_paths_raise_naming_the_path(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match="nope"):

@@ -289,6 +289,32 @@ def test_nonfinite_losses_in_a_row_stop_the_run_without_touching_the_weights(wor
     assert_same(before, weights(trainer.accelerator.unwrap_model(trainer.student)))
 
 
+def test_a_full_disk_at_a_checkpoint_stops_the_run_and_keeps_the_previous_one(world, tmp_path, monkeypatch):
+    import errno
+
+    import rglcd_fast.train.checkpoint as ckpt
+    from rglcd_fast.train.trainer import CheckpointWriteError
+
+    trainer = Trainer(tiny_config(world, tmp_path, max_train_steps=4, checkpointing_steps=2))
+    write = ckpt._write_entry
+
+    def full_at_step_4(folder, name, obj, kind):
+        if "-4-" in os.path.basename(folder):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(folder, name, obj, kind)
+
+    monkeypatch.setattr(ckpt, "_write_entry", full_at_step_4)
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint-4 could not be written .*No space left on device.*"
+                                                   r"checkpoint-2 is intact.*--resume-from-checkpoint latest"):
+        trainer.train()
+    assert ckpt.latest_checkpoint(str(tmp_path)) == os.path.join(str(tmp_path), "checkpoint-2")
+    monkeypatch.undo()
+    resumed = Trainer(tiny_config(world, tmp_path, max_train_steps=4, checkpointing_steps=2,
+                                  resume_from_checkpoint="latest"))
+    resumed.train()
+    assert resumed.step == 4
+
+
 def test_config_file_flags_and_errors(tmp_path):
     from rglcd_fast.cli import build_parser
     from rglcd_fast.train.config import DIGITS_PRESET, config_from_args

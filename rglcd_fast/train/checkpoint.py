@@ -261,22 +261,49 @@ def _is_complete(path: str) -> bool:
     return os.path.isfile(os.path.join(path, COMPLETE))
 
 
-def list_checkpoints(output_dir: str) -> list:
-    """``[(step, path)]`` of the COMPLETE checkpoints in ``output_dir``, oldest first."""
+def _damage(path: str) -> Optional[str]:
+    """Why a checkpoint folder cannot be trusted (no COMPLETE marker; a file the marker lists missing or of
+    another size: truncated after the save), or None. Markers of older saves list no files."""
+    if not _is_complete(path):
+        return f"no {COMPLETE} marker (an interrupted save or a damaged folder)"
+    with open(os.path.join(path, COMPLETE)) as f:
+        text = f.read()
+    try:
+        files = json.loads(text).get("files", {})
+    except (ValueError, AttributeError):
+        return None
+    for name, size in files.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{name} is missing"
+        if os.path.getsize(file) != size:
+            return f"{name} has {os.path.getsize(file)} bytes, the save wrote {size}"
+    return None
+
+
+def list_checkpoints(output_dir: str, warn: bool = False) -> list:
+    """``[(step, path)]`` of the intact checkpoints in ``output_dir`` (COMPLETE, every file as saved), oldest
+    first; ``warn``: a warning for each damaged one skipped."""
     if not os.path.isdir(output_dir):
         return []
     out = []
     for entry in os.listdir(output_dir):
         m = _CKPT_RE.match(entry)
         path = os.path.join(output_dir, entry)
-        if m and os.path.isdir(path) and _is_complete(path):
+        if not (m and os.path.isdir(path)):
+            continue
+        damage = _damage(path)
+        if damage is None:
             out.append((int(m.group(1)), path))
+        elif warn:
+            warnings.warn(f"skipping checkpoint {path}: {damage}", RuntimeWarning, stacklevel=3)
     return sorted(out)
 
 
 def latest_checkpoint(output_dir: str) -> Optional[str]:
-    """Path of the newest (by step) COMPLETE ``checkpoint-<step>``; ``None`` if there is none."""
-    ckpts = list_checkpoints(output_dir)
+    """Path of the newest (by step) intact ``checkpoint-<step>``, damaged ones skipped with a warning;
+    ``None`` if there is none."""
+    ckpts = list_checkpoints(output_dir, warn=True)
     return ckpts[-1][1] if ckpts else None
 
 
@@ -290,9 +317,9 @@ def resolve_resume(resume: Optional[str], output_dir: str) -> Optional[str]:
     path = os.fspath(resume)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"resume checkpoint not found: {path}")
-    if not _is_complete(path):
-        raise ValueError(f"resume checkpoint {path} has no {COMPLETE} marker (incomplete or not a "
-                         "checkpoint folder)")
+    damage = _damage(path)
+    if damage is not None:
+        raise ValueError(f"resume checkpoint {path}: {damage}")
     return path
 
 
@@ -365,7 +392,9 @@ def save_checkpoint(output_dir: str, step: int, state: Mapping[str, Any], keep: 
                 if missing:
                     raise RuntimeError(f"RNG files of ranks {missing} missing from {tmp}; checkpoint "
                                        "not published")
-            _write_text(os.path.join(tmp, COMPLETE), f"{step}\n")
+            # the marker lists every file with its size: a later truncation is caught by latest_checkpoint
+            files = {name: os.path.getsize(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+            _write_text(os.path.join(tmp, COMPLETE), json.dumps({"step": step, "files": files}))
             _fsync_dir(tmp)
             old = None
             if os.path.exists(final):  # overwrite=True: move the old one aside, publish, then delete it

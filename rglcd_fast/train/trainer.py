@@ -13,7 +13,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from .checkpoint import capture_rng_state, load_checkpoint, resolve_resume, save_checkpoint, write_folder
+from .checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint,
+                         write_folder)
 from .config import TrainConfig
 from .data import ResumableDataLoader, training_dataset
 from .models import (RewardGuidance, Teacher, WithoutAdapters, add_lora, check_settings, load_lrm, make_lrm,
@@ -48,6 +49,10 @@ def make_accelerator(config, **kwargs):
                        project_config=ProjectConfiguration(project_dir=config.output_dir,
                                                            logging_dir=os.path.join(config.output_dir, "logs")),
                        **kwargs)
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the previous one is intact."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -240,10 +245,20 @@ class Trainer:
         return state
 
     def save_checkpoint(self) -> str:
-        acc = self.accelerator
-        return save_checkpoint(self.config.output_dir, self.step, self._state(), keep=self.config.checkpoints_total_limit,
-                               overwrite=True, barrier=acc.wait_for_everyone, rank=acc.process_index,
-                               world_size=acc.num_processes)
+        """checkpoint-<step>, atomically. A failed write (disk full, a folder that turned unwritable) leaves
+        the previous checkpoint as it was and stops the run with CheckpointWriteError, saying which."""
+        acc, output_dir = self.accelerator, self.config.output_dir
+        try:
+            return save_checkpoint(output_dir, self.step, self._state(), keep=self.config.checkpoints_total_limit,
+                                   overwrite=True, barrier=acc.wait_for_everyone, rank=acc.process_index,
+                                   world_size=acc.num_processes)
+        except OSError as error:
+            previous = latest_checkpoint(output_dir)
+            raise CheckpointWriteError(
+                f"checkpoint-{self.step} could not be written in {output_dir} ({error}); "
+                + (f"{previous} is intact" if previous else "no earlier checkpoint exists")
+                + ": free space or fix the folder's permissions, then resume with --resume-from-checkpoint latest"
+            ) from error
 
     def resume(self, checkpoint: str) -> None:
         state = self._state()
