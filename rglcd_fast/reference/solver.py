@@ -67,7 +67,8 @@ def guided_ddim_step(cond_output, uncond_output, sample, timesteps, prev_timeste
     ndim, dtype = sample.dim(), sample.dtype
     alpha_schedule = torch.sqrt(alphas_cumprod)
     sigma_schedule = torch.sqrt(1 - alphas_cumprod)
-    w = _per_sample(guidance_scale, ndim, accumulation_dtype(dtype))
+    # a Python number too, as the op takes it
+    w = _per_sample(torch.as_tensor(guidance_scale, device=sample.device), ndim, accumulation_dtype(dtype))
     cond_pred_x0 = get_predicted_original_sample(cond_output, timesteps, sample, prediction_type, alpha_schedule,
                                                  sigma_schedule)
     cond_pred_noise = get_predicted_noise(cond_output, timesteps, sample, prediction_type, alpha_schedule,
