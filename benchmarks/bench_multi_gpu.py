@@ -13,7 +13,7 @@ one JSON line to --json; --report turns the lines into the results table, with t
     accelerate launch --num_processes 2 --multi_gpu benchmarks/bench_multi_gpu.py --reward off --json runs.jsonl
     python benchmarks/bench_multi_gpu.py --report runs.jsonl --digits 1:DIR 2:DIR --out results/multi_gpu_<card>.md
     torchrun --nproc_per_node 2 benchmarks/bench_multi_gpu.py --small --json /tmp/runs.jsonl   # CPU (gloo) smoke run
-scripts/multi_gpu.sh runs the whole set on the lent machine.
+`bash scripts/gpu_check.sh multi_gpu` runs the whole set on a machine of several GPUs.
 """
 import argparse
 import csv
