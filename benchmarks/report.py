@@ -4,21 +4,13 @@
     python benchmarks/report.py bench.json > benchmarks/results/cpu_<machine>.md
 """
 import json
-import os
 import platform
-import subprocess
 import sys
 from collections import defaultdict
 
 import torch
 
-
-def commit_id() -> str:
-    """The commit measured: $RGLCD_COMMIT where set (the device's copy of the tree may hold a stale .git),
-    else this checkout's short HEAD, else "unknown"."""
-    return os.environ.get("RGLCD_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+from rglcd_fast.cli import commit_id  # the header line of every benchmark table
 
 
 def main(path):

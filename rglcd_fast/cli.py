@@ -66,18 +66,25 @@ def _seeds(text: str) -> list:
     return [int(s) for s in text.replace(",", " ").split()]
 
 
+def commit_id() -> str:
+    """The commit measured: $RGLCD_COMMIT where set (the device machine's copy of the tree may hold a stale
+    .git), else this checkout's short HEAD, else "unknown"."""
+    import subprocess
+
+    try:
+        return os.environ.get("RGLCD_COMMIT") or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
 def _table_header(title: str, args, seeds) -> str:
     import datetime
-    import subprocess
 
     import torch
 
-    commit = os.environ.get("RGLCD_COMMIT")  # set where the tree's .git may be stale (the device machine's copy)
-    try:
-        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                          cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
+    commit = commit_id()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     return (f"# {title}\n\n{datetime.date.today()}, torch {torch.__version__}, commit {commit}; students trained on "
             f"{device}, sampled and scored on the CPU ({os.cpu_count()} cores). {args.per_digit} samples per digit "

@@ -179,6 +179,9 @@ def test_the_runs_data_settings_reach_the_data_set(tmp_path):
     data = training_dataset(config, R)
     assert (data.center_crop, data.random_flip, data.interpolation, data.seed) == (False, True, "bilinear", 5)
     assert data[0]["caption"] == "prompt 0"
+    shards = _shards(tmp_path, n_shards=2, per=2)  # tar shards and brace patterns take the same settings
+    pattern = make_config(teacher="/sd", data=str(shards / "shard-{00000..00001}.tar"), random_flip=True)
+    assert len(training_dataset(pattern, R)) == 4 and training_dataset(pattern, R).random_flip
     with pytest.raises(ValueError, match="interpolation: expected one of bilinear, bicubic, lanczos"):
         make_config(teacher="/sd", interpolation="nearest")
 

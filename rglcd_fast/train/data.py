@@ -165,6 +165,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def from_path(cls, path, resolution: int, **kwargs) -> "ImageCaptionDataset":
         """Folder of images + .txt sidecars, a folder with metadata.jsonl, a .jsonl manifest, a .tar
         shard, a brace pattern of shards, a list of shards, or a folder of .tar shards."""
+        hf = {k: kwargs.pop(k) for k in ("image_column", "caption_column") if k in kwargs}  # HF data sets
+        jsonl = {"caption_key": hf["caption_column"]} if hf.get("caption_column") else {}  # a manifest's key
         if isinstance(path, (list, tuple)):
             shards = []
             for p in path:
@@ -176,21 +178,18 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             return cls.from_tar_shards(braceexpand(path), resolution, **kwargs)
         if not os.path.exists(path):
             raise FileNotFoundError(f"data path does not exist: {path}")
-        hf = {k: kwargs.pop(k) for k in ("image_column", "caption_column") if k in kwargs}
         if path.endswith(".parquet") or os.path.isfile(os.path.join(path, "dataset_info.json")) or (
                 os.path.isdir(path) and any(f.endswith(".parquet") for f in os.listdir(path))):
             return cls.from_hf_dataset(path, resolution, **hf, **kwargs)
         if os.path.isdir(path):
             if os.path.isfile(os.path.join(path, "metadata.jsonl")):
-                caption = {"caption_key": hf["caption_column"]} if hf.get("caption_column") else {}
-                return cls.from_jsonl(os.path.join(path, "metadata.jsonl"), resolution, **caption, **kwargs)
+                return cls.from_jsonl(os.path.join(path, "metadata.jsonl"), resolution, **jsonl, **kwargs)
             tars = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".tar"))
             if tars:
                 return cls.from_tar_shards(tars, resolution, **kwargs)
             return cls.from_folder(path, resolution, **kwargs)
         if path.endswith(".jsonl"):
-            caption = {"caption_key": hf["caption_column"]} if hf.get("caption_column") else {}
-            return cls.from_jsonl(path, resolution, **caption, **kwargs)
+            return cls.from_jsonl(path, resolution, **jsonl, **kwargs)
         if path.endswith(".tar"):
             return cls.from_tar_shards([path], resolution, **kwargs)
         raise ValueError(f"cannot tell what kind of data {path} is (expected a folder, .jsonl, .parquet or .tar)")
