@@ -18,17 +18,6 @@ def _seed_random_state():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny base SD folder and 12 captioned 16×16 images (captions name a digit, for the digits expert)."""
-    from PIL import Image
+    from tiny_pipeline import save_tiny_world
 
-    from tiny_pipeline import save_tiny_pipeline
-
-    root = tmp_path_factory.mktemp("world")
-    teacher = save_tiny_pipeline(str(root / "teacher"), lcm=False)
-    data = root / "data"
-    data.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(12):
-        pixels = (torch.rand(16, 16, 3, generator=g) * 255).byte().numpy()
-        Image.fromarray(pixels).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text(f"a digit {('zero', 'one', 'two', 'three')[i % 4]}")
-    return teacher, str(data)
+    return save_tiny_world(tmp_path_factory.mktemp("world"))

@@ -183,6 +183,27 @@ def test_pruning(tmp_path, monkeypatch):
         save_checkpoint(tmp_path, 70, {"model": m}, keep=0)
 
 
+def test_a_half_pruned_checkpoint_is_removed_by_the_next_save(tmp_path):
+    """A crash inside pruning leaves an older checkpoint with files missing: skipped by latest, then removed
+    by the next successful save (a damaged folder newer than the save is left alone)."""
+    m = torch.nn.Linear(2, 2)
+    for step in (1, 2, 9):
+        save_checkpoint(tmp_path, step, {"model": m, "meta": {"i": step}}, keep=None)
+    os.remove(tmp_path / "checkpoint-1" / "model.safetensors")
+    os.remove(tmp_path / "checkpoint-9" / "COMPLETE")
+    save_checkpoint(tmp_path, 3, {"model": m}, keep=None)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-3", "checkpoint-9"]
+
+
+def test_write_file_atomic_keeps_the_old_text_when_the_write_fails(tmp_path, monkeypatch):
+    path = tmp_path / "config.json"
+    ckpt.write_file_atomic(str(path), "old")
+    monkeypatch.setattr(ckpt.os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.write_file_atomic(str(path), "new")
+    assert path.read_text() == "old"
+
+
 def test_write_folder_replaces_whole_or_not_at_all(tmp_path):
     out = tmp_path / "outputs"
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from rglcd_fast.reward import RewardModel
 from rglcd_fast.train.config import TrainConfig, make_config
-from rglcd_fast.train.trainer import NonFiniteLossError, Trainer
+from rglcd_fast.train.trainer import CsvLog, NonFiniteLossError, Trainer
 from tiny_pipeline import tiny_config
 
 def weights(module):
@@ -219,9 +219,21 @@ def test_resume_matches_an_uninterrupted_run_exactly(world, tmp_path, mode):
     if mode == "lrm":
         assert_same(weights(straight.guidance.lrm), weights(resumed.guidance.lrm))
     assert torch.equal(straight.generator.get_state(), resumed.generator.get_state())
+    rng_files = [torch.load(tmp_path / run / "checkpoint-4" / "rng_rank0.pt") for run in ("straight", "resumed")]
+    assert torch.equal(rng_files[0]["torch"], rng_files[1]["torch"])  # the global RNG too
     with open(tmp_path / "straight" / "logs.csv") as a, open(tmp_path / "resumed" / "logs.csv") as b:
         rows_a, rows_b = list(csv.DictReader(a)), list(csv.DictReader(b))
     assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
+
+
+def test_logs_of_a_resumed_run_drop_later_rows_and_a_torn_line(tmp_path):
+    """A run killed mid-write leaves a torn last line ("1" of "12,..." looks like step 1): only whole lines
+    up to the checkpoint's step are kept."""
+    path = tmp_path / "logs.csv"
+    path.write_text("step,loss\n1,0.5\n2,0.25\n3,0.125\n1")
+    log = CsvLog(str(path), ("step", "loss"), resume_step=2)
+    log.write({"step": 3, "loss": 0.75})
+    assert path.read_text().splitlines() == ["step,loss", "1,0.5", "2,0.25", "3,0.75"]
 
 
 @contextlib.contextmanager

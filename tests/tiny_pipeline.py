@@ -94,6 +94,23 @@ def save_tiny_lcm_lora(base_folder, lora_folder, seed=1, xl=False):
     return lora_folder
 
 
+def save_tiny_world(root):
+    """(teacher, data): a tiny base SD folder and 12 captioned 16×16 images in ``root`` (captions name a digit,
+    for the digits expert)."""
+    from PIL import Image
+
+    teacher = save_tiny_pipeline(os.path.join(root, "teacher"), lcm=False)
+    data = os.path.join(root, "data")
+    os.makedirs(data)
+    g = torch.Generator().manual_seed(0)
+    for i in range(12):
+        pixels = (torch.rand(16, 16, 3, generator=g) * 255).byte().numpy()
+        Image.fromarray(pixels).save(os.path.join(data, f"{i}.png"))
+        with open(os.path.join(data, f"{i}.txt"), "w") as f:
+            f.write(f"a digit {('zero', 'one', 'two', 'three')[i % 4]}")
+    return teacher, data
+
+
 def tiny_config(world, out, **overrides):
     """A trainer config over the `world` fixture (conftest.py): 4 steps of batch 4, tiny LRM and LoRA."""
     from rglcd_fast.train.config import make_config

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 __all__ = ["RngState", "capture_rng_state", "restore_rng_state", "save_checkpoint", "load_checkpoint",
-           "latest_checkpoint", "resolve_resume", "list_checkpoints"]
+           "latest_checkpoint", "resolve_resume", "list_checkpoints", "write_folder", "write_file_atomic"]
 
 COMPLETE = "COMPLETE"
 MANIFEST = "manifest.json"
@@ -229,6 +229,12 @@ def _write_text(path: str, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_file_atomic(path: str, text: str) -> None:
+    """Replace the text file ``path`` whole or not at all (a crash mid-write leaves the old file)."""
+    _write_text(path + ".tmp", text)
+    os.replace(path + ".tmp", path)
 
 
 def _write_rng(folder: str, rng: Any, rank: int) -> None:
@@ -414,10 +420,13 @@ def save_checkpoint(output_dir: str, step: int, state: Mapping[str, Any], keep: 
 
 
 def _prune(output_dir: str, new: str, keep: Optional[int]) -> None:
-    """After a successful save: drop leftover temp folders and complete checkpoints beyond ``keep``."""
+    """After a successful save: drop leftover temp folders, damaged checkpoints older than the new one (a
+    crash inside an earlier prune leaves a half-deleted one) and complete checkpoints beyond ``keep``."""
+    new_step = int(_CKPT_RE.match(os.path.basename(new)).group(1))
     for entry in os.listdir(output_dir):
-        if entry.startswith(_TMP_PREFIX):
-            shutil.rmtree(os.path.join(output_dir, entry), ignore_errors=True)
+        path, step = os.path.join(output_dir, entry), _CKPT_RE.match(entry)
+        if entry.startswith(_TMP_PREFIX) or (step and int(step.group(1)) < new_step and _damage(path)):
+            shutil.rmtree(path, ignore_errors=True)
     if keep is None:
         return
     new = os.path.abspath(new)

@@ -164,8 +164,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, default=list)
+        from .checkpoint import write_file_atomic
+
+        write_file_atomic(path, json.dumps(self.to_dict(), indent=2, default=list))
 
 
 # The digits world (docs/design.md §4): 8×8 latents, the shipped pre-trained LRM fine-tuned online at the official

@@ -518,9 +518,12 @@ class ResumableDataLoader:
         self._normalise()
         self.sampler.set_epoch(self.epoch)
         self.sampler.start_index = self.index
+        # the loader's own generator, seeded per epoch: its workers' base seed is never drawn from (and never
+        # moves) the global RNG, so a resumed run's global RNG follows the uninterrupted run's
+        kwargs = {"generator": torch.Generator().manual_seed(self.sampler.seed + self.epoch), **self.dataloader_kwargs}
         dl = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
                                          collate_fn=self.collate_fn, num_workers=self.num_workers,
-                                         drop_last=self.drop_last_batch, **self.dataloader_kwargs)
+                                         drop_last=self.drop_last_batch, **kwargs)
         n = self.sampler.per_rank
         for batch in dl:
             self.index = min(self.index + self.batch_size, n)

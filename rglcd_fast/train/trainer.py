@@ -6,6 +6,7 @@ non-finite losses skip the update; outputs are a diffusers LCM pipeline folder (
 LRM, logs.csv, TensorBoard events and sample grids."""
 import csv
 import dataclasses
+import io
 import math
 import os
 import time
@@ -14,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint,
-                         write_folder)
+                         write_file_atomic, write_folder)
 from .config import TrainConfig
 from .data import ResumableDataLoader, training_dataset
 from .models import (RewardGuidance, Teacher, WithoutAdapters, add_lora, check_settings, load_lrm, make_lrm,
@@ -481,17 +482,20 @@ def make_target(student):
 
 class CsvLog:
     """logs.csv: one row per logging step, the given columns; a resumed run appends (rows after the
-    checkpoint's step, from the interrupted run, are dropped first)."""
+    checkpoint's step, from the interrupted run, are dropped first, and so is a line torn by a crash)."""
 
     def __init__(self, path, columns, resume_step: int = 0):
         self.path, self.columns = path, columns
         if os.path.isfile(path):
             with open(path, newline="") as f:
-                rows = [row for row in csv.DictReader(f) if int(row["step"]) <= resume_step]
-            with open(path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(rows)
+                text = f.read()
+            whole_lines = io.StringIO(text[:text.rfind("\n") + 1])
+            rows = [row for row in csv.DictReader(whole_lines) if int(row["step"]) <= resume_step]
+            kept = io.StringIO()
+            writer = csv.DictWriter(kept, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+            write_file_atomic(path, kept.getvalue())
 
     def write(self, row: dict) -> None:
         exists = os.path.isfile(self.path)
