@@ -46,17 +46,26 @@ inline void with_prediction_type(PredictionType type, const Body& body) {
   }
 }
 
-// A per-sample linear map of (sample x, model output m): value = cx * x + cm * m. has_x is false
-// where the formula does not read x at all (so an Inf in x cannot turn into 0 * Inf = NaN).
+// A per-sample linear map of (sample x, model output m), evaluated in the reference's (diffusers') operation
+// order: value = r·x + q·(px·x + pm·m). E.g. x0 = (x - σ·m) / α is r = 0, q = 1/α, px = 1, pm = -σ: x and σ·m
+// cancel before the scaling, where the folded x/α - (σ/α)·m loses float32 precision at high noise (α ≈ 0.07)
+// and large inputs. cx() and cm() are its derivatives, the backwards' coefficients. A zero r or px skips its
+// term and has_x = false skips x altogether (an Inf in x cannot turn into 0 * Inf = NaN where the formula
+// does not read it).
 template <typename acc_t>
 struct Linear {
-  acc_t cx, cm;
+  acc_t r, q, px, pm;
   bool has_x = true;
+
+  RGLCD_HD acc_t cx() const { return has_x ? r + q * px : acc_t(0); }
+  RGLCD_HD acc_t cm() const { return q * pm; }
 
   template <typename T>
   RGLCD_HD acc_t operator()(T x, T m) const {
-    const acc_t mm = cm * static_cast<acc_t>(m);
-    return has_x ? cx * static_cast<acc_t>(x) + mm : mm;
+    const acc_t xv = static_cast<acc_t>(x), mm = pm * static_cast<acc_t>(m);
+    if (!has_x) return q * mm;
+    const acc_t inner = px != acc_t(0) ? px * xv + mm : mm;
+    return r != acc_t(0) ? r * xv + q * inner : q * inner;
   }
 };
 
@@ -65,9 +74,9 @@ template <typename acc_t>
 RGLCD_HD Linear<acc_t> x0_coefficients(acc_t alpha_bar, PredictionType type) {
   const acc_t a = std::sqrt(alpha_bar), s = std::sqrt(acc_t(1) - alpha_bar);
   switch (type) {
-    case PredictionType::Epsilon: return {acc_t(1) / a, -s / a};     // (x - s m) / a
-    case PredictionType::VPrediction: return {a, -s};                 // a x - s m
-    default: return {acc_t(0), acc_t(1), false};                      // m
+    case PredictionType::Epsilon: return {acc_t(0), acc_t(1) / a, acc_t(1), -s};  // (x - s m) / a
+    case PredictionType::VPrediction: return {acc_t(0), acc_t(1), a, -s};         // a x - s m
+    default: return {acc_t(0), acc_t(1), acc_t(0), acc_t(1), false};              // m
   }
 }
 
@@ -75,9 +84,9 @@ template <typename acc_t>
 RGLCD_HD Linear<acc_t> eps_coefficients(acc_t alpha_bar, PredictionType type) {
   const acc_t a = std::sqrt(alpha_bar), s = std::sqrt(acc_t(1) - alpha_bar);
   switch (type) {
-    case PredictionType::Epsilon: return {acc_t(0), acc_t(1), false}; // m
-    case PredictionType::VPrediction: return {s, a};                  // a m + s x
-    default: return {acc_t(1) / s, -a / s};                           // (x - a m) / s
+    case PredictionType::Epsilon: return {acc_t(0), acc_t(1), acc_t(0), acc_t(1), false};  // m
+    case PredictionType::VPrediction: return {acc_t(0), acc_t(1), s, a};                   // a m + s x
+    default: return {acc_t(0), acc_t(1) / s, acc_t(1), -a};                                // (x - a m) / s
   }
 }
 
@@ -96,7 +105,7 @@ RGLCD_HD Linear<acc_t> consistency_coefficients(acc_t alpha_bar, acc_t t, Predic
   acc_t c_skip, c_out;
   boundary_scalings(t, timestep_scaling, sigma_data, c_skip, c_out);
   const Linear<acc_t> x0 = x0_coefficients(alpha_bar, type);
-  return {c_skip + c_out * x0.cx, c_out * x0.cm};
+  return {c_skip, c_out * x0.q, x0.px, x0.pm};
 }
 
 // The consistency-family maps: per-sample coefficients from (ᾱ_t, t); shared by every backend.
@@ -128,8 +137,8 @@ RGLCD_HD acc_t alpha_bar_prev(const acc_t* table, int64_t prev, acc_t final_alph
   return prev >= 0 ? table[prev] : final_alpha_cumprod;
 }
 
-// Classifier-free guidance in the LCM paper's form, m_c + w (m_c - m_u). x0 and ε are linear in the
-// model output, so guiding them (as the LCD script does) equals mapping the guided output.
+// Classifier-free guidance in the LCM paper's form, c + w (c - u). The solver step guides x0 and ε as the LCD
+// script does (the same as mapping the guided output, in exact arithmetic; the backward uses that).
 template <typename acc_t>
 RGLCD_HD acc_t guided(acc_t cond, acc_t uncond, acc_t w) {
   return cond + w * (cond - uncond);
@@ -195,10 +204,8 @@ RGLCD_HD acc_t ddim_variance(acc_t alpha_bar, acc_t alpha_bar_prev) {
   return ((acc_t(1) - alpha_bar_prev) / (acc_t(1) - alpha_bar)) * (acc_t(1) - alpha_bar / alpha_bar_prev);
 }
 
-// x0 and ε from (x, m) evaluated in diffusers' operation order, e.g. (x - σ·m) / α rather than the
-// folded x/α - (σ/α)·m of x0_coefficients: at high noise (α ≈ 0.07) the folded form's float32 error is
-// up to ~15x larger where x and σ·m cancel, which the sampling steps' clip / threshold exposes.
-// Same values as x0_coefficients / eps_coefficients (which give the derivatives).
+// x0 and ε from (x, m) in diffusers' operation order with the prediction type a compile-time constant (the
+// step kernels' loops): the values x0_coefficients / eps_coefficients evaluate.
 template <typename acc_t>
 RGLCD_HD acc_t x0_from(acc_t x, acc_t m, acc_t a, acc_t s, PredictionType type) {
   switch (type) {
@@ -288,17 +295,22 @@ RGLCD_HD acc_t cosine_score(const CosineSums<acc_t>& s, acc_t scale) {
   return scale * (s.dot / (std::sqrt(s.uu) * std::sqrt(s.vv)));
 }
 
-// Backward of the score for one row with upstream gradient g, as linear combinations of the row's
-// own features: grad_u = cross·v + self_u·u, grad_v = cross·u + self_v·v, grad_scale = g·c.
+// Backward of the score for one row with upstream gradient g, in the projection form of PyTorch's normalise
+// backward: grad_u = (gs/‖u‖)·(v/‖v‖ - c·u/‖u‖), grad_v = (gs/‖v‖)·(u/‖u‖ - c·v/‖v‖), grad_scale = g·c, with
+// gs = g·scale and c the cosine. The bracket is formed from unit-scale terms, so rows that are (anti)parallel
+// (every row at D = 1) get the exact 0, where the expanded cross·v + self·u leaves a rounding residue.
 template <typename acc_t>
 struct CosineGrad {
-  acc_t cross, self_u, self_v, grad_scale;
+  acc_t nu, nv, c, ku, kv, grad_scale;
+
+  RGLCD_HD acc_t grad_u(acc_t u, acc_t v) const { return ku * (v / nv - c * (u / nu)); }
+  RGLCD_HD acc_t grad_v(acc_t u, acc_t v) const { return kv * (u / nu - c * (v / nv)); }
 };
 
 template <typename acc_t>
 RGLCD_HD CosineGrad<acc_t> cosine_score_grad(const CosineSums<acc_t>& s, acc_t scale, acc_t g) {
   const acc_t nu = std::sqrt(s.uu), nv = std::sqrt(s.vv), c = s.dot / (nu * nv), gs = g * scale;
-  return {gs / (nu * nv), -gs * c / s.uu, -gs * c / s.vv, g * c};
+  return {nu, nv, c, gs / nu, gs / nv, g * c};
 }
 
 // Argument checks of the reward head shared by the backends: features [..., D] with D > 0, the text

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (device tool): build rglcd_fast from source, run the whole test suite
 # (CUDA cases included), the op tests under compute-sanitizer, and the op benchmark.
-#   device run:  bash scripts/gpu_check.sh [tests|sanitizer|bench|sampling|sampling_sdxl|train|multi_gpu|all]...
+#   device run:  bash scripts/gpu_check.sh [tests|fuzz|sanitizer|bench|sampling|sampling_sdxl|train|multi_gpu|two_ranks|all]...
 #   (carry .whl, an ignored folder holding the diffusers and importlib_metadata wheels: see scripts/device_env.sh)
 # Logs and benchmark tables go to $OUT (the device tool brings them back; commit the tables under
 # benchmarks/results/ as ops_<card>.md, sampling_<card>.md and train_step_<card>.md). RGLCD_COMMIT names the
 # commit measured where the copy on the device has no git history. "train" (the SD2.1-scale training-step
 # benchmark, a few minutes) and "multi_gpu" (a machine of several GPUs: data-parallel training through
 # accelerate launch on 1 and all GPUs, SD2.1 scale and the digits world, and a 2-rank resume) run only when
-# named: "all" leaves them out.
+# named: "all" leaves them out, and so "two_ranks" (the 2-rank gloo test in a loop on the CPUs, beside the rest).
 set -uo pipefail
 OUT=${OUT:-/tmp/rglcd_out}
 mkdir -p "$OUT"
@@ -32,8 +32,17 @@ python3 -c "import rglcd_fast as r; assert r.has_cuda_kernels(), r.extension_loa
 
 status=0
 run_stage() { [[ " $stages " == *" all "* || " $stages " == *" $1 "* ]]; }
+if [[ " $stages " == *" two_ranks "* ]]; then  # CPU only, beside the GPU stages: TWO_RANKS_RUNS runs, 4 at a time
+  OUT=$OUT bash scripts/loop_two_ranks.sh "${TWO_RANKS_RUNS:-40}" 4 > "$OUT/two_ranks_loop.log" 2>&1 &
+  two_ranks=$!
+fi
 if run_stage tests; then  # PYTEST_ARGS: what to run (default: all of tests/)
   python3 -m pytest -q -rs ${PYTEST_ARGS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -15
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+if run_stage fuzz; then  # the property-based op tests on the GPU kernels
+  RGLCD_FUZZ_DEVICE=cuda RGLCD_FUZZ_EXAMPLES=${RGLCD_FUZZ_EXAMPLES:-300} python3 -m pytest -q tests/test_fuzz.py 2>&1 \
+    | tee "$OUT/fuzz_cuda.log" | tail -5
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 if run_stage sanitizer; then
@@ -109,5 +118,10 @@ if [[ " $stages " == *" multi_gpu "* ]]; then  # MULTI_GPU_PARTS: any of sd21 di
     python3 benchmarks/bench_multi_gpu.py --report "$OUT/multi_gpu.jsonl" --digits "${digits[@]}" \
       --out "$OUT/multi_gpu.md" | tail -20
   fi
+fi
+if [ -n "${two_ranks:-}" ]; then
+  wait $two_ranks
+  tail -1 "$OUT/two_ranks_loop.log"
+  grep -q "of ${TWO_RANKS_RUNS:-40} passed" "$OUT/two_ranks_loop.log" && ! ls "$OUT"/two_ranks_fail_* >/dev/null 2>&1 || status=1
 fi
 exit $status

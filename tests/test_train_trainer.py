@@ -363,7 +363,8 @@ def test_bad_teacher_and_data_are_named(world, tmp_path):
 
 
 TWO_RANKS = """
-import sys, torch
+import faulthandler, sys, torch
+faulthandler.enable(all_threads=True)  # a native abort prints every thread's Python stack to the rank's log
 sys.path.insert(0, {tests!r})
 from test_train_trainer import weights
 from tiny_pipeline import tiny_config

@@ -158,7 +158,7 @@ struct CpuBackend {
             const CosineGrad<acc_t> c = coeff[r];
             scalar_t* out = gu + r * D;
             for (int64_t i = 0; i < D; ++i)
-              out[i] = static_cast<scalar_t>(c.cross * static_cast<acc_t>(v[i]) + c.self_u * static_cast<acc_t>(u[i]));
+              out[i] = static_cast<scalar_t>(c.grad_u(static_cast<acc_t>(u[i]), static_cast<acc_t>(v[i])));
           }
         });
       }
@@ -182,7 +182,7 @@ struct CpuBackend {
               const scalar_t* u = up + f.image_offsets[r];
               const CosineGrad<acc_t> c = coeff[r];
               for (int64_t i = 0; i < D; ++i)
-                acc[i] += c.cross * static_cast<acc_t>(u[i]) + c.self_v * static_cast<acc_t>(v[i]);
+                acc[i] += c.grad_v(static_cast<acc_t>(u[i]), static_cast<acc_t>(v[i]));
             }
             for (int64_t i = 0; i < D; ++i) gv[j * D + i] = static_cast<scalar_t>(acc[i]);
           }

@@ -133,10 +133,11 @@ struct CpuBackend {
           const DdimCoefficients<acc_t> c = coeff[b].step;
           const acc_t wb = w[b];
           for (int64_t i = i0; i < i1; ++i) {
-            const acc_t m = guided(acc(cp[i]), acc(up[i]), wb), xi = acc(xp[i]);
-            const acc_t x0 = x0_from(xi, m, c.a, c.s, kType);
+            const acc_t mc = acc(cp[i]), mu = acc(up[i]), xi = acc(xp[i]);
+            const acc_t x0 = guided(x0_from(xi, mc, c.a, c.s, kType), x0_from(xi, mu, c.a, c.s, kType), wb);
+            const acc_t eps = guided(eps_from(xi, mc, c.a, c.s, kType), eps_from(xi, mu, c.a, c.s, kType), wb);
             op[i] = static_cast<scalar_t>(x0);
-            pp[i] = static_cast<scalar_t>(c.sqrt_prev * x0 + c.c_dir * eps_from(xi, m, c.a, c.s, kType));
+            pp[i] = static_cast<scalar_t>(c.sqrt_prev * x0 + c.c_dir * eps);
           }
         });
       });
@@ -159,16 +160,16 @@ struct CpuBackend {
       scalar_t* gx = mask[2] ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
       cpu::parallel_sample_runs(n, per_sample, [&](int64_t b, int64_t i0, int64_t i1) {
         const GuidedCoefficients<acc_t> c = coeff[b];
-        // x_prev as one linear map of (x, m); has_x = false maps carry cx = 0.
-        const Linear<acc_t> prev{c.step.sqrt_prev * c.x0.cx + c.step.c_dir * c.eps.cx,
-                                 c.step.sqrt_prev * c.x0.cm + c.step.c_dir * c.eps.cm};
+        // x_prev's derivatives in x and in the guided output m
+        const acc_t prev_cx = c.step.sqrt_prev * c.x0.cx() + c.step.c_dir * c.eps.cx();
+        const acc_t prev_cm = c.step.sqrt_prev * c.x0.cm() + c.step.c_dir * c.eps.cm();
         const acc_t wc = acc_t(1) + w[b], wu = -w[b];
         for (int64_t i = i0; i < i1; ++i) {
           const acc_t a = gp ? acc(gp[i]) : acc_t(0), z = g0 ? acc(g0[i]) : acc_t(0);
-          const acc_t gm = prev.cm * a + c.x0.cm * z;
+          const acc_t gm = prev_cm * a + c.x0.cm() * z;
           if (gc) gc[i] = static_cast<scalar_t>(wc * gm);
           if (gu) gu[i] = static_cast<scalar_t>(wu * gm);
-          if (gx) gx[i] = static_cast<scalar_t>(prev.cx * a + c.x0.cx * z);
+          if (gx) gx[i] = static_cast<scalar_t>(prev_cx * a + c.x0.cx() * z);
         }
       });
     });

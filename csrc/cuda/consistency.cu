@@ -40,8 +40,8 @@ __global__ void linear_map_backward_kernel(const scalar_t* __restrict__ grad, sc
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     const acc_t g = static_cast<acc_t>(gv.v[j]);
-    mv.v[j] = static_cast<scalar_t>(c.cm * g);
-    xv.v[j] = c.has_x ? static_cast<scalar_t>(c.cx * g) : scalar_t(0);
+    mv.v[j] = static_cast<scalar_t>(c.cm() * g);
+    xv.v[j] = c.has_x ? static_cast<scalar_t>(c.cx() * g) : scalar_t(0);
   }
   if (grad_m) store(grad_m + i, mv);
   if (grad_x) store(grad_x + i, xv);
@@ -104,8 +104,8 @@ __global__ void loss_backward_kernel(const at::opmath_type<scalar_t>* __restrict
   for (int j = 0; j < VEC; ++j) {
     const acc_t r = scale * loss_derivative(k(xv.v[j], mv.v[j]) - static_cast<acc_t>(yv.v[j]), kind, huber_c);
     const acc_t h = grad_pred ? r + static_cast<acc_t>(gp.v[j]) : r;
-    gm.v[j] = static_cast<scalar_t>(k.cm * h);
-    gx.v[j] = static_cast<scalar_t>(k.cx * h);
+    gm.v[j] = static_cast<scalar_t>(k.cm() * h);
+    gx.v[j] = static_cast<scalar_t>(k.cx() * h);
     gy.v[j] = static_cast<scalar_t>(-r);
   }
   if (grad_m) store(grad_m + i, gm);

@@ -209,12 +209,12 @@ __global__ void __launch_bounds__(kRowThreads)
 // What the second backward pass needs of an image row, at its slot.
 template <typename acc_t>
 struct RowCoefficients {
-  acc_t cross, self_v, grad_scale;
+  CosineGrad<acc_t> grad;
   int64_t image_offset;
 };
 
-// Per image row: grad_u = cross·v + self_u·u (when asked), and the row's coefficients at its slot
-// (when grad_v or grad_scale are asked).
+// Per image row: grad_u (when asked), and the row's coefficients at its slot (when grad_v or grad_scale
+// are asked).
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kRowThreads)
     reward_head_backward_rows_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ u,
@@ -238,16 +238,16 @@ __global__ void __launch_bounds__(kRowThreads)
       Vec<scalar_t, VEC> o;
 #pragma unroll
       for (int k = 0; k < VEC; ++k)
-        o.v[k] = static_cast<scalar_t>(c.cross * static_cast<acc_t>(y.v[k]) + c.self_u * static_cast<acc_t>(x.v[k]));
+        o.v[k] = static_cast<scalar_t>(c.grad_u(static_cast<acc_t>(x.v[k]), static_cast<acc_t>(y.v[k])));
       store_vec(out + i, o);
     }
   }
   if (coefficients != nullptr && lane == 0)
-    coefficients[place.slot] = {c.cross, c.self_v, c.grad_scale, place.image_offset};
+    coefficients[place.slot] = {c, place.image_offset};
 }
 
 // Blocks [0, text_blocks): text row j, a chunk of kTextThreads·VEC features: grad_v = Σ over the
-// row's members, in ascending image row order, of cross·u + self_v·v (zeros for no members). The
+// row's members, in ascending image row order, of their grad_v terms (zeros for no members). The
 // block after them (when grad_scale is asked): grad_scale = Σ g·c over the rows, in double, slot order.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kTextThreads)
@@ -271,7 +271,7 @@ __global__ void __launch_bounds__(kTextThreads)
       const RowCoefficients<acc_t> c = row[m];
       const auto x = load_vec<scalar_t, VEC>(u + c.image_offset + i);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) acc[k] += c.cross * static_cast<acc_t>(x.v[k]) + c.self_v * static_cast<acc_t>(y.v[k]);
+      for (int k = 0; k < VEC; ++k) acc[k] += c.grad.grad_v(static_cast<acc_t>(x.v[k]), static_cast<acc_t>(y.v[k]));
     }
     Vec<scalar_t, VEC> o;
 #pragma unroll
@@ -280,7 +280,7 @@ __global__ void __launch_bounds__(kTextThreads)
     return;
   }
   double total = 0.0;
-  for (int64_t s = threadIdx.x; s < rows; s += kTextThreads) total += static_cast<double>(coefficients[s].grad_scale);
+  for (int64_t s = threadIdx.x; s < rows; s += kTextThreads) total += static_cast<double>(coefficients[s].grad.grad_scale);
   total = cuda::block_sum(total);
   if (threadIdx.x == 0) grad_scale.store(total);
 }

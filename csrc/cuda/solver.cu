@@ -107,7 +107,8 @@ struct GuidedTensors {
   }
 };
 
-// m = m_c + w (m_c - m_u); x0 = x0(m, x); ε = ε(m, x); x_prev = sqrt(ᾱ_prev) x0 + sqrt(1 - ᾱ_prev) ε.
+// As the LCD script: x0 = x0_c + w (x0_c - x0_u), ε = ε_c + w (ε_c - ε_u) (x0 and ε of the cond / uncond outputs);
+// x_prev = sqrt(ᾱ_prev) x0 + sqrt(1 - ᾱ_prev) ε.
 template <typename scalar_t, int VEC, PredictionType kType>
 __global__ void guided_ddim_step_kernel(const scalar_t* __restrict__ cond, const scalar_t* __restrict__ uncond,
                                         const scalar_t* __restrict__ x, scalar_t* __restrict__ x_prev,
@@ -125,10 +126,11 @@ __global__ void guided_ddim_step_kernel(const scalar_t* __restrict__ cond, const
   Vec<scalar_t, VEC> pv, ov;
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    const acc_t m = guided(acc(cv.v[j]), acc(uv.v[j]), w), xj = acc(xv.v[j]);
-    const acc_t x0 = x0_from(xj, m, c.a, c.s, kType);
+    const acc_t mc = acc(cv.v[j]), mu = acc(uv.v[j]), xj = acc(xv.v[j]);
+    const acc_t x0 = guided(x0_from(xj, mc, c.a, c.s, kType), x0_from(xj, mu, c.a, c.s, kType), w);
+    const acc_t eps = guided(eps_from(xj, mc, c.a, c.s, kType), eps_from(xj, mu, c.a, c.s, kType), w);
     ov.v[j] = static_cast<scalar_t>(x0);
-    pv.v[j] = static_cast<scalar_t>(c.sqrt_prev * x0 + c.c_dir * eps_from(xj, m, c.a, c.s, kType));
+    pv.v[j] = static_cast<scalar_t>(c.sqrt_prev * x0 + c.c_dir * eps);
   }
   store(x_prev + i, pv);
   store(pred_x0 + i, ov);
@@ -151,8 +153,8 @@ __global__ void guided_ddim_step_backward_kernel(const scalar_t* __restrict__ gr
   const StepValues<acc_t> s = schedule.sample(b);
   const DdimCoefficients<acc_t> c = ddim_coefficients(s.alpha_bar, s.alpha_bar_prev, acc_t(0));
   const Linear<acc_t> x0 = x0_coefficients(s.alpha_bar, type), eps = eps_coefficients(s.alpha_bar, type);
-  // x_prev as one linear map of (x, m); has_x = false maps carry cx = 0.
-  const Linear<acc_t> prev{c.sqrt_prev * x0.cx + c.c_dir * eps.cx, c.sqrt_prev * x0.cm + c.c_dir * eps.cm};
+  // x_prev's derivatives in x and in the guided output m
+  const acc_t prev_cx = c.sqrt_prev * x0.cx() + c.c_dir * eps.cx(), prev_cm = c.sqrt_prev * x0.cm() + c.c_dir * eps.cm();
   const acc_t w = guidance[b], wc = acc_t(1) + w, wu = -w;
   Vec<scalar_t, VEC> gpv, g0v;
   if (grad_prev) gpv = load<scalar_t, VEC>(grad_prev + i);
@@ -161,10 +163,10 @@ __global__ void guided_ddim_step_backward_kernel(const scalar_t* __restrict__ gr
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     const acc_t a = grad_prev ? acc(gpv.v[j]) : acc_t(0), z = grad_x0 ? acc(g0v.v[j]) : acc_t(0);
-    const acc_t gm = prev.cm * a + x0.cm * z;
+    const acc_t gm = prev_cm * a + x0.cm() * z;
     gcv.v[j] = static_cast<scalar_t>(wc * gm);
     guv.v[j] = static_cast<scalar_t>(wu * gm);
-    gxv.v[j] = static_cast<scalar_t>(prev.cx * a + x0.cx * z);
+    gxv.v[j] = static_cast<scalar_t>(prev_cx * a + x0.cx() * z);
   }
   if (grad_c) store(grad_c + i, gcv);
   if (grad_u) store(grad_u + i, guv);
