@@ -6,6 +6,7 @@ Environment switches (every build choice is one):
   TORCH_CUDA_ARCH_LIST         CUDA architectures (default: the visible GPUs', else default_cuda_arch_list's)
   MAX_JOBS                     parallel compile jobs (read by torch's ninja builder)
 """
+
 import glob
 import os
 

@@ -1,11 +1,12 @@
 """Benchmarks of the consistency family. CPU: pytest-benchmark, eager reference vs rglcd_fast at
 SD1.5-512 latents, batch 4 (`pytest benchmarks --benchmark-only`). GPU: gpu_cases() for
 bench_ops.py (eager, torch.compile of the reference, rglcd_fast)."""
+
 import pytest
 import torch
-
 from gpu_cases import Case, shapes
 from helpers import sd_alphas_cumprod
+
 from rglcd_fast import ops
 from rglcd_fast.reference import consistency as ref
 
@@ -66,6 +67,7 @@ def gpu_cases(quick, dtypes):
                 def run():
                     with torch.no_grad():
                         return loss(m, x, t, y, ac)
+
                 return run
 
             def bwd(provider, m=m, x=x, t=t, y=y, ac=ac):
@@ -78,6 +80,7 @@ def gpu_cases(quick, dtypes):
                 def run():
                     with torch.no_grad():
                         return f(m, x, t, ac)
+
                 return run
 
             # loss fwd+bwd: at least m, x, y in and pred, grad out (5N); ours: forward 4N, backward 4N.

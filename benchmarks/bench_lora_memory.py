@@ -8,6 +8,7 @@ models are built and the peak RSS; CUDA: allocated after building and the peak).
 
     python benchmarks/bench_lora_memory.py [--dtype fp32|bf16] [--device cpu|cuda] [--latent 32] [--out FILE]
 """
+
 import argparse
 import copy
 import json
@@ -22,10 +23,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, "..")]
 from report import commit_id  # noqa: E402
 
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -60,13 +68,17 @@ def measure(variant: str, dtype: torch.dtype, device: str, latent: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     else:
         built = rss_gib()
-    step = DistillationStep(DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
-                            DistillationConfig(), device=device)
+    step = DistillationStep(
+        DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        DistillationConfig(),
+        device=device,
+    )
     latents = torch.randn(1, 4, latent, latent, device=device)
     embeds, uncond = torch.randn(1, 77, 768, device=device), torch.zeros(1, 77, 768, device=device)
     with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-        out = step(student, teacher_unet, student, latents, embeds, uncond,
-                   generator=torch.Generator(device).manual_seed(0))
+        out = step(
+            student, teacher_unet, student, latents, embeds, uncond, generator=torch.Generator(device).manual_seed(0)
+        )
     out.loss.backward()
     optimizer.step()
     if device == "cuda":
@@ -74,8 +86,13 @@ def measure(variant: str, dtype: torch.dtype, device: str, latent: int) -> dict:
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    return dict(variant=variant, built_gib=round(built, 2), peak_gib=round(peak, 2),
-                trainable_m=round(sum(p.numel() for p in params) / 1e6, 2), loss=float(out.loss))
+    return dict(
+        variant=variant,
+        built_gib=round(built, 2),
+        peak_gib=round(peak, 2),
+        trainable_m=round(sum(p.numel() for p in params) / 1e6, 2),
+        loss=float(out.loss),
+    )
 
 
 def main():
@@ -91,17 +108,36 @@ def main():
         return
     rows = []
     for variant in ("two_unets", "one_unet"):
-        child = subprocess.run([sys.executable, __file__, "--variant", variant, "--dtype", args.dtype,
-                                "--device", args.device, "--latent", str(args.latent)],
-                               capture_output=True, text=True, check=True)
+        child = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--variant",
+                variant,
+                "--dtype",
+                args.dtype,
+                "--device",
+                args.device,
+                "--latent",
+                str(args.latent),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     kind = "GPU allocated" if args.device == "cuda" else "resident (RSS)"
-    lines = [f"LCM-LoRA (rank 64) at the SD1.5 UNet config, weights {args.dtype}, one step at batch 1, "
-             f"{args.latent}×{args.latent} latents; {where}, torch {torch.__version__}, commit {commit_id()}.",
-             "", f"| UNets | trainable (M) | {kind} after building (GiB) | peak (GiB) | loss |", "|---|---|---|---|---|"]
-    lines += [f"| {r['variant']} | {r['trainable_m']} | {r['built_gib']} | {r['peak_gib']} | {r['loss']:.6f} |"
-              for r in rows]
+    lines = [
+        f"LCM-LoRA (rank 64) at the SD1.5 UNet config, weights {args.dtype}, one step at batch 1, "
+        f"{args.latent}×{args.latent} latents; {where}, torch {torch.__version__}, commit {commit_id()}.",
+        "",
+        f"| UNets | trainable (M) | {kind} after building (GiB) | peak (GiB) | loss |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['variant']} | {r['trainable_m']} | {r['built_gib']} | {r['peak_gib']} | {r['loss']:.6f} |" for r in rows
+    ]
     text = "\n".join(lines)
     print(text)
     if args.out:

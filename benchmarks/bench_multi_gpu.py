@@ -15,6 +15,7 @@ one JSON line to --json; --report turns the lines into the results table, with t
     torchrun --nproc_per_node 2 benchmarks/bench_multi_gpu.py --small --json /tmp/runs.jsonl   # CPU (gloo) smoke run
 `bash scripts/gpu_check.sh multi_gpu` runs the whole set on a machine of several GPUs.
 """
+
 import argparse
 import csv
 import datetime
@@ -38,8 +39,11 @@ from report import commit_id  # noqa: E402
 def fingerprint(modules):
     """Per-tensor float64 sum and sum of squares of every parameter and buffer: equal on every rank when
     the ranks hold the same weights (same values, same reduction order on the same kind of device)."""
-    stats = [torch.stack([t.double().sum(), t.double().square().sum()])
-             for m in modules for t in list(m.parameters()) + list(m.buffers())]
+    stats = [
+        torch.stack([t.double().sum(), t.double().square().sum()])
+        for m in modules
+        for t in list(m.parameters()) + list(m.buffers())
+    ]
     return torch.cat(stats)
 
 
@@ -58,12 +62,21 @@ def run(args):
     world = int(os.environ.get("WORLD_SIZE", 1))
     dataset = bench.RandomImages(2 * args.batch * world, args.resolution)
     settings = types.SimpleNamespace(batch=args.batch, resolution=args.resolution)
-    provider = bench.TrainerProvider(parts, dataset, settings, device, args.reward == "on", expert,
-                                     tempfile.mkdtemp(prefix="rglcd_bench_multi_gpu_"), args.variant)
+    provider = bench.TrainerProvider(
+        parts,
+        dataset,
+        settings,
+        device,
+        args.reward == "on",
+        expert,
+        tempfile.mkdtemp(prefix="rglcd_bench_multi_gpu_"),
+        args.variant,
+    )
     trainer = provider.trainer
     acc = trainer.accelerator
     assert acc.num_processes == world, (acc.num_processes, world)
     built_s = time.perf_counter() - t0
+
     def peak_gib():
         """The largest peak over the ranks since the last reset, GiB; then a reset."""
         if device.type != "cuda":
@@ -94,14 +107,28 @@ def run(args):
     medians = acc.gather(torch.tensor([statistics.median(times)], device=device))
     ms = medians.max().item()
     if acc.is_main_process:
-        row = dict(world=world, reward=args.reward, variant=args.variant, small=args.small,
-                   batch_per_gpu=args.batch, resolution=args.resolution, ms=ms,
-                   rank_ms=[round(m, 2) for m in medians.tolist()],
-                   lo=min(times), hi=max(times), n=len(times), images_per_s=world * args.batch / ms * 1e3,
-                   peak_gib=steady_peak, warmup_peak_gib=warmup_peak, warmup_s=warmup_s, built_s=built_s,
-                   in_sync=in_sync,
-                   card=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke run)",
-                   torch=torch.__version__, backend=str(acc.state.backend))
+        row = dict(
+            world=world,
+            reward=args.reward,
+            variant=args.variant,
+            small=args.small,
+            batch_per_gpu=args.batch,
+            resolution=args.resolution,
+            ms=ms,
+            rank_ms=[round(m, 2) for m in medians.tolist()],
+            lo=min(times),
+            hi=max(times),
+            n=len(times),
+            images_per_s=world * args.batch / ms * 1e3,
+            peak_gib=steady_peak,
+            warmup_peak_gib=warmup_peak,
+            warmup_s=warmup_s,
+            built_s=built_s,
+            in_sync=in_sync,
+            card=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke run)",
+            torch=torch.__version__,
+            backend=str(acc.state.backend),
+        )
         print(json.dumps(row), flush=True)
         if args.json:
             with open(args.json, "a") as f:
@@ -127,44 +154,57 @@ def report(args):
         raise SystemExit(f"{args.report}: no runs")
     commit = commit_id()
     r0 = rows[0]
-    lines = [f"# Multi-GPU training: {r0['card']}", "",
-             f"torch {r0['torch']}; commit {commit}; {datetime.date.today().isoformat()}; "
-             f"backend {rows[-1]['backend']}, one process per GPU (accelerate launch), DDP. Data parallel: batch "
-             f"{r0['batch_per_gpu']} per GPU at {r0['resolution']} px, so N GPUs train N× the images a step. "
-             f"{'Tiny configs (smoke run)' if r0['small'] else 'SD2.1 architecture with random weights'}, "
-             "bf16 mixed precision, gradient checkpointing, "
-             "Trainer.train_step (bench_train_step.py's provider B). ms/step: the slowest rank's median over n "
-             "steps after warm-up, each from a synchronised device to a synchronised device. Peak memory: "
-             "torch.cuda.max_memory_allocated, the largest rank's, over the warm-up steps (DDP rebuilds its "
-             "buckets after the first) and over the timed steps. Scaling "
-             "efficiency: N-GPU images/s ÷ (N × 1-GPU images/s). In sync: every rank's student, EMA target "
-             "and LRM weights compared after the timed steps.", "",
-             "| trainer | reward branch | GPUs | ms/step (min–max, n) | images/s | scaling efficiency | "
-             "peak GiB / GPU: warm-up, timed steps | "
-             "in sync |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Multi-GPU training: {r0['card']}",
+        "",
+        f"torch {r0['torch']}; commit {commit}; {datetime.date.today().isoformat()}; "
+        f"backend {rows[-1]['backend']}, one process per GPU (accelerate launch), DDP. Data parallel: batch "
+        f"{r0['batch_per_gpu']} per GPU at {r0['resolution']} px, so N GPUs train N× the images a step. "
+        f"{'Tiny configs (smoke run)' if r0['small'] else 'SD2.1 architecture with random weights'}, "
+        "bf16 mixed precision, gradient checkpointing, "
+        "Trainer.train_step (bench_train_step.py's provider B). ms/step: the slowest rank's median over n "
+        "steps after warm-up, each from a synchronised device to a synchronised device. Peak memory: "
+        "torch.cuda.max_memory_allocated, the largest rank's, over the warm-up steps (DDP rebuilds its "
+        "buckets after the first) and over the timed steps. Scaling "
+        "efficiency: N-GPU images/s ÷ (N × 1-GPU images/s). In sync: every rank's student, EMA target "
+        "and LRM weights compared after the timed steps.",
+        "",
+        "| trainer | reward branch | GPUs | ms/step (min–max, n) | images/s | scaling efficiency | "
+        "peak GiB / GPU: warm-up, timed steps | "
+        "in sync |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         r.setdefault("variant", "rglcd_fast")  # rows written before --variant existed
     for variant in dict.fromkeys(r["variant"] for r in rows):
         for reward in ("off", "on"):
-            runs = sorted((r for r in rows if r["reward"] == reward and r["variant"] == variant),
-                          key=lambda r: r["world"])
+            runs = sorted(
+                (r for r in rows if r["reward"] == reward and r["variant"] == variant), key=lambda r: r["world"]
+            )
             one = next((r["images_per_s"] for r in runs if r["world"] == 1), None)
             for r in runs:
                 eff = f"{r['images_per_s'] / (r['world'] * one):.1%}" if one and r["world"] > 1 else "–"
                 label = "on (LRM)" if reward == "on" else "off"
-                lines.append(f"| {bench.PROVIDER_NAMES[variant]} | {label} | {r['world']} | "
-                             f"{r['ms']:.1f} ({r['lo']:.1f}–{r['hi']:.1f}, n={r['n']}) | {r['images_per_s']:.2f} | "
-                             f"{eff} | {r['warmup_peak_gib']:.1f}, {r['peak_gib']:.1f} | "
-                             f"{'yes' if r['in_sync'] else 'NO'} |")
+                lines.append(
+                    f"| {bench.PROVIDER_NAMES[variant]} | {label} | {r['world']} | "
+                    f"{r['ms']:.1f} ({r['lo']:.1f}–{r['hi']:.1f}, n={r['n']}) | {r['images_per_s']:.2f} | "
+                    f"{eff} | {r['warmup_peak_gib']:.1f}, {r['peak_gib']:.1f} | "
+                    f"{'yes' if r['in_sync'] else 'NO'} |"
+                )
     if args.digits:
         runs = []
         for spec in args.digits:
             gpus, folder = spec.split(":", 1)
             runs.append((int(gpus), folder) + digits_images_per_s(folder))
         one = next((ips for gpus, _, ips, _ in runs if gpus == 1), None)
-        lines += ["", "Digits world, `accelerate launch -m rglcd_fast.cli train` (the default run: LRM reward, "
-                  "batch 32 per GPU), images/s from logs.csv (median over the logging windows after the first):",
-                  "", "| GPUs | steps | images/s | scaling efficiency |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "Digits world, `accelerate launch -m rglcd_fast.cli train` (the default run: LRM reward, "
+            "batch 32 per GPU), images/s from logs.csv (median over the logging windows after the first):",
+            "",
+            "| GPUs | steps | images/s | scaling efficiency |",
+            "|---|---|---|---|",
+        ]
         for gpus, _, ips, steps in sorted(runs):
             eff = f"{ips / (gpus * one):.1%}" if one and gpus > 1 else "–"
             lines.append(f"| {gpus} | {steps} | {ips:.1f} | {eff} |")
@@ -179,8 +219,12 @@ def report(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reward", choices=("off", "on"), default="off")
-    parser.add_argument("--variant", choices=sorted(bench.TRAINER_VARIANTS), default="rglcd_fast",
-                        help="the trainer's settings (bench_train_step.py's B variants; default: its defaults)")
+    parser.add_argument(
+        "--variant",
+        choices=sorted(bench.TRAINER_VARIANTS),
+        default="rglcd_fast",
+        help="the trainer's settings (bench_train_step.py's B variants; default: its defaults)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10; --small: 2)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps, >= 1 (default 3; --small: 1)")
     parser.add_argument("--batch", type=int, default=None, help="per GPU (default 8; --small: 2)")
@@ -188,8 +232,13 @@ def main():
     parser.add_argument("--small", action="store_true", help="tiny configs, CPU or GPU: a quick smoke run")
     parser.add_argument("--json", default=None, help="append this run's row here (rank 0)")
     parser.add_argument("--report", default=None, help="JSON lines of runs: write the table instead of running")
-    parser.add_argument("--digits", nargs="*", default=[], metavar="GPUS:DIR",
-                        help="with --report: `rglcd-fast train` output folders and their GPU counts")
+    parser.add_argument(
+        "--digits",
+        nargs="*",
+        default=[],
+        metavar="GPUS:DIR",
+        help="with --report: `rglcd-fast train` output folders and their GPU counts",
+    )
     parser.add_argument("--out", default=None, help="with --report: the markdown file")
     args = parser.parse_args()
     if args.report:

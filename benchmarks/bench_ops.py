@@ -6,6 +6,7 @@ bandwidth floor, and the speedups. Writes benchmarks/results/ops_<card>.md.
 
     python benchmarks/bench_ops.py [--families consistency,solver,reward] [--quick] [--out FILE]
 """
+
 import argparse
 import datetime
 import os
@@ -32,6 +33,7 @@ torch._functorch.config.donated_buffer = False
 
 def do_bench(fn):
     from triton.testing import do_bench as triton_do_bench
+
     return triton_do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3  # µs
 
 
@@ -50,6 +52,7 @@ def autograd_floor_us():
 
     def step():
         m.mul(2).sum().backward()
+
     return do_bench(step)
 
 
@@ -73,6 +76,7 @@ def main():
     args = parser.parse_args()
 
     import rglcd_fast
+
     if not rglcd_fast.has_cuda_kernels():
         sys.exit(f"rglcd_fast has no CUDA kernels here ({rglcd_fast.extension_load_error()})")
     card = torch.cuda.get_device_name()
@@ -85,20 +89,28 @@ def main():
     out = args.out or os.path.join(HERE, "results", f"ops_{card_id}.md")
 
     def write_table():  # after every case, so an interrupted run keeps what it measured
-        lines = [f"# Op benchmark: {card}", "",
-                 f"torch {torch.__version__}, CUDA {torch.version.cuda}; commit {commit}; "
-                 f"{datetime.date.today().isoformat()}. Medians of CUDA-event timings (triton do_bench), µs. "
-                 f"'kernel' is the device time of our kernels alone (profiler). Copy bandwidth measured in this "
-                 f"run: {copy_gbs:,.0f} GB/s (bytes read + written); the floor moves each input once and each "
-                 f"output once at that rate. A minimal PyTorch forward+backward ((2·m).sum() at SD2.1-768 B16, "
-                 f"fp32) takes {floor_fwd_bwd_us:.1f} µs here: the host floor under every fwd+bwd row. Latent shapes: "
-                 + ", ".join(f"{k} = {'×'.join(map(str, v))}" for k, v in LATENT_SHAPES.items()) + ".", "",
-                 "| op | shape | dtype | eager | compile | rglcd_fast | kernel | GB/s | % copy bw | floor | vs eager | vs compile |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines = [
+            f"# Op benchmark: {card}",
+            "",
+            f"torch {torch.__version__}, CUDA {torch.version.cuda}; commit {commit}; "
+            f"{datetime.date.today().isoformat()}. Medians of CUDA-event timings (triton do_bench), µs. "
+            f"'kernel' is the device time of our kernels alone (profiler). Copy bandwidth measured in this "
+            f"run: {copy_gbs:,.0f} GB/s (bytes read + written); the floor moves each input once and each "
+            f"output once at that rate. A minimal PyTorch forward+backward ((2·m).sum() at SD2.1-768 B16, "
+            f"fp32) takes {floor_fwd_bwd_us:.1f} µs here: the host floor under every fwd+bwd row. Latent shapes: "
+            + ", ".join(f"{k} = {'×'.join(map(str, v))}" for k, v in LATENT_SHAPES.items())
+            + ".",
+            "",
+            "| op | shape | dtype | eager | compile | rglcd_fast | kernel | GB/s | % copy bw | floor | vs eager "
+            "| vs compile |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for name, shape, dtype, t, kernel, achieved, pct, floor_us in rows:
-            lines.append(f"| {name} | {shape} | {dtype} | {t['eager']:.1f} | {t['compile']:.1f} | "
-                         f"{t['rglcd_fast']:.1f} | {kernel:.1f} | {achieved:,.0f} | {pct:.0f}% | {floor_us:.1f} | "
-                         f"{t['eager'] / t['rglcd_fast']:.1f}× | {t['compile'] / t['rglcd_fast']:.1f}× |")
+            lines.append(
+                f"| {name} | {shape} | {dtype} | {t['eager']:.1f} | {t['compile']:.1f} | "
+                f"{t['rglcd_fast']:.1f} | {kernel:.1f} | {achieved:,.0f} | {pct:.0f}% | {floor_us:.1f} | "
+                f"{t['eager'] / t['rglcd_fast']:.1f}× | {t['compile'] / t['rglcd_fast']:.1f}× |"
+            )
         with open(out, "w") as f:
             f.write("\n".join(lines) + "\n")
 
@@ -114,14 +126,26 @@ def main():
                     kernel = kernel_us(fn)
             floor_us = case.min_bytes / (copy_gbs * 1e9) * 1e6
             achieved = case.our_bytes / (kernel * 1e-6) / 1e9 if kernel > 0 else float("nan")
-            rows.append((case.name, case.shape_name, case.dtype_name, timings, kernel, achieved,
-                         100 * achieved / copy_gbs, floor_us))
+            rows.append(
+                (
+                    case.name,
+                    case.shape_name,
+                    case.dtype_name,
+                    timings,
+                    kernel,
+                    achieved,
+                    100 * achieved / copy_gbs,
+                    floor_us,
+                )
+            )
             t = timings
-            print(f"{case.name:42s} {case.shape_name:12s} {case.dtype_name:5s} eager {t['eager']:8.1f} "
-                  f"compile {t['compile']:8.1f} ours {t['rglcd_fast']:7.1f} (kernel {kernel:6.1f}) µs  "
-                  f"{achieved:6.0f} GB/s {100 * achieved / copy_gbs:4.0f}%  "
-                  f"x{t['eager'] / t['rglcd_fast']:.1f} eager x{t['compile'] / t['rglcd_fast']:.1f} compile",
-                  flush=True)
+            print(
+                f"{case.name:42s} {case.shape_name:12s} {case.dtype_name:5s} eager {t['eager']:8.1f} "
+                f"compile {t['compile']:8.1f} ours {t['rglcd_fast']:7.1f} (kernel {kernel:6.1f}) µs  "
+                f"{achieved:6.0f} GB/s {100 * achieved / copy_gbs:4.0f}%  "
+                f"x{t['eager'] / t['rglcd_fast']:.1f} eager x{t['compile'] / t['rglcd_fast']:.1f} compile",
+                flush=True,
+            )
             write_table()
 
     print(f"wrote {out}")

@@ -4,10 +4,11 @@ pairwise KL against random expert logits over the 3 candidates, gradients to bot
 and the logit scale. CPU: pytest-benchmark, eager reference vs rglcd_fast at 3×16×1024
 (`pytest benchmarks --benchmark-only`). GPU: gpu_cases() for bench_ops.py (eager, torch.compile of
 the reference, rglcd_fast) at 3×16×1024 and 3×256×1024, the ANCHORS.md shapes."""
+
 import pytest
 import torch
-
 from gpu_cases import Case
+
 from rglcd_fast import ops
 from rglcd_fast.reference import reward as ref
 
@@ -35,6 +36,7 @@ def lrm_step(module):
     def step(image, text, scale, expert):
         logits = module.reward_head(image, text, scale)
         return module.pairwise_preference_loss(logits, expert, "kl")
+
     return step
 
 
@@ -65,6 +67,7 @@ def test_reward_head_fwd(benchmark, provider):
     def run():
         with torch.no_grad():
             return head(image, text, scale)
+
     benchmark.group = f"reward_head fwd 3×{CPU_BATCH}×{FEATURE_DIM} float32"
     benchmark(run)
 

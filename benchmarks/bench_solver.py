@@ -4,11 +4,12 @@ torch.compile of the reference, rglcd_fast), FusedLCMScheduler.step against diff
 
 The teacher's solver step is timed forward only (the teacher is frozen in LCD training); the sampling
 steps are inference ops. Sampling uses one timestep for the whole batch, as a pipeline does."""
+
 import pytest
 import torch
-
 from gpu_cases import Case, shapes
 from helpers import sd_alphas_cumprod
+
 from rglcd_fast import ops
 from rglcd_fast.reference import solver as ref
 
@@ -107,6 +108,7 @@ def _scheduler_lcm_step(m, x, fused):
     def run():
         scheduler._step_index = 0
         return scheduler.step(m, t, x, generator=generator, return_dict=False)
+
     return run
 
 
@@ -123,6 +125,7 @@ def gpu_cases(quick, dtypes, device="cuda"):
                 def run():
                     with torch.no_grad():
                         return step(c, u, x, t, prev, w, ac)
+
                 return run
 
             def lcm(provider, m=u, x=x, ac=ac, ts=ts, prev_ts=prev_ts):
@@ -135,6 +138,7 @@ def gpu_cases(quick, dtypes, device="cuda"):
                     with torch.no_grad():
                         z = torch.randn(m.shape, generator=generator, device=m.device, dtype=m.dtype)
                         return step(m, x, ts, prev_ts, ac, z)
+
                 return run
 
             def ddim(provider, m=u, x=x, ac=ac, ts=ts, prev_ts=prev_ts):
@@ -143,6 +147,7 @@ def gpu_cases(quick, dtypes, device="cuda"):
                 def run():
                     with torch.no_grad():
                         return step(m, x, ts, prev_ts, ac)
+
                 return run
 
             # teacher step: cond, uncond, sample in; x_prev, pred_x0 out (5N), which is what we move.

@@ -33,6 +33,7 @@ one batch.
            [--providers reference,rglcd_fast,rglcd_fast_cl,...] [--variant-steps N] [--back-to-back N]
     python benchmarks/bench_train_step.py --small      # CPU smoke run: tiny configs, 2 steps
 """
+
 import argparse
 import contextlib
 import copy
@@ -51,7 +52,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, ".."), os.path.join(HERE, "..", "tests")]
 
-import lcd_script  # the LCD script's helpers, written out as the script has them
+import lcd_script  # noqa: E402  (tests/ is on the path only now) the LCD script's helpers, as the script has them
 from report import commit_id  # noqa: E402
 
 TIME_COND_PROJ_DIM = 256  # the script's --unet_time_cond_proj_dim default
@@ -60,36 +61,86 @@ EMA_DECAY = 0.95
 MAX_GRAD_NORM = 1.0
 LR, LRM_LR, WEIGHT_DECAY = 1e-6, 1e-5, 1e-2
 LRM_WIDTHS, LRM_EMBED_DIM = (64, 128, 256), 512  # TrainConfig defaults
-SUBJECTS = ["cat", "dog", "red car", "mountain lake", "city street at night", "bowl of fruit", "old lighthouse",
-            "portrait of a woman"]
+SUBJECTS = [
+    "cat",
+    "dog",
+    "red car",
+    "mountain lake",
+    "city street at night",
+    "bowl of fruit",
+    "old lighthouse",
+    "portrait of a woman",
+]
 
 
 # ---- models (configs only, random weights) ---------------------------------------------------------
 
+
 def unet_config(small):
     if small:
-        return dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                    attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8)
+        return dict(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            norm_num_groups=8,
+        )
     # stabilityai/stable-diffusion-2-1 unet/config.json
-    return dict(sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
-                block_out_channels=(320, 640, 1280, 1280),
-                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
-                upcast_attention=True, act_fn="silu", norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True,
-                freq_shift=0, downsample_padding=1, mid_block_scale_factor=1)
+    return dict(
+        sample_size=96,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=1024,
+        attention_head_dim=(5, 10, 20, 20),
+        use_linear_projection=True,
+        upcast_attention=True,
+        act_fn="silu",
+        norm_num_groups=32,
+        norm_eps=1e-5,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        downsample_padding=1,
+        mid_block_scale_factor=1,
+    )
 
 
 def vae_config(small):
     if small:
-        return dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-                    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                    layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=0.18215)
-    return dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                layers_per_block=2, norm_num_groups=32, act_fn="silu", sample_size=768, scaling_factor=0.18215)
+        return dict(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(16, 32),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=32,
+            scaling_factor=0.18215,
+        )
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        norm_num_groups=32,
+        act_fn="silu",
+        sample_size=768,
+        scaling_factor=0.18215,
+    )
 
 
 def text_config(small):
@@ -98,12 +149,28 @@ def text_config(small):
     # token ids of the local tokenizer: <|startoftext|> 0, <|endoftext|> 1 (also the pad token)
     ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1)
     if small:
-        return CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu", **ids)
+        return CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            **ids,
+        )
     # stabilityai/stable-diffusion-2-1 text_encoder/config.json (OpenCLIP ViT-H/14 text tower, 23 layers)
-    return CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                          num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
-                          **ids)
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=23,
+        num_attention_heads=16,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=512,
+        **ids,
+    )
 
 
 def expert_config(small):
@@ -111,20 +178,49 @@ def expert_config(small):
 
     ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1)
     if small:
-        return CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64,
-                                           num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-                                           **ids),
-                          vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=2, image_size=32, patch_size=8),
-                          projection_dim=32)
+        return CLIPConfig(
+            text_config=dict(
+                vocab_size=49408,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=77,
+                **ids,
+            ),
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=32,
+                patch_size=8,
+            ),
+            projection_dim=32,
+        )
     # openai/clip-vit-large-patch14
-    return CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                       num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-                                       **ids),
-                      vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                         num_attention_heads=16, image_size=224, patch_size=14,
-                                         hidden_act="quick_gelu"),
-                      projection_dim=768)
+    return CLIPConfig(
+        text_config=dict(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            **ids,
+        ),
+        vision_config=dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=224,
+            patch_size=14,
+            hidden_act="quick_gelu",
+        ),
+        projection_dim=768,
+    )
 
 
 def make_tokenizer():
@@ -139,8 +235,15 @@ def make_tokenizer():
 def make_scheduler(prediction_type):
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         prediction_type=prediction_type, clip_sample=False, steps_offset=1)
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
+        clip_sample=False,
+        steps_offset=1,
+    )
 
 
 def frozen(module, device, dtype):
@@ -158,9 +261,13 @@ def build_teacher_parts(small, device, dtype, prediction_type):
         unet = UNet2DConditionModel(**unet_config(small))
         vae = AutoencoderKL(**vae_config(small))
         text_encoder = CLIPTextModel(text_config(small))
-    return dict(unet=frozen(unet, device, dtype), vae=frozen(vae, device, dtype),
-                text_encoder=frozen(text_encoder, device, dtype), tokenizer=make_tokenizer(),
-                noise_scheduler=make_scheduler(prediction_type))
+    return dict(
+        unet=frozen(unet, device, dtype),
+        vae=frozen(vae, device, dtype),
+        text_encoder=frozen(text_encoder, device, dtype),
+        tokenizer=make_tokenizer(),
+        noise_scheduler=make_scheduler(prediction_type),
+    )
 
 
 def build_expert(small, device, dtype, tokenizer):
@@ -196,6 +303,7 @@ def infinite(loader):
 
 
 # ---- timing -----------------------------------------------------------------------------------------
+
 
 def synchronize(device):
     if device.type == "cuda":
@@ -295,6 +403,7 @@ def breakdown(step, timeline, device, runs):
 
 # ---- provider A: the LCD script's step ----------------------------------------------------------------
 
+
 def script_update_ema(target_params, source_params, rate=0.99):
     """The script's update_ema."""
     with torch.no_grad():
@@ -302,8 +411,19 @@ def script_update_ema(target_params, source_params, rate=0.99):
             targ.detach().mul_(rate).add_(src, alpha=1 - rate)
 
 
-def reference_lcd(student, teacher_unet, target_unet, latents, prompt_embeds, uncond_prompt_embeds, schedule,
-                  teacher_autocast, target_autocast, weight_dtype, generator=None):
+def reference_lcd(
+    student,
+    teacher_unet,
+    target_unet,
+    latents,
+    prompt_embeds,
+    uncond_prompt_embeds,
+    schedule,
+    teacher_autocast,
+    target_autocast,
+    weight_dtype,
+    generator=None,
+):
     """Steps 2-10 of the script's loop (draws, student, teacher CFG + DDIM, target, Huber loss), its code
     as written. schedule: (noise_scheduler, solver, alpha_schedule, sigma_schedule). The script draws with
     the global RNGs (index and noise on the device, w on the host); with a generator, index, w and noise
@@ -335,40 +455,64 @@ def reference_lcd(student, teacher_unet, target_unet, latents, prompt_embeds, un
     w = w.to(device=latents.device, dtype=latents.dtype)
     w_embedding = w_embedding.to(device=latents.device, dtype=latents.dtype)
     yield "student fwd"
-    noise_pred = student(noisy_model_input, start_timesteps, timestep_cond=w_embedding,
-                         encoder_hidden_states=prompt_embeds.float(), added_cond_kwargs={}).sample
-    pred_x_0 = lcd_script.get_predicted_original_sample(noise_pred, start_timesteps, noisy_model_input,
-                                                        prediction_type, alpha_schedule, sigma_schedule)
+    noise_pred = student(
+        noisy_model_input,
+        start_timesteps,
+        timestep_cond=w_embedding,
+        encoder_hidden_states=prompt_embeds.float(),
+        added_cond_kwargs={},
+    ).sample
+    pred_x_0 = lcd_script.get_predicted_original_sample(
+        noise_pred, start_timesteps, noisy_model_input, prediction_type, alpha_schedule, sigma_schedule
+    )
     model_pred = c_skip_start * noisy_model_input + c_out_start * pred_x_0
     yield "teacher cond + uncond (+ CFG, DDIM step)"
     with torch.no_grad():
         with teacher_autocast():
-            cond_teacher_output = teacher_unet(noisy_model_input.to(weight_dtype), start_timesteps,
-                                               encoder_hidden_states=prompt_embeds.to(weight_dtype)).sample
+            cond_teacher_output = teacher_unet(
+                noisy_model_input.to(weight_dtype),
+                start_timesteps,
+                encoder_hidden_states=prompt_embeds.to(weight_dtype),
+            ).sample
             cond_pred_x0 = lcd_script.get_predicted_original_sample(
-                cond_teacher_output, start_timesteps, noisy_model_input, prediction_type, alpha_schedule,
-                sigma_schedule)
+                cond_teacher_output, start_timesteps, noisy_model_input, prediction_type, alpha_schedule, sigma_schedule
+            )
             cond_pred_noise = lcd_script.get_predicted_noise(
-                cond_teacher_output, start_timesteps, noisy_model_input, prediction_type, alpha_schedule,
-                sigma_schedule)
-            uncond_teacher_output = teacher_unet(noisy_model_input.to(weight_dtype), start_timesteps,
-                                                 encoder_hidden_states=uncond_prompt_embeds.to(weight_dtype)).sample
+                cond_teacher_output, start_timesteps, noisy_model_input, prediction_type, alpha_schedule, sigma_schedule
+            )
+            uncond_teacher_output = teacher_unet(
+                noisy_model_input.to(weight_dtype),
+                start_timesteps,
+                encoder_hidden_states=uncond_prompt_embeds.to(weight_dtype),
+            ).sample
             uncond_pred_x0 = lcd_script.get_predicted_original_sample(
-                uncond_teacher_output, start_timesteps, noisy_model_input, prediction_type, alpha_schedule,
-                sigma_schedule)
+                uncond_teacher_output,
+                start_timesteps,
+                noisy_model_input,
+                prediction_type,
+                alpha_schedule,
+                sigma_schedule,
+            )
             uncond_pred_noise = lcd_script.get_predicted_noise(
-                uncond_teacher_output, start_timesteps, noisy_model_input, prediction_type, alpha_schedule,
-                sigma_schedule)
+                uncond_teacher_output,
+                start_timesteps,
+                noisy_model_input,
+                prediction_type,
+                alpha_schedule,
+                sigma_schedule,
+            )
             pred_x0 = cond_pred_x0 + w * (cond_pred_x0 - uncond_pred_x0)
             pred_noise = cond_pred_noise + w * (cond_pred_noise - uncond_pred_noise)
             x_prev = solver.ddim_step(pred_x0, pred_noise, index)
     yield "target (+ consistency output)"
     with torch.no_grad():
         with target_autocast():
-            target_noise_pred = target_unet(x_prev.float(), timesteps, timestep_cond=w_embedding,
-                                            encoder_hidden_states=prompt_embeds.float()).sample
-        pred_x_0 = lcd_script.get_predicted_original_sample(target_noise_pred, timesteps, x_prev, prediction_type,
-                                                            alpha_schedule, sigma_schedule)
+            target_noise_pred = target_unet(
+                x_prev.float(), timesteps, timestep_cond=w_embedding, encoder_hidden_states=prompt_embeds.float()
+            ).sample
+        pred_x_0 = lcd_script.get_predicted_original_sample(
+            target_noise_pred, timesteps, x_prev, prediction_type, alpha_schedule, sigma_schedule
+        )
         target = c_skip * x_prev + c_out * pred_x_0
     yield "loss (+ reward fwd, when on)"
     loss = torch.mean(torch.sqrt((model_pred.float() - target.float()) ** 2 + HUBER_C**2) - HUBER_C)
@@ -437,29 +581,34 @@ class ReferenceProvider:
         target_unet = target_unet.float().train().requires_grad_(False)  # the script keeps it in float32
         self.target_unet = target_unet
         unet.enable_gradient_checkpointing()
-        optimizer = torch.optim.AdamW(unet.parameters(), lr=LR, betas=(0.9, 0.999), weight_decay=WEIGHT_DECAY,
-                                      eps=1e-8)
-        lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=500,
-                                     num_training_steps=10**6)
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=LR, betas=(0.9, 0.999), weight_decay=WEIGHT_DECAY, eps=1e-8)
+        lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=500, num_training_steps=10**6)
         self.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(unet, optimizer, lr_scheduler)
         scheduler = parts["noise_scheduler"]
         alpha_schedule = torch.sqrt(scheduler.alphas_cumprod).to(device)
         sigma_schedule = torch.sqrt(1 - scheduler.alphas_cumprod).to(device)
-        solver = lcd_script.DDIMSolver(scheduler.alphas_cumprod.cpu().numpy(), timesteps=1000, ddim_timesteps=50).to(device)
+        solver = lcd_script.DDIMSolver(scheduler.alphas_cumprod.cpu().numpy(), timesteps=1000, ddim_timesteps=50).to(
+            device
+        )
         self.schedule = (scheduler, solver, alpha_schedule, sigma_schedule)
         tokenizer, text_encoder = parts["tokenizer"], parts["text_encoder"]
         with torch.no_grad():
-            uncond_input_ids = tokenizer([""] * args.batch, return_tensors="pt", padding="max_length",
-                                         max_length=77).input_ids.to(device)
+            uncond_input_ids = tokenizer(
+                [""] * args.batch, return_tensors="pt", padding="max_length", max_length=77
+            ).input_ids.to(device)
             self.uncond_prompt_embeds = text_encoder(uncond_input_ids)[0]
-        self.loader = infinite(torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=True,
-                                                           drop_last=True, num_workers=0))
+        self.loader = infinite(
+            torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=True, drop_last=True, num_workers=0)
+        )
         self.fixed = None
         if not encode_in_step:  # encoded once: latents as the script makes them, prompt embeddings
             batch = next(self.loader)
             with torch.no_grad():
-                self.fixed = (self._encode_images(batch["pixel_values"].to(device)),
-                              self._encode_text(batch["caption"]), list(batch["caption"]))
+                self.fixed = (
+                    self._encode_images(batch["pixel_values"].to(device)),
+                    self._encode_text(batch["caption"]),
+                    list(batch["caption"]),
+                )
         if reward:
             self.lrm = make_lrm(Teacher(folder="", **parts), LRM_WIDTHS, LRM_EMBED_DIM)
             self.lrm_optimizer = torch.optim.AdamW(self.lrm.parameters(), lr=LRM_LR, weight_decay=WEIGHT_DECAY)
@@ -467,8 +616,13 @@ class ReferenceProvider:
     def _encode_text(self, captions):  # the script's encode_prompt
         tokenizer, text_encoder = self.parts["tokenizer"], self.parts["text_encoder"]
         with torch.no_grad():
-            ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids
+            ids = tokenizer(
+                list(captions),
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
             return text_encoder(ids.to(text_encoder.device))[0]
 
     def _encode_images(self, image):
@@ -476,7 +630,7 @@ class ReferenceProvider:
         pixel_values = image.to(dtype=self.weight_dtype)
         latents = []
         for i in range(0, pixel_values.shape[0], 32):  # --vae_encode_batch_size 32
-            latents.append(vae.encode(pixel_values[i:i + 32]).latent_dist.sample())
+            latents.append(vae.encode(pixel_values[i : i + 32]).latent_dist.sample())
         latents = torch.cat(latents, dim=0)
         latents = latents * vae.config.scaling_factor
         return latents.to(self.weight_dtype)
@@ -484,10 +638,19 @@ class ReferenceProvider:
     def distill_loss(self, latents, prompt_embeds, generator=None, mark=None):
         device_type = self.device.type
         return run_reference_lcd(
-            self.unet, self.parts["unet"], self.target_unet, latents, prompt_embeds, self.uncond_prompt_embeds,
-            self.schedule, lambda: torch.autocast(device_type),
-            lambda: torch.autocast(device_type, dtype=self.weight_dtype), self.weight_dtype, generator=generator,
-            mark=mark)
+            self.unet,
+            self.parts["unet"],
+            self.target_unet,
+            latents,
+            prompt_embeds,
+            self.uncond_prompt_embeds,
+            self.schedule,
+            lambda: torch.autocast(device_type),
+            lambda: torch.autocast(device_type, dtype=self.weight_dtype),
+            self.weight_dtype,
+            generator=generator,
+            mark=mark,
+        )
 
     def step(self):
         acc, tl, device = self.accelerator, self.timeline, self.device
@@ -536,8 +699,7 @@ class ReferenceProvider:
         candidates = [c.detach().float() for c in (model_pred, target, latents)]
         tl.mark("LRM update: decode candidates")
         with torch.no_grad():
-            images = [(vae.decode((c / scale).to(vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
-                      for c in candidates]
+            images = [(vae.decode((c / scale).to(vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1) for c in candidates]
             tl.mark("LRM update: expert scoring")
             v = expert.text_features(text).float()
             v = v / v.norm(dim=-1, keepdim=True)
@@ -549,8 +711,9 @@ class ReferenceProvider:
             expert_logits = torch.stack(expert_logits)
         tl.mark("LRM update: LRM loss fwd + bwd")
         text_features = lrm_text_features(lrm, lrm.tokenize(text))
-        scores = torch.stack([lrm_scores_unfused(lrm, c / scale, text_features, lrm.logit_scale.exp())
-                              for c in candidates]).float()
+        scores = torch.stack(
+            [lrm_scores_unfused(lrm, c / scale, text_features, lrm.logit_scale.exp()) for c in candidates]
+        ).float()
         loss = pairwise_kl_unfused(scores, expert_logits)
         self.lrm_optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -595,12 +758,25 @@ class TrainerProvider:
         bf16_target = overrides.pop("bf16_target", False)
         if overrides.get("vae_decode_batch_size") == "2batch":  # prediction and target in one call
             overrides["vae_decode_batch_size"] = 2 * args.batch
-        settings = dict(teacher="sd21-random-in-memory", mixed_precision="bf16", train_batch_size=args.batch,
-                        reward_mode="lrm" if reward else "none", reward_model="clip",
-                        gradient_checkpointing=True, validation_steps=0, progress=False,
-                        resolution=args.resolution, output_dir=output_dir, max_train_steps=10**6,
-                        lrm_batch_size=args.batch, time_cond_proj_dim=TIME_COND_PROJ_DIM, loss_type="huber",
-                        huber_c=HUBER_C, learning_rate=LR, lrm_learning_rate=LRM_LR)
+        settings = dict(
+            teacher="sd21-random-in-memory",
+            mixed_precision="bf16",
+            train_batch_size=args.batch,
+            reward_mode="lrm" if reward else "none",
+            reward_model="clip",
+            gradient_checkpointing=True,
+            validation_steps=0,
+            progress=False,
+            resolution=args.resolution,
+            output_dir=output_dir,
+            max_train_steps=10**6,
+            lrm_batch_size=args.batch,
+            time_cond_proj_dim=TIME_COND_PROJ_DIM,
+            loss_type="huber",
+            huber_c=HUBER_C,
+            learning_rate=LR,
+            lrm_learning_rate=LRM_LR,
+        )
         config = make_config(**{**settings, **overrides})
         self.parts = parts
         teacher = Teacher(folder="", **parts)
@@ -646,6 +822,7 @@ class TrainerProvider:
             def lrm_pre(*_):
                 if tl.seen("LRM update: expert scoring"):
                     tl.mark("LRM update: LRM loss fwd + bwd")
+
             add(g.lrm.image_encoder.register_forward_pre_hook(lrm_pre))
             add(g.lrm.text_model.register_forward_pre_hook(lrm_pre))
             add(g.lrm_optimizer.register_step_pre_hook(pre("LRM update: AdamW")))
@@ -676,6 +853,7 @@ def restore_parts(parts):
 
 # ---- checks ---------------------------------------------------------------------------------------------
 
+
 def spot_check_small(device, prediction_type):
     """fp32, small UNets, on the device: the reference step's loss and student gradients vs rglcd_fast's
     DistillationStep on the same inputs and draws. Returns a markdown line."""
@@ -695,12 +873,23 @@ def spot_check_small(device, prediction_type):
     ac = scheduler.alphas_cumprod
     solver = lcd_script.DDIMSolver(ac.numpy(), 1000, 50).to(device)
     schedule = (scheduler, solver, torch.sqrt(ac).to(device), torch.sqrt(1 - ac).to(device))
-    ref_loss, _, _ = run_reference_lcd(student, teacher, target, latents, embeds, uncond, schedule,
-                                       contextlib.nullcontext, contextlib.nullcontext, torch.float32,
-                                       generator=torch.Generator(device).manual_seed(7))
+    ref_loss, _, _ = run_reference_lcd(
+        student,
+        teacher,
+        target,
+        latents,
+        embeds,
+        uncond,
+        schedule,
+        contextlib.nullcontext,
+        contextlib.nullcontext,
+        torch.float32,
+        generator=torch.Generator(device).manual_seed(7),
+    )
     ref_grads = torch.autograd.grad(ref_loss, list(student.parameters()))
     out = DistillationStep(scheduler, DistillationConfig(huber_c=HUBER_C), device=device)(
-        student, teacher, target, latents, embeds, uncond, generator=torch.Generator(device).manual_seed(7))
+        student, teacher, target, latents, embeds, uncond, generator=torch.Generator(device).manual_seed(7)
+    )
     grads = torch.autograd.grad(out.distill_loss, list(student.parameters()))
     loss_rel = abs(out.distill_loss.item() - ref_loss.item()) / abs(ref_loss.item())
     rel = [((a - b).norm() / b.norm()).item() for a, b in zip(grads, ref_grads) if b.norm() > 0]
@@ -708,16 +897,19 @@ def spot_check_small(device, prediction_type):
     for module in (student, teacher, target):
         module.to(memory_format=torch.channels_last)
     out_cl = DistillationStep(scheduler, DistillationConfig(huber_c=HUBER_C), device=device)(
-        student, teacher, target, latents, embeds, uncond, generator=torch.Generator(device).manual_seed(7))
+        student, teacher, target, latents, embeds, uncond, generator=torch.Generator(device).manual_seed(7)
+    )
     grads_cl = torch.autograd.grad(out_cl.distill_loss, list(student.parameters()))
     loss_rel_cl = abs(out_cl.distill_loss.item() - ref_loss.item()) / abs(ref_loss.item())
     rel_cl = [((a - b).norm() / b.norm()).item() for a, b in zip(grads_cl, ref_grads) if b.norm() > 0]
-    return (f"fp32, small UNets ({prediction_type}), same inputs and draws: reference loss {ref_loss.item():.7g}, "
-            f"rglcd_fast loss {out.distill_loss.item():.7g} (rel. diff {loss_rel:.1e}); student gradients, "
-            f"‖ours − ref‖/‖ref‖ per parameter tensor: median {statistics.median(rel):.1e}, max {max(rel):.1e} "
-            f"(Huber's d/sqrt(d² + c²) with c = 0.001 magnifies float32 rounding of d near 0). With the UNets in "
-            f"channels_last: loss {out_cl.distill_loss.item():.7g} (rel. diff {loss_rel_cl:.1e}), gradients median "
-            f"{statistics.median(rel_cl):.1e}, max {max(rel_cl):.1e}")
+    return (
+        f"fp32, small UNets ({prediction_type}), same inputs and draws: reference loss {ref_loss.item():.7g}, "
+        f"rglcd_fast loss {out.distill_loss.item():.7g} (rel. diff {loss_rel:.1e}); student gradients, "
+        f"‖ours − ref‖/‖ref‖ per parameter tensor: median {statistics.median(rel):.1e}, max {max(rel):.1e} "
+        f"(Huber's d/sqrt(d² + c²) with c = 0.001 magnifies float32 rounding of d near 0). With the UNets in "
+        f"channels_last: loss {out_cl.distill_loss.item():.7g} (rel. diff {loss_rel_cl:.1e}), gradients median "
+        f"{statistics.median(rel_cl):.1e}, max {max(rel_cl):.1e}"
+    )
 
 
 def spot_check_full(provider: ReferenceProvider, small=False):
@@ -733,39 +925,58 @@ def spot_check_full(provider: ReferenceProvider, small=False):
         ref_loss, _, _ = provider.distill_loss(latents, embeds, generator=torch.Generator(device).manual_seed(3))
         step = DistillationStep(provider.parts["noise_scheduler"], DistillationConfig(huber_c=HUBER_C), device=device)
         with provider.accelerator.autocast():
-            out = step(provider.unet, provider.parts["unet"], provider.target_unet, latents.float(), embeds,
-                       provider.uncond_prompt_embeds, generator=torch.Generator(device).manual_seed(3))
+            out = step(
+                provider.unet,
+                provider.parts["unet"],
+                provider.target_unet,
+                latents.float(),
+                embeds,
+                provider.uncond_prompt_embeds,
+                generator=torch.Generator(device).manual_seed(3),
+            )
         modules = (provider.unet, provider.parts["unet"], provider.target_unet)
         for module in modules:
             module.to(memory_format=torch.channels_last)
         with provider.accelerator.autocast():
-            out_cl = step(provider.unet, provider.parts["unet"], provider.target_unet, latents.float(), embeds,
-                          provider.uncond_prompt_embeds, generator=torch.Generator(device).manual_seed(3))
+            out_cl = step(
+                provider.unet,
+                provider.parts["unet"],
+                provider.target_unet,
+                latents.float(),
+                embeds,
+                provider.uncond_prompt_embeds,
+                generator=torch.Generator(device).manual_seed(3),
+            )
         for module in modules:
             module.to(memory_format=torch.contiguous_format)
     rel = abs(out.distill_loss.item() - ref_loss.item()) / abs(ref_loss.item())
     rel_cl = abs(out_cl.distill_loss.item() - out.distill_loss.item()) / abs(out.distill_loss.item())
-    return (f"{'tiny' if small else 'SD2.1-size'} models, bf16 paths (reference: bf16 latents, teacher under the script's torch.autocast; "
-            f"rglcd_fast: float32 latents, bf16 autocast), one batch, same draws: reference loss "
-            f"{ref_loss.item():.6g}, rglcd_fast loss {out.distill_loss.item():.6g} (rel. diff {rel:.1e}); "
-            f"rglcd_fast with the UNets in channels_last: {out_cl.distill_loss.item():.6g} (rel. diff to contiguous "
-            f"{rel_cl:.1e})")
+    return (
+        f"{'tiny' if small else 'SD2.1-size'} models, bf16 paths (reference: bf16 latents, teacher under the "
+        "script's torch.autocast; "
+        f"rglcd_fast: float32 latents, bf16 autocast), one batch, same draws: reference loss "
+        f"{ref_loss.item():.6g}, rglcd_fast loss {out.distill_loss.item():.6g} (rel. diff {rel:.1e}); "
+        f"rglcd_fast with the UNets in channels_last: {out_cl.distill_loss.item():.6g} (rel. diff to contiguous "
+        f"{rel_cl:.1e})"
+    )
 
 
 # ---- report ---------------------------------------------------------------------------------------------
 
-PROVIDER_NAMES = {"reference": "A. reference (LCD script step, incl. text + VAE encode)",
-                  "reference_noencode": "A'. reference, latents + embeddings pre-encoded (anchor scope)",
-                  "rglcd_fast": "B. rglcd_fast Trainer.train_step (defaults)",
-                  "rglcd_fast_cl": "B, channels_last=True",
-                  "rglcd_fast_bf16_target": "B, EMA target stored in bf16 (not adopted)",
-                  "rglcd_fast_nockpt": "B, gradient_checkpointing=False",
-                  "rglcd_fast_decode_one_call": "B, vae_decode_batch_size=2·batch (one decode call)",
-                  "rglcd_fast_compile": "B, compile_unets=all",
-                  "rglcd_fast_compile_cl": "B, compile_unets=all, channels_last=True",
-                  "rglcd_fast_compile_frozen": "B, compile_unets=frozen",
-                  "rglcd_fast_compile_blocks": "B, compile_unets=student_blocks",
-                  "rglcd_fast_compile_budget": "B, compile_unets=all, compile_memory_budget=0.5"}
+PROVIDER_NAMES = {
+    "reference": "A. reference (LCD script step, incl. text + VAE encode)",
+    "reference_noencode": "A'. reference, latents + embeddings pre-encoded (anchor scope)",
+    "rglcd_fast": "B. rglcd_fast Trainer.train_step (defaults)",
+    "rglcd_fast_cl": "B, channels_last=True",
+    "rglcd_fast_bf16_target": "B, EMA target stored in bf16 (not adopted)",
+    "rglcd_fast_nockpt": "B, gradient_checkpointing=False",
+    "rglcd_fast_decode_one_call": "B, vae_decode_batch_size=2·batch (one decode call)",
+    "rglcd_fast_compile": "B, compile_unets=all",
+    "rglcd_fast_compile_cl": "B, compile_unets=all, channels_last=True",
+    "rglcd_fast_compile_frozen": "B, compile_unets=frozen",
+    "rglcd_fast_compile_blocks": "B, compile_unets=student_blocks",
+    "rglcd_fast_compile_budget": "B, compile_unets=all, compile_memory_budget=0.5",
+}
 # variants measured in one reward branch only: the LRM's decode (on); the target's dtype and checkpointing
 # (off: their effect does not depend on the branch)
 ONLY_REWARD = {"rglcd_fast_decode_one_call": True, "rglcd_fast_bf16_target": False, "rglcd_fast_nockpt": False}
@@ -780,43 +991,73 @@ class Report:
 
     def row(self, provider, reward, times, peak_gib, base_ms, first_s, first_loss, pipelined):
         ms = statistics.median(times)
-        speedup = ("1.00×" if provider == "reference" else
-                   f"{base_ms / ms:.2f}×" if base_ms and provider != "reference_noencode" else "–")
-        self.rows.append(dict(name=PROVIDER_NAMES[provider], reward=reward, ms=ms, lo=min(times), hi=max(times),
-                              n=len(times), ips=self.args.batch / ms * 1e3, peak=peak_gib, speedup=speedup,
-                              first_s=first_s, loss=first_loss, pipelined=pipelined))
+        speedup = (
+            "1.00×"
+            if provider == "reference"
+            else f"{base_ms / ms:.2f}×"
+            if base_ms and provider != "reference_noencode"
+            else "–"
+        )
+        self.rows.append(
+            dict(
+                name=PROVIDER_NAMES[provider],
+                reward=reward,
+                ms=ms,
+                lo=min(times),
+                hi=max(times),
+                n=len(times),
+                ips=self.args.batch / ms * 1e3,
+                peak=peak_gib,
+                speedup=speedup,
+                first_s=first_s,
+                loss=first_loss,
+                pipelined=pipelined,
+            )
+        )
         self.write()
         return ms
 
     def write(self):
         a = self.args
         scale = "tiny configs (smoke run)" if a.small else "SD2.1 architecture (random weights)"
-        lines = [f"# Training-step benchmark: {self.card}", "",
-                 f"torch {torch.__version__}; commit {self.commit}; {datetime.date.today().isoformat()}. {scale}, "
-                 f"{a.resolution} px, batch {a.batch}, bf16 mixed precision (student float32 master weights under "
-                 f"autocast; teacher UNet, VAE, text encoder and expert in bf16), gradient checkpointing unless "
-                 f"the row says otherwise, {a.prediction_type}, Huber c = {HUBER_C}. ms/step: median wall time of "
-                 f"n steps after the warm-up steps ({a.warmup} for A and B, {a.variant_warmup} for B's variants), "
-                 f"each timed from a synchronised device to a synchronised device (min–max in brackets). "
-                 f"Back-to-back: the mean of {a.back_to_back} steps issued with no synchronisation between them "
-                 f"(A and B only). First step: wall time of the first step (includes torch.compile's compilation) "
-                 f"and its loss (every provider starts from the same weights, data order and draws). Peak: "
-                 f"torch.cuda.max_memory_allocated from the provider's construction on (the frozen teacher parts, "
-                 f"and with the reward on the expert, are shared by the providers and included). Speedup: against "
-                 f"A with the same reward branch.", "",
-                 "| provider | reward branch | ms/step (n) | back-to-back ms/step | images/s | peak GiB | speedup vs A "
-                 "| first step s | first-step loss |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+        lines = [
+            f"# Training-step benchmark: {self.card}",
+            "",
+            f"torch {torch.__version__}; commit {self.commit}; {datetime.date.today().isoformat()}. {scale}, "
+            f"{a.resolution} px, batch {a.batch}, bf16 mixed precision (student float32 master weights under "
+            f"autocast; teacher UNet, VAE, text encoder and expert in bf16), gradient checkpointing unless "
+            f"the row says otherwise, {a.prediction_type}, Huber c = {HUBER_C}. ms/step: median wall time of "
+            f"n steps after the warm-up steps ({a.warmup} for A and B, {a.variant_warmup} for B's variants), "
+            f"each timed from a synchronised device to a synchronised device (min–max in brackets). "
+            f"Back-to-back: the mean of {a.back_to_back} steps issued with no synchronisation between them "
+            f"(A and B only). First step: wall time of the first step (includes torch.compile's compilation) "
+            f"and its loss (every provider starts from the same weights, data order and draws). Peak: "
+            f"torch.cuda.max_memory_allocated from the provider's construction on (the frozen teacher parts, "
+            f"and with the reward on the expert, are shared by the providers and included). Speedup: against "
+            f"A with the same reward branch.",
+            "",
+            "| provider | reward branch | ms/step (n) | back-to-back ms/step | images/s | peak GiB | speedup vs A "
+            "| first step s | first-step loss |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in self.rows:
             pipelined = "–" if r["pipelined"] is None else f"{r['pipelined']:.1f}"
             peak = "–" if r["peak"] is None else f"{r['peak']:.1f}"
-            lines.append(f"| {r['name']} | {r['reward']} | {r['ms']:.1f} ({r['lo']:.1f}–{r['hi']:.1f}, n={r['n']}) | "
-                         f"{pipelined} | {r['ips']:.2f} | {peak} | {r['speedup']} | {r['first_s']:.1f} | "
-                         f"{r['loss']:.6g} |")
+            lines.append(
+                f"| {r['name']} | {r['reward']} | {r['ms']:.1f} ({r['lo']:.1f}–{r['hi']:.1f}, n={r['n']}) | "
+                f"{pipelined} | {r['ips']:.2f} | {peak} | {r['speedup']} | {r['first_s']:.1f} | "
+                f"{r['loss']:.6g} |"
+            )
         for title, phases in self.breakdowns:
             total = sum(ms for _, ms in phases)
-            lines += ["", f"Per-phase breakdown, {title} (median of {a.phase_steps} extra steps; GPU time between "
-                      f"marks, sum {total:.1f} ms):", "", "| phase | ms |", "|---|---|"]
+            lines += [
+                "",
+                f"Per-phase breakdown, {title} (median of {a.phase_steps} extra steps; GPU time between "
+                f"marks, sum {total:.1f} ms):",
+                "",
+                "| phase | ms |",
+                "|---|---|",
+            ]
             lines += [f"| {label} | {ms:.1f} |" for label, ms in phases]
         if self.checks:
             lines += ["", "Loss check:", ""] + [f"- {c}" for c in self.checks]
@@ -831,24 +1072,44 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10; --small: 2)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps, >= 1 (default 3; --small: 1)")
-    parser.add_argument("--variant-steps", type=int, default=None, help="timed steps of B's variants (default: --steps)")
+    parser.add_argument(
+        "--variant-steps", type=int, default=None, help="timed steps of B's variants (default: --steps)"
+    )
     parser.add_argument("--variant-warmup", type=int, default=None, help="their warm-up steps (default: --warmup)")
-    parser.add_argument("--back-to-back", type=int, default=None,
-                        help="A and B: steps timed together with no synchronisation between them (default: --steps; 0: off)")
-    parser.add_argument("--phase-steps", type=int, default=None,
-                        help="extra steps with per-phase marks (default 3; --small: 1; 0: no breakdown)")
-    parser.add_argument("--phase-variants", default="rglcd_fast_cl",
-                        help="B variants that also get a per-phase breakdown (comma list)")
+    parser.add_argument(
+        "--back-to-back",
+        type=int,
+        default=None,
+        help="A and B: steps timed together with no synchronisation between them (default: --steps; 0: off)",
+    )
+    parser.add_argument(
+        "--phase-steps",
+        type=int,
+        default=None,
+        help="extra steps with per-phase marks (default 3; --small: 1; 0: no breakdown)",
+    )
+    parser.add_argument(
+        "--phase-variants", default="rglcd_fast_cl", help="B variants that also get a per-phase breakdown (comma list)"
+    )
     parser.add_argument("--batch", type=int, default=None, help="default 8 (--small: 2)")
     parser.add_argument("--resolution", type=int, default=None, help="default 768 (--small: 32)")
-    parser.add_argument("--providers", default="reference,rglcd_fast,reference_noencode",
-                        help="comma list of: " + ", ".join(PROVIDER_NAMES) + " (compile variants run last)")
+    parser.add_argument(
+        "--providers",
+        default="reference,rglcd_fast,reference_noencode",
+        help="comma list of: " + ", ".join(PROVIDER_NAMES) + " (compile variants run last)",
+    )
     parser.add_argument("--reward", choices=("both", "on", "off"), default="both")
-    parser.add_argument("--compile-reward", choices=("both", "on", "off"), default="off",
-                        help="reward branches of the compile variant (default off)")
+    parser.add_argument(
+        "--compile-reward",
+        choices=("both", "on", "off"),
+        default="off",
+        help="reward branches of the compile variant (default off)",
+    )
     parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
     parser.add_argument("--no-check", action="store_true", help="skip the loss spot checks")
-    parser.add_argument("--out", default=None, help="results markdown (default benchmarks/results/train_step_<card>.md)")
+    parser.add_argument(
+        "--out", default=None, help="results markdown (default benchmarks/results/train_step_<card>.md)"
+    )
     parser.add_argument("--small", action="store_true", help="tiny configs, CPU or GPU: a quick smoke run")
     args = parser.parse_args()
     small = args.small
@@ -869,9 +1130,12 @@ def main():
         parser.error("no CUDA device: run with --small for the CPU smoke run")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    card_id = (torch.cuda.get_device_name().replace("NVIDIA ", "").split()[0] if device.type == "cuda" else "cpu")
-    out = args.out or (os.path.join(tempfile.gettempdir(), "train_step_small.md") if small
-                       else os.path.join(HERE, "results", f"train_step_{card_id}.md"))
+    card_id = torch.cuda.get_device_name().replace("NVIDIA ", "").split()[0] if device.type == "cuda" else "cpu"
+    out = args.out or (
+        os.path.join(tempfile.gettempdir(), "train_step_small.md")
+        if small
+        else os.path.join(HERE, "results", f"train_step_{card_id}.md")
+    )
     report = Report(out, args, device)
     print(f"{report.card}; torch {torch.__version__}; commit {report.commit}; writing {out}", flush=True)
 
@@ -896,8 +1160,12 @@ def main():
     expert = None
     branches = {"both": [False, True], "off": [False], "on": [True]}
     # the order of the runs: every branch's providers, then the compile variant (its compilation is long)
-    runs = [(name, reward) for reward in branches[args.reward] for name in providers
-            if "compile" not in name and ONLY_REWARD.get(name, reward) == reward]
+    runs = [
+        (name, reward)
+        for reward in branches[args.reward]
+        for name in providers
+        if "compile" not in name and ONLY_REWARD.get(name, reward) == reward
+    ]
     runs += [(name, reward) for reward in branches[args.compile_reward] for name in providers if "compile" in name]
     output_dir = tempfile.mkdtemp(prefix="rglcd_bench_train_")
     base_ms = {}
@@ -917,17 +1185,23 @@ def main():
             if name.startswith("rglcd_fast"):
                 provider = TrainerProvider(parts, dataset, args, device, reward, expert, output_dir, variant=name)
             else:
-                provider = ReferenceProvider(parts, dataset, args, device, reward, expert,
-                                             encode_in_step=name == "reference")
+                provider = ReferenceProvider(
+                    parts, dataset, args, device, reward, expert, encode_in_step=name == "reference"
+                )
             built = time.perf_counter() - t0
             times, first_s, first_loss, pipelined = time_steps(
-                provider.step, device, args.warmup if main_row else args.variant_warmup,
+                provider.step,
+                device,
+                args.warmup if main_row else args.variant_warmup,
                 args.steps if main_row else args.variant_steps,
-                back_to_back=args.back_to_back if name in ("reference", "rglcd_fast") else 0)
+                back_to_back=args.back_to_back if name in ("reference", "rglcd_fast") else 0,
+            )
         except Exception as e:  # one provider failing leaves the others' rows
             traceback.print_exc()
-            report.notes.append(f"{PROVIDER_NAMES[name]}, reward {label}: failed: {type(e).__name__}: "
-                                f"{str(e).splitlines()[0] if str(e) else ''}")
+            report.notes.append(
+                f"{PROVIDER_NAMES[name]}, reward {label}: failed: {type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}"
+            )
             report.write()
             if provider is not None:
                 provider.free()
@@ -938,9 +1212,13 @@ def main():
         ms = report.row(name, label, times, peak, base_ms.get(reward), first_s, first_loss, pipelined)
         if name == "reference":
             base_ms[reward] = ms
-        print(f"{PROVIDER_NAMES[name]:58s} reward {label:8s} {ms:8.1f} ms/step  "
-              f"back-to-back {'–' if pipelined is None else f'{pipelined:.1f}':>7}  peak {peak or 0:5.1f} GiB  first step {first_s:6.1f} s "
-              f"loss {first_loss:.6g}  (built in {built:.0f} s)", flush=True)
+        print(
+            f"{PROVIDER_NAMES[name]:58s} reward {label:8s} {ms:8.1f} ms/step  "
+            f"back-to-back {'–' if pipelined is None else f'{pipelined:.1f}':>7}  peak {peak or 0:5.1f} GiB  "
+            f"first step {first_s:6.1f} s "
+            f"loss {first_loss:.6g}  (built in {built:.0f} s)",
+            flush=True,
+        )
         if args.phase_steps > 0 and name != "reference_noencode" and (main_row or name in phase_variants):
             try:
                 phases = breakdown(provider.phase_step, provider.timeline, device, args.phase_steps)
@@ -968,6 +1246,7 @@ def _reset_accelerate():
     """Each provider builds its own Accelerator; drop the process-wide state the last one left."""
     try:
         from accelerate.state import AcceleratorState
+
         AcceleratorState._reset_state(reset_partial_state=True)
     except Exception:  # pragma: no cover - older accelerate
         pass

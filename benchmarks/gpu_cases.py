@@ -1,4 +1,5 @@
 """What bench_ops.py times: a Case per (op, shape, dtype), built by each family's bench_<family>.py."""
+
 import dataclasses
 from typing import Callable
 

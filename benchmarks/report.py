@@ -1,8 +1,9 @@
 """Turns pytest-benchmark JSON into the markdown table committed under benchmarks/results/.
 
-    pytest benchmarks --benchmark-only --benchmark-json=bench.json
-    python benchmarks/report.py bench.json > benchmarks/results/cpu_<machine>.md
+pytest benchmarks --benchmark-only --benchmark-json=bench.json
+python benchmarks/report.py bench.json > benchmarks/results/cpu_<machine>.md
 """
+
 import json
 import platform
 import sys
@@ -20,10 +21,12 @@ def main(path):
         groups[bench["group"]][bench["params"]["provider"]] = bench["stats"]["median"] * 1e6
     commit = commit_id()
     cpu = data["machine_info"].get("cpu", {}).get("brand_raw", platform.processor())
-    print(f"# CPU benchmark\n\nMachine: {cpu}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
-          f"commit {commit}; date {data['datetime'][:10]}. Medians in µs (pytest-benchmark); latents 4×4×64×64 "
-          "(SD1.5 at 512 px, batch 4), reward features 3×16×1024. Timings on a shared 2-core VM vary by up "
-          "to ~2× between runs, the eager ones most.\n")
+    print(
+        f"# CPU benchmark\n\nMachine: {cpu}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
+        f"commit {commit}; date {data['datetime'][:10]}. Medians in µs (pytest-benchmark); latents 4×4×64×64 "
+        "(SD1.5 at 512 px, batch 4), reward features 3×16×1024. Timings on a shared 2-core VM vary by up "
+        "to ~2× between runs, the eager ones most.\n"
+    )
     providers = sorted({p for g in groups.values() for p in g}, key=lambda p: p != "eager")
     print("| op | " + " | ".join(f"{p} µs" for p in providers) + " | speedup vs eager |")
     print("|---|" + "---|" * (len(providers) + 1))

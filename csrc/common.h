@@ -5,15 +5,14 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/util/Exception.h>
-
 #include <c10/util/strides.h>
 
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <string_view>
 #include <type_traits>
 #include <vector>
-#include <string_view>
 
 #if defined(__CUDACC__)
 #define RGLCD_HD __host__ __device__ __forceinline__
@@ -40,9 +39,15 @@ using PredictionTag = std::integral_constant<PredictionType, T>;
 template <typename Body>
 inline void with_prediction_type(PredictionType type, const Body& body) {
   switch (type) {
-    case PredictionType::Epsilon: body(PredictionTag<PredictionType::Epsilon>{}); break;
-    case PredictionType::VPrediction: body(PredictionTag<PredictionType::VPrediction>{}); break;
-    default: body(PredictionTag<PredictionType::Sample>{}); break;
+    case PredictionType::Epsilon:
+      body(PredictionTag<PredictionType::Epsilon>{});
+      break;
+    case PredictionType::VPrediction:
+      body(PredictionTag<PredictionType::VPrediction>{});
+      break;
+    default:
+      body(PredictionTag<PredictionType::Sample>{});
+      break;
   }
 }
 
@@ -74,9 +79,12 @@ template <typename acc_t>
 RGLCD_HD Linear<acc_t> x0_coefficients(acc_t alpha_bar, PredictionType type) {
   const acc_t a = std::sqrt(alpha_bar), s = std::sqrt(acc_t(1) - alpha_bar);
   switch (type) {
-    case PredictionType::Epsilon: return {acc_t(0), acc_t(1) / a, acc_t(1), -s};  // (x - s m) / a
-    case PredictionType::VPrediction: return {acc_t(0), acc_t(1), a, -s};         // a x - s m
-    default: return {acc_t(0), acc_t(1), acc_t(0), acc_t(1), false};              // m
+    case PredictionType::Epsilon:
+      return {acc_t(0), acc_t(1) / a, acc_t(1), -s};  // (x - s m) / a
+    case PredictionType::VPrediction:
+      return {acc_t(0), acc_t(1), a, -s};  // a x - s m
+    default:
+      return {acc_t(0), acc_t(1), acc_t(0), acc_t(1), false};  // m
   }
 }
 
@@ -84,9 +92,12 @@ template <typename acc_t>
 RGLCD_HD Linear<acc_t> eps_coefficients(acc_t alpha_bar, PredictionType type) {
   const acc_t a = std::sqrt(alpha_bar), s = std::sqrt(acc_t(1) - alpha_bar);
   switch (type) {
-    case PredictionType::Epsilon: return {acc_t(0), acc_t(1), acc_t(0), acc_t(1), false};  // m
-    case PredictionType::VPrediction: return {acc_t(0), acc_t(1), s, a};                   // a m + s x
-    default: return {acc_t(0), acc_t(1) / s, acc_t(1), -a};                                // (x - a m) / s
+    case PredictionType::Epsilon:
+      return {acc_t(0), acc_t(1), acc_t(0), acc_t(1), false};  // m
+    case PredictionType::VPrediction:
+      return {acc_t(0), acc_t(1), s, a};  // a m + s x
+    default:
+      return {acc_t(0), acc_t(1) / s, acc_t(1), -a};  // (x - a m) / s
   }
 }
 
@@ -100,8 +111,8 @@ RGLCD_HD void boundary_scalings(acc_t t, acc_t timestep_scaling, acc_t sigma_dat
 
 // Consistency output f = c_skip x + c_out x0(m, x, t), itself linear in (x, m).
 template <typename acc_t>
-RGLCD_HD Linear<acc_t> consistency_coefficients(acc_t alpha_bar, acc_t t, PredictionType type,
-                                                acc_t timestep_scaling, acc_t sigma_data) {
+RGLCD_HD Linear<acc_t> consistency_coefficients(acc_t alpha_bar, acc_t t, PredictionType type, acc_t timestep_scaling,
+                                                acc_t sigma_data) {
   acc_t c_skip, c_out;
   boundary_scalings(t, timestep_scaling, sigma_data, c_skip, c_out);
   const Linear<acc_t> x0 = x0_coefficients(alpha_bar, type);
@@ -112,12 +123,16 @@ RGLCD_HD Linear<acc_t> consistency_coefficients(acc_t alpha_bar, acc_t t, Predic
 struct X0Map {
   PredictionType type;
   template <typename acc_t>
-  RGLCD_HD Linear<acc_t> operator()(acc_t alpha_bar, acc_t) const { return x0_coefficients(alpha_bar, type); }
+  RGLCD_HD Linear<acc_t> operator()(acc_t alpha_bar, acc_t) const {
+    return x0_coefficients(alpha_bar, type);
+  }
 };
 struct EpsMap {
   PredictionType type;
   template <typename acc_t>
-  RGLCD_HD Linear<acc_t> operator()(acc_t alpha_bar, acc_t) const { return eps_coefficients(alpha_bar, type); }
+  RGLCD_HD Linear<acc_t> operator()(acc_t alpha_bar, acc_t) const {
+    return eps_coefficients(alpha_bar, type);
+  }
 };
 struct ConsistencyMap {
   PredictionType type;
@@ -209,18 +224,24 @@ RGLCD_HD acc_t ddim_variance(acc_t alpha_bar, acc_t alpha_bar_prev) {
 template <typename acc_t>
 RGLCD_HD acc_t x0_from(acc_t x, acc_t m, acc_t a, acc_t s, PredictionType type) {
   switch (type) {
-    case PredictionType::Epsilon: return (x - s * m) / a;
-    case PredictionType::VPrediction: return a * x - s * m;
-    default: return m;
+    case PredictionType::Epsilon:
+      return (x - s * m) / a;
+    case PredictionType::VPrediction:
+      return a * x - s * m;
+    default:
+      return m;
   }
 }
 
 template <typename acc_t>
 RGLCD_HD acc_t eps_from(acc_t x, acc_t m, acc_t a, acc_t s, PredictionType type) {
   switch (type) {
-    case PredictionType::Epsilon: return m;
-    case PredictionType::VPrediction: return a * m + s * x;
-    default: return (x - a * m) / s;
+    case PredictionType::Epsilon:
+      return m;
+    case PredictionType::VPrediction:
+      return a * m + s * x;
+    default:
+      return (x - a * m) / s;
   }
 }
 
@@ -251,8 +272,8 @@ struct LcmCoefficients {
 };
 
 template <typename acc_t>
-RGLCD_HD LcmCoefficients<acc_t> lcm_coefficients(acc_t alpha_bar, acc_t alpha_bar_prev, acc_t t,
-                                                 acc_t timestep_scaling, acc_t sigma_data) {
+RGLCD_HD LcmCoefficients<acc_t> lcm_coefficients(acc_t alpha_bar, acc_t alpha_bar_prev, acc_t t, acc_t timestep_scaling,
+                                                 acc_t sigma_data) {
   LcmCoefficients<acc_t> c;
   c.a = std::sqrt(alpha_bar);
   c.s = std::sqrt(acc_t(1) - alpha_bar);
@@ -337,8 +358,8 @@ inline void check_reward_features(const at::Tensor& image_features, const at::Te
 inline void check_pair_logits(const at::Tensor& logits, const at::Tensor& expert_logits) {
   TORCH_CHECK_VALUE(logits.dim() == 2 && logits.size(0) >= 2, "logits: expected [K, B] with K >= 2 candidates, got ",
                     logits.sizes());
-  TORCH_CHECK_VALUE(expert_logits.sizes() == logits.sizes(), "expert_logits: expected shape ", logits.sizes(),
-                    ", got ", expert_logits.sizes());
+  TORCH_CHECK_VALUE(expert_logits.sizes() == logits.sizes(), "expert_logits: expected shape ", logits.sizes(), ", got ",
+                    expert_logits.sizes());
   TORCH_CHECK_TYPE(expert_logits.scalar_type() == logits.scalar_type(), "expert_logits: expected dtype ",
                    logits.scalar_type(), " (as logits), got ", expert_logits.scalar_type());
 }
@@ -350,15 +371,23 @@ struct PairLogits {
   const scalar_t* e;
   int64_t s_k, s_b, e_k, e_b;
   template <typename acc_t>
-  RGLCD_HD acc_t student(int64_t k, int64_t b) const { return static_cast<acc_t>(s[k * s_k + b * s_b]); }
+  RGLCD_HD acc_t student(int64_t k, int64_t b) const {
+    return static_cast<acc_t>(s[k * s_k + b * s_b]);
+  }
   template <typename acc_t>
-  RGLCD_HD acc_t expert(int64_t k, int64_t b) const { return static_cast<acc_t>(e[k * e_k + b * e_b]); }
+  RGLCD_HD acc_t expert(int64_t k, int64_t b) const {
+    return static_cast<acc_t>(e[k * e_k + b * e_b]);
+  }
 };
 
 template <typename scalar_t>
 PairLogits<scalar_t> pair_logits(const at::Tensor& logits, const at::Tensor& expert) {
-  return {logits.const_data_ptr<scalar_t>(), expert.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(1),
-          expert.stride(0), expert.stride(1)};
+  return {logits.const_data_ptr<scalar_t>(),
+          expert.const_data_ptr<scalar_t>(),
+          logits.stride(0),
+          logits.stride(1),
+          expert.stride(0),
+          expert.stride(1)};
 }
 
 enum class PreferenceKind : int { KL = 0, CrossEntropy = 1 };
@@ -381,8 +410,7 @@ inline PreferenceRule parse_preference_rule(std::string_view kind, std::optional
                                             bool smooth_gt_label, int64_t num_candidates) {
   const PreferenceKind k = parse_preference_kind(kind);
   TORCH_CHECK_VALUE(!real_index.has_value() || (*real_index >= 0 && *real_index < num_candidates),
-                    "real_index: expected a candidate index in [0, K) = [0, ", num_candidates, "), got ",
-                    *real_index);
+                    "real_index: expected a candidate index in [0, K) = [0, ", num_candidates, "), got ", *real_index);
   TORCH_CHECK_VALUE(!smooth_gt_label || k == PreferenceKind::KL,
                     "smooth_gt_label: applies to kind 'kl' only (kind 'ce' labels the real candidate's pairs itself)");
   TORCH_CHECK_VALUE(!smooth_gt_label || real_index.has_value(),
@@ -392,7 +420,9 @@ inline PreferenceRule parse_preference_rule(std::string_view kind, std::optional
 
 // torch.argmax over two values: NaN counts as the maximum, a tie goes to the first.
 template <typename T>
-RGLCD_HD int pair_argmax(T a, T b) { return (a >= b || a != a) ? 0 : 1; }
+RGLCD_HD int pair_argmax(T a, T b) {
+  return (a >= b || a != a) ? 0 : 1;
+}
 
 // The real candidate's position in pair (i, j), i < j: 0 or 1, or -1 when the pair does not hold it.
 RGLCD_HD int real_position(int64_t i, int64_t j, const PreferenceRule& rule) {
@@ -486,7 +516,9 @@ RGLCD_HD acc_t pair_loss(const PairTarget<acc_t>& t, acc_t d) {
 
 // ∂loss/∂S_i = −∂loss/∂S_j = q0 − p0, for p0 = pair_target_p0.
 template <typename acc_t>
-RGLCD_HD acc_t pair_loss_grad(acc_t p0, acc_t d) { return sigmoid(d) - p0; }
+RGLCD_HD acc_t pair_loss_grad(acc_t p0, acc_t d) {
+  return sigmoid(d) - p0;
+}
 
 // ---- host-side argument handling -------------------------------------------------------------
 
@@ -553,7 +585,6 @@ inline void check_index_range_cpu(const at::Tensor& idx, int64_t upper, const ch
                       " is outside the schedule [0, ", upper, ")");
   }
 }
-
 
 // A per-sample index tensor (timesteps, indices) read on the CPU: int64, [B] or one value, in range.
 inline at::Tensor per_sample_index_cpu(const at::Tensor& t, int64_t batch, int64_t upper, const char* name,

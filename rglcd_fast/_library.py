@@ -1,6 +1,7 @@
 """The op library: every schema is declared once here (torch.ops.rglcd_fast.*), the compiled
 extension registers CPU/CUDA kernels for them, and the pure-PyTorch references are registered for
 every backend the extension does not cover (or for all of them when it is absent)."""
+
 import importlib
 import os
 from typing import Callable

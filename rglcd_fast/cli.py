@@ -1,4 +1,5 @@
 """The `rglcd-fast` command line."""
+
 import argparse
 import os
 import sys
@@ -16,8 +17,16 @@ def _sample(args) -> int:
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
     start = time.perf_counter()
     with tqdm(total=args.steps, desc="LCM steps", disable=args.quiet) as progress:
-        images = sampler(prompts, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
-                         height=args.height, width=args.width, cuda_graph=args.cuda_graph, progress=progress)
+        images = sampler(
+            prompts,
+            steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            seed=args.seed,
+            height=args.height,
+            width=args.width,
+            cuda_graph=args.cuda_graph,
+            progress=progress,
+        )
     seconds = time.perf_counter() - start
     image_grid(images, columns=args.num_images).save(args.out)
     print(f"wrote {args.out}: {len(images)} image(s), {args.steps} step(s), {seconds:.2f} s on {sampler.device}")
@@ -38,8 +47,10 @@ def _train(args) -> int:
                 print(f"{name}: {outputs[name]}")
         lora = f" --lora {outputs['lora']}" if "lora" in outputs else ""
         prompt = trainer.validation_prompts()[0]
-        print(f'sample from it: rglcd-fast sample --model {outputs["pipeline"]}{lora} --prompt "{prompt}" '
-              f"--steps 2 --num-images 4 --out grid.png")
+        print(
+            f'sample from it: rglcd-fast sample --model {outputs["pipeline"]}{lora} --prompt "{prompt}" '
+            f"--steps 2 --num-images 4 --out grid.png"
+        )
     return 0
 
 
@@ -72,9 +83,16 @@ def commit_id() -> str:
     import subprocess
 
     try:
-        return os.environ.get("RGLCD_COMMIT") or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+        return (
+            os.environ.get("RGLCD_COMMIT")
+            or subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=os.path.dirname(os.path.abspath(__file__)),
+            ).stdout.strip()
+            or "unknown"
+        )
     except OSError:
         return "unknown"
 
@@ -86,11 +104,13 @@ def _table_header(title: str, args, seeds) -> str:
 
     commit = commit_id()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    return (f"# {title}\n\n{datetime.date.today()}, torch {torch.__version__}, commit {commit}; students trained on "
-            f"{device}, sampled and scored on the CPU ({os.cpu_count()} cores). {args.per_digit} samples per digit "
-            f"(prompt \"a handwritten digit <word>\"), the same initial noise in every row; LCM rows at guidance "
-            f"scale 8 (w = 7); mean ± std over training seeds {', '.join(map(str, seeds))} (each seed also draws "
-            f"the rows' initial noise). Produced by:\n\n    rglcd-fast {args.command} {' '.join(args.argv)}\n\n")
+    return (
+        f"# {title}\n\n{datetime.date.today()}, torch {torch.__version__}, commit {commit}; students trained on "
+        f"{device}, sampled and scored on the CPU ({os.cpu_count()} cores). {args.per_digit} samples per digit "
+        f'(prompt "a handwritten digit <word>"), the same initial noise in every row; LCM rows at guidance '
+        f"scale 8 (w = 7); mean ± std over training seeds {', '.join(map(str, seeds))} (each seed also draws "
+        f"the rows' initial noise). Produced by:\n\n    rglcd-fast {args.command} {' '.join(args.argv)}\n\n"
+    )
 
 
 def _eval(args) -> int:
@@ -100,21 +120,37 @@ def _eval(args) -> int:
     seeds = _seeds(args.seeds)
     extra = {} if args.train_steps is None else {"max_train_steps": args.train_steps}
     runs = {name: [run_folder(args.work_dir, name, seed) for seed in seeds] for name in VARIANTS}
-    train_runs({folder: {**VARIANTS[name], **extra, "seed": seed} for name, folders in runs.items()
-                for seed, folder in zip(seeds, folders)}, jobs=args.jobs, quiet=args.quiet)
+    train_runs(
+        {
+            folder: {**VARIANTS[name], **extra, "seed": seed}
+            for name, folders in runs.items()
+            for seed, folder in zip(seeds, folders)
+        },
+        jobs=args.jobs,
+        quiet=args.quiet,
+    )
     out_dir = os.path.splitext(args.out)[0]
     rows = evaluate(runs, TEACHER_DIR, out_dir, per_digit=args.per_digit, steps=tuple(args.steps), seeds=seeds)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        f.write(_table_header("Digits world: teacher vs LCD vs RG-LCD", args, seeds)
-                + markdown_table(rows, relative_to=os.path.dirname(os.path.abspath(args.out))))
+        f.write(
+            _table_header("Digits world: teacher vs LCD vs RG-LCD", args, seeds)
+            + markdown_table(rows, relative_to=os.path.dirname(os.path.abspath(args.out)))
+        )
     print(markdown_table(rows))
     print(f"wrote {args.out} and one sample grid per row in {out_dir}/")
     return 0
 
 
 def _sweep(args) -> int:
-    from .world.evaluate import REWARD_VARIANTS, evaluate, markdown_table, plot_reward_vs_frechet, run_folder, train_runs
+    from .world.evaluate import (
+        REWARD_VARIANTS,
+        evaluate,
+        markdown_table,
+        plot_reward_vs_frechet,
+        run_folder,
+        train_runs,
+    )
     from .world.teacher import TEACHER_DIR
 
     seeds = _seeds(args.seeds)
@@ -124,16 +160,23 @@ def _sweep(args) -> int:
     for name, variant in REWARD_VARIANTS.items():
         for scale in args.reward_scales:
             row = runs[f"{name} @ {scale:g}"] = [run_folder(args.work_dir, name, s, scale) for s in seeds]
-            settings.update({folder: {**variant, **extra, "reward_scale": scale, "seed": s} for s, folder in zip(seeds, row)})
+            settings.update(
+                {folder: {**variant, **extra, "reward_scale": scale, "seed": s} for s, folder in zip(seeds, row)}
+            )
     train_runs(settings, jobs=args.jobs, quiet=args.quiet)
     stem = os.path.splitext(args.out)[0]
     rows = evaluate(runs, TEACHER_DIR, stem, per_digit=args.per_digit, steps=(args.steps,), seeds=seeds)
-    plot_reward_vs_frechet(rows, args.out, f"digits world, {args.steps}-step students (teacher: DDIM-50), "
-                                           f"{len(seeds)} seed(s); labels: reward_scale")
+    plot_reward_vs_frechet(
+        rows,
+        args.out,
+        f"digits world, {args.steps}-step students (teacher: DDIM-50), {len(seeds)} seed(s); labels: reward_scale",
+    )
     with open(stem + ".md", "w") as f:
-        f.write(_table_header("Digits world: expert reward against Fréchet distance over reward_scale", args, seeds)
-                + f"![reward vs Fréchet distance]({os.path.basename(args.out)})\n\n"
-                + markdown_table(rows, relative_to=os.path.dirname(os.path.abspath(args.out))))
+        f.write(
+            _table_header("Digits world: expert reward against Fréchet distance over reward_scale", args, seeds)
+            + f"![reward vs Fréchet distance]({os.path.basename(args.out)})\n\n"
+            + markdown_table(rows, relative_to=os.path.dirname(os.path.abspath(args.out)))
+        )
     print(markdown_table(rows))
     print(f"wrote {args.out}, {stem}.md and one sample grid per row in {stem}/")
     return 0
@@ -143,11 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rglcd-fast", description=__doc__, allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    sample = commands.add_parser("sample", allow_abbrev=False,
-                                 help="few-step LCM sampling from a diffusers-format model folder",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sample.add_argument("--model", required=True, help="diffusers Stable Diffusion folder with an LCM UNet "
-                        "(or a base model with --lora)")
+    sample = commands.add_parser(
+        "sample",
+        allow_abbrev=False,
+        help="few-step LCM sampling from a diffusers-format model folder",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sample.add_argument(
+        "--model",
+        required=True,
+        help="diffusers Stable Diffusion folder with an LCM UNet (or a base model with --lora)",
+    )
     sample.add_argument("--lora", default=None, help="LCM-LoRA weights (file or folder) to fuse into the UNet")
     sample.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     sample.add_argument("--num-images", type=int, default=1, help="images per prompt (one grid column each)")
@@ -157,56 +206,78 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--height", type=int, default=None, help="pixels (default: the model's size)")
     sample.add_argument("--width", type=int, default=None, help="pixels (default: the model's size)")
     sample.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    sample.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
-                        help="auto: fp16 on CUDA, fp32 on the CPU")
+    sample.add_argument(
+        "--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto", help="auto: fp16 on CUDA, fp32 on the CPU"
+    )
     sample.add_argument("--cuda-graph", action="store_true", help="capture the denoising loop in a CUDA graph")
     sample.add_argument("--out", default="grid.png", help="the image grid to write (PNG)")
     sample.add_argument("--quiet", action="store_true", help="no progress bar")
     sample.set_defaults(run=_sample)
 
-    train = commands.add_parser("train", allow_abbrev=False,
-                                help="RG-LCD distillation; with no arguments, on the embedded digits world",
-                                description="RG-LCD training (docs/design.md §1). Settings come from the defaults (the "
-                                "digits world preset when --teacher is digits), then --config, then the flags.")
+    train = commands.add_parser(
+        "train",
+        allow_abbrev=False,
+        help="RG-LCD distillation; with no arguments, on the embedded digits world",
+        description="RG-LCD training (docs/design.md §1). Settings come from the defaults (the "
+        "digits world preset when --teacher is digits), then --config, then the flags.",
+    )
     from .train.config import add_arguments
+
     add_arguments(train)
     train.set_defaults(run=_train)
 
     pretrain = commands.add_parser(
-        "pretrain-lrm", allow_abbrev=False,
+        "pretrain-lrm",
+        allow_abbrev=False,
         help="pre-train a latent reward model (latent CLIP) offline; on the digits world by default",
         description="The LRM as a latent CLIP: a contrastive loss between the teacher's VAE latents and captions, "
         "plus the expert's preferences between real latents and the teacher's one-step predictions. Settings as "
-        "for train: defaults (the digits preset when --teacher is digits), then --config, then the flags.")
+        "for train: defaults (the digits preset when --teacher is digits), then --config, then the flags.",
+    )
     from .train.config import LRMPretrainConfig
+
     add_arguments(pretrain, LRMPretrainConfig)
     pretrain.set_defaults(run=_pretrain_lrm)
 
-    world = commands.add_parser("make-world", help="rebuild the digits world (classifiers, teacher) from scratch",
-                                add_help=False)
+    world = commands.add_parser(
+        "make-world", help="rebuild the digits world (classifiers, teacher) from scratch", add_help=False
+    )
     world.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of python -m rglcd_fast.world.teacher")
     world.set_defaults(run=_make_world)
 
     def comparison(name, help, out):
-        command = commands.add_parser(name, help=help, allow_abbrev=False,
-                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        command.add_argument("--work-dir", default="rglcd-eval", help="where the students are trained / found "
-                             "(<work-dir>/<row>/[scale-<s>/]seed-<n>; reused only with the same settings)")
+        command = commands.add_parser(
+            name, help=help, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
+        command.add_argument(
+            "--work-dir",
+            default="rglcd-eval",
+            help="where the students are trained / found "
+            "(<work-dir>/<row>/[scale-<s>/]seed-<n>; reused only with the same settings)",
+        )
         command.add_argument("--seeds", default="0,1,2", help="training seeds, e.g. 0,1,2 (mean ± std over them)")
         command.add_argument("--train-steps", type=int, default=None, help="training steps (default: the preset's)")
         command.add_argument("--per-digit", type=int, default=50, help="samples per digit in every row")
-        command.add_argument("--jobs", type=int, default=1, help="students trained at once (rglcd-fast train "
-                             "processes, the CPU's threads split between them)")
+        command.add_argument(
+            "--jobs",
+            type=int,
+            default=1,
+            help="students trained at once (rglcd-fast train processes, the CPU's threads split between them)",
+        )
         command.add_argument("--out", default=out, help="the table / the plot (grids go next to it)")
         command.add_argument("--quiet", action="store_true")
         return command
 
-    evaluation = comparison("eval", "the digits world comparison table (trains the students first)",
-                            "results/digits_eval.md")
+    evaluation = comparison(
+        "eval", "the digits world comparison table (trains the students first)", "results/digits_eval.md"
+    )
     evaluation.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="LCM step counts")
     evaluation.set_defaults(run=_eval)
-    sweep = comparison("sweep", "the digits world's expert reward against Fréchet distance over reward_scale "
-                       "(trains the students first)", "results/reward_vs_frechet.png")
+    sweep = comparison(
+        "sweep",
+        "the digits world's expert reward against Fréchet distance over reward_scale (trains the students first)",
+        "results/reward_vs_frechet.png",
+    )
     sweep.add_argument("--reward-scales", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0])
     sweep.add_argument("--steps", type=int, default=2, help="LCM steps")
     sweep.set_defaults(run=_sweep)
@@ -220,6 +291,7 @@ def main(argv=None) -> int:
     errors = (FileNotFoundError, ValueError)
     if args.command in ("train", "pretrain-lrm"):
         from .train.trainer import CheckpointWriteError, NonFiniteLossError
+
         errors += (NonFiniteLossError, CheckpointWriteError)
     try:
         return args.run(args)

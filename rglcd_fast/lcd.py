@@ -4,6 +4,7 @@ backed by the fused ops. Import them in place of the script's own definitions; t
 script's teacher-step and loss blocks with `DDIMSolver.guided_ddim_step` and `ops.consistency_loss`
 (README: "Patching an LCD training script") to fuse whole blocks rather than single lines.
 """
+
 import numpy as np
 import torch
 
@@ -71,14 +72,20 @@ class DDIMSolver:
         self.ddim_timesteps = torch.from_numpy(ddim_ts).long()
         self.ddim_alpha_cumprods = torch.from_numpy(alpha_cumprods[ddim_ts])
         self.ddim_alpha_cumprods_prev = torch.from_numpy(
-            np.asarray([alpha_cumprods[0]] + alpha_cumprods[ddim_ts[:-1]].tolist()))
+            np.asarray([alpha_cumprods[0]] + alpha_cumprods[ddim_ts[:-1]].tolist())
+        )
         # For the fused step: the timestep whose ᾱ is ddim_alpha_cumprods_prev[n], and the schedule.
         self.ddim_timesteps_prev = torch.cat([torch.zeros(1, dtype=torch.long), self.ddim_timesteps[:-1]])
         self.alphas_cumprod = torch.from_numpy(alpha_cumprods).float()
 
     def to(self, device):
-        for name in ("ddim_timesteps", "ddim_alpha_cumprods", "ddim_alpha_cumprods_prev", "ddim_timesteps_prev",
-                     "alphas_cumprod"):
+        for name in (
+            "ddim_timesteps",
+            "ddim_alpha_cumprods",
+            "ddim_alpha_cumprods_prev",
+            "ddim_timesteps_prev",
+            "alphas_cumprod",
+        ):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
@@ -91,6 +98,13 @@ class DDIMSolver:
         """The teacher's CFG + DDIM step from raw teacher outputs in one fused pass: returns
         (x_prev, pred_x0), i.e. the script's get_predicted_original_sample / get_predicted_noise on
         both outputs, the guidance lines and ddim_step (w: [B], not reshaped)."""
-        return ops.guided_ddim_step(cond_output, uncond_output, sample, self.ddim_timesteps[timestep_index],
-                                    self.ddim_timesteps_prev[timestep_index], w.reshape(-1), self.alphas_cumprod,
-                                    prediction_type)
+        return ops.guided_ddim_step(
+            cond_output,
+            uncond_output,
+            sample,
+            self.ddim_timesteps[timestep_index],
+            self.ddim_timesteps_prev[timestep_index],
+            w.reshape(-1),
+            self.alphas_cumprod,
+            prediction_type,
+        )

@@ -8,6 +8,7 @@ be captured in a CUDA graph:
 
     pipe.scheduler = FusedLCMScheduler.from_config(pipe.scheduler.config)
 """
+
 import torch
 from diffusers import DDIMScheduler, LCMScheduler
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
@@ -47,8 +48,12 @@ class _FusedStepMixin:
         if not isinstance(timestep, torch.Tensor):
             return int(timestep)
         host = self.__dict__.get("_rglcd_host_timesteps")
-        if (timestep.device.type != "cpu" and host is not None and timestep.dim() == 0
-                and timestep.untyped_storage().data_ptr() == self.timesteps.untyped_storage().data_ptr()):
+        if (
+            timestep.device.type != "cpu"
+            and host is not None
+            and timestep.dim() == 0
+            and timestep.untyped_storage().data_ptr() == self.timesteps.untyped_storage().data_ptr()
+        ):
             return int(host[timestep.storage_offset() - self.timesteps.storage_offset()])
         return int(timestep.item())
 
@@ -66,9 +71,15 @@ class FusedLCMScheduler(_FusedStepMixin, LCMScheduler):
         self._remember_host_timesteps()
         config = self.config  # checked once here, not in every step()
         self._rglcd_constants = solver_ops.lcm_step_constants(
-            self._final_alpha_cumprod(), config.prediction_type, config.timestep_scaling, config.clip_sample,
-            config.clip_sample_range, config.thresholding, config.dynamic_thresholding_ratio,
-            config.sample_max_value)
+            self._final_alpha_cumprod(),
+            config.prediction_type,
+            config.timestep_scaling,
+            config.clip_sample,
+            config.clip_sample_range,
+            config.thresholding,
+            config.dynamic_thresholding_ratio,
+            config.sample_max_value,
+        )
         self._rglcd_prev_timesteps = {}
 
     def _prev_timesteps_on(self, device: torch.device) -> list:
@@ -77,7 +88,7 @@ class FusedLCMScheduler(_FusedStepMixin, LCMScheduler):
         cached = self._rglcd_prev_timesteps.get(device)
         if cached is None:
             timesteps = self.timesteps.to(device)
-            cached = self._rglcd_prev_timesteps[device] = [timesteps[i:i + 1] for i in range(1, len(timesteps))]
+            cached = self._rglcd_prev_timesteps[device] = [timesteps[i : i + 1] for i in range(1, len(timesteps))]
         return cached
 
     def _init_step_index(self, timestep):
@@ -87,11 +98,18 @@ class FusedLCMScheduler(_FusedStepMixin, LCMScheduler):
         else:
             self._step_index = self._begin_index
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
-             generator: torch.Generator | None = None, return_dict: bool = True):
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ):
         if self.num_inference_steps is None:
-            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
-                             "the scheduler")
+            raise ValueError(
+                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
+            )
         if self._step_index is None:
             self._init_step_index(timestep)
         # The host work of a step is most of its time on the GPU: the configuration was checked in
@@ -109,8 +127,17 @@ class FusedLCMScheduler(_FusedStepMixin, LCMScheduler):
                 draw = True
             else:
                 noise = randn_tensor(model_output.shape, generator=generator, device=device, dtype=sample.dtype)
-        prev_sample, denoised = solver_ops._lcm_step(model_output, sample, t, prev_t, self._schedule_on(device), noise,
-                                                     *self._rglcd_constants, draw, generator if draw else None)
+        prev_sample, denoised = solver_ops._lcm_step(
+            model_output,
+            sample,
+            t,
+            prev_t,
+            self._schedule_on(device),
+            noise,
+            *self._rglcd_constants,
+            draw,
+            generator if draw else None,
+        )
         self._step_index += 1
         if not return_dict:
             return prev_sample, denoised
@@ -122,29 +149,56 @@ class FusedDDIMScheduler(_FusedStepMixin, DDIMScheduler):
 
     _compatibles = [*DDIMScheduler._compatibles, "DDIMScheduler"]
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
-             use_clipped_model_output: bool = False, generator: torch.Generator | None = None,
-             variance_noise: torch.Tensor | None = None, return_dict: bool = True):
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        generator: torch.Generator | None = None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ):
         if self.num_inference_steps is None:
-            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
-                             "the scheduler")
+            raise ValueError(
+                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
+            )
         device = sample.device
         t = self._timestep_tensor(timestep, device)
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps  # negative: final ᾱ, in the kernel
         noise = None
         if eta > 0:
             if variance_noise is not None and generator is not None:
-                raise ValueError("Cannot pass both generator and variance_noise. Please make sure that either "
-                                 "`generator` or `variance_noise` stays `None`.")
-            noise = variance_noise if variance_noise is not None else randn_tensor(
-                model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+                raise ValueError(
+                    "Cannot pass both generator and variance_noise. Please make sure that either "
+                    "`generator` or `variance_noise` stays `None`."
+                )
+            noise = (
+                variance_noise
+                if variance_noise is not None
+                else randn_tensor(
+                    model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+                )
+            )
         config = self.config
         prev_sample, pred_original_sample = ops.ddim_step(
-            model_output, sample, t, prev_t, self._schedule_on(device), noise=noise,
-            final_alpha_cumprod=self._final_alpha_cumprod(), eta=float(eta), prediction_type=config.prediction_type,
-            clip_sample=config.clip_sample, clip_sample_range=config.clip_sample_range,
-            thresholding=config.thresholding, dynamic_thresholding_ratio=config.dynamic_thresholding_ratio,
-            sample_max_value=config.sample_max_value, use_clipped_model_output=use_clipped_model_output)
+            model_output,
+            sample,
+            t,
+            prev_t,
+            self._schedule_on(device),
+            noise=noise,
+            final_alpha_cumprod=self._final_alpha_cumprod(),
+            eta=float(eta),
+            prediction_type=config.prediction_type,
+            clip_sample=config.clip_sample,
+            clip_sample_range=config.clip_sample_range,
+            thresholding=config.thresholding,
+            dynamic_thresholding_ratio=config.dynamic_thresholding_ratio,
+            sample_max_value=config.sample_max_value,
+            use_clipped_model_output=use_clipped_model_output,
+        )
         if not return_dict:
             return prev_sample, pred_original_sample
         return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)

@@ -4,6 +4,7 @@ compile on a machine with the CUDA toolkit but no GPU (CI). Needs a CUDA build o
 
     CUDA_HOME=/usr/local/cuda python scripts/compile_cuda_objects.py [--arch 9.0] [-j 2]
 """
+
 import argparse
 import glob
 import os
@@ -26,17 +27,34 @@ def cxx_standard():
 
 
 def nvcc_command(source, output, arch):
-    includes = cpp_extension.include_paths(device_type="cuda") + [os.path.join(ROOT, "csrc"),
-                                                                     sysconfig.get_paths()["include"]]
+    includes = cpp_extension.include_paths(device_type="cuda") + [
+        os.path.join(ROOT, "csrc"),
+        sysconfig.get_paths()["include"],
+    ]
     nvidia = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "cu13", "include")
     if os.path.isdir(nvidia):  # cusparse/cublas headers pulled in by ATen/cuda includes
         includes.append(nvidia)
     code = arch.replace(".", "")
-    return [os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"), "-c", source, "-o", output,
-            *[f"-I{p}" for p in includes], *cpp_extension.COMMON_NVCC_FLAGS, "-O3", "--extended-lambda",
-            f"-std={cxx_standard()}", "--compiler-options", "-fPIC", f"-gencode=arch=compute_{code},code=sm_{code}",
-            "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DRGLCD_FAST_WITH_CUDA",
-            "-Xptxas", "-v"]
+    return [
+        os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"),
+        "-c",
+        source,
+        "-o",
+        output,
+        *[f"-I{p}" for p in includes],
+        *cpp_extension.COMMON_NVCC_FLAGS,
+        "-O3",
+        "--extended-lambda",
+        f"-std={cxx_standard()}",
+        "--compiler-options",
+        "-fPIC",
+        f"-gencode=arch=compute_{code},code=sm_{code}",
+        "-DTORCH_EXTENSION_NAME=_C",
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+        "-DRGLCD_FAST_WITH_CUDA",
+        "-Xptxas",
+        "-v",
+    ]
 
 
 def main():
@@ -48,10 +66,12 @@ def main():
         sys.exit("needs a CUDA build of torch and CUDA_HOME pointing at the toolkit")
     sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
     with tempfile.TemporaryDirectory() as out:
+
         def compile_one(source):
             obj = os.path.join(out, os.path.basename(source) + ".o")
             result = subprocess.run(nvcc_command(source, obj, args.arch), capture_output=True, text=True)
             return source, result
+
         failed = 0
         with ThreadPoolExecutor(args.jobs) as pool:
             for source, result in pool.map(compile_one, sources):

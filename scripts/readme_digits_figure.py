@@ -3,6 +3,7 @@ real sevens of the training data, both 4× enlarged (nearest neighbour, so no de
 
     python scripts/readme_digits_figure.py digits.png results/readme_digits_seven.png
 """
+
 import sys
 
 import torch

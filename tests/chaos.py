@@ -19,6 +19,7 @@ LR scheduler, data loader, RNG states), the saved pipeline, target and LRM folde
 column but the wall-clock ones) must equal the uninterrupted run's, with each step logged once. The child
 appends what it reaches to a trace file, so each kill's landing point is known. Exit status 1 on any
 difference; the last line is the summary."""
+
 import argparse
 import collections
 import csv
@@ -35,8 +36,16 @@ import warnings
 TESTS = os.path.dirname(os.path.abspath(__file__))
 # where a point kill strikes, and how many passes of it a run makes at most (the n of a kill is drawn in
 # 1..that); see arm()
-POINTS = {"step": 3, "torn_entry": 16, "torn_marker": 3, "before_publish": 3, "after_publish": 3,
-          "half_pruned": 3, "torn_log": 3, "outputs": 4}
+POINTS = {
+    "step": 3,
+    "torn_entry": 16,
+    "torn_marker": 3,
+    "before_publish": 3,
+    "after_publish": 3,
+    "half_pruned": 3,
+    "torn_log": 3,
+    "outputs": 4,
+}
 WALL_CLOCK_COLUMNS = ("step_time_s", "images_per_s")
 
 
@@ -47,7 +56,9 @@ def child(teacher, data, out, steps, keep, kill, trace_path):
 
     sys.path.insert(0, TESTS)
     from tiny_pipeline import tiny_config
-    from rglcd_fast.train import checkpoint, trainer as trainer_module
+
+    from rglcd_fast.train import checkpoint
+    from rglcd_fast.train import trainer as trainer_module
 
     trace_file = open(trace_path, "a")
 
@@ -74,9 +85,17 @@ def child(teacher, data, out, steps, keep, kill, trace_path):
     arm(checkpoint, trainer_module, trace, strikes, die, truncate)
     torch.use_deterministic_algorithms(True)
     trace("start")
-    run = trainer_module.Trainer(tiny_config((teacher, data), out, max_train_steps=steps, checkpointing_steps=1,
-                                             checkpoints_total_limit=keep, report_to="none",
-                                             resume_from_checkpoint="latest"))
+    run = trainer_module.Trainer(
+        tiny_config(
+            (teacher, data),
+            out,
+            max_train_steps=steps,
+            checkpointing_steps=1,
+            checkpoints_total_limit=keep,
+            report_to="none",
+            resume_from_checkpoint="latest",
+        )
+    )
     trace(f"resumed:{run.step}")
     run.train()
     trace("done")
@@ -86,7 +105,11 @@ def arm(checkpoint, trainer_module, trace, strikes, die, truncate):
     """Wraps the checkpoint module's and the trainer's writers: each pass is traced, and the armed one
     leaves a crash's damage and dies."""
     write_entry, write_text, rename_dir = checkpoint._write_entry, checkpoint._write_text, checkpoint._rename_dir
-    rmtree, train_step, csv_write = checkpoint.shutil.rmtree, trainer_module.Trainer.train_step, trainer_module.CsvLog.write
+    rmtree, train_step, csv_write = (
+        checkpoint.shutil.rmtree,
+        trainer_module.Trainer.train_step,
+        trainer_module.CsvLog.write,
+    )
     write_folder = trainer_module.write_folder
 
     def _write_entry(folder, name, obj, kind):
@@ -100,7 +123,7 @@ def arm(checkpoint, trainer_module, trace, strikes, die, truncate):
         is_marker = os.path.basename(path) == checkpoint.COMPLETE
         if is_marker and strikes("torn_marker"):
             with open(path, "w") as f:
-                f.write(text[:len(text) // 2])
+                f.write(text[: len(text) // 2])
             die("torn_marker")
         write_text(path, text)
 
@@ -116,7 +139,7 @@ def arm(checkpoint, trainer_module, trace, strikes, die, truncate):
         trace(f"rmtree:{os.path.basename(path)}")
         if os.path.basename(path).startswith("checkpoint-") and strikes("half_pruned"):
             files = sorted(os.listdir(path))
-            for name in files[:len(files) // 2]:
+            for name in files[: len(files) // 2]:
                 os.remove(os.path.join(path, name))
             die(f"half_pruned:{os.path.basename(path)}")
         rmtree(path, ignore_errors=ignore_errors)
@@ -142,6 +165,7 @@ def arm(checkpoint, trainer_module, trace, strikes, die, truncate):
             write(tmp)
             if strikes("outputs"):
                 die(f"outputs:{os.path.basename(path)}")
+
         write_folder(path, write_then_maybe_die)
 
     checkpoint._write_entry, checkpoint._write_text, checkpoint._rename_dir = _write_entry, _write_text, _rename_dir
@@ -197,8 +221,10 @@ def differences(a, b, where=""):
     import torch
 
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+
         def bits(t):
             return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
         same = a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
         return [] if same else [where]
     if isinstance(a, dict) and isinstance(b, dict):
@@ -221,8 +247,10 @@ def folder_differences(ref, got):
         if os.path.isdir(os.path.join(ref, name)):
             out += folder_differences(os.path.join(ref, name), os.path.join(got, name))
         else:
-            out += [f"{got}/{name}{d}" for d in differences(load_any(os.path.join(ref, name)),
-                                                           load_any(os.path.join(got, name)))]
+            out += [
+                f"{got}/{name}{d}"
+                for d in differences(load_any(os.path.join(ref, name)), load_any(os.path.join(got, name)))
+            ]
     return out
 
 
@@ -234,8 +262,11 @@ def log_rows(out):
 def final_differences(ref, got, steps):
     out = folder_differences(os.path.join(ref, f"checkpoint-{steps}"), os.path.join(got, f"checkpoint-{steps}"))
     for folder in ("pipeline/unet", "unet_target", "lrm"):
-        out += [d for d in folder_differences(os.path.join(ref, folder), os.path.join(got, folder))
-                if not d.endswith("README.md")]  # the model card names its own folder's run
+        out += [
+            d
+            for d in folder_differences(os.path.join(ref, folder), os.path.join(got, folder))
+            if not d.endswith("README.md")
+        ]  # the model card names its own folder's run
     rows = log_rows(got)
     if [int(r["step"]) for r in rows] != list(range(1, steps + 1)):
         out.append(f"logs.csv steps {[r['step'] for r in rows]}")
@@ -250,11 +281,17 @@ def landing(trace_lines):
     if last.startswith("killed:") and last != "killed:timed":
         return "point " + last.split(":")[1]
     phase = trace_lines[-2].split(":")[0]
-    return "timed, " + {"done": "after the run",
-                        "start": "setup (models, data)", "resumed": "setup (models, data)",
-                        "step": "training step", "write": "checkpoint write", "publish": "checkpoint publish",
-                        "rmtree": "pruning / clean-up", "log": "after a log write",
-                        "outputs": "final outputs"}.get(phase, phase)
+    return "timed, " + {
+        "done": "after the run",
+        "start": "setup (models, data)",
+        "resumed": "setup (models, data)",
+        "step": "training step",
+        "write": "checkpoint write",
+        "publish": "checkpoint publish",
+        "rmtree": "pruning / clean-up",
+        "log": "after a log write",
+        "outputs": "final outputs",
+    }.get(phase, phase)
 
 
 def main(argv=None):
@@ -263,13 +300,18 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=6, help="training steps of one run")
     parser.add_argument("--keep", type=int, default=2, help="checkpoints_total_limit of the killed runs")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--first", default="", help="comma-separated kills to make first, each 'point:n' or "
-                        "'timed' (then random ones); e.g. torn_entry:3,half_pruned:1")
+    parser.add_argument(
+        "--first",
+        default="",
+        help="comma-separated kills to make first, each 'point:n' or "
+        "'timed' (then random ones); e.g. torn_entry:3,half_pruned:1",
+    )
     parser.add_argument("--workdir", default=None, help="where runs go (default: a temporary folder)")
     args = parser.parse_args(argv)
     sys.path.insert(0, TESTS)
     from tiny_pipeline import save_tiny_world
-    from rglcd_fast.train.checkpoint import latest_checkpoint
+
+    from rglcd_fast.train.checkpoint import latest_checkpoint, list_checkpoints
 
     rng = random.Random(args.seed)
     root = args.workdir or tempfile.mkdtemp(prefix="rglcd-chaos-")
@@ -295,8 +337,17 @@ def main(argv=None):
                 point = rng.choice(sorted(POINTS))
                 kill = "timed" if rng.random() < 0.5 else f"{point}:{rng.randint(1, POINTS[point])}"
             timed = kill == "timed"
-            code, _ = run_child(world, out, args.steps, args.keep, "none" if timed else kill, trace,
-                                delay=rng.uniform(0, seconds) if timed else None)
+            # a resumed run is shorter: the delay is drawn within what is left of it (setup counted as a step)
+            done = ([0] + [step for step, _ in list_checkpoints(out)])[-1]
+            code, _ = run_child(
+                world,
+                out,
+                args.steps,
+                args.keep,
+                "none" if timed else kill,
+                trace,
+                delay=rng.uniform(0, seconds * (args.steps - done + 1) / (args.steps + 1)) if timed else None,
+            )
             resumes += 1
             if code == 0:
                 break
@@ -321,8 +372,14 @@ def main(argv=None):
         print(f"  {count:3d}  {where}")
     for problem in problems:
         print("DIFFERENCE", problem)
-    summary = dict(kills=kills, runs=resumes, rounds=rounds, damaged_checkpoints_skipped=damaged_skipped,
-                   differences=len(problems), landings=dict(landings))
+    summary = dict(
+        kills=kills,
+        runs=resumes,
+        rounds=rounds,
+        damaged_checkpoints_skipped=damaged_skipped,
+        differences=len(problems),
+        landings=dict(landings),
+    )
     print(json.dumps(summary))
     return 1 if problems else 0
 

@@ -1,6 +1,7 @@
 """Every test starts from the same global random state, so its random inputs (torch.randn without a
 generator) are the same in every run and in any test order: CI results are reproducible. `world`: the
 trainer tests' tiny SD teacher and captioned images."""
+
 import random
 
 import numpy as np

@@ -5,6 +5,7 @@ Low-precision error is judged against the error PyTorch itself makes in that dty
 run once on the inputs as given (PyTorch's answer in that dtype) and once on the same inputs cast to
 float64 (the exact answer); the op may be off the exact answer by at most twice PyTorch's own error
 plus one unit of the dtype's precision."""
+
 import os
 
 import torch
@@ -104,7 +105,8 @@ def assert_close(actual, lowp, exact, name="output"):
     eps = torch.finfo(torch.float32 if dtype == torch.float64 else dtype).eps
     floor = 4 * torch.finfo(torch.float32).eps * scale
     assert our_error <= 2 * torch_error + max(floor, eps * scale), (
-        f"{name}: error {our_error:.3g} vs PyTorch's own {torch_error:.3g} (scale {scale:.3g})")
+        f"{name}: error {our_error:.3g} vs PyTorch's own {torch_error:.3g} (scale {scale:.3g})"
+    )
 
 
 def check_against_reference(op, reference, args, grad_argnums=(), seed=0):
@@ -119,15 +121,16 @@ def check_against_reference(op, reference, args, grad_argnums=(), seed=0):
         lowp = _as_tuple(reference(*diff_ref))
         exact = _as_tuple(reference(*diff_exact))
     assert len(ours) == len(exact)
-    for k, (o, l, e) in enumerate(zip(ours, lowp, exact)):
-        assert o.dtype == l.dtype, f"output {k}: dtype {o.dtype} != reference {l.dtype}"
-        assert o.device == l.device
-        assert_close(o, l, e, f"output {k}")
+    for k, (o, low, e) in enumerate(zip(ours, lowp, exact)):
+        assert o.dtype == low.dtype, f"output {k}: dtype {o.dtype} != reference {low.dtype}"
+        assert o.device == low.device
+        assert_close(o, low, e, f"output {k}")
     if not grad_argnums:
         return ours
     generator = torch.Generator().manual_seed(seed)
-    upstream = [torch.randn(o.shape, generator=generator, dtype=torch.float64) if o.is_floating_point() else None
-                for o in ours]
+    upstream = [
+        torch.randn(o.shape, generator=generator, dtype=torch.float64) if o.is_floating_point() else None for o in ours
+    ]
     diffable = [k for k, u in enumerate(upstream) if u is not None and ours[k].requires_grad]
 
     def grads(outs, inputs):
@@ -136,8 +139,9 @@ def check_against_reference(op, reference, args, grad_argnums=(), seed=0):
         wrt = [inputs[i] for i in grad_argnums]
         return torch.autograd.grad(outs_k, wrt, ups, allow_unused=True, materialize_grads=True)
 
-    for i, g_ours, g_lowp, g_exact in zip(grad_argnums, grads(ours, diff_args), grads(lowp, diff_ref),
-                                          grads(exact, diff_exact)):
+    for i, g_ours, g_lowp, g_exact in zip(
+        grad_argnums, grads(ours, diff_args), grads(lowp, diff_ref), grads(exact, diff_exact)
+    ):
         assert g_ours.dtype == args[i].dtype, f"grad of argument {i}: dtype {g_ours.dtype}"
         assert_close(g_ours, g_lowp, g_exact, f"grad of argument {i}")
     return ours

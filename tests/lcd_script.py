@@ -1,5 +1,6 @@
 """The helpers of diffusers' examples/consistency_distillation/train_lcm_distill_sd_wds.py, written
 out as the script has them: the oracle for rglcd_fast.lcd's drop-ins and the fused solver step."""
+
 import numpy as np
 import torch
 

@@ -1,10 +1,10 @@
 """Consistency family: boundary scalings, predicted x0 / ε, consistency output, distillation loss."""
+
 import pytest
 import torch
+from helpers import LAYOUTS, check_against_reference, device_dtype_params, in_layout, randn, sd_alphas_cumprod
 
 import rglcd_fast
-from helpers import (LAYOUTS, check_against_reference, device_dtype_params, in_layout, randn,
-                     sd_alphas_cumprod)
 from rglcd_fast import ops
 from rglcd_fast.reference import consistency as ref
 
@@ -28,8 +28,10 @@ def test_extension_is_active():
         assert hasattr(torch.ops.rglcd_fast, name)
 
 
-@pytest.mark.parametrize("timesteps", [torch.tensor([0, 1, 19, 499, 999]), torch.tensor(259),
-                                       torch.tensor([0.0, 0.5, 999.0], dtype=torch.float64)])
+@pytest.mark.parametrize(
+    "timesteps",
+    [torch.tensor([0, 1, 19, 499, 999]), torch.tensor(259), torch.tensor([0.0, 0.5, 999.0], dtype=torch.float64)],
+)
 def test_boundary_scalings(timesteps):
     c_skip, c_out = ops.boundary_scalings(timesteps, 10.0, 0.5)
     r_skip, r_out = ref.boundary_scalings(timesteps, 10.0, 0.5)
@@ -45,8 +47,7 @@ def test_boundary_scalings(timesteps):
 @pytest.mark.parametrize("name", MAPS)
 def test_map_matches_reference(name, prediction_type, device, dtype):
     m, x, t, _, ac = make_inputs(device, dtype)
-    check_against_reference(getattr(ops, name), getattr(ref, name), (m, x, t, ac, prediction_type),
-                            grad_argnums=(0, 1))
+    check_against_reference(getattr(ops, name), getattr(ref, name), (m, x, t, ac, prediction_type), grad_argnums=(0, 1))
 
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
@@ -64,8 +65,9 @@ def test_loss_matches_reference(loss_type, prediction_type, device, dtype):
 def test_layouts(layout, device):
     m, x, t, y, ac = make_inputs(device, torch.float32)
     ml, xl, yl = (in_layout(v, layout) for v in (m, x, y))
-    out = check_against_reference(ops.consistency_loss, ref.consistency_loss, (ml, xl, t, yl, ac, "v_prediction"),
-                                  grad_argnums=(0, 1, 3))
+    out = check_against_reference(
+        ops.consistency_loss, ref.consistency_loss, (ml, xl, t, yl, ac, "v_prediction"), grad_argnums=(0, 1, 3)
+    )
     assert out[1].stride() == torch.empty_like(ml).stride()
     check_against_reference(ops.consistency_output, ref.consistency_output, (ml, x, t, ac), grad_argnums=(0, 1))
 
@@ -75,10 +77,12 @@ def test_broadcast_timestep(timesteps):
     m, x, _, y, ac = make_inputs("cpu", torch.float32)
     full = timesteps.reshape(1).expand(m.shape[0])
     for name in MAPS:
-        torch.testing.assert_close(getattr(ops, name)(m, x, timesteps, ac), getattr(ops, name)(m, x, full, ac),
-                                   rtol=0, atol=0)
-    torch.testing.assert_close(ops.consistency_loss(m, x, timesteps, y, ac), ops.consistency_loss(m, x, full, y, ac),
-                               rtol=0, atol=0)
+        torch.testing.assert_close(
+            getattr(ops, name)(m, x, timesteps, ac), getattr(ops, name)(m, x, full, ac), rtol=0, atol=0
+        )
+    torch.testing.assert_close(
+        ops.consistency_loss(m, x, timesteps, y, ac), ops.consistency_loss(m, x, full, y, ac), rtol=0, atol=0
+    )
 
 
 def test_other_ranks():
@@ -109,7 +113,8 @@ def test_gradcheck_float64(prediction_type):
         assert torch.autograd.gradcheck(lambda a, b: op(a, b, t, ac, prediction_type), (m, x))
     for loss_type in ["huber", "l2"]:
         assert torch.autograd.gradcheck(
-            lambda a, b, c: ops.consistency_loss(a, b, t, c, ac, prediction_type, loss_type, 0.1), (m, x, y))
+            lambda a, b, c: ops.consistency_loss(a, b, t, c, ac, prediction_type, loss_type, 0.1), (m, x, y)
+        )
 
 
 def _opcheck_samples():
@@ -124,10 +129,14 @@ def _opcheck_samples():
     yield ops_ns.consistency_output.default, (mg, x, t, ac, "epsilon", 10.0, 0.5)
     yield ops_ns.consistency_output_backward.default, (m, t, ac, "epsilon", 10.0, 0.5, [True, False])
     yield ops_ns.consistency_loss.default, (mg, x, t, y, ac, "v_prediction", "huber", 0.001, 10.0, 0.5)
-    yield ops_ns.consistency_loss_backward.default, (torch.tensor(1.0), m, m, x, t, y, ac, "epsilon", "l2", 0.001,
-                                                     10.0, 0.5, [True, True, True])
-    yield ops_ns.consistency_loss_backward.default, (torch.tensor(1.0), None, m, x, t, y, ac, "epsilon", "huber",
-                                                     0.001, 10.0, 0.5, [True, False, False])
+    yield (
+        ops_ns.consistency_loss_backward.default,
+        (torch.tensor(1.0), m, m, x, t, y, ac, "epsilon", "l2", 0.001, 10.0, 0.5, [True, True, True]),
+    )
+    yield (
+        ops_ns.consistency_loss_backward.default,
+        (torch.tensor(1.0), None, m, x, t, y, ac, "epsilon", "huber", 0.001, 10.0, 0.5, [True, False, False]),
+    )
 
 
 @pytest.mark.parametrize("sample", list(range(len(list(_opcheck_samples())))))

@@ -1,5 +1,6 @@
 """The docs the code cites exist in the repository: every `docs/design.md §N [step K]` citation lands on a
 heading of docs/design.md, and the README's relative links and images point at files that exist."""
+
 import os
 import re
 import subprocess
@@ -26,8 +27,9 @@ def test_every_design_citation_lands_on_a_heading():
                 for step in re.findall(r"\d+", cited_steps):
                     assert step in steps, f"{name}: docs/design.md §1 step {step} has no heading"
     assert citations > 40
-    assert "DESIGN.md" not in "".join(open(os.path.join(ROOT, n), errors="replace").read()
-                                      for n in tracked_text_files() if n != "tests/test_docs.py")
+    assert "DESIGN.md" not in "".join(
+        open(os.path.join(ROOT, n), errors="replace").read() for n in tracked_text_files() if n != "tests/test_docs.py"
+    )
 
 
 def test_readme_links_point_at_files():

@@ -1,10 +1,11 @@
 """rglcd_fast.lcd: drop-ins for the LCD training script's helpers give the script's results."""
+
+import lcd_script
 import pytest
 import torch
 from diffusers import DDPMScheduler
-
-import lcd_script
 from helpers import DEVICES, SD_SCHEDULE, assert_tight
+
 from rglcd_fast import lcd, ops
 
 PREDICTION_TYPES = ["epsilon", "v_prediction", "sample"]
@@ -18,8 +19,14 @@ def script_setup(device, prediction_type="epsilon", bsz=5, seed=0):
     index[0], index[-1] = 0, 49
     tensors = [torch.randn(bsz, 4, 8, 8, generator=g) for _ in range(4)]
     w = (15 - 5) * torch.rand((bsz,), generator=g) + 5
-    return (ac, torch.sqrt(ac).to(device), torch.sqrt(1 - ac).to(device), index.to(device),
-            *(t.to(device) for t in tensors), w.to(device))
+    return (
+        ac,
+        torch.sqrt(ac).to(device),
+        torch.sqrt(1 - ac).to(device),
+        index.to(device),
+        *(t.to(device) for t in tensors),
+        w.to(device),
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)

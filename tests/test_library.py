@@ -1,12 +1,13 @@
 """The op library: registration, the compiled kernels, and the pure-PyTorch fallback."""
+
 import os
 import subprocess
 import sys
 
 import torch
+from helpers import sd_alphas_cumprod
 
 import rglcd_fast
-from helpers import sd_alphas_cumprod
 
 
 def test_every_op_has_a_cpu_kernel_and_a_schema():
@@ -29,8 +30,10 @@ def fallback_case():
 def test_fallback_without_extension_matches_kernels(tmp_path):
     """RGLCD_FAST_NO_EXT=1: the references serve as kernels behind the same API."""
     out = tmp_path / "fallback.pt"
-    script = ("import sys, torch; sys.path.insert(0, sys.argv[2]); import test_library; "
-              "torch.save(test_library.fallback_case(), sys.argv[1])")
+    script = (
+        "import sys, torch; sys.path.insert(0, sys.argv[2]); import test_library; "
+        "torch.save(test_library.fallback_case(), sys.argv[1])"
+    )
     env = dict(os.environ, RGLCD_FAST_NO_EXT="1")
     subprocess.run([sys.executable, "-c", script, str(out), os.path.dirname(__file__)], check=True, env=env)
     fallback, compiled = torch.load(out), fallback_case()

@@ -1,6 +1,7 @@
 """The pre-trained latent reward model: the latent ViT tower, freezing as the official code, `pretrain-lrm`
 (contrastive + expert-preference losses, checkpoints, exact resume), and the trainer starting from a
 pre-trained LRM, fine-tuned with its first parts frozen or frozen whole."""
+
 import csv
 import os
 import shutil
@@ -8,29 +9,44 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from test_train_trainer import assert_same, weights
+from tiny_pipeline import tiny_config
 
 from rglcd_fast.reward import LatentRewardModel
 from rglcd_fast.train.config import LRMPretrainConfig, make_config
 from rglcd_fast.train.lrm_pretrain import LRMPretrainer, contrastive_loss
 from rglcd_fast.train.trainer import Trainer
-from test_train_trainer import assert_same, weights
-from tiny_pipeline import tiny_config
 
-TEXT_CONFIG = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
-                   max_position_embeddings=12)
+TEXT_CONFIG = dict(
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    max_position_embeddings=12,
+)
 VIT = dict(latent_size=8, patch_size=2, width=16, layers=3, heads=2)
 
 
 def tiny_lrm(tower="conv", seed=0):
     torch.manual_seed(seed)
-    return LatentRewardModel(TEXT_CONFIG, embed_dim=8, widths=(8, 16), groups=4, image_tower=tower,
-                             vit_config=VIT if tower == "vit" else None)
+    return LatentRewardModel(
+        TEXT_CONFIG,
+        embed_dim=8,
+        widths=(8, 16),
+        groups=4,
+        image_tower=tower,
+        vit_config=VIT if tower == "vit" else None,
+    )
 
 
 def trainable(model):
     """Names as transformers 5 gives them (4.x nests the text transformer: text_model.text_model.*)."""
-    return {name.replace("text_model.text_model.", "text_model.", 1) for name, p in model.named_parameters()
-            if p.requires_grad}
+    return {
+        name.replace("text_model.text_model.", "text_model.", 1)
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def test_latent_vit_tower_reads_any_latent_size_and_round_trips(tmp_path):
@@ -59,15 +75,21 @@ def test_lock_leaves_the_official_parts_trainable(tower):
     lrm = tiny_lrm(tower).lock(unlocked_image_groups=2, unlocked_text_layers=1)
     names = trainable(lrm)
     last = "image_encoder.blocks.2."  # the last of 3 blocks (conv: residual, downsample, residual)
-    head = {"image_encoder.ln_post.weight", "image_encoder.proj.weight"} if tower == "vit" else \
-        {"image_encoder.norm_out.weight", "image_encoder.proj.weight", "image_encoder.proj.bias"}
+    head = (
+        {"image_encoder.ln_post.weight", "image_encoder.proj.weight"}
+        if tower == "vit"
+        else {"image_encoder.norm_out.weight", "image_encoder.proj.weight", "image_encoder.proj.bias"}
+    )
     assert head <= names and any(n.startswith(last) for n in names)
-    assert not any(n.startswith(("image_encoder.blocks.0.", "image_encoder.conv_in", "image_encoder.blocks.1."))
-                   for n in names)
+    assert not any(
+        n.startswith(("image_encoder.blocks.0.", "image_encoder.conv_in", "image_encoder.blocks.1.")) for n in names
+    )
     assert {"logit_scale", "text_projection.weight", "text_model.final_layer_norm.weight"} <= names
     assert any(n.startswith("text_model.encoder.layers.2.") for n in names)
-    assert not any(n.startswith(("text_model.encoder.layers.0.", "text_model.encoder.layers.1.",
-                                 "text_model.embeddings")) for n in names)
+    assert not any(
+        n.startswith(("text_model.encoder.layers.0.", "text_model.encoder.layers.1.", "text_model.embeddings"))
+        for n in names
+    )
     assert trainable(tiny_lrm(tower).lock(0, 0)) == {"logit_scale"}
     assert tiny_lrm(tower).default_unlocked_text_layers() == 1  # 5 of 24, scaled to 3 layers
     with pytest.raises(ValueError, match="unlocked_image_groups"):
@@ -87,17 +109,30 @@ def test_contrastive_loss_is_clips_with_shared_captions_as_positives():
     assert accuracy.item() == (logits.argmax(1) == labels).float().mean().item()
     # captions 0 and 2 equal: each is a positive of both images
     loss, _ = contrastive_loss(u, v, scale, ["a", "b", "a", "d"])
-    targets = torch.tensor([[.5, 0, .5, 0], [0, 1, 0, 0], [.5, 0, .5, 0], [0, 0, 0, 1]])
-    expected = (-(targets * logits.log_softmax(1)).sum(1).mean() - (targets * logits.T.log_softmax(1)).sum(1).mean()) / 2
+    targets = torch.tensor([[0.5, 0, 0.5, 0], [0, 1, 0, 0], [0.5, 0, 0.5, 0], [0, 0, 0, 1]])
+    expected = (
+        -(targets * logits.log_softmax(1)).sum(1).mean() - (targets * logits.T.log_softmax(1)).sum(1).mean()
+    ) / 2
     torch.testing.assert_close(loss, expected)
 
 
 def pretrain_config(world, out, **overrides):
     teacher, data = world
-    settings = dict(teacher=teacher, data=data, output_dir=str(out), max_train_steps=4, train_batch_size=4,
-                    lrm_widths=(8, 16), lrm_embed_dim=8, checkpointing_steps=2, logging_steps=1, progress=False,
-                    lr_warmup_steps=1, distill_candidates=2,
-                    lr_scheduler="constant_with_warmup")  # the interrupted run stops at 2 of the same schedule
+    settings = dict(
+        teacher=teacher,
+        data=data,
+        output_dir=str(out),
+        max_train_steps=4,
+        train_batch_size=4,
+        lrm_widths=(8, 16),
+        lrm_embed_dim=8,
+        checkpointing_steps=2,
+        logging_steps=1,
+        progress=False,
+        lr_warmup_steps=1,
+        distill_candidates=2,
+        lr_scheduler="constant_with_warmup",
+    )  # the interrupted run stops at 2 of the same schedule
     settings.update(overrides)
     return make_config(config_class=LRMPretrainConfig, **settings)
 
@@ -143,8 +178,11 @@ def pretrained(world, tmp_path_factory):
 
 
 def test_trainer_fine_tunes_a_pretrained_lrm_with_its_first_parts_frozen(world, tmp_path, pretrained):
-    trainer = Trainer(tiny_config(world, tmp_path, reward_mode="lrm", lrm_path=pretrained, lrm_unlocked_text_layers=1,
-                                  lrm_learning_rate=None))
+    trainer = Trainer(
+        tiny_config(
+            world, tmp_path, reward_mode="lrm", lrm_path=pretrained, lrm_unlocked_text_layers=1, lrm_learning_rate=None
+        )
+    )
     lrm = trainer.guidance.lrm
     start = weights(LatentRewardModel.from_pretrained(pretrained))
     assert_same(weights(lrm), start)
@@ -176,7 +214,9 @@ def test_lrm_path_errors_name_the_setting(world, tmp_path, pretrained):
     source = LatentRewardModel.from_pretrained(pretrained)
     config = {k: v for k, v in source.config.items() if k != "text_config"}
     bad = str(tmp_path / "bad")  # the same LRM made for an 8-channel VAE
-    LatentRewardModel(source.text_config, tokenizer=source.tokenizer, **{**config, "latent_channels": 8}).save_pretrained(bad)
+    LatentRewardModel(
+        source.text_config, tokenizer=source.tokenizer, **{**config, "latent_channels": 8}
+    ).save_pretrained(bad)
     with pytest.raises(ValueError, match="lrm_path.*8-channel latents.*makes 4"):
         Trainer(tiny_config(world, tmp_path, lrm_path=bad))
     no_tokenizer = tmp_path / "no_tokenizer"

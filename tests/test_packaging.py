@@ -1,15 +1,23 @@
 """Packaging: every package the code imports is declared in pyproject.toml (the optional experts in their
 extras), and a source build without a visible GPU compiles for the GPUs users have."""
+
 import ast
 import importlib.util
 import os
 import sys
+
 import tomllib
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 # import name -> distribution name, where they differ
-DISTRIBUTIONS = {"PIL": "pillow", "yaml": "pyyaml", "sklearn": "scikit-learn", "open_clip": "open_clip_torch",
-                 "ImageReward": "image-reward", "huggingface_hub": "huggingface-hub"}
+DISTRIBUTIONS = {
+    "PIL": "pillow",
+    "yaml": "pyyaml",
+    "sklearn": "scikit-learn",
+    "open_clip": "open_clip_torch",
+    "ImageReward": "image-reward",
+    "huggingface_hub": "huggingface-hub",
+}
 
 
 def imported_top_level_modules(folder):
@@ -37,10 +45,11 @@ def test_every_imported_package_is_declared():
     project = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]
     extras = project["optional-dependencies"]
     declared = {requirement_name(r) for r in project["dependencies"]}
-    declared |= {requirement_name(r) for name in ("hpsv2", "imagereward", "datasets")
-                 for r in extras[name]}
-    imported = {DISTRIBUTIONS.get(name, name).lower().replace("_", "-")
-                for name in imported_top_level_modules(os.path.join(ROOT, "rglcd_fast"))}
+    declared |= {requirement_name(r) for name in ("hpsv2", "imagereward", "datasets") for r in extras[name]}
+    imported = {
+        DISTRIBUTIONS.get(name, name).lower().replace("_", "-")
+        for name in imported_top_level_modules(os.path.join(ROOT, "rglcd_fast"))
+    }
     assert imported - declared == set()
 
 

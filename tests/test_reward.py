@@ -1,26 +1,41 @@
 """Reward family: the CLIP-style reward head and the latent reward model's pairwise preference loss."""
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import CUDA_GRAPHS, DEVICES, check_against_reference, device_dtype_params, randn
 
 import rglcd_fast
-from helpers import CUDA_GRAPHS, DEVICES, check_against_reference, device_dtype_params, randn
 from rglcd_fast import ops
 from rglcd_fast.reference import reward as ref
 
 # The loss variants (kind, real candidate, smooth_gt_label), the real candidate named by its place among the
 # K candidates (variant_args gives its index): none, the first, a middle one, the last (the official
 # candidates [student prediction, target, real] put it last).
-VARIANTS = [("kl", None, False), ("ce", None, False), ("ce", "first", False), ("ce", "middle", False),
-            ("ce", "last", False), ("kl", "last", True), ("kl", "first", True)]
+VARIANTS = [
+    ("kl", None, False),
+    ("ce", None, False),
+    ("ce", "first", False),
+    ("ce", "middle", False),
+    ("ce", "last", False),
+    ("kl", "last", True),
+    ("kl", "first", True),
+]
 LOGIT_SCALE = 100.0  # CLIP's trained exp(logit_scale)
 
 # (image_features, text_features): K candidates × B prompts sharing the prompts' text features, odd
 # sizes, one prompt for every candidate, and a broadcast in the middle dimension.
-HEAD_SHAPES = [((3, 16, 1024), (16, 1024)), ((3, 5, 77), (5, 77)), ((7, 33), (7, 33)), ((2, 4, 3, 9), (3, 9)),
-               ((4, 6, 5), (1, 5)), ((2, 3, 8), (2, 1, 8)), ((5,), (5,))]
+HEAD_SHAPES = [
+    ((3, 16, 1024), (16, 1024)),
+    ((3, 5, 77), (5, 77)),
+    ((7, 33), (7, 33)),
+    ((2, 4, 3, 9), (3, 9)),
+    ((4, 6, 5), (1, 5)),
+    ((2, 3, 8), (2, 1, 8)),
+    ((5,), (5,)),
+]
 LOSS_SHAPES = [(3, 16), (2, 5), (4, 7), (3, 1)]
 
 
@@ -52,8 +67,12 @@ def make_logits(shape, device="cpu", dtype=torch.float32, seed=0):
 
 def test_extension_is_active():
     assert rglcd_fast.has_extension(), rglcd_fast.extension_load_error()
-    for name in ["reward_head", "reward_head_backward", "pairwise_preference_loss",
-                 "pairwise_preference_loss_backward"]:
+    for name in [
+        "reward_head",
+        "reward_head_backward",
+        "pairwise_preference_loss",
+        "pairwise_preference_loss_backward",
+    ]:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"rglcd_fast::{name}", "CPU")
 
 
@@ -72,16 +91,23 @@ def test_reward_head_matches_reference(shapes, device, dtype):
 def test_reward_head_float_scale(device):
     image, text, _ = make_features((3, 5, 77), (5, 77), device=device)
     check_against_reference(ops.reward_head, ref.reward_head, (image, text, 14.285), grad_argnums=(0, 1))
-    torch.testing.assert_close(ops.reward_head(image, text, 14.285),
-                               ops.reward_head(image, text, torch.tensor(14.285, device=device)), rtol=0, atol=0)
+    torch.testing.assert_close(
+        ops.reward_head(image, text, 14.285),
+        ops.reward_head(image, text, torch.tensor(14.285, device=device)),
+        rtol=0,
+        atol=0,
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_reward_head_scale_dtypes_and_shapes(device):
     """A float64 or half scale, a [1] scale: the result keeps the features' dtype, the grad the scale's."""
     image, text, _ = make_features((3, 4, 16), (4, 16), device=device, dtype=torch.bfloat16)
-    for scale in [torch.tensor(7.5, dtype=torch.float64, device=device), torch.tensor([7.5], device=device),
-                  torch.tensor(7.5, dtype=torch.float16, device=device)]:
+    for scale in [
+        torch.tensor(7.5, dtype=torch.float64, device=device),
+        torch.tensor([7.5], device=device),
+        torch.tensor(7.5, dtype=torch.float16, device=device),
+    ]:
         check_against_reference(ops.reward_head, ref.reward_head, (image, text, scale), grad_argnums=(0, 1, 2))
 
 
@@ -144,8 +170,12 @@ def test_reward_head_matches_clip_formula(device):
 @pytest.mark.parametrize("shape", LOSS_SHAPES, ids=str)
 def test_pairwise_loss_matches_reference(shape, variant, device, dtype):
     latent, expert = make_logits(shape, device, dtype)
-    loss, accuracy = check_against_reference(ops.pairwise_preference_loss, ref.pairwise_preference_loss,
-                                             (latent, expert, *variant_args(variant, shape[0])), grad_argnums=(0,))
+    loss, accuracy = check_against_reference(
+        ops.pairwise_preference_loss,
+        ref.pairwise_preference_loss,
+        (latent, expert, *variant_args(variant, shape[0])),
+        grad_argnums=(0,),
+    )
     assert loss.shape == () and accuracy.shape == () and not accuracy.requires_grad
     assert loss.dtype == accuracy.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
 
@@ -156,8 +186,12 @@ def test_pairwise_loss_layouts(variant, device):
     latent, expert = make_logits((5, 3), device)
     latent_t = latent.t().contiguous().t()  # column-major [K, B]
     expert_s = torch.stack([expert, expert], dim=-1)[..., 1]  # stride 2
-    check_against_reference(ops.pairwise_preference_loss, ref.pairwise_preference_loss,
-                            (latent_t, expert_s, *variant_args(variant, 5)), grad_argnums=(0,))
+    check_against_reference(
+        ops.pairwise_preference_loss,
+        ref.pairwise_preference_loss,
+        (latent_t, expert_s, *variant_args(variant, 5)),
+        grad_argnums=(0,),
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -197,8 +231,14 @@ def test_pairwise_accuracy_ties():
     # b0: 0,0,0 vs 0,1,1; b1: 1,1,0 vs 0,0,0; b2: 0,0,0 vs 1,1,0: one hit each. CE with the real candidate
     # last labels (0,2), (1,2) 1: b0 0,1,1; b1 0,1,1; b2 1,1,1: 1 + 1 + 0 hits; first: (0,1), (0,2) 0: b0
     # 0,0,1; b1 0,0,0; b2 0,0,0: 2 + 1 + 3 hits. KL's smoothing keeps the expert's labels.
-    hits = {("kl", None, False): 3, ("ce", None, False): 3, ("ce", 2, False): 2, ("ce", 0, False): 6,
-            ("kl", 2, True): 3, ("kl", 0, True): 3}
+    hits = {
+        ("kl", None, False): 3,
+        ("ce", None, False): 3,
+        ("ce", 2, False): 2,
+        ("ce", 0, False): 6,
+        ("kl", 2, True): 3,
+        ("kl", 0, True): 3,
+    }
     for args, count in hits.items():
         _, accuracy = ops.pairwise_preference_loss(latent, expert, *args)
         _, ref_accuracy = ref.pairwise_preference_loss(latent, expert, *args)
@@ -249,8 +289,9 @@ def test_smoothed_kl_official_formula():
     targets = {(i, j): F.softmax(pair(expert, i, j), dim=1) for i, j in PAIRS}
     targets[0, 2][0] = 0.5
     targets[1, 2][1] = 0.5
-    expected = sum(F.kl_div(F.log_softmax(pair(latent, i, j), dim=1), p, reduction="batchmean")
-                   for (i, j), p in targets.items())
+    expected = sum(
+        F.kl_div(F.log_softmax(pair(latent, i, j), dim=1), p, reduction="batchmean") for (i, j), p in targets.items()
+    )
     loss, accuracy = ops.pairwise_preference_loss(latent, expert, "kl", real_index=2, smooth_gt_label=True)
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(torch.autograd.grad(loss, latent)[0], torch.autograd.grad(expected, latent)[0])
@@ -284,8 +325,12 @@ def test_pairwise_loss_extreme_logits(variant, device):
     """Far-apart logits (saturated sigmoids) stay finite and match the reference."""
     latent = torch.tensor([[80.0, -80.0, 1e4], [-80.0, 80.0, -1e4], [0.0, 0.0, 0.0]], device=device)
     expert = torch.tensor([[200.0, -200.0, 0.0], [-200.0, 200.0, 1e5], [0.0, 1.0, -1e5]], device=device)
-    loss, _ = check_against_reference(ops.pairwise_preference_loss, ref.pairwise_preference_loss,
-                                      (latent, expert, *variant_args(variant, 3)), grad_argnums=(0,))
+    loss, _ = check_against_reference(
+        ops.pairwise_preference_loss,
+        ref.pairwise_preference_loss,
+        (latent, expert, *variant_args(variant, 3)),
+        grad_argnums=(0,),
+    )
     assert torch.isfinite(loss)
 
 
@@ -299,8 +344,12 @@ def test_pairwise_loss_nan_and_inf_propagate(variant, device):
     expert[2, 1] = float("nan")
     expert[0, 4] = float("inf")
     expert[1, 5] = float("-inf")
-    loss, _ = check_against_reference(ops.pairwise_preference_loss, ref.pairwise_preference_loss,
-                                      (latent, expert, *variant_args(variant, 3)), grad_argnums=(0,))
+    loss, _ = check_against_reference(
+        ops.pairwise_preference_loss,
+        ref.pairwise_preference_loss,
+        (latent, expert, *variant_args(variant, 3)),
+        grad_argnums=(0,),
+    )
     assert loss.isnan()
 
 
@@ -379,8 +428,12 @@ def test_cuda_graph_capture():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         outputs = _cuda_step_ops(*static)
-    new = [torch.randn_like(t) for t in static[:2]] + [torch.tensor(42.0, device="cuda")] + \
-          [torch.randn_like(t) for t in static[3:6]] + [torch.tensor(-0.3, device="cuda")]
+    new = (
+        [torch.randn_like(t) for t in static[:2]]
+        + [torch.tensor(42.0, device="cuda")]
+        + [torch.randn_like(t) for t in static[3:6]]
+        + [torch.tensor(-0.3, device="cuda")]
+    )
     for dst, src in zip(static, new):
         dst.copy_(src)
     graph.replay()
@@ -398,14 +451,16 @@ def test_gradcheck_float64(device):
     scale = scale.double()
     inputs = tuple(t.clone().requires_grad_() for t in (image, text, scale))
     assert torch.autograd.gradcheck(ops.reward_head, inputs)
-    inputs = tuple(t.clone().requires_grad_()
-                   for t in make_features((4, 6), (1, 6), device=device, dtype=torch.float64)[:2])
+    inputs = tuple(
+        t.clone().requires_grad_() for t in make_features((4, 6), (1, 6), device=device, dtype=torch.float64)[:2]
+    )
     assert torch.autograd.gradcheck(lambda u, v: ops.reward_head(u, v, 3.0), inputs)
     latent, expert = make_logits((4, 5), device=device, dtype=torch.float64)
     for variant in VARIANTS:
         args = variant_args(variant, 4)
-        assert torch.autograd.gradcheck(lambda s: ops.pairwise_preference_loss(s, expert, *args),
-                                        (latent.clone().requires_grad_(),))
+        assert torch.autograd.gradcheck(
+            lambda s: ops.pairwise_preference_loss(s, expert, *args), (latent.clone().requires_grad_(),)
+        )
 
 
 def _opcheck_samples(device="cpu"):
@@ -440,8 +495,9 @@ def test_compile_fullgraph_matches_eager(variant):
 
     def step(image, text, scale, expert):
         logits = ops.reward_head(image, text, scale)
-        loss, accuracy = ops.pairwise_preference_loss(logits, expert, kind, real_index=real_index,
-                                                      smooth_gt_label=smooth_gt_label)
+        loss, accuracy = ops.pairwise_preference_loss(
+            logits, expert, kind, real_index=real_index, smooth_gt_label=smooth_gt_label
+        )
         return loss, accuracy
 
     def run(fn):
@@ -504,8 +560,12 @@ def test_bad_inputs_name_the_argument():
 
 
 # (kind, real_index, smooth_gt_label) for K = 3 and the message the error must carry
-BAD_RULES = [("ce", 3, False, r"real_index.*\[0, 3\)"), ("kl", -1, False, r"real_index.*\[0, 3\)"),
-             ("ce", 2, True, "smooth_gt_label.*'kl'"), ("kl", None, True, "smooth_gt_label.*real_index")]
+BAD_RULES = [
+    ("ce", 3, False, r"real_index.*\[0, 3\)"),
+    ("kl", -1, False, r"real_index.*\[0, 3\)"),
+    ("ce", 2, True, "smooth_gt_label.*'kl'"),
+    ("kl", None, True, "smooth_gt_label.*real_index"),
+]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -515,10 +575,12 @@ def test_bad_preference_rule(rule, device):
     *args, message = rule
     latent, expert = make_logits((3, 4), device)
     ns = torch.ops.rglcd_fast
-    calls = [lambda: ops.pairwise_preference_loss(latent, expert, *args),
-             lambda: ref.pairwise_preference_loss(latent, expert, *args),
-             lambda: ns.pairwise_preference_loss(latent, expert, *args),
-             lambda: ns.pairwise_preference_loss_backward(torch.tensor(1.0, device=device), latent, expert, *args)]
+    calls = [
+        lambda: ops.pairwise_preference_loss(latent, expert, *args),
+        lambda: ref.pairwise_preference_loss(latent, expert, *args),
+        lambda: ns.pairwise_preference_loss(latent, expert, *args),
+        lambda: ns.pairwise_preference_loss_backward(torch.tensor(1.0, device=device), latent, expert, *args),
+    ]
     for call in calls:
         with pytest.raises(ValueError, match=message):
             call()

@@ -1,4 +1,5 @@
 """Expert reward adapters and the latent proxy reward model, on tiny random models built from configs."""
+
 import builtins
 import math
 import os
@@ -6,15 +7,25 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
+from tiny_pipeline import tiny_tokenizer
 from transformers import CLIPConfig, CLIPModel
 
-import torch.nn.functional as F
-
-from rglcd_fast.reward import (AestheticLinearHead, AestheticMLPHead, AestheticMLPScore, AestheticScore, ClipScore,
-                               HPSv2, ImageReward, LatentRewardModel, PickScore, WeightedReward, load_reward_model,
-                               preprocess)
+from rglcd_fast.reward import (
+    AestheticLinearHead,
+    AestheticMLPHead,
+    AestheticMLPScore,
+    AestheticScore,
+    ClipScore,
+    HPSv2,
+    ImageReward,
+    LatentRewardModel,
+    PickScore,
+    WeightedReward,
+    load_reward_model,
+    preprocess,
+)
 from rglcd_fast.reward.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from tiny_pipeline import tiny_tokenizer
 
 PROMPTS = ["a red cat", "digit 7"]
 
@@ -25,11 +36,25 @@ def clip_folder(tmp_path_factory):
     tokenizer, vocab_size = tiny_tokenizer(folder)
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
-    config = CLIPConfig(text_config=dict(vocab_size=vocab_size, hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=12),
-                        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                           num_attention_heads=2, image_size=16, patch_size=8),
-                        projection_dim=8)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=12,
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+        ),
+        projection_dim=8,
+    )
     CLIPModel(config).save_pretrained(folder)
     torch.manual_seed(1)
     AestheticLinearHead(8).save(os.path.join(folder, "aesthetic_linear.safetensors"))
@@ -87,8 +112,9 @@ def test_clip_family_units_are_the_official_ones(clip_folder, cls):
         v = pooled(model.get_text_features(**tok))
         cos = ((u / u.norm(dim=-1, keepdim=True)) * (v / v.norm(dim=-1, keepdim=True))).sum(-1)
         reward, logits = rm.reward_and_logits(x, PROMPTS)
-        out = model(input_ids=tok.input_ids, attention_mask=tok.attention_mask,
-                    pixel_values=official_clip_pixels(x, 16))
+        out = model(
+            input_ids=tok.input_ids, attention_mask=tok.attention_mask, pixel_values=official_clip_pixels(x, 16)
+        )
     assert (reward.abs() <= 1 + 1e-6).all()
     torch.testing.assert_close(reward, cos, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits, cos * model.logit_scale.exp(), rtol=1e-5, atol=1e-5)
@@ -242,7 +268,9 @@ def test_aesthetic_head_round_trip(tmp_path, ext, cls):
 
 
 def test_factory_errors(clip_folder, tmp_path):
-    with pytest.raises(ValueError, match="clip, pickscore, aesthetic, aesthetic_mlp, hpsv2, imagereward, weighted_hpsv2_imagereward"):
+    with pytest.raises(
+        ValueError, match="clip, pickscore, aesthetic, aesthetic_mlp, hpsv2, imagereward, weighted_hpsv2_imagereward"
+    ):
         load_reward_model("fid", clip_folder)
     missing = str(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="nope"):

@@ -1,18 +1,18 @@
 """The fast sampler and `rglcd-fast sample` on tiny random pipelines (no downloads)."""
+
 import os
 import shutil
 
 import pytest
 import torch
-from diffusers import (LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline,
-                       StableDiffusionXLPipeline)
-from PIL import Image
-
+from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from helpers import CUDA_GRAPHS
+from PIL import Image
+from tiny_pipeline import save_tiny_lcm_lora, save_tiny_pipeline
+
 from rglcd_fast.cli import main
 from rglcd_fast.sample import LCMSampler
 from rglcd_fast.schedulers import FusedLCMScheduler
-from tiny_pipeline import save_tiny_lcm_lora, save_tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,13 @@ def test_sampler_matches_the_diffusers_lcm_pipeline(lcm_folder):
     pipe = LatentConsistencyModelPipeline.from_pretrained(lcm_folder, safety_checker=None, feature_extractor=None)
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator().manual_seed(3)
-    theirs = pipe(["a digit seven", "a digit one"], num_inference_steps=4, guidance_scale=8.0, generator=generator,
-                  output_type="latent").images
+    theirs = pipe(
+        ["a digit seven", "a digit one"],
+        num_inference_steps=4,
+        guidance_scale=8.0,
+        generator=generator,
+        output_type="latent",
+    ).images
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
     images = sampler(["a digit seven"], steps=2, seed=0)
     assert len(images) == 1 and isinstance(images[0], Image.Image) and images[0].size == (16, 16)
@@ -41,8 +46,9 @@ def test_sampler_matches_the_diffusers_lcm_pipeline(lcm_folder):
 
 def test_lcm_lora_in_stable_diffusion_pipeline_and_sampler(base_and_lora):
     base, lora = base_and_lora
-    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        base, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
     pipe.load_lora_weights(lora)
     kw = dict(num_inference_steps=3, guidance_scale=1.0, output_type="latent")
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
@@ -75,8 +81,15 @@ def test_sdxl_sampler_matches_the_diffusers_sdxl_pipeline(xl_folders):
         if lora_weights:
             pipe.load_lora_weights(lora_weights)
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-        theirs = pipe(prompts, num_inference_steps=4, guidance_scale=guidance, height=24, width=32,
-                      generator=torch.Generator().manual_seed(3), output_type="latent").images
+        theirs = pipe(
+            prompts,
+            num_inference_steps=4,
+            guidance_scale=guidance,
+            height=24,
+            width=32,
+            generator=torch.Generator().manual_seed(3),
+            output_type="latent",
+        ).images
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
     images = sampler(["a digit seven"], steps=2, seed=0)
     assert len(images) == 1 and images[0].size == (16, 16)
@@ -106,8 +119,13 @@ def test_sampler_errors(lcm_folder, base_and_lora, tmp_path):
     with pytest.raises(FileNotFoundError, match="lora"):
         LCMSampler.from_pretrained(base_and_lora[0], lora=str(tmp_path / "nope"), device="cpu")
     sampler = LCMSampler.from_pretrained(lcm_folder, device="cpu")
-    for kwargs, name in [(dict(steps=0), "steps"), (dict(steps=9), "steps"), (dict(height=13), "height"),
-                         (dict(width=-8), "width"), (dict(cuda_graph=True), "cuda_graph")]:
+    for kwargs, name in [
+        (dict(steps=0), "steps"),
+        (dict(steps=9), "steps"),
+        (dict(height=13), "height"),
+        (dict(width=-8), "width"),
+        (dict(cuda_graph=True), "cuda_graph"),
+    ]:
         with pytest.raises(ValueError, match=name):
             sampler.latents("a digit", **kwargs)
     with pytest.raises(ValueError, match="prompts"):
@@ -116,8 +134,26 @@ def test_sampler_errors(lcm_folder, base_and_lora, tmp_path):
 
 def test_cli_sample_writes_a_grid(lcm_folder, tmp_path, capsys):
     out = str(tmp_path / "grid.png")
-    code = main(["sample", "--model", lcm_folder, "--prompt", "a digit seven", "--prompt", "a digit one",
-                 "--num-images", "2", "--steps", "2", "--seed", "0", "--out", out, "--quiet"])
+    code = main(
+        [
+            "sample",
+            "--model",
+            lcm_folder,
+            "--prompt",
+            "a digit seven",
+            "--prompt",
+            "a digit one",
+            "--num-images",
+            "2",
+            "--steps",
+            "2",
+            "--seed",
+            "0",
+            "--out",
+            out,
+            "--quiet",
+        ]
+    )
     assert code == 0 and os.path.exists(out)
     assert Image.open(out).size == (32, 32)  # 2 prompts (rows) x 2 images (columns) of 16 px
     assert "wrote" in capsys.readouterr().out

@@ -1,13 +1,13 @@
 """FusedLCMScheduler / FusedDDIMScheduler: drop-ins for diffusers' schedulers (same results for the
 same generator, same config and API), with a step() that never synchronises with the device."""
+
 import itertools
 
 import pytest
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, LatentConsistencyModelPipeline, LCMScheduler,
-                       UNet2DConditionModel)
-
+from diffusers import AutoencoderKL, DDIMScheduler, LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
 from helpers import DEVICES, LIMITS, SD_SCHEDULE, assert_close, assert_tight, fake_model
+
 from rglcd_fast.reference import solver as ref
 from rglcd_fast.schedulers import FusedDDIMScheduler, FusedLCMScheduler
 
@@ -27,8 +27,14 @@ def run_pair(ours, theirs, device="cpu", dtype=torch.float32, shape=(2, 4, 8, 8)
         m = fake_model(x_theirs, t.to(device), base)
         out_theirs = theirs.step(m, t, x_theirs, generator=g_theirs, return_dict=False, **step_kwargs)
         if dtype == torch.float32:
-            out_ours = ours.step(fake_model(x_ours, t.to(device), base), ours.timesteps[i], x_ours, generator=g_ours,
-                                 return_dict=False, **step_kwargs)
+            out_ours = ours.step(
+                fake_model(x_ours, t.to(device), base),
+                ours.timesteps[i],
+                x_ours,
+                generator=g_ours,
+                return_dict=False,
+                **step_kwargs,
+            )
             for k in range(len(out_theirs)):  # diffusers < 0.31's DDIM gives (prev_sample,) alone
                 assert_tight(out_ours[k], out_theirs[k], f"step {i} output {k}")
         else:
@@ -46,22 +52,39 @@ def run_pair(ours, theirs, device="cpu", dtype=torch.float32, shape=(2, 4, 8, 8)
 def _exact_step(scheduler, i, m, x, generator, step_kwargs):
     """The float64 reference of our step i on the same inputs and the same noise draws."""
     from diffusers.utils.torch_utils import randn_tensor
+
     config, t = scheduler.config, scheduler.timesteps[i]
-    kw = dict(prediction_type=config.prediction_type, clip_sample=config.clip_sample,
-              clip_sample_range=config.clip_sample_range, thresholding=config.thresholding,
-              dynamic_thresholding_ratio=config.dynamic_thresholding_ratio, sample_max_value=config.sample_max_value)
+    kw = dict(
+        prediction_type=config.prediction_type,
+        clip_sample=config.clip_sample,
+        clip_sample_range=config.clip_sample_range,
+        thresholding=config.thresholding,
+        dynamic_thresholding_ratio=config.dynamic_thresholding_ratio,
+        sample_max_value=config.sample_max_value,
+    )
     ac, final = scheduler.alphas_cumprod.double().to(x.device), float(scheduler.final_alpha_cumprod)
     if isinstance(scheduler, LCMScheduler):
         last = i == len(scheduler.timesteps) - 1
         noise = None if last else randn_tensor(m.shape, generator=generator, device=m.device, dtype=x.dtype).double()
         prev = t if last else scheduler.timesteps[i + 1]
-        return ref.lcm_step(m.double(), x.double(), t, prev, ac, noise, final,
-                            timestep_scaling=config.timestep_scaling, **kw)
+        return ref.lcm_step(
+            m.double(), x.double(), t, prev, ac, noise, final, timestep_scaling=config.timestep_scaling, **kw
+        )
     eta = step_kwargs.get("eta", 0.0)
     noise = randn_tensor(m.shape, generator=generator, device=m.device, dtype=m.dtype).double() if eta > 0 else None
     prev = t - config.num_train_timesteps // scheduler.num_inference_steps
-    return ref.ddim_step(m.double(), x.double(), t, prev, ac, noise, final, eta,
-                         use_clipped_model_output=step_kwargs.get("use_clipped_model_output", False), **kw)
+    return ref.ddim_step(
+        m.double(),
+        x.double(),
+        t,
+        prev,
+        ac,
+        noise,
+        final,
+        eta,
+        use_clipped_model_output=step_kwargs.get("use_clipped_model_output", False),
+        **kw,
+    )
 
 
 def pair(fused_cls, diffusers_cls, config, device="cpu", **set_timesteps):
@@ -72,8 +95,9 @@ def pair(fused_cls, diffusers_cls, config, device="cpu", **set_timesteps):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("prediction_type,limit,set_alpha_to_one",
-                         itertools.product(PREDICTION_TYPES, LIMITS, [True, False]))
+@pytest.mark.parametrize(
+    "prediction_type,limit,set_alpha_to_one", itertools.product(PREDICTION_TYPES, LIMITS, [True, False])
+)
 def test_lcm_matches_diffusers(prediction_type, limit, set_alpha_to_one, device):
     config = dict(SD_SCHEDULE, prediction_type=prediction_type, set_alpha_to_one=set_alpha_to_one, **LIMITS[limit])
     for steps in (1, 2, 4, 8):
@@ -84,23 +108,28 @@ def test_lcm_matches_diffusers(prediction_type, limit, set_alpha_to_one, device)
 def test_lcm_custom_timesteps_and_original_steps(device):
     config = dict(SD_SCHEDULE)
     run_pair(*pair(FusedLCMScheduler, LCMScheduler, config, device, timesteps=[999, 759, 499, 259]), device)
-    run_pair(*pair(FusedLCMScheduler, LCMScheduler, config, device, num_inference_steps=3,
-                   original_inference_steps=30), device)
+    run_pair(
+        *pair(FusedLCMScheduler, LCMScheduler, config, device, num_inference_steps=3, original_inference_steps=30),
+        device,
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_lcm_generator_forms(device):
     """The noise of every form of generator diffusers takes: the default one (None) and one on the
     sample's device (drawn by the op), one per sample (a list) or one on another device (randn_tensor)."""
-    forms = {"default": lambda: None,
-             "one per sample": lambda: [torch.Generator(device).manual_seed(s) for s in (1, 2)]}
+    forms = {
+        "default": lambda: None,
+        "one per sample": lambda: [torch.Generator(device).manual_seed(s) for s in (1, 2)],
+    }
     if device == "cuda":
         forms["on the CPU"] = lambda: torch.Generator().manual_seed(3)
     base = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)).to(device)
     for name, make_generator in forms.items():
         loops = []
-        for scheduler in pair(FusedLCMScheduler, LCMScheduler, dict(SD_SCHEDULE, thresholding=True), device,
-                              num_inference_steps=4):
+        for scheduler in pair(
+            FusedLCMScheduler, LCMScheduler, dict(SD_SCHEDULE, thresholding=True), device, num_inference_steps=4
+        ):
             torch.manual_seed(0)
             generator, x, outputs = make_generator(), base.clone(), []
             for t in scheduler.timesteps:
@@ -112,13 +141,17 @@ def test_lcm_generator_forms(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("prediction_type,limit,eta,use_clipped",
-                         itertools.product(PREDICTION_TYPES, LIMITS, [0.0, 0.5], [False, True]))
+@pytest.mark.parametrize(
+    "prediction_type,limit,eta,use_clipped", itertools.product(PREDICTION_TYPES, LIMITS, [0.0, 0.5], [False, True])
+)
 def test_ddim_matches_diffusers(prediction_type, limit, eta, use_clipped, device):
     config = dict(SD_SCHEDULE, prediction_type=prediction_type, set_alpha_to_one=not use_clipped, **LIMITS[limit])
     for steps in (1, 5, 50):
-        run_pair(*pair(FusedDDIMScheduler, DDIMScheduler, config, device, num_inference_steps=steps), device,
-                 step_kwargs=dict(eta=eta, use_clipped_model_output=use_clipped))
+        run_pair(
+            *pair(FusedDDIMScheduler, DDIMScheduler, config, device, num_inference_steps=steps),
+            device,
+            step_kwargs=dict(eta=eta, use_clipped_model_output=use_clipped),
+        )
 
 
 # Settings diffusers accepts at the edges of their range (it checks none of them); each must run and give
@@ -140,15 +173,21 @@ EDGE_CONFIGS = {
 def test_edge_settings_diffusers_accepts_give_its_result(edge, device):
     config = dict(SD_SCHEDULE, **EDGE_CONFIGS[edge])
     run_pair(*pair(FusedLCMScheduler, LCMScheduler, config, device, num_inference_steps=4), device)
-    run_pair(*pair(FusedDDIMScheduler, DDIMScheduler, config, device, num_inference_steps=5), device,
-             step_kwargs=dict(eta=0.5))
+    run_pair(
+        *pair(FusedDDIMScheduler, DDIMScheduler, config, device, num_inference_steps=5),
+        device,
+        step_kwargs=dict(eta=0.5),
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_negative_eta_is_diffusers_ddim(device):
     """diffusers takes any eta: σ = η·sqrt(var) enters the direction squared, the noise only when η > 0."""
-    run_pair(*pair(FusedDDIMScheduler, DDIMScheduler, dict(SD_SCHEDULE), device, num_inference_steps=10), device,
-             step_kwargs=dict(eta=-0.5))
+    run_pair(
+        *pair(FusedDDIMScheduler, DDIMScheduler, dict(SD_SCHEDULE), device, num_inference_steps=10),
+        device,
+        step_kwargs=dict(eta=-0.5),
+    )
 
 
 def test_settings_outside_what_diffusers_can_run_are_named():
@@ -161,8 +200,9 @@ def test_settings_outside_what_diffusers_can_run_are_named():
 def test_low_precision(dtype):
     config = dict(SD_SCHEDULE, set_alpha_to_one=False, clip_sample=True)
     run_pair(*pair(FusedLCMScheduler, LCMScheduler, config, num_inference_steps=4), dtype=dtype)
-    run_pair(*pair(FusedDDIMScheduler, DDIMScheduler, config, num_inference_steps=10), dtype=dtype,
-             step_kwargs=dict(eta=0.5))
+    run_pair(
+        *pair(FusedDDIMScheduler, DDIMScheduler, config, num_inference_steps=10), dtype=dtype, step_kwargs=dict(eta=0.5)
+    )
 
 
 def test_ddim_variance_noise_and_generator_exclusive():
@@ -201,8 +241,10 @@ def test_config_round_trip_and_compatibles(tmp_path):
     assert set(ddim.compatibles) >= set(DDIMScheduler(**SD_SCHEDULE).compatibles) | {DDIMScheduler}
     assert LCMScheduler in fused.compatibles
     x = torch.randn(2, 4, 4, 4)
-    torch.testing.assert_close(ddim.add_noise(x, x, torch.tensor([10, 500])),
-                               DDIMScheduler(**SD_SCHEDULE).add_noise(x, x, torch.tensor([10, 500])))
+    torch.testing.assert_close(
+        ddim.add_noise(x, x, torch.tensor([10, 500])),
+        DDIMScheduler(**SD_SCHEDULE).add_noise(x, x, torch.tensor([10, 500])),
+    )
     assert ddim.scale_model_input(x, 10) is x
 
 
@@ -223,8 +265,7 @@ def test_step_index_from_any_timestep_form():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the sync check needs a CUDA device")
 def test_step_does_not_synchronise():
-    for cls, base, kwargs in [(FusedLCMScheduler, LCMScheduler, {}), (FusedDDIMScheduler, DDIMScheduler,
-                                                                       dict(eta=0.3))]:
+    for cls, kwargs in [(FusedLCMScheduler, {}), (FusedDDIMScheduler, dict(eta=0.3))]:
         scheduler = cls(**SD_SCHEDULE)
         scheduler.set_timesteps(4, device="cuda")
         x = torch.randn(2, 4, 8, 8, device="cuda")
@@ -239,24 +280,49 @@ def test_step_does_not_synchronise():
 
 
 def tiny_lcm_pipeline(scheduler_cls):
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
-                                norm_num_groups=4, attention_head_dim=2, time_cond_proj_dim=8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=4, sample_size=16)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8,
+        norm_num_groups=4,
+        attention_head_dim=2,
+        time_cond_proj_dim=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        sample_size=16,
+    )
     scheduler = scheduler_cls(**SD_SCHEDULE)
-    return LatentConsistencyModelPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
-                                          safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return LatentConsistencyModelPipeline(
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def test_latent_consistency_pipeline_accepts_the_fused_scheduler():
     torch.manual_seed(0)
     pipe = tiny_lcm_pipeline(LCMScheduler)
     prompt_embeds = torch.randn(1, 5, 8)
-    kw = dict(prompt_embeds=prompt_embeds, num_inference_steps=4, guidance_scale=8.0, height=16, width=16,
-              output_type="pt")
+    kw = dict(
+        prompt_embeds=prompt_embeds, num_inference_steps=4, guidance_scale=8.0, height=16, width=16, output_type="pt"
+    )
     expected = pipe(generator=torch.Generator().manual_seed(3), **kw).images
     pipe.scheduler = FusedLCMScheduler.from_config(pipe.scheduler.config)
     actual = pipe(generator=torch.Generator().manual_seed(3), **kw).images

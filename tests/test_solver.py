@@ -1,16 +1,30 @@
 """Solver family: the guided DDIM solver step of LCD training, and the LCM / DDIM sampling steps as
 drop-ins for diffusers' LCMScheduler.step and DDIMScheduler.step."""
+
 import itertools
 
+import lcd_script
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
 from diffusers.utils.torch_utils import randn_tensor
+from helpers import (
+    CUDA_GRAPHS,
+    DEVICES,
+    LAYOUTS,
+    LIMITS,
+    SD_SCHEDULE,
+    assert_close,
+    assert_tight,
+    check_against_reference,
+    device_dtype_params,
+    fake_model,
+    in_layout,
+    randn,
+    sd_alphas_cumprod,
+)
 
-import lcd_script
 import rglcd_fast
-from helpers import (CUDA_GRAPHS, DEVICES, LAYOUTS, LIMITS, SD_SCHEDULE, assert_close, assert_tight, check_against_reference,
-                     device_dtype_params, fake_model, in_layout, randn, sd_alphas_cumprod)
 from rglcd_fast import ops
 from rglcd_fast.reference import solver as ref
 
@@ -32,14 +46,37 @@ def make_inputs(device, dtype, shape=SHAPE, seed=0):
 
 
 def lcm_args(m, x, t, prev, ac, noise=None, final=1.0, prediction_type="epsilon", limit="none", scaling=10.0):
-    kw = {**dict(clip_sample=False, clip_sample_range=1.0, thresholding=False, dynamic_thresholding_ratio=0.995,
-                 sample_max_value=1.0), **LIMITS[limit]}
-    return (m, x, t, prev, ac, noise, final, prediction_type, scaling, kw["clip_sample"], kw["clip_sample_range"],
-            kw["thresholding"], kw["dynamic_thresholding_ratio"], kw["sample_max_value"])
+    kw = {
+        **dict(
+            clip_sample=False,
+            clip_sample_range=1.0,
+            thresholding=False,
+            dynamic_thresholding_ratio=0.995,
+            sample_max_value=1.0,
+        ),
+        **LIMITS[limit],
+    }
+    return (
+        m,
+        x,
+        t,
+        prev,
+        ac,
+        noise,
+        final,
+        prediction_type,
+        scaling,
+        kw["clip_sample"],
+        kw["clip_sample_range"],
+        kw["thresholding"],
+        kw["dynamic_thresholding_ratio"],
+        kw["sample_max_value"],
+    )
 
 
-def ddim_args(m, x, t, prev, ac, noise=None, final=1.0, eta=0.0, prediction_type="epsilon", limit="none",
-              use_clipped=False):
+def ddim_args(
+    m, x, t, prev, ac, noise=None, final=1.0, eta=0.0, prediction_type="epsilon", limit="none", use_clipped=False
+):
     lcm = lcm_args(m, x, t, prev, ac, noise, final, prediction_type, limit)
     return lcm[:7] + (eta, prediction_type) + lcm[9:] + (use_clipped,)
 
@@ -56,8 +93,12 @@ def test_ops_are_registered():
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 def test_guided_matches_reference(prediction_type, device, dtype):
     c, u, x, _, t, prev, w, ac = make_inputs(device, dtype)
-    check_against_reference(ops.guided_ddim_step, ref.guided_ddim_step,
-                            (c, u, x, t, prev.clamp(min=0), w, ac, prediction_type), grad_argnums=(0, 1, 2))
+    check_against_reference(
+        ops.guided_ddim_step,
+        ref.guided_ddim_step,
+        (c, u, x, t, prev.clamp(min=0), w, ac, prediction_type),
+        grad_argnums=(0, 1, 2),
+    )
 
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
@@ -67,8 +108,9 @@ def test_lcm_matches_reference(limit, prediction_type, device, dtype):
     _, m, x, z, t, prev, _, ac = make_inputs(device, dtype)
     m = 3 * m  # x0 beyond the clip range and the threshold
     for noise, final in [(z, 1.0), (None, 1.0), (z, ac[0].item())]:
-        check_against_reference(ops.lcm_step, ref.lcm_step,
-                                lcm_args(m, x, t, prev, ac, noise, final, prediction_type, limit))
+        check_against_reference(
+            ops.lcm_step, ref.lcm_step, lcm_args(m, x, t, prev, ac, noise, final, prediction_type, limit)
+        )
 
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
@@ -77,10 +119,17 @@ def test_lcm_matches_reference(limit, prediction_type, device, dtype):
 def test_ddim_matches_reference(limit, prediction_type, device, dtype):
     _, m, x, z, t, prev, _, ac = make_inputs(device, dtype)
     m = 3 * m
-    for noise, final, eta, use_clipped in [(None, 1.0, 0.0, False), (z, ac[0].item(), 0.5, False),
-                                           (z, 1.0, 1.0, True), (z, 1.0, 0.0, True)]:
-        check_against_reference(ops.ddim_step, ref.ddim_step,
-                                ddim_args(m, x, t, prev, ac, noise, final, eta, prediction_type, limit, use_clipped))
+    for noise, final, eta, use_clipped in [
+        (None, 1.0, 0.0, False),
+        (z, ac[0].item(), 0.5, False),
+        (z, 1.0, 1.0, True),
+        (z, 1.0, 0.0, True),
+    ]:
+        check_against_reference(
+            ops.ddim_step,
+            ref.ddim_step,
+            ddim_args(m, x, t, prev, ac, noise, final, eta, prediction_type, limit, use_clipped),
+        )
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
@@ -89,15 +138,20 @@ def test_layouts(layout, device):
     c, u, x, z, t, prev, w, ac = make_inputs(device, torch.float32)
     cl, ul, xl = (in_layout(v, layout) for v in (c, u, x))
     expected_strides = torch.empty_like(xl).stride()
-    outs = check_against_reference(ops.guided_ddim_step, ref.guided_ddim_step,
-                                   (cl, u, xl, t, prev.clamp(min=0), w, ac, "v_prediction"), grad_argnums=(0, 1, 2))
+    outs = check_against_reference(
+        ops.guided_ddim_step,
+        ref.guided_ddim_step,
+        (cl, u, xl, t, prev.clamp(min=0), w, ac, "v_prediction"),
+        grad_argnums=(0, 1, 2),
+    )
     assert all(o.stride() == expected_strides for o in outs)
-    outs = check_against_reference(ops.lcm_step, ref.lcm_step,
-                                   lcm_args(ul, xl, t, prev, ac, z, limit="threshold"))
+    outs = check_against_reference(ops.lcm_step, ref.lcm_step, lcm_args(ul, xl, t, prev, ac, z, limit="threshold"))
     assert all(o.stride() == expected_strides for o in outs)
-    outs = check_against_reference(ops.ddim_step, ref.ddim_step,
-                                   ddim_args(cl, xl, t, prev, ac, in_layout(z, layout), eta=0.5, limit="threshold",
-                                             use_clipped=True))
+    outs = check_against_reference(
+        ops.ddim_step,
+        ref.ddim_step,
+        ddim_args(cl, xl, t, prev, ac, in_layout(z, layout), eta=0.5, limit="threshold", use_clipped=True),
+    )
     assert all(o.stride() == expected_strides for o in outs)
 
 
@@ -106,15 +160,25 @@ def test_broadcast_per_sample_arguments(shape):
     c, u, x, z, _, _, _, ac = make_inputs("cpu", torch.float32)
     t, prev, w = torch.tensor(259).reshape(shape), torch.tensor(239).reshape(shape), torch.tensor(7.5).reshape(shape)
     full = [v.reshape(1).expand(x.shape[0]) for v in (t, prev, w)]
-    torch.testing.assert_close(ops.guided_ddim_step(c, u, x, t, prev, w, ac),
-                               ops.guided_ddim_step(c, u, x, *full, ac), rtol=0, atol=0)
+    torch.testing.assert_close(
+        ops.guided_ddim_step(c, u, x, t, prev, w, ac), ops.guided_ddim_step(c, u, x, *full, ac), rtol=0, atol=0
+    )
     for scale in (7.5, w.double(), w.half()):  # any float type; the kernel reads it as acc_t
-        torch.testing.assert_close(ops.guided_ddim_step(c, u, x, t, prev, scale, ac),
-                                   ops.guided_ddim_step(c, u, x, *full, ac), rtol=0, atol=0)
-    torch.testing.assert_close(ops.lcm_step(u, x, t, prev, ac, z, thresholding=True),
-                               ops.lcm_step(u, x, full[0], full[1], ac, z, thresholding=True), rtol=0, atol=0)
-    torch.testing.assert_close(ops.ddim_step(u, x, t, prev, ac, z, eta=0.3),
-                               ops.ddim_step(u, x, full[0], full[1], ac, z, eta=0.3), rtol=0, atol=0)
+        torch.testing.assert_close(
+            ops.guided_ddim_step(c, u, x, t, prev, scale, ac), ops.guided_ddim_step(c, u, x, *full, ac), rtol=0, atol=0
+        )
+    torch.testing.assert_close(
+        ops.lcm_step(u, x, t, prev, ac, z, thresholding=True),
+        ops.lcm_step(u, x, full[0], full[1], ac, z, thresholding=True),
+        rtol=0,
+        atol=0,
+    )
+    torch.testing.assert_close(
+        ops.ddim_step(u, x, t, prev, ac, z, eta=0.3),
+        ops.ddim_step(u, x, full[0], full[1], ac, z, eta=0.3),
+        rtol=0,
+        atol=0,
+    )
     # a per-sample guidance scale broadcast against one timestep, and the reverse
     check_against_reference(ops.guided_ddim_step, ref.guided_ddim_step, (c, u, x, t, full[1], full[2] + 1, ac))
     check_against_reference(ops.guided_ddim_step, ref.guided_ddim_step, (c, u, x, full[0], prev, w, ac))
@@ -127,8 +191,10 @@ def test_empty_batch():
     assert x_prev.shape == pred_x0.shape == x.shape
     (grad,) = torch.autograd.grad((x_prev.sum() + pred_x0.sum()), c)
     assert grad.shape == c.shape
-    for out in [*ops.lcm_step(u, x, t, prev, ac, z, thresholding=True),
-                *ops.ddim_step(u, x, t, prev, ac, z, eta=0.5, thresholding=True)]:
+    for out in [
+        *ops.lcm_step(u, x, t, prev, ac, z, thresholding=True),
+        *ops.ddim_step(u, x, t, prev, ac, z, eta=0.5, thresholding=True),
+    ]:
         assert out.shape == x.shape
 
 
@@ -136,11 +202,18 @@ def test_other_ranks():
     """Batch-first tensors of any rank: [B, N] tokens, [B, C, F, H, W] video latents."""
     for shape in [(5, 33), (2, 4, 3, 5, 6)]:
         c, u, x, z, t, prev, w, ac = make_inputs("cpu", torch.float32, shape=shape)
-        check_against_reference(ops.guided_ddim_step, ref.guided_ddim_step,
-                                (c, u, x, t, prev.clamp(min=0), w, ac, "v_prediction"), grad_argnums=(0, 1, 2))
+        check_against_reference(
+            ops.guided_ddim_step,
+            ref.guided_ddim_step,
+            (c, u, x, t, prev.clamp(min=0), w, ac, "v_prediction"),
+            grad_argnums=(0, 1, 2),
+        )
         check_against_reference(ops.lcm_step, ref.lcm_step, lcm_args(3 * u, x, t, prev, ac, z, limit="threshold"))
-        check_against_reference(ops.ddim_step, ref.ddim_step,
-                                ddim_args(3 * u, x, t, prev, ac, z, eta=0.5, limit="threshold", use_clipped=True))
+        check_against_reference(
+            ops.ddim_step,
+            ref.ddim_step,
+            ddim_args(3 * u, x, t, prev, ac, z, eta=0.5, limit="threshold", use_clipped=True),
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -152,10 +225,9 @@ def test_threshold_quantile_matches_torch(device):
     for n, ratio in [(1, 0.995), (2, 0.5), (7, 0.5), (201, 0.995), (4096, 0.995), (1000, 1.0), (33, 0.01)]:
         m = torch.randn(4, n, generator=g) * 4
         m[1] = m[1].round()  # ties
-        m[2] *= 0.1          # s clamps to 1
+        m[2] *= 0.1  # s clamps to 1
         m = m.to(device)
-        x, t, prev = (torch.zeros_like(m), torch.full((4,), 500, device=device),
-                      torch.full((4,), 480, device=device))
+        x, t, prev = (torch.zeros_like(m), torch.full((4,), 500, device=device), torch.full((4,), 480, device=device))
         args = lcm_args(m, x, t, prev, ac, None, 1.0, "sample", "threshold")
         args = args[:12] + (ratio, 3.0)
         ours = ops.lcm_step(*args)[1]
@@ -169,8 +241,14 @@ def test_threshold_quantile_matches_torch(device):
 
 def _step_config(scheduler):
     """Our keyword arguments from the scheduler's config (its defaults included: DDIM clips by default)."""
-    keys = ("prediction_type", "clip_sample", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio",
-            "sample_max_value") + (("timestep_scaling",) if isinstance(scheduler, LCMScheduler) else ())
+    keys = (
+        "prediction_type",
+        "clip_sample",
+        "clip_sample_range",
+        "thresholding",
+        "dynamic_thresholding_ratio",
+        "sample_max_value",
+    ) + (("timestep_scaling",) if isinstance(scheduler, LCMScheduler) else ())
     return {k: scheduler.config[k] for k in keys}
 
 
@@ -224,8 +302,18 @@ class DdimDriver:
 
     def step(self, module, m, x, i, t, noise):
         prev = t - self.scheduler.config.num_train_timesteps // self.scheduler.num_inference_steps
-        return module.ddim_step(m, x, t, prev, _schedule_for(self.scheduler, m.dtype), noise, self.final, self.eta,
-                                use_clipped_model_output=self.use_clipped, **self.kw)
+        return module.ddim_step(
+            m,
+            x,
+            t,
+            prev,
+            _schedule_for(self.scheduler, m.dtype),
+            noise,
+            self.final,
+            self.eta,
+            use_clipped_model_output=self.use_clipped,
+            **self.kw,
+        )
 
 
 def run_loop(driver, dtype, seed=0, shape=(2, 4, 8, 8)):
@@ -281,8 +369,14 @@ def test_ddim_loop_matches_diffusers(prediction_type, limit, set_alpha_to_one, e
         run_loop(DdimDriver(config, steps, eta, use_clipped, noise_via), torch.float32)
 
 
-@pytest.mark.parametrize("spacing", [dict(timestep_spacing="leading", steps_offset=1),
-                                     dict(timestep_spacing="trailing"), dict(timestep_spacing="linspace")])
+@pytest.mark.parametrize(
+    "spacing",
+    [
+        dict(timestep_spacing="leading", steps_offset=1),
+        dict(timestep_spacing="trailing"),
+        dict(timestep_spacing="linspace"),
+    ],
+)
 def test_ddim_loop_timestep_spacings(spacing):
     config = dict(SD_SCHEDULE, set_alpha_to_one=False, **spacing)
     for steps in (1, 3, 20):
@@ -412,8 +506,9 @@ def test_lcm_draw_matches_randn_then_step(shape, dtype, device):
     _, m, x, _, t, prev, _, ac = make_inputs(device, dtype, shape)
     for prediction_type, limit in [("epsilon", "none"), ("v_prediction", "threshold"), ("sample", "clip")]:
         for explicit in (True, False):
-            assert_draw_matches_randn(lcm_args(3 * m, x, t, prev, ac, None, 0.999, prediction_type, limit), device,
-                                      explicit)
+            assert_draw_matches_randn(
+                lcm_args(3 * m, x, t, prev, ac, None, 0.999, prediction_type, limit), device, explicit
+            )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -460,11 +555,13 @@ def test_gradcheck_float64(prediction_type):
     c, u, x, _, t, prev, w, ac = make_inputs("cpu", torch.float64, shape=(2, 3, 4, 5))
     c, u, x = (v.requires_grad_() for v in (c, u, x))
     prev = prev.clamp(min=0)
-    assert torch.autograd.gradcheck(lambda a, b, d: ops.guided_ddim_step(a, b, d, t, prev, w, ac, prediction_type),
-                                    (c, u, x))
+    assert torch.autograd.gradcheck(
+        lambda a, b, d: ops.guided_ddim_step(a, b, d, t, prev, w, ac, prediction_type), (c, u, x)
+    )
     # one output used: the other's gradient arrives as None
-    assert torch.autograd.gradcheck(lambda a, b, d: ops.guided_ddim_step(a, b, d, t, prev, w, ac, prediction_type)[1],
-                                    (c, u, x))
+    assert torch.autograd.gradcheck(
+        lambda a, b, d: ops.guided_ddim_step(a, b, d, t, prev, w, ac, prediction_type)[1], (c, u, x)
+    )
 
 
 def _opcheck_samples():
@@ -496,8 +593,11 @@ def test_opcheck_draw_from_explicit_generator():
     where the first left it. Its other checks (schema, autograd registration, fake tensor) hold."""
     _, u, x, _, t, prev, _, ac = make_inputs("cpu", torch.float32, shape=(2, 3, 4, 5))
     args = lcm_args(u, x, t, prev, ac, None, 1.0, "epsilon", "clip") + (True, torch.Generator().manual_seed(0))
-    torch.library.opcheck(torch.ops.rglcd_fast.lcm_step.default, args,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.rglcd_fast.lcm_step.default,
+        args,
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -544,8 +644,9 @@ def test_compile_fullgraph_matches_eager():
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(compiled_grad, eager_grad)
     with torch.no_grad():
-        torch.testing.assert_close(torch.compile(sampler, fullgraph=True)(3 * u, x, z, t, prev, ac),
-                                   sampler(3 * u, x, z, t, prev, ac))
+        torch.testing.assert_close(
+            torch.compile(sampler, fullgraph=True)(3 * u, x, z, t, prev, ac), sampler(3 * u, x, z, t, prev, ac)
+        )
 
 
 # ---- non-finite values, bad inputs -----------------------------------------------------------------
@@ -567,8 +668,9 @@ def test_nan_and_inf_propagate(device):
         for limit in LIMITS:
             outs = check_against_reference(ops.lcm_step, ref.lcm_step, lcm_args(c, x, t, prev, ac, z, 1.0, pt, limit))
             assert not all(torch.isfinite(o).all() for o in outs)
-            check_against_reference(ops.ddim_step, ref.ddim_step,
-                                    ddim_args(c, x, t, prev, ac, z, 1.0, 0.5, pt, limit, True))
+            check_against_reference(
+                ops.ddim_step, ref.ddim_step, ddim_args(c, x, t, prev, ac, z, 1.0, 0.5, pt, limit, True)
+            )
 
 
 def test_inference_ops_refuse_grad():
@@ -602,12 +704,21 @@ def test_bad_inputs_name_the_argument():
         (ValueError, "noise", lambda: ops.lcm_step(u, x, t, prev, ac, z[:1])),
         (ValueError, "prev_timesteps", lambda: ops.lcm_step(u, x, t, prev + 1000, ac, z)),
         (ValueError, "timesteps", lambda: ops.lcm_step(u, x, t - 1000, prev, ac, z)),
-        (TypeError, "clip_sample_range", lambda: ops.lcm_step(u, x, t, prev, ac, clip_sample=True,
-                                                              clip_sample_range="wide")),
-        (ValueError, "dynamic_thresholding_ratio", lambda: ops.lcm_step(u, x, t, prev, ac, thresholding=True,
-                                                                        dynamic_thresholding_ratio=1.5)),
-        (ValueError, "dynamic_thresholding_ratio", lambda: ops.ddim_step(u, x, t, prev, ac,
-                                                                         dynamic_thresholding_ratio=-0.1)),
+        (
+            TypeError,
+            "clip_sample_range",
+            lambda: ops.lcm_step(u, x, t, prev, ac, clip_sample=True, clip_sample_range="wide"),
+        ),
+        (
+            ValueError,
+            "dynamic_thresholding_ratio",
+            lambda: ops.lcm_step(u, x, t, prev, ac, thresholding=True, dynamic_thresholding_ratio=1.5),
+        ),
+        (
+            ValueError,
+            "dynamic_thresholding_ratio",
+            lambda: ops.ddim_step(u, x, t, prev, ac, dynamic_thresholding_ratio=-0.1),
+        ),
         (TypeError, "sample_max_value", lambda: ops.ddim_step(u, x, t, prev, ac, sample_max_value=None)),
         (ValueError, "final_alpha_cumprod", lambda: ops.ddim_step(u, x, t, prev, ac, final_alpha_cumprod=0.0)),
         (TypeError, "final_alpha_cumprod", lambda: ops.lcm_step(u, x, t, prev, ac, final_alpha_cumprod="one")),
@@ -624,27 +735,38 @@ def test_bad_inputs_name_the_argument():
         cases += [
             (ValueError, "prev_timesteps", lambda: torch.ops.rglcd_fast.lcm_step(*lcm_args(u, x, t, prev + 1000, ac))),
             (ValueError, "timesteps", lambda: torch.ops.rglcd_fast.ddim_step(*ddim_args(u, x, t - 1000, prev, ac))),
-            (ValueError, "prev_timesteps", lambda: torch.ops.rglcd_fast.guided_ddim_step(c, u, x, t, prev, w, ac,
-                                                                                        "epsilon")),
+            (
+                ValueError,
+                "prev_timesteps",
+                lambda: torch.ops.rglcd_fast.guided_ddim_step(c, u, x, t, prev, w, ac, "epsilon"),
+            ),
             (ValueError, "noise", lambda: torch.ops.rglcd_fast.ddim_step(*ddim_args(u, x, t, prev, ac, eta=0.5))),
-            (ValueError, "dynamic_thresholding_ratio", lambda: torch.ops.rglcd_fast.lcm_step(
-                *lcm_args(u, x, t, prev, ac)[:12], 1.5, 1.0)),
+            (
+                ValueError,
+                "dynamic_thresholding_ratio",
+                lambda: torch.ops.rglcd_fast.lcm_step(*lcm_args(u, x, t, prev, ac)[:12], 1.5, 1.0),
+            ),
             (TypeError, "timesteps", lambda: torch.ops.rglcd_fast.lcm_step(*lcm_args(u, x, t.float(), prev, ac))),
             (TypeError, "sample", lambda: torch.ops.rglcd_fast.lcm_step(*lcm_args(u.long(), x.long(), t, prev, ac))),
             (ValueError, "sample", lambda: torch.ops.rglcd_fast.lcm_step(*lcm_args(u, x[:1], t[:1], prev[:1], ac))),
             (ValueError, "noise", lambda: torch.ops.rglcd_fast.lcm_step(*lcm_args(u, x, t, prev, ac, z), True, None)),
-            (ValueError, "generator", lambda: torch.ops.rglcd_fast.lcm_step(*lcm_args(u, x, t, prev, ac), False,
-                                                                            torch.Generator())),
+            (
+                ValueError,
+                "generator",
+                lambda: torch.ops.rglcd_fast.lcm_step(*lcm_args(u, x, t, prev, ac), False, torch.Generator()),
+            ),
         ]
     if torch.cuda.is_available():
         cases.append((ValueError, "sample", lambda: g(c, u, x.cuda(), t, p0, w, ac)))
         cases.append((ValueError, "timesteps", lambda: ops.lcm_step(u.cuda(), x.cuda(), t, prev.cuda(), ac.cuda())))
         on_cuda = lcm_args(u.cuda(), x.cuda(), t.cuda(), prev.cuda(), ac.cuda())
-        cases.append((ValueError, "generator", lambda: ops.lcm_step(*on_cuda[:5], draw_noise=True,
-                                                                    generator=torch.Generator())))
+        cases.append(
+            (ValueError, "generator", lambda: ops.lcm_step(*on_cuda[:5], draw_noise=True, generator=torch.Generator()))
+        )
         if rglcd_fast.has_cuda_kernels():
-            cases.append((ValueError, "generator", lambda: torch.ops.rglcd_fast.lcm_step(*on_cuda, True,
-                                                                                        torch.Generator())))
+            cases.append(
+                (ValueError, "generator", lambda: torch.ops.rglcd_fast.lcm_step(*on_cuda, True, torch.Generator()))
+            )
     for error, name, call in cases:
         with pytest.raises(error, match=rf"(?<!\w){name}\b"):  # "timesteps" must not match "prev_timesteps"
             call()
@@ -658,9 +780,11 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 def _sampling_outputs(c, u, x, z, t, prev, w, ac):
     """Every solver op once, the sampling steps with thresholding (the device-side quantile)."""
     limits = dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.5)
-    return (*ops.guided_ddim_step(c, u, x, t, prev.clamp(min=0), w, ac, "v_prediction"),
-            *ops.lcm_step(3 * u, x, t, prev, ac, z, 0.999, **limits),
-            *ops.ddim_step(3 * u, x, t, prev, ac, z, 1.0, eta=0.5, use_clipped_model_output=True, **limits))
+    return (
+        *ops.guided_ddim_step(c, u, x, t, prev.clamp(min=0), w, ac, "v_prediction"),
+        *ops.lcm_step(3 * u, x, t, prev, ac, z, 0.999, **limits),
+        *ops.ddim_step(3 * u, x, t, prev, ac, z, 1.0, eta=0.5, use_clipped_model_output=True, **limits),
+    )
 
 
 @requires_cuda
@@ -769,13 +893,16 @@ def test_cuda_float64_matches_cpu(prediction_type):
     cpu = make_inputs("cpu", torch.float64)
     cuda = [v.cuda() for v in cpu]
     for limit in LIMITS:
+
         def outputs(c, u, x, z, t, prev, w, ac):
             p0 = prev.clamp(min=0)
             ns = torch.ops.rglcd_fast
-            return (*ns.guided_ddim_step(c, u, x, t, p0, w, ac, prediction_type),
-                    *ns.guided_ddim_step_backward(c, u, t, p0, w, ac, prediction_type, [True, True, True]),
-                    *ns.lcm_step(*lcm_args(3 * u, x, t, prev, ac, z, 0.999, prediction_type, limit)),
-                    *ns.ddim_step(*ddim_args(3 * u, x, t, prev, ac, z, 1.0, 0.5, prediction_type, limit, True)))
+            return (
+                *ns.guided_ddim_step(c, u, x, t, p0, w, ac, prediction_type),
+                *ns.guided_ddim_step_backward(c, u, t, p0, w, ac, prediction_type, [True, True, True]),
+                *ns.lcm_step(*lcm_args(3 * u, x, t, prev, ac, z, 0.999, prediction_type, limit)),
+                *ns.ddim_step(*ddim_args(3 * u, x, t, prev, ac, z, 1.0, 0.5, prediction_type, limit, True)),
+            )
 
         for k, (a, b) in enumerate(zip(outputs(*cuda), outputs(*cpu))):
             assert a.dtype == torch.float64 and a.is_cuda

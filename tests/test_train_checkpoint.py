@@ -1,4 +1,5 @@
 """Crash-safe checkpoints: exact resume, crash mid-save, pruning, resolve_resume, 2-process gloo."""
+
 import os
 import random
 
@@ -7,8 +8,14 @@ import pytest
 import torch
 
 import rglcd_fast.train.checkpoint as ckpt
-from rglcd_fast.train import (capture_rng_state, latest_checkpoint, load_checkpoint, resolve_resume,
-                              save_checkpoint, write_folder)
+from rglcd_fast.train import (
+    capture_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    write_folder,
+)
 
 
 def _seed_all(seed):
@@ -38,13 +45,11 @@ def _train(model, opt, sched, gen, steps):
 
 
 def _draws(gen):
-    return (torch.randn(5), np.random.randn(5), [random.random() for _ in range(5)],
-            torch.randn(5, generator=gen))
+    return (torch.randn(5), np.random.randn(5), [random.random() for _ in range(5)], torch.randn(5, generator=gen))
 
 
 def _state(model, opt, sched, gen, **extra):
-    return {"model": model, "optimizer": opt, "scheduler": sched, "rng": capture_rng_state({"data": gen}),
-            **extra}
+    return {"model": model, "optimizer": opt, "scheduler": sched, "rng": capture_rng_state({"data": gen}), **extra}
 
 
 def _assert_opt_equal(a, b):
@@ -68,8 +73,15 @@ def test_exact_resume(tmp_path):
     _train(*first, K)
     path = save_checkpoint(tmp_path, K, _state(*first, meta={"step": K, "data": {"epoch": 0, "pos": 32}}))
     assert os.path.basename(path) == f"checkpoint-{K}"
-    assert sorted(os.listdir(path)) == ["COMPLETE", "manifest.json", "meta.json", "model.safetensors",
-                                        "optimizer.pt", "rng_rank0.pt", "scheduler.pt"]
+    assert sorted(os.listdir(path)) == [
+        "COMPLETE",
+        "manifest.json",
+        "meta.json",
+        "model.safetensors",
+        "optimizer.pt",
+        "rng_rank0.pt",
+        "scheduler.pt",
+    ]
 
     _seed_all(123)  # scramble everything, fresh objects with a different init
     fresh = _make(7)
@@ -125,7 +137,10 @@ def test_crash_mid_save_keeps_previous(tmp_path, monkeypatch):
     monkeypatch.undo()
 
     names = sorted(os.listdir(tmp_path))
-    assert [n for n in names if not n.startswith(".")] == ["checkpoint-1", "checkpoint-2"]  # keep=1 pruned nothing: the save failed
+    assert [n for n in names if not n.startswith(".")] == [
+        "checkpoint-1",
+        "checkpoint-2",
+    ]  # keep=1 pruned nothing: the save failed
     assert len([n for n in names if n.startswith(".tmp-checkpoint-")]) == 2
     assert latest_checkpoint(tmp_path) == os.path.join(tmp_path, "checkpoint-2")
     assert load_checkpoint(latest_checkpoint(tmp_path), {"meta": None})["meta"] == {"i": 2}
@@ -213,6 +228,7 @@ def test_write_folder_replaces_whole_or_not_at_all(tmp_path):
             for name in files:
                 with open(os.path.join(folder, name), "w") as f:
                     f.write(name)
+
         return into
 
     write_folder(str(out), write(["a"]))
@@ -256,14 +272,19 @@ def test_resolve_resume_and_overwrite(tmp_path):
 
 def _dist_worker(rank, world, init_file, out_dir):
     import torch.distributed as dist
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         model = torch.nn.Linear(3, 2)  # same on every rank
         _seed_all(1000 + rank)  # per-rank RNG streams
         gen = torch.Generator().manual_seed(50 + rank)
-        path = save_checkpoint(out_dir, 1, {"model": model, "rng": capture_rng_state({"g": gen}),
-                                            "meta": {"w": world}}, barrier=dist.barrier)
+        path = save_checkpoint(
+            out_dir,
+            1,
+            {"model": model, "rng": capture_rng_state({"g": gen}), "meta": {"w": world}},
+            barrier=dist.barrier,
+        )
         for r in range(world):
             assert os.path.isfile(os.path.join(path, f"rng_rank{r}.pt"))
         expected = _draws(gen)
@@ -281,8 +302,9 @@ def _dist_worker(rank, world, init_file, out_dir):
         assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1])
         assert expected[2] == got[2] and torch.equal(expected[3], got[3])
         # a second save with pruning, all ranks participating
-        save_checkpoint(out_dir, 2, {"model": model, "rng": capture_rng_state({"g": gen})},
-                        keep=1, barrier=dist.barrier)
+        save_checkpoint(
+            out_dir, 2, {"model": model, "rng": capture_rng_state({"g": gen})}, keep=1, barrier=dist.barrier
+        )
         dist.barrier()
         assert sorted(os.listdir(out_dir)) == ["checkpoint-2"]
         torch.save(got, os.path.join(out_dir, "..", f"draws{rank}.pt"))
@@ -293,6 +315,8 @@ def _dist_worker(rank, world, init_file, out_dir):
 def test_two_process_gloo(tmp_path):
     out = tmp_path / "out"
     torch.multiprocessing.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2)
-    d0, d1 = torch.load(tmp_path / "draws0.pt", weights_only=False), torch.load(tmp_path / "draws1.pt",
-                                                                               weights_only=False)
+    d0, d1 = (
+        torch.load(tmp_path / "draws0.pt", weights_only=False),
+        torch.load(tmp_path / "draws1.pt", weights_only=False),
+    )
     assert not torch.equal(d0[0], d1[0]) and not torch.equal(d0[3], d1[3])  # per-rank states differ

@@ -1,14 +1,15 @@
 """`rglcd-fast train` as diffusers' and RG-LCD's users call it: the official scripts' command lines (their
 READMEs', with local paths) parse to the settings the scripts would train with; flags we don't take say so;
 no abbreviations; bare boolean switches; accelerate's mixed precision and trackers are respected."""
+
 import shlex
 
 import pytest
 import torch
+from tiny_pipeline import tiny_config
 
 from rglcd_fast.cli import build_parser
 from rglcd_fast.train.config import config_from_args
-from tiny_pipeline import tiny_config
 
 # diffusers' examples/consistency_distillation/README.md: the full-model and the LoRA command (their
 # PROGRAM), with local paths for the model, the output and the shards
@@ -73,10 +74,18 @@ def parse(command: str):
 
 def test_diffusers_full_model_command(capsys):
     config = parse(DIFFUSERS_FULL)
-    assert (config.teacher, config.output_dir, config.mixed_precision, config.resolution) == \
-        ("/models/sd15", "/runs/lcm", "fp16", 512)
-    assert (config.learning_rate, config.loss_type, config.ema_decay, config.adam_weight_decay) == \
-        (1e-6, "huber", 0.95, 0.0)
+    assert (config.teacher, config.output_dir, config.mixed_precision, config.resolution) == (
+        "/models/sd15",
+        "/runs/lcm",
+        "fp16",
+        512,
+    )
+    assert (config.learning_rate, config.loss_type, config.ema_decay, config.adam_weight_decay) == (
+        1e-6,
+        "huber",
+        0.95,
+        0.0,
+    )
     assert (config.max_train_steps, config.dataloader_num_workers, config.validation_steps) == (1000, 8, 200)
     assert (config.checkpointing_steps, config.checkpoints_total_limit, config.train_batch_size) == (200, 10, 12)
     assert config.data == "/data/laion/{00000..01210}.tar"
@@ -99,8 +108,10 @@ def test_rglcd_command_and_reward_switches():
     config = parse(RGLCD_DIRECT)
     assert (config.reward_mode, config.reward_model, config.reward_scale) == ("direct", "hpsv2", 1.0)
     assert (config.resolution, config.gradient_checkpointing, config.output_dir) == (768, True, "/runs/rglcd")
-    lrm = "x.py --pretrained_teacher_model=/m --optimize_reward_fn --pretrained_latent_rm=/lrm --rm_lr=1e-5 " \
-          "--rm_batch_size 4 --unlocked_rm_text_layers 3 --latent_rm_loss_type distillation --smooth_gt_label"
+    lrm = (
+        "x.py --pretrained_teacher_model=/m --optimize_reward_fn --pretrained_latent_rm=/lrm --rm_lr=1e-5 "
+        "--rm_batch_size 4 --unlocked_rm_text_layers 3 --latent_rm_loss_type distillation --smooth_gt_label"
+    )
     online = parse(lrm + " --guide_with_expert_reward")
     assert (online.reward_mode, online.lrm_frozen, online.lrm_path) == ("lrm", False, "/lrm")
     assert (online.lrm_learning_rate, online.lrm_batch_size, online.lrm_unlocked_text_layers) == (1e-5, 4, 3)
@@ -123,15 +134,18 @@ def test_spellings_bare_switches_and_no_abbreviations(capsys):
         assert "unrecognized arguments" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command, match", [
-    ("--train_shards_path_or_url 'pipe:aws s3 cp s3://b/{0..9}.tar -'", "data: .*remote.*local"),
-    ("--train_shards_path_or_url https://huggingface.co/d/{00000..01090}.tar", "data: .*remote"),
-    ("--proportion_empty_prompts 0.1", "--proportion_empty_prompts: not supported: caption dropout"),
-    ("--latent_rm_type latent_ViT", "--latent_rm_type: not supported: .*pretrain-lrm --image-tower vit"),
-    ("--teacher_revision fp16", "--teacher_revision: not supported"),
-    ("--mixed_precision fp8", "mixed_precision: expected one of no, fp16, bf16"),
-    ("--report_to comet", "report_to: expected one of"),
-])
+@pytest.mark.parametrize(
+    "command, match",
+    [
+        ("--train_shards_path_or_url 'pipe:aws s3 cp s3://b/{0..9}.tar -'", "data: .*remote.*local"),
+        ("--train_shards_path_or_url https://huggingface.co/d/{00000..01090}.tar", "data: .*remote"),
+        ("--proportion_empty_prompts 0.1", "--proportion_empty_prompts: not supported: caption dropout"),
+        ("--latent_rm_type latent_ViT", "--latent_rm_type: not supported: .*pretrain-lrm --image-tower vit"),
+        ("--teacher_revision fp16", "--teacher_revision: not supported"),
+        ("--mixed_precision fp8", "mixed_precision: expected one of no, fp16, bf16"),
+        ("--report_to comet", "report_to: expected one of"),
+    ],
+)
 def test_what_we_do_not_take_stops_with_one_clear_line(command, match):
     with pytest.raises(ValueError, match=match):
         parse(f"x --pretrained_teacher_model /m {command}")
@@ -168,8 +182,9 @@ def test_validation_grids_reach_the_tracker_as_images(world, tmp_path, monkeypat
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
-    trainer = Trainer(tiny_config(world, out, reward_mode="none", max_train_steps=2, validation_steps=1,
-                                  report_to=report_to))
+    trainer = Trainer(
+        tiny_config(world, out, reward_mode="none", max_train_steps=2, validation_steps=1, report_to=report_to)
+    )
     assert [tracker.name for tracker in trainer.accelerator.trackers] == []  # started by train()
     trainer.train()
     trainer.finish()
@@ -185,19 +200,28 @@ def test_validation_grids_reach_the_tracker_as_images(world, tmp_path, monkeypat
         for path in files:  # <name>_<step>_<hash>.png
             name, step = path.rsplit("/", 1)[1].split("_")[:2]
             images.setdefault(f"validation/{name}", []).append(int(step))
-    assert {tag: sorted(steps) for tag, steps in images.items()} == {"validation/student": [1, 2],
-                                                                     "validation/target": [1, 2]}
+    assert {tag: sorted(steps) for tag, steps in images.items()} == {
+        "validation/student": [1, 2],
+        "validation/target": [1, 2],
+    }
 
 
-@pytest.mark.parametrize("flags, line", [
-    (["--resolution", "33"], "resolution: 33 px does not pass the teacher's VAE and UNet (a multiple of 4 does, e.g. 32)"),
-    (["--train-batch-size", "4", "--lrm-batch-size", "8"], "lrm_batch_size: the LRM update takes its 8 samples"),
-    (["--reward-mode", "direct", "--reward-model", "clip", "--reward-model-path", "TEACHER"],
-     "reward_model_path: reward model 'clip' needs a transformers CLIP folder"),
-    (["--lrm-path", "TEACHER"], "lrm_path: no LRM folder (lrm_config.json)"),
-])
-def test_bad_settings_stop_with_one_line_before_any_model_is_built(world, tmp_path, capsys, monkeypatch, flags,
-                                                                   line):
+@pytest.mark.parametrize(
+    "flags, line",
+    [
+        (
+            ["--resolution", "33"],
+            "resolution: 33 px does not pass the teacher's VAE and UNet (a multiple of 4 does, e.g. 32)",
+        ),
+        (["--train-batch-size", "4", "--lrm-batch-size", "8"], "lrm_batch_size: the LRM update takes its 8 samples"),
+        (
+            ["--reward-mode", "direct", "--reward-model", "clip", "--reward-model-path", "TEACHER"],
+            "reward_model_path: reward model 'clip' needs a transformers CLIP folder",
+        ),
+        (["--lrm-path", "TEACHER"], "lrm_path: no LRM folder (lrm_config.json)"),
+    ],
+)
+def test_bad_settings_stop_with_one_line_before_any_model_is_built(world, tmp_path, capsys, monkeypatch, flags, line):
     from rglcd_fast import cli
     from rglcd_fast.train import models
 
@@ -226,14 +250,24 @@ def test_the_readmes_accelerate_launch_command_runs_at_tiny_size(world, tmp_path
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
     command = re.search(r"^accelerate launch .*?(?<!\\)$", readme, re.S | re.M).group(0).replace("\\\n", " ")
     teacher, data = world
-    argv = shlex.split(command) + [f"--pretrained_teacher_model={teacher}", f"--train_shards_path_or_url={data}",
-                                   f"--output_dir={tmp_path}", "--resolution=16", "--max_train_steps=2",
-                                   "--train_batch_size=4", "--validation_steps=1", "--progress=false"]
+    argv = shlex.split(command) + [
+        f"--pretrained_teacher_model={teacher}",
+        f"--train_shards_path_or_url={data}",
+        f"--output_dir={tmp_path}",
+        "--resolution=16",
+        "--max_train_steps=2",
+        "--train_batch_size=4",
+        "--validation_steps=1",
+        "--progress=false",
+    ]
     argv[:2] = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes=1", "--cpu"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert os.path.isfile(tmp_path / "pipeline" / "unet" / "config.json")
     (hparams,) = glob.glob(str(tmp_path / "logs" / "rglcd" / "*" / "hparams.yml"))
     settings = yaml.safe_load(open(hparams))
-    assert (settings["mixed_precision"], settings["reward_mode"], settings["gradient_checkpointing"]) == \
-        ("bf16", "none", True)
+    assert (settings["mixed_precision"], settings["reward_mode"], settings["gradient_checkpointing"]) == (
+        "bf16",
+        "none",
+        True,
+    )

@@ -1,4 +1,5 @@
 """Image-caption data for training: sources, preprocessing, skipping, determinism, resume, sharding."""
+
 import io
 import json
 import os
@@ -9,8 +10,15 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from rglcd_fast.train import (ImageCaptionDataset, ResumableDataLoader, ResumableSampler, braceexpand,
-                              collate_image_caption, make_dataloader, preprocess_image)
+from rglcd_fast.train import (
+    ImageCaptionDataset,
+    ResumableDataLoader,
+    ResumableSampler,
+    braceexpand,
+    collate_image_caption,
+    make_dataloader,
+    preprocess_image,
+)
 
 R = 16
 
@@ -114,6 +122,7 @@ def test_tar_shards_folder_single_and_brace(tmp_path):
     assert listed[0]["caption"] == "caption 8"
     # a data set that has opened shards still pickles (spawned DataLoader workers)
     import pickle
+
     again = pickle.loads(pickle.dumps(ds))
     assert again[3]["caption"] == "caption 3"
 
@@ -123,10 +132,15 @@ def _hf_table(n=5):
     import datasets
 
     return datasets.Dataset.from_dict(
-        {"img": [_image(i) for i in range(n)], "prompt": [f"prompt {i}" for i in range(n)],
-         "text": [f"caption {i}" for i in range(n)]},
-        features=datasets.Features({"img": datasets.Image(), "prompt": datasets.Value("string"),
-                                    "text": datasets.Value("string")}))
+        {
+            "img": [_image(i) for i in range(n)],
+            "prompt": [f"prompt {i}" for i in range(n)],
+            "text": [f"caption {i}" for i in range(n)],
+        },
+        features=datasets.Features(
+            {"img": datasets.Image(), "prompt": datasets.Value("string"), "text": datasets.Value("string")}
+        ),
+    )
 
 
 def test_hugging_face_data_sets_on_disk(tmp_path):
@@ -157,10 +171,19 @@ def test_imagefolder_metadata_caption_column_and_webdataset_member_keys(tmp_path
             (d / f"{i}.png").write_bytes(_png_bytes(i))
             f.write(json.dumps({"file_name": f"{i}.png", "text": f"caption {i}", "prompt": f"prompt {i}"}) + "\n")
     assert ImageCaptionDataset.from_path(d, R, caption_column="prompt")[2]["caption"] == "prompt 2"
-    _tar(tmp_path / "keys.tar", [("a.webp", _png_bytes(0, "WEBP")), ("a.caption", b"from .caption"),
-                                 ("b.png", _png_bytes(1)), ("b.txt", b"from .txt")])
-    assert [it["caption"] for it in _all(ImageCaptionDataset.from_path(tmp_path / "keys.tar", R))] == \
-        ["from .caption", "from .txt"]
+    _tar(
+        tmp_path / "keys.tar",
+        [
+            ("a.webp", _png_bytes(0, "WEBP")),
+            ("a.caption", b"from .caption"),
+            ("b.png", _png_bytes(1)),
+            ("b.txt", b"from .txt"),
+        ],
+    )
+    assert [it["caption"] for it in _all(ImageCaptionDataset.from_path(tmp_path / "keys.tar", R))] == [
+        "from .caption",
+        "from .txt",
+    ]
 
 
 @pytest.mark.parametrize("url", ["pipe:aws s3 cp s3://b/{0..9}.tar -", "https://h.co/d/{0..9}.tar", "s3://b/x.tar"])
@@ -174,8 +197,15 @@ def test_the_runs_data_settings_reach_the_data_set(tmp_path):
     from rglcd_fast.train.data import training_dataset
 
     _hf_table().save_to_disk(str(tmp_path / "saved"))
-    config = make_config(teacher="/sd", data=str(tmp_path / "saved"), caption_column="prompt", center_crop=False,
-                         random_flip=True, interpolation="bilinear", seed=5)
+    config = make_config(
+        teacher="/sd",
+        data=str(tmp_path / "saved"),
+        caption_column="prompt",
+        center_crop=False,
+        random_flip=True,
+        interpolation="bilinear",
+        seed=5,
+    )
     data = training_dataset(config, R)
     assert (data.center_crop, data.random_flip, data.interpolation, data.seed) == (False, True, "bilinear", 5)
     assert data[0]["caption"] == "prompt 0"
@@ -231,9 +261,9 @@ def test_corrupt_and_missing_caption_are_skipped_and_counted(tmp_path):
     (d / "nocap.png").write_bytes(_png_bytes(9))
     with pytest.warns(RuntimeWarning, match="skipped"):
         ds = ImageCaptionDataset.from_path(d, R)
-    assert len(ds) == 5 and ds.skipped == 1          # nocap.png dropped at construction
+    assert len(ds) == 5 and ds.skipped == 1  # nocap.png dropped at construction
     with warnings.catch_warnings():
-        warnings.simplefilter("error")               # the warning was given once already
+        warnings.simplefilter("error")  # the warning was given once already
         items = _all(ds)
     assert sum(it is None for it in items) == 1 and ds.skipped == 2
     loader = make_dataloader(ds, 2, shuffle=False)
@@ -242,8 +272,15 @@ def test_corrupt_and_missing_caption_are_skipped_and_counted(tmp_path):
     assert all(b["pixel_values"].shape[1:] == (3, R, R) for b in batches)
 
     # tar: corrupt image member, and an image with no caption member
-    items = [("a.jpg", _png_bytes(1, "JPEG")), ("a.txt", b"ok"), ("b.jpg", b"garbage"), ("b.txt", b"bad"),
-             ("c.png", _png_bytes(2)), ("d.png", _png_bytes(3)), ("d.json", b'{"text": "from json"}')]
+    items = [
+        ("a.jpg", _png_bytes(1, "JPEG")),
+        ("a.txt", b"ok"),
+        ("b.jpg", b"garbage"),
+        ("b.txt", b"bad"),
+        ("c.png", _png_bytes(2)),
+        ("d.png", _png_bytes(3)),
+        ("d.json", b'{"text": "from json"}'),
+    ]
     _tar(tmp_path / "x.tar", items)
     with pytest.warns(RuntimeWarning):
         tds = ImageCaptionDataset.from_path(tmp_path / "x.tar", R)
@@ -295,19 +332,19 @@ def _captions(batches):
 
 
 def test_resume_yields_the_rest_exactly(tmp_path):
-    ds = ImageCaptionDataset.from_path(_shards(tmp_path, n_shards=2, per=5), R, random_flip=True,
-                                       center_crop=False)
+    ds = ImageCaptionDataset.from_path(_shards(tmp_path, n_shards=2, per=5), R, random_flip=True, center_crop=False)
     full = make_dataloader(ds, 3, seed=11)
     it = full.infinite()
-    uninterrupted = [next(it) for _ in range(10)]          # 4 batches per epoch -> crosses 2 epochs
+    uninterrupted = [next(it) for _ in range(10)]  # 4 batches per epoch -> crosses 2 epochs
 
     for k in (0, 2, 4, 6):
         run = make_dataloader(ds, 3, seed=11)
         it = run.infinite()
         head = [next(it) for _ in range(k)]
-        state = json.loads(json.dumps(run.state_dict()))   # checkpoints survive serialisation
-        resumed = make_dataloader(ImageCaptionDataset.from_path(tmp_path / "shards", R, random_flip=True,
-                                                                center_crop=False), 3, seed=11)
+        state = json.loads(json.dumps(run.state_dict()))  # checkpoints survive serialisation
+        resumed = make_dataloader(
+            ImageCaptionDataset.from_path(tmp_path / "shards", R, random_flip=True, center_crop=False), 3, seed=11
+        )
         resumed.load_state_dict(state)
         it2 = resumed.infinite()
         tail = [next(it2) for _ in range(10 - k)]
@@ -347,15 +384,15 @@ def test_rank_sharding_disjoint_and_covering(n, world, drop_last):
             s.set_epoch(epoch)
             parts.append(list(s))
         lens = {len(p) for p in parts}
-        assert len(lens) == 1                                   # equal lengths on every rank
+        assert len(lens) == 1  # equal lengths on every rank
         flat = sum(parts, [])
         if drop_last:
-            assert len(flat) == len(set(flat)) == (n // world) * world   # disjoint, tail dropped
+            assert len(flat) == len(set(flat)) == (n // world) * world  # disjoint, tail dropped
         else:
-            assert set(flat) == set(range(n))                           # covering
-            assert len(flat) - len(set(flat)) == (-n) % world           # only the wrapped pad repeats
+            assert set(flat) == set(range(n))  # covering
+            assert len(flat) - len(set(flat)) == (-n) % world  # only the wrapped pad repeats
             if n % world == 0:
-                assert len(flat) == len(set(flat))                      # disjoint
+                assert len(flat) == len(set(flat))  # disjoint
 
 
 def test_rank_loaders_partition_a_dataset(tmp_path):

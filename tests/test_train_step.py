@@ -1,15 +1,16 @@
 """One RG-LCD step on the fused ops equals a straight eager implementation of docs/design.md §1 (the LCD
 script's code: unfused helpers, two teacher passes) on the same inputs and draws."""
+
 import copy
 
+import lcd_script
 import pytest
 import torch
 from diffusers import DDPMScheduler
-
-import lcd_script
 from helpers import SD_SCHEDULE
-from rglcd_fast.train import DistillationConfig, DistillationStep, update_ema
 from tiny_pipeline import tiny_unet
+
+from rglcd_fast.train import DistillationConfig, DistillationStep, update_ema
 
 
 def eager_step(student, teacher, target_unet, latents, embeds, uncond, scheduler, config, generator, reward_fn):
@@ -28,10 +29,14 @@ def eager_step(student, teacher, target_unet, latents, embeds, uncond, scheduler
     noisy = scheduler.add_noise(latents, noise, start_timesteps)
     w_embedding = lcd_script.guidance_scale_embedding(w, embedding_dim=student.config.time_cond_proj_dim)
     w = w.reshape(bsz, 1, 1, 1)
-    c_skip_start, c_out_start = (c.reshape(-1, 1, 1, 1) for c in lcd_script.scalings_for_boundary_conditions(
-        start_timesteps, timestep_scaling=config.timestep_scaling))
-    c_skip, c_out = (c.reshape(-1, 1, 1, 1) for c in lcd_script.scalings_for_boundary_conditions(
-        timesteps, timestep_scaling=config.timestep_scaling))
+    c_skip_start, c_out_start = (
+        c.reshape(-1, 1, 1, 1)
+        for c in lcd_script.scalings_for_boundary_conditions(start_timesteps, timestep_scaling=config.timestep_scaling)
+    )
+    c_skip, c_out = (
+        c.reshape(-1, 1, 1, 1)
+        for c in lcd_script.scalings_for_boundary_conditions(timesteps, timestep_scaling=config.timestep_scaling)
+    )
     schedules = ("epsilon", alpha_schedule, sigma_schedule)
     noise_pred = student(noisy, start_timesteps, timestep_cond=w_embedding, encoder_hidden_states=embeds).sample
     pred_x_0 = lcd_script.get_predicted_original_sample(noise_pred, start_timesteps, noisy, *schedules)
@@ -71,8 +76,18 @@ def test_step_equals_the_eager_lcd_math(with_reward):
     step = DistillationStep(scheduler, config)
     out = step(student, teacher, target_unet, latents, embeds, uncond, reward_fn, torch.Generator().manual_seed(7))
     ours = torch.autograd.grad(out.loss, list(student.parameters()))
-    loss, model_pred, target = eager_step(student, teacher, target_unet, latents, embeds, uncond, scheduler, config,
-                                          torch.Generator().manual_seed(7), reward_fn)
+    loss, model_pred, target = eager_step(
+        student,
+        teacher,
+        target_unet,
+        latents,
+        embeds,
+        uncond,
+        scheduler,
+        config,
+        torch.Generator().manual_seed(7),
+        reward_fn,
+    )
     theirs = torch.autograd.grad(loss, list(student.parameters()))
     # the script's x_prev is float64 (its numpy ᾱ_prev table); ours float32: float32-level agreement
     torch.testing.assert_close(out.target, target, rtol=1e-4, atol=1e-5)
@@ -110,9 +125,9 @@ def test_ema_update():
 def test_lora_on_the_teacher_unet_is_the_two_unet_step(with_reward):
     """LCM-LoRA with one UNet (the adapters on the teacher's UNet, the teacher passes with them off) is the
     step of a LoRA copy of the teacher beside the teacher, bit for bit: loss and adapter gradients."""
-    from rglcd_fast.train.models import LORA_TARGET_MODULES, WithoutAdapters, add_lora
-
     from peft import LoraConfig
+
+    from rglcd_fast.train.models import LORA_TARGET_MODULES, WithoutAdapters, add_lora
 
     torch.manual_seed(0)
     teacher = tiny_unet(time_cond_proj_dim=None).eval().requires_grad_(False)

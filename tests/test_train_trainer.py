@@ -1,6 +1,7 @@
 """The RG-LCD trainer end to end on a tiny randomly initialised SD teacher (no downloads): every reward
 mode and LoRA, exact resume, non-finite loss handling, the outputs diffusers and our sampler load, the
 config file and command line, and two processes (gloo)."""
+
 import contextlib
 import csv
 import math
@@ -12,11 +13,12 @@ import sys
 import pytest
 import torch
 from PIL import Image
+from tiny_pipeline import tiny_config
 
 from rglcd_fast.reward import RewardModel
 from rglcd_fast.train.config import TrainConfig, make_config
 from rglcd_fast.train.trainer import CsvLog, NonFiniteLossError, Trainer
-from tiny_pipeline import tiny_config
+
 
 def weights(module):
     """A module's state on the CPU (the trainer's modules live on the accelerator's device)."""
@@ -119,11 +121,12 @@ def test_lrm_update_decodes_every_candidate_the_real_one_too(world, tmp_path):
     """The expert labels what the LRM reads: the prediction, the target and the real latents are all decoded
     (n samples a VAE call by default, vae_decode_batch_size when set) and scored in one expert call with the
     prompts repeated; the logged expert reward is the prediction's."""
-    trainer, (images, latents, pred, target, prompts), (loss, accuracy, expert_reward), decoded, _ = \
-        run_lrm_update(world, tmp_path)
+    trainer, (images, latents, pred, target, prompts), (loss, accuracy, expert_reward), decoded, _ = run_lrm_update(
+        world, tmp_path
+    )
     assert torch.isfinite(loss) and 0 <= float(accuracy) <= 1
     assert decoded == [2, 2, 2]  # prediction, target, real: n = 2 samples each
-    (scored, scored_prompts), = trainer.guidance.expert.calls  # one expert call
+    ((scored, scored_prompts),) = trainer.guidance.expert.calls  # one expert call
     assert scored_prompts == prompts[:2] * 3 and scored.shape == (6, 3, 16, 16)
     with torch.no_grad():
         expected = trainer.teacher.decode(torch.cat([pred[:2], target[:2], latents[:2]]))
@@ -135,13 +138,19 @@ def test_lrm_update_decodes_every_candidate_the_real_one_too(world, tmp_path):
 def test_lrm_update_scores_real_pixels_when_asked(world, tmp_path):
     trainer, (images, *_), _, decoded, _ = run_lrm_update(world, tmp_path, lrm_score_real_pixels=True)
     assert decoded == [2, 2]  # the real candidate is not decoded
-    (scored, _), = trainer.guidance.expert.calls
+    ((scored, _),) = trainer.guidance.expert.calls
     torch.testing.assert_close(scored[4:], (images[:2] + 1) / 2)  # the real images themselves
 
 
-@pytest.mark.parametrize("settings, real_index, smooth", [
-    (dict(lrm_loss="kl"), None, False), (dict(lrm_loss="ce"), 2, False),
-    (dict(lrm_loss="ce", lrm_ce_real_wins=False), None, False), (dict(lrm_loss="kl", smooth_gt_label=True), 2, True)])
+@pytest.mark.parametrize(
+    "settings, real_index, smooth",
+    [
+        (dict(lrm_loss="kl"), None, False),
+        (dict(lrm_loss="ce"), 2, False),
+        (dict(lrm_loss="ce", lrm_ce_real_wins=False), None, False),
+        (dict(lrm_loss="kl", smooth_gt_label=True), 2, True),
+    ],
+)
 def test_lrm_update_passes_the_loss_variant(world, tmp_path, settings, real_index, smooth):
     """The real candidate is the third (index 2); ce labels its pairs "real wins" unless told otherwise."""
     *_, args = run_lrm_update(world, tmp_path, **settings)
@@ -152,7 +161,7 @@ def test_lrm_update_scales_imagereward_logits_by_the_lrm_scale(world, tmp_path):
     """As the official script: an ImageReward-like expert's logits × the LRM's exp(logit_scale)."""
     expert = RecordingExpert(logits_use_lrm_scale=True)
     trainer, _, _, _, args = run_lrm_update(world, tmp_path, expert=expert)
-    (scored, _), = expert.calls
+    ((scored, _),) = expert.calls
     scale = math.exp(math.log(1 / 0.07))  # the LRM's initial logit scale (the update happens after the call)
     torch.testing.assert_close(args[2], (scored.mean(dim=(1, 2, 3)) * 100 * scale).view(3, 2), rtol=1e-5, atol=1e-4)
 
@@ -176,8 +185,15 @@ def test_student_master_weights_are_the_full_precision_ones(world, tmp_path):
 
 
 def test_validation_grid_has_a_row_per_step_count_and_a_column_per_prompt(world, tmp_path):
-    trainer = Trainer(tiny_config(world, tmp_path, max_train_steps=1, validation_lcm_steps=(1, 2, 4),
-                                  validation_prompts=["a digit one", "a digit two"]))
+    trainer = Trainer(
+        tiny_config(
+            world,
+            tmp_path,
+            max_train_steps=1,
+            validation_lcm_steps=(1, 2, 4),
+            validation_prompts=["a digit one", "a digit two"],
+        )
+    )
     path = trainer.sample_grid(str(tmp_path / "grid.png"))
     assert Image.open(path).size == (2 * 16, 3 * 16)
 
@@ -206,16 +222,28 @@ def test_resume_matches_an_uninterrupted_run_exactly(world, tmp_path, mode):
     straight = Trainer(tiny_config(world, tmp_path / "straight", reward_mode=mode, gradient_accumulation_steps=2))
     straight.train()
 
-    interrupted = tiny_config(world, tmp_path / "resumed", reward_mode=mode, gradient_accumulation_steps=2,
-                              max_train_steps=2)
+    interrupted = tiny_config(
+        world, tmp_path / "resumed", reward_mode=mode, gradient_accumulation_steps=2, max_train_steps=2
+    )
     Trainer(interrupted).train()
-    resumed = Trainer(tiny_config(world, tmp_path / "resumed", reward_mode=mode, gradient_accumulation_steps=2,
-                                  resume_from_checkpoint="latest"))
+    resumed = Trainer(
+        tiny_config(
+            world,
+            tmp_path / "resumed",
+            reward_mode=mode,
+            gradient_accumulation_steps=2,
+            resume_from_checkpoint="latest",
+        )
+    )
     resumed.train()
     assert resumed.step == 4
     for part in ("student", "target"):
-        assert_same(weights(getattr(straight, part) if part == "target" else straight.accelerator.unwrap_model(straight.student)),
-                    weights(getattr(resumed, part) if part == "target" else resumed.accelerator.unwrap_model(resumed.student)))
+        assert_same(
+            weights(
+                getattr(straight, part) if part == "target" else straight.accelerator.unwrap_model(straight.student)
+            ),
+            weights(getattr(resumed, part) if part == "target" else resumed.accelerator.unwrap_model(resumed.student)),
+        )
     if mode == "lrm":
         assert_same(weights(straight.guidance.lrm), weights(resumed.guidance.lrm))
     assert torch.equal(straight.generator.get_state(), resumed.generator.get_state())
@@ -262,8 +290,11 @@ def test_compiled_training_matches_eager(world, tmp_path):
     runs = {}
     with no_tf32():
         for mode in ("none", *compiled):
-            trainer = Trainer(tiny_config(world, tmp_path / mode, reward_mode="none", max_train_steps=2,
-                                          compile_unets=mode, adam_epsilon=1.0))
+            trainer = Trainer(
+                tiny_config(
+                    world, tmp_path / mode, reward_mode="none", max_train_steps=2, compile_unets=mode, adam_epsilon=1.0
+                )
+            )
             trainer.train()
             with open(tmp_path / mode / "logs.csv") as f:
                 losses = torch.tensor([float(r["loss"]) for r in csv.DictReader(f)])
@@ -316,13 +347,17 @@ def test_a_full_disk_at_a_checkpoint_stops_the_run_and_keeps_the_previous_one(wo
         return write(folder, name, obj, kind)
 
     monkeypatch.setattr(ckpt, "_write_entry", full_at_step_4)
-    with pytest.raises(CheckpointWriteError, match=r"checkpoint-4 could not be written .*No space left on device.*"
-                                                   r"checkpoint-2 is intact.*--resume-from-checkpoint latest"):
+    with pytest.raises(
+        CheckpointWriteError,
+        match=r"checkpoint-4 could not be written .*No space left on device.*"
+        r"checkpoint-2 is intact.*--resume-from-checkpoint latest",
+    ):
         trainer.train()
     assert ckpt.latest_checkpoint(str(tmp_path)) == os.path.join(str(tmp_path), "checkpoint-2")
     monkeypatch.undo()
-    resumed = Trainer(tiny_config(world, tmp_path, max_train_steps=4, checkpointing_steps=2,
-                                  resume_from_checkpoint="latest"))
+    resumed = Trainer(
+        tiny_config(world, tmp_path, max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest")
+    )
     resumed.train()
     assert resumed.step == 4
 
@@ -333,9 +368,23 @@ def test_config_file_flags_and_errors(tmp_path):
 
     path = tmp_path / "run.yaml"
     path.write_text("max_train_steps: 7\nreward_mode: direct\nlrm_widths: [16, 32]\n")
-    args = build_parser().parse_args(["train", "--config", str(path), "--reward-mode", "none",
-                                      "--resume-from-checkpoint", "latest", "--use-lora", "true",
-                                      "--compile-unets", "frozen", "--compile-memory-budget", "0.5"])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--config",
+            str(path),
+            "--reward-mode",
+            "none",
+            "--resume-from-checkpoint",
+            "latest",
+            "--use-lora",
+            "true",
+            "--compile-unets",
+            "frozen",
+            "--compile-memory-budget",
+            "0.5",
+        ]
+    )
     config = config_from_args(args)
     assert (config.max_train_steps, config.reward_mode, config.lrm_widths) == (7, "none", (16, 32))
     assert config.use_lora and config.learning_rate == 1e-4 and config.resume_from_checkpoint == "latest"
@@ -371,7 +420,8 @@ from tiny_pipeline import tiny_config
 from rglcd_fast.train.trainer import Trainer
 torch.use_deterministic_algorithms(True)
 resume = None if sys.argv[1] == "none" else sys.argv[1]
-trainer = Trainer(tiny_config(({teacher!r}, {data!r}), {out!r}, max_train_steps=int(sys.argv[2]), resume_from_checkpoint=resume))
+config = tiny_config(({teacher!r}, {data!r}), {out!r}, max_train_steps=int(sys.argv[2]), resume_from_checkpoint=resume)
+trainer = Trainer(config)
 trainer.train()
 state = weights(trainer.accelerator.unwrap_model(trainer.student))
 flat = torch.cat([v.flatten().float() for v in state.values()])
@@ -389,8 +439,9 @@ def test_two_processes_stay_in_sync_and_resume(world, tmp_path):
     """Two ranks: gloo on CPU; NCCL where two GPUs exist (deterministic kernels, for the bitwise compare)."""
     teacher, data = world
     script = tmp_path / "two_ranks.py"
-    script.write_text(TWO_RANKS.format(tests=os.path.dirname(__file__), teacher=teacher, data=data,
-                                       out=str(tmp_path / "out")))
+    script.write_text(
+        TWO_RANKS.format(tests=os.path.dirname(__file__), teacher=teacher, data=data, out=str(tmp_path / "out"))
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", CUBLAS_WORKSPACE_CONFIG=":4096:8")
     if torch.cuda.device_count() < 2:  # two ranks cannot share one GPU under NCCL
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -401,12 +452,29 @@ def test_two_processes_stay_in_sync_and_resume(world, tmp_path):
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         logs = tmp_path / f"ranks-{'-'.join(args)}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--log-dir", str(logs),
-               "--redirects", "3", str(script), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--nnodes",
+            "1",
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{port}",
+            "--log-dir",
+            str(logs),
+            "--redirects",
+            "3",
+            str(script),
+            *args,
+        ]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        ranks = "".join(f"\n--- {path.relative_to(logs)}\n{path.read_text()[-3000:]}"
-                        for path in sorted(logs.rglob("*.log")))
+        ranks = "".join(
+            f"\n--- {path.relative_to(logs)}\n{path.read_text()[-3000:]}" for path in sorted(logs.rglob("*.log"))
+        )
         assert done.returncode == 0, f"exit {done.returncode}\n" + done.stderr[-3000:] + ranks
 
     launch("none", "2")
@@ -414,7 +482,8 @@ def test_two_processes_stay_in_sync_and_resume(world, tmp_path):
     launch("latest", "4")
     final = torch.load(tmp_path / "out" / "final-4-resumed.pt")
     launch_dir = tmp_path / "straight"
-    script.write_text(TWO_RANKS.format(tests=os.path.dirname(__file__), teacher=teacher, data=data,
-                                       out=str(launch_dir)))
+    script.write_text(
+        TWO_RANKS.format(tests=os.path.dirname(__file__), teacher=teacher, data=data, out=str(launch_dir))
+    )
     launch("none", "4")
     assert_same(torch.load(launch_dir / "final-4.pt"), final)

@@ -1,10 +1,21 @@
 """The digits world's data: images, prompts, the split and the small tokenizer."""
+
 import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from rglcd_fast.world import (DIGIT_WORDS, DigitReward, DigitsDataset, load_classifier, load_digits, prompt_for,
-                              prompted_digit, save_tokenizer, split_halves, train_classifier)
+from rglcd_fast.world import (
+    DIGIT_WORDS,
+    DigitReward,
+    DigitsDataset,
+    load_classifier,
+    load_digits,
+    prompt_for,
+    prompted_digit,
+    save_tokenizer,
+    split_halves,
+    train_classifier,
+)
 from rglcd_fast.world.digits import PROMPT_TEMPLATES, to_rgb_images
 
 

@@ -1,6 +1,7 @@
 """The digits world comparison (rglcd-fast eval and sweep) at a reduced size: the Fréchet distance, the
 diversity measure, the judge on real digits, and the whole commands (short trainings of every row over two
 seeds, reuse only of runs with the same settings, the reward-vs-Fréchet plot)."""
+
 import math
 import os
 import re
@@ -62,8 +63,22 @@ def test_eval_command_end_to_end(work_dir, tmp_path):
     from rglcd_fast.world.evaluate import VARIANTS
 
     out = tmp_path / "table.md"
-    args = ["eval", "--work-dir", str(work_dir), "--seeds", "0,1", "--train-steps", "1", "--per-digit", "2",
-            "--steps", "1", "--out", str(out), "--quiet"]
+    args = [
+        "eval",
+        "--work-dir",
+        str(work_dir),
+        "--seeds",
+        "0,1",
+        "--train-steps",
+        "1",
+        "--per-digit",
+        "2",
+        "--steps",
+        "1",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     assert main(args) == 0
     rows = table_rows(out)
     assert [r[0].split("](")[0][1:] for r in rows] == ["Teacher (DDIM, CFG 7.5)", *VARIANTS]
@@ -80,6 +95,7 @@ def test_eval_command_end_to_end(work_dir, tmp_path):
     assert main(args) == 0
     with pytest.raises(ValueError, match="max_train_steps"):
         from rglcd_fast.world.evaluate import run_folder, train_runs
+
         train_runs({run_folder(str(work_dir), "LCD", 0): dict(reward_mode="none", max_train_steps=2, seed=0)})
 
 
@@ -89,8 +105,32 @@ def test_sweep_plots_reward_against_frechet(work_dir, tmp_path):
     from rglcd_fast.cli import main
 
     out = tmp_path / "sweep.png"
-    assert main(["sweep", "--work-dir", str(work_dir), "--seeds", "0", "--train-steps", "1", "--per-digit", "2",
-                 "--reward-scales", "0.1", "1", "--steps", "1", "--jobs", "2", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--work-dir",
+                str(work_dir),
+                "--seeds",
+                "0",
+                "--train-steps",
+                "1",
+                "--per-digit",
+                "2",
+                "--reward-scales",
+                "0.1",
+                "1",
+                "--steps",
+                "1",
+                "--jobs",
+                "2",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert Image.open(out).size[0] > 300
     names = [r[0].split("](")[0][1:] for r in table_rows(tmp_path / "sweep.md")]
     assert names[:2] == ["Teacher (DDIM, CFG 7.5)", "LCD"] and len(names) == 2 + 4 * 2

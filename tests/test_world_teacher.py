@@ -1,5 +1,6 @@
 """The digits world's teacher: the shipped StableDiffusionPipeline folder loads as a real SD folder does,
 its VAE and samples are good enough for the evaluator, and the training code rebuilds the same folder."""
+
 import json
 import os
 
@@ -8,13 +9,31 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from rglcd_fast.world import (TEACHER_DIR, DigitsDataset, build_scheduler, build_vae, load_classifier, load_teacher,
-                              make_teacher, reconstruction_accuracy, sample_accuracy, train_vae)
+from rglcd_fast.world import (
+    TEACHER_DIR,
+    DigitsDataset,
+    build_scheduler,
+    build_vae,
+    load_classifier,
+    load_teacher,
+    make_teacher,
+    reconstruction_accuracy,
+    sample_accuracy,
+    train_vae,
+)
 from rglcd_fast.world.teacher import SCHEDULER_CONFIG
 
-CONFIG_FILES = ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
-                "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
-                "tokenizer/tokenizer_config.json", "tokenizer/tokenizer.json"]
+CONFIG_FILES = [
+    "model_index.json",
+    "unet/config.json",
+    "vae/config.json",
+    "text_encoder/config.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/tokenizer.json",
+]
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +105,9 @@ def test_teacher_samples_the_prompted_digit(teacher, evaluator):
 
 def _trained_vae(images, seed=0):
     torch.manual_seed(seed)  # the initial weights
-    return train_vae(build_vae(), images, steps=2, batch_size=4, generator=torch.Generator().manual_seed(seed),
-                     progress=False)
+    return train_vae(
+        build_vae(), images, steps=2, batch_size=4, generator=torch.Generator().manual_seed(seed), progress=False
+    )
 
 
 def test_vae_training_is_deterministic():

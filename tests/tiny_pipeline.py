@@ -1,14 +1,14 @@
 """Tiny randomly initialised Stable Diffusion and SDXL components built from configs (no downloads):
 LCM pipeline folders, base-model folders and LCM-LoRA weights for them."""
+
 import json
 import os
 import string
 
 import torch
 from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
 from helpers import SD_SCHEDULE
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 HIDDEN = 8
 
@@ -16,19 +16,42 @@ HIDDEN = 8
 def tiny_unet(time_cond_proj_dim=8, xl=False):
     """xl: SDXL's conditioning (both text encoders' states side by side, pooled text embeddings and six
     size / crop ids through addition_embed_type "text_time")."""
-    added = dict(addition_embed_type="text_time", addition_time_embed_dim=4,
-                 projection_class_embeddings_input_dim=6 * 4 + HIDDEN) if xl else {}
-    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                                cross_attention_dim=2 * HIDDEN if xl else HIDDEN, norm_num_groups=4,
-                                attention_head_dim=2, time_cond_proj_dim=time_cond_proj_dim, **added)
+    added = (
+        dict(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=4,
+            projection_class_embeddings_input_dim=6 * 4 + HIDDEN,
+        )
+        if xl
+        else {}
+    )
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=2 * HIDDEN if xl else HIDDEN,
+        norm_num_groups=4,
+        attention_head_dim=2,
+        time_cond_proj_dim=time_cond_proj_dim,
+        **added,
+    )
 
 
 def tiny_vae():
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         norm_num_groups=4, sample_size=16)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        sample_size=16,
+    )
 
 
 def tiny_tokenizer(folder):
@@ -40,16 +63,18 @@ def tiny_tokenizer(folder):
         json.dump({token: i for i, token in enumerate(vocab)}, f)
     with open(os.path.join(folder, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n")
-    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                         model_max_length=12), len(vocab)
+    return CLIPTokenizer(
+        os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=12
+    ), len(vocab)
 
 
 def save_tiny_pipeline(folder, lcm=True, seed=0, xl=False):
     """A diffusers-format folder: unet (an LCM's when lcm, else a base model's), vae, text encoder,
     tokenizer, LCM scheduler; xl: an SDXL folder (also text_encoder_2 with a projection, tokenizer_2)."""
     torch.manual_seed(seed)
-    text_config = dict(hidden_size=HIDDEN, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                       max_position_embeddings=12)
+    text_config = dict(
+        hidden_size=HIDDEN, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=12
+    )
     encoders = [("text_encoder", "tokenizer", CLIPTextModel)]
     if xl:
         encoders.append(("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection))
@@ -57,21 +82,35 @@ def save_tiny_pipeline(folder, lcm=True, seed=0, xl=False):
         tokenizer, vocab_size = tiny_tokenizer(os.path.join(folder, tokenizer_name))
         tokenizer.save_pretrained(os.path.join(folder, tokenizer_name))
         encoder_class(CLIPTextConfig(vocab_size=vocab_size, projection_dim=HIDDEN, **text_config)).save_pretrained(
-            os.path.join(folder, encoder_name))
+            os.path.join(folder, encoder_name)
+        )
     tiny_unet(8 if lcm else None, xl=xl).save_pretrained(os.path.join(folder, "unet"))
     tiny_vae().save_pretrained(os.path.join(folder, "vae"))
     LCMScheduler(**SD_SCHEDULE).save_pretrained(os.path.join(folder, "scheduler"))
-    index = {"_diffusers_version": "0.42.1", "unet": ["diffusers", "UNet2DConditionModel"],
-             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "LCMScheduler"]}
+    index = {
+        "_diffusers_version": "0.42.1",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "LCMScheduler"],
+    }
     if xl:
-        index.update(_class_name="StableDiffusionXLPipeline", force_zeros_for_empty_prompt=True,
-                     text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
-                     tokenizer_2=["transformers", "CLIPTokenizer"], image_encoder=[None, None],
-                     feature_extractor=[None, None])
+        index.update(
+            _class_name="StableDiffusionXLPipeline",
+            force_zeros_for_empty_prompt=True,
+            text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+            tokenizer_2=["transformers", "CLIPTokenizer"],
+            image_encoder=[None, None],
+            feature_extractor=[None, None],
+        )
     else:
-        index.update(_class_name="LatentConsistencyModelPipeline" if lcm else "StableDiffusionPipeline",
-                     safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+        index.update(
+            _class_name="LatentConsistencyModelPipeline" if lcm else "StableDiffusionPipeline",
+            safety_checker=[None, None],
+            feature_extractor=[None, None],
+            requires_safety_checker=False,
+        )
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f)
     return folder
@@ -86,11 +125,13 @@ def save_tiny_lcm_lora(base_folder, lora_folder, seed=1, xl=False):
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(base_folder, subfolder="unet")
-    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    unet.add_adapter(
+        LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    )
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     (StableDiffusionXLPipeline if xl else StableDiffusionPipeline).save_lora_weights(
-        lora_folder, unet_lora_layers=layers, safe_serialization=True)
+        lora_folder, unet_lora_layers=layers, safe_serialization=True
+    )
     return lora_folder
 
 
@@ -116,10 +157,26 @@ def tiny_config(world, out, **overrides):
     from rglcd_fast.train.config import make_config
 
     teacher, data = world
-    settings = dict(teacher=teacher, data=data, output_dir=str(out), max_train_steps=4, train_batch_size=4,
-                    time_cond_proj_dim=8, lrm_widths=(8, 16), lrm_embed_dim=8, lrm_batch_size=2,
-                    checkpointing_steps=2, logging_steps=1, validation_steps=0, validation_lcm_steps=(1,),
-                    lora_rank=2, lora_alpha=2, progress=False, learning_rate=1e-3, lrm_learning_rate=1e-3,
-                    lr_warmup_steps=1)
+    settings = dict(
+        teacher=teacher,
+        data=data,
+        output_dir=str(out),
+        max_train_steps=4,
+        train_batch_size=4,
+        time_cond_proj_dim=8,
+        lrm_widths=(8, 16),
+        lrm_embed_dim=8,
+        lrm_batch_size=2,
+        checkpointing_steps=2,
+        logging_steps=1,
+        validation_steps=0,
+        validation_lcm_steps=(1,),
+        lora_rank=2,
+        lora_alpha=2,
+        progress=False,
+        learning_rate=1e-3,
+        lrm_learning_rate=1e-3,
+        lr_warmup_steps=1,
+    )
     settings.update(overrides)
     return make_config(**settings)

@@ -15,30 +15,28 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 using LossSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                          const at::Tensor&, const at::Tensor&, c10::string_view,
-                                                          c10::string_view, double, double, double);
+                                                         const at::Tensor&, const at::Tensor&, c10::string_view,
+                                                         c10::string_view, double, double, double);
 using LossBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, c10::string_view, c10::string_view, double, double, double,
     std::array<bool, 3>);
 using MapSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                 c10::string_view);
-using MapBackwardSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                const at::Tensor&, c10::string_view,
-                                                                std::array<bool, 2>);
+using MapBackwardSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                                c10::string_view, std::array<bool, 2>);
 using OutputSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                    c10::string_view, double, double);
 using OutputBackwardSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                   const at::Tensor&, c10::string_view, double,
-                                                                   double, std::array<bool, 2>);
+                                                                   const at::Tensor&, c10::string_view, double, double,
+                                                                   std::array<bool, 2>);
 
 class ConsistencyLoss : public torch::autograd::Function<ConsistencyLoss> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& model_output, const at::Tensor& sample,
-                               const at::Tensor& timesteps, const at::Tensor& target,
-                               const at::Tensor& alphas_cumprod, c10::string_view prediction_type,
-                               c10::string_view loss_type, double huber_c, double timestep_scaling,
-                               double sigma_data) {
+                               const at::Tensor& timesteps, const at::Tensor& target, const at::Tensor& alphas_cumprod,
+                               c10::string_view prediction_type, c10::string_view loss_type, double huber_c,
+                               double timestep_scaling, double sigma_data) {
     static const auto op = find_op<LossSignature>("rglcd_fast::consistency_loss");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [loss, model_pred] = op.call(model_output, sample, timesteps, target, alphas_cumprod, prediction_type,
@@ -62,16 +60,15 @@ class ConsistencyLoss : public torch::autograd::Function<ConsistencyLoss> {
     const at::Tensor& model_output = saved[0];
     at::Tensor grad_loss = grads[0];
     if (!grad_loss.defined()) {  // only model_pred was used
-      grad_loss = at::zeros({}, model_output.options().dtype(
-                                    model_output.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+      grad_loss = at::zeros(
+          {}, model_output.options().dtype(model_output.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
     }
     const std::optional<at::Tensor> grad_pred = optional_grad(grads[1]);
     const auto params = ctx->saved_data["params"].toDoubleVector();
     const std::string prediction_type = ctx->saved_data["prediction_type"].toStringRef();
     const std::string loss_type = ctx->saved_data["loss_type"].toStringRef();
-    auto [grad_m, grad_x, grad_y] = op.call(grad_loss, grad_pred, model_output, saved[1], saved[2], saved[3],
-                                            saved[4], prediction_type, loss_type, params[0], params[1], params[2],
-                                            mask);
+    auto [grad_m, grad_x, grad_y] = op.call(grad_loss, grad_pred, model_output, saved[1], saved[2], saved[3], saved[4],
+                                            prediction_type, loss_type, params[0], params[1], params[2], mask);
     if (mask[0]) out[0] = grad_m;
     if (mask[1]) out[1] = grad_x;
     if (mask[2]) out[3] = grad_y;
@@ -86,8 +83,8 @@ class ConsistencyOutput : public torch::autograd::Function<ConsistencyOutput> {
                             c10::string_view prediction_type, double timestep_scaling, double sigma_data) {
     static const auto op = find_op<OutputSignature>("rglcd_fast::consistency_output");
     at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor out = op.call(model_output, sample, timesteps, alphas_cumprod, prediction_type, timestep_scaling,
-                             sigma_data);
+    at::Tensor out =
+        op.call(model_output, sample, timesteps, alphas_cumprod, prediction_type, timestep_scaling, sigma_data);
     ctx->save_for_backward({timesteps, alphas_cumprod});
     ctx->saved_data["prediction_type"] = std::string(prediction_type);
     ctx->saved_data["params"] = std::vector<double>{timestep_scaling, sigma_data};
@@ -134,8 +131,8 @@ class PredictedMap : public torch::autograd::Function<PredictedMap<kName, kBackw
     variable_list out(5);
     if (!grads[0].defined() || !(mask[0] || mask[1])) return out;
     const auto saved = ctx->get_saved_variables();
-    auto [grad_m, grad_x] = op.call(grads[0], saved[0], saved[1], ctx->saved_data["prediction_type"].toStringRef(),
-                                    mask);
+    auto [grad_m, grad_x] =
+        op.call(grads[0], saved[0], saved[1], ctx->saved_data["prediction_type"].toStringRef(), mask);
     if (mask[0]) out[0] = grad_m;
     if (mask[1]) out[1] = grad_x;
     return out;
@@ -148,9 +145,8 @@ constexpr char kPredictedEps[] = "rglcd_fast::predicted_eps";
 constexpr char kPredictedEpsBackward[] = "rglcd_fast::predicted_eps_backward";
 
 template <const char* kName, const char* kBackwardName>
-at::Tensor predicted_map_autograd(const at::Tensor& model_output, const at::Tensor& sample,
-                                  const at::Tensor& timesteps, const at::Tensor& alphas_cumprod,
-                                  c10::string_view prediction_type) {
+at::Tensor predicted_map_autograd(const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& timesteps,
+                                  const at::Tensor& alphas_cumprod, c10::string_view prediction_type) {
   return PredictedMap<kName, kBackwardName>::apply(model_output, sample, timesteps, alphas_cumprod, prediction_type);
 }
 
@@ -160,16 +156,16 @@ std::tuple<at::Tensor, at::Tensor> consistency_loss_autograd(const at::Tensor& m
                                                              c10::string_view prediction_type,
                                                              c10::string_view loss_type, double huber_c,
                                                              double timestep_scaling, double sigma_data) {
-  auto out = ConsistencyLoss::apply(model_output, sample, timesteps, target, alphas_cumprod, prediction_type,
-                                    loss_type, huber_c, timestep_scaling, sigma_data);
+  auto out = ConsistencyLoss::apply(model_output, sample, timesteps, target, alphas_cumprod, prediction_type, loss_type,
+                                    huber_c, timestep_scaling, sigma_data);
   return {out[0], out[1]};
 }
 
 at::Tensor consistency_output_autograd(const at::Tensor& model_output, const at::Tensor& sample,
                                        const at::Tensor& timesteps, const at::Tensor& alphas_cumprod,
                                        c10::string_view prediction_type, double timestep_scaling, double sigma_data) {
-  return ConsistencyOutput::apply(model_output, sample, timesteps, alphas_cumprod, prediction_type,
-                                  timestep_scaling, sigma_data);
+  return ConsistencyOutput::apply(model_output, sample, timesteps, alphas_cumprod, prediction_type, timestep_scaling,
+                                  sigma_data);
 }
 
 }  // namespace

@@ -13,12 +13,13 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 using HeadSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&);
-using HeadBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, std::array<bool, 3>);
+using HeadBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                             const at::Tensor&, const at::Tensor&,
+                                                                             std::array<bool, 3>);
 using PairwiseSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, c10::string_view,
                                                              std::optional<int64_t>, bool);
-using PairwiseBackwardSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                             c10::string_view, std::optional<int64_t>, bool);
+using PairwiseBackwardSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view,
+                                             std::optional<int64_t>, bool);
 
 // score = scale·cos(u, v): differentiable in both features and the scale.
 class RewardHead : public torch::autograd::Function<RewardHead> {

@@ -1,11 +1,12 @@
 // CPU kernels of the consistency family (docs/design.md §2): boundary scalings, x0 / ε from a model
 // output, the consistency output f(m, x, t), and the fused distillation loss, with backwards. The ops
 // around them (arguments, layouts, registration): csrc/ops/consistency.h.
+#include "ops/consistency.h"
+
 #include <torch/library.h>
 
 #include "common.h"
 #include "cpu/loops.h"
-#include "ops/consistency.h"
 
 namespace rglcd_fast {
 namespace {

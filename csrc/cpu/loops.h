@@ -13,8 +13,8 @@
 namespace rglcd_fast {
 namespace cpu {
 
-constexpr int64_t kGrain = 32768;       // elements per parallel task
-constexpr int64_t kReduceBlock = 16384; // elements per reduction partial (fixed: results do not depend on threads)
+constexpr int64_t kGrain = 32768;        // elements per parallel task
+constexpr int64_t kReduceBlock = 16384;  // elements per reduction partial (fixed: results do not depend on threads)
 
 // Calls body(b, begin, end) on runs of flat indices that all belong to sample b.
 template <typename Body>
@@ -30,7 +30,8 @@ inline void for_each_sample_run(int64_t begin, int64_t end, int64_t per_sample, 
 template <typename Body>
 inline void parallel_sample_runs(int64_t n, int64_t per_sample, const Body& body) {
   if (n == 0) return;
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) { for_each_sample_run(begin, end, per_sample, body); });
+  at::parallel_for(0, n, kGrain,
+                   [&](int64_t begin, int64_t end) { for_each_sample_run(begin, end, per_sample, body); });
 }
 
 // Deterministic reduction: fixed-size blocks, each reduced by body(b, begin, end) -> T over its

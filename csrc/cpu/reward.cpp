@@ -1,13 +1,14 @@
 // CPU kernels of the reward family (docs/design.md §2 "Latent reward head", §1 step 9): the CLIP-style
 // reward head score = scale·cos(u, v) and the pairwise preference loss of the latent reward model,
 // with backwards. The ops around them (argument checks, registration): csrc/ops/reward.h.
+#include "ops/reward.h"
+
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include "common.h"
 #include "cpu/loops.h"
-#include "ops/reward.h"
 
 namespace rglcd_fast {
 namespace {
@@ -124,9 +125,11 @@ struct CpuBackend {
 
   // Backward: grad_u row-wise; grad_v summed over the image rows that share a text row, in ascending
   // row order per text row (deterministic); grad_scale = Σ g·c in double, in row order.
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor> reward_head_backward(
-      const at::Tensor& grad, const at::Tensor& image_features, const at::Tensor& text_features,
-      const at::Tensor& logit_scale, std::array<bool, 3> mask) {
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> reward_head_backward(const at::Tensor& grad,
+                                                                             const at::Tensor& image_features,
+                                                                             const at::Tensor& text_features,
+                                                                             const at::Tensor& logit_scale,
+                                                                             std::array<bool, 3> mask) {
     const FeatureRows f(image_features, text_features);
     const at::Tensor g = grad.contiguous();
     TORCH_CHECK_VALUE(g.numel() == f.rows, "grad: expected ", f.rows, " values, got ", g.numel());
@@ -181,8 +184,7 @@ struct CpuBackend {
               const int64_t r = members[k];
               const scalar_t* u = up + f.image_offsets[r];
               const CosineGrad<acc_t> c = coeff[r];
-              for (int64_t i = 0; i < D; ++i)
-                acc[i] += c.grad_v(static_cast<acc_t>(u[i]), static_cast<acc_t>(v[i]));
+              for (int64_t i = 0; i < D; ++i) acc[i] += c.grad_v(static_cast<acc_t>(u[i]), static_cast<acc_t>(v[i]));
             }
             for (int64_t i = 0; i < D; ++i) gv[j * D + i] = static_cast<scalar_t>(acc[i]);
           }
@@ -198,8 +200,8 @@ struct CpuBackend {
   }
 
   static std::tuple<at::Tensor, at::Tensor> pairwise_preference_loss(const at::Tensor& logits,
-                                                                      const at::Tensor& expert_logits,
-                                                                      PreferenceRule rule) {
+                                                                     const at::Tensor& expert_logits,
+                                                                     PreferenceRule rule) {
     const int64_t K = logits.size(0), B = logits.size(1), pairs = K * (K - 1) / 2;
     LossAndHits total;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "rglcd_fast_pairwise_loss", [&] {
@@ -236,30 +238,30 @@ struct CpuBackend {
     at::Tensor grad = at::empty(logits.sizes(), logits.options());
     if (B == 0) return grad;
     const double g_over_b = grad_loss.item<double>() / static_cast<double>(B);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "rglcd_fast_pairwise_loss_bwd",
-                                    [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const auto x = pair_logits<scalar_t>(logits, expert_logits);
-      const acc_t scale = static_cast<acc_t>(g_over_b);
-      scalar_t* out = grad.mutable_data_ptr<scalar_t>();
-      const int64_t grain = std::max<int64_t>(1, cpu::kGrain / (K * K));
-      at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-        std::vector<acc_t> acc(K);
-        for (int64_t b = b0; b < b1; ++b) {
-          std::fill(acc.begin(), acc.end(), acc_t(0));
-          for (int64_t i = 0; i + 1 < K; ++i) {
-            for (int64_t j = i + 1; j < K; ++j) {
-              const acc_t si = x.template student<acc_t>(i, b), sj = x.template student<acc_t>(j, b);
-              const acc_t ei = x.template expert<acc_t>(i, b), ej = x.template expert<acc_t>(j, b);
-              const acc_t t = pair_loss_grad(pair_target_p0(ei, ej, i, j, rule), pair_difference(si, sj));
-              acc[i] += t;
-              acc[j] -= t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, logits.scalar_type(), "rglcd_fast_pairwise_loss_bwd", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          const auto x = pair_logits<scalar_t>(logits, expert_logits);
+          const acc_t scale = static_cast<acc_t>(g_over_b);
+          scalar_t* out = grad.mutable_data_ptr<scalar_t>();
+          const int64_t grain = std::max<int64_t>(1, cpu::kGrain / (K * K));
+          at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+            std::vector<acc_t> acc(K);
+            for (int64_t b = b0; b < b1; ++b) {
+              std::fill(acc.begin(), acc.end(), acc_t(0));
+              for (int64_t i = 0; i + 1 < K; ++i) {
+                for (int64_t j = i + 1; j < K; ++j) {
+                  const acc_t si = x.template student<acc_t>(i, b), sj = x.template student<acc_t>(j, b);
+                  const acc_t ei = x.template expert<acc_t>(i, b), ej = x.template expert<acc_t>(j, b);
+                  const acc_t t = pair_loss_grad(pair_target_p0(ei, ej, i, j, rule), pair_difference(si, sj));
+                  acc[i] += t;
+                  acc[j] -= t;
+                }
+              }
+              for (int64_t i = 0; i < K; ++i) out[i * B + b] = static_cast<scalar_t>(scale * acc[i]);
             }
-          }
-          for (int64_t i = 0; i < K; ++i) out[i * B + b] = static_cast<scalar_t>(scale * acc[i]);
-        }
-      });
-    });
+          });
+        });
     return grad;
   }
 };

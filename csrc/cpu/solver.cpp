@@ -2,6 +2,8 @@
 // training (with backward), and the LCM and DDIM sampling steps with diffusers' step() semantics
 // (clip / dynamic thresholding, final_alpha_cumprod, eta and noise), forward only. The ops around
 // them (arguments, layouts, registration): csrc/ops/solver.h.
+#include "ops/solver.h"
+
 #include <torch/library.h>
 
 #include <algorithm>
@@ -9,7 +11,6 @@
 
 #include "common.h"
 #include "cpu/loops.h"
-#include "ops/solver.h"
 
 namespace rglcd_fast {
 namespace {
@@ -150,29 +151,29 @@ struct CpuBackend {
     const int64_t n = like.numel(), batch = batch_size(like), per_sample = batch ? n / batch : 1;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "rglcd_fast_guided_ddim_step_bwd",
                                     [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const auto coeff = guided_coefficients<acc_t>(args, batch);
-      const auto w = guidance_values<acc_t>(args.guidance_scale, batch);
-      const scalar_t* gp = gprev.defined() ? gprev.const_data_ptr<scalar_t>() : nullptr;
-      const scalar_t* g0 = gx0.defined() ? gx0.const_data_ptr<scalar_t>() : nullptr;
-      scalar_t* gc = mask[0] ? grad_c.mutable_data_ptr<scalar_t>() : nullptr;
-      scalar_t* gu = mask[1] ? grad_u.mutable_data_ptr<scalar_t>() : nullptr;
-      scalar_t* gx = mask[2] ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
-      cpu::parallel_sample_runs(n, per_sample, [&](int64_t b, int64_t i0, int64_t i1) {
-        const GuidedCoefficients<acc_t> c = coeff[b];
-        // x_prev's derivatives in x and in the guided output m
-        const acc_t prev_cx = c.step.sqrt_prev * c.x0.cx() + c.step.c_dir * c.eps.cx();
-        const acc_t prev_cm = c.step.sqrt_prev * c.x0.cm() + c.step.c_dir * c.eps.cm();
-        const acc_t wc = acc_t(1) + w[b], wu = -w[b];
-        for (int64_t i = i0; i < i1; ++i) {
-          const acc_t a = gp ? acc(gp[i]) : acc_t(0), z = g0 ? acc(g0[i]) : acc_t(0);
-          const acc_t gm = prev_cm * a + c.x0.cm() * z;
-          if (gc) gc[i] = static_cast<scalar_t>(wc * gm);
-          if (gu) gu[i] = static_cast<scalar_t>(wu * gm);
-          if (gx) gx[i] = static_cast<scalar_t>(prev_cx * a + c.x0.cx() * z);
-        }
-      });
-    });
+                                      using acc_t = at::opmath_type<scalar_t>;
+                                      const auto coeff = guided_coefficients<acc_t>(args, batch);
+                                      const auto w = guidance_values<acc_t>(args.guidance_scale, batch);
+                                      const scalar_t* gp = gprev.defined() ? gprev.const_data_ptr<scalar_t>() : nullptr;
+                                      const scalar_t* g0 = gx0.defined() ? gx0.const_data_ptr<scalar_t>() : nullptr;
+                                      scalar_t* gc = mask[0] ? grad_c.mutable_data_ptr<scalar_t>() : nullptr;
+                                      scalar_t* gu = mask[1] ? grad_u.mutable_data_ptr<scalar_t>() : nullptr;
+                                      scalar_t* gx = mask[2] ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
+                                      cpu::parallel_sample_runs(n, per_sample, [&](int64_t b, int64_t i0, int64_t i1) {
+                                        const GuidedCoefficients<acc_t> c = coeff[b];
+                                        // x_prev's derivatives in x and in the guided output m
+                                        const acc_t prev_cx = c.step.sqrt_prev * c.x0.cx() + c.step.c_dir * c.eps.cx();
+                                        const acc_t prev_cm = c.step.sqrt_prev * c.x0.cm() + c.step.c_dir * c.eps.cm();
+                                        const acc_t wc = acc_t(1) + w[b], wu = -w[b];
+                                        for (int64_t i = i0; i < i1; ++i) {
+                                          const acc_t a = gp ? acc(gp[i]) : acc_t(0), z = g0 ? acc(g0[i]) : acc_t(0);
+                                          const acc_t gm = prev_cm * a + c.x0.cm() * z;
+                                          if (gc) gc[i] = static_cast<scalar_t>(wc * gm);
+                                          if (gu) gu[i] = static_cast<scalar_t>(wu * gm);
+                                          if (gx) gx[i] = static_cast<scalar_t>(prev_cx * a + c.x0.cx() * z);
+                                        }
+                                      });
+                                    });
   }
 
   static void lcm_step(const StepInputs& in, at::Tensor& prev, at::Tensor& denoised, const ops::SamplingArgs& args,

@@ -168,9 +168,8 @@ struct CudaBackend {
       scalar_t *gm = pointer_or_null<scalar_t>(grad_m, mask[0]), *gx = pointer_or_null<scalar_t>(grad_x, mask[1]);
       with_vector_width<scalar_t>(per_sample, {gp, gm, gx}, [&](auto width) {
         constexpr int W = decltype(width)::value;
-        linear_map_backward_kernel<scalar_t, W><<<cuda::blocks_for(n / W), cuda::kThreads, 0,
-                                                  cuda::current_stream()>>>(gp, gm, gx, n, per_sample,
-                                                                            schedule.view<acc_t>(), map);
+        linear_map_backward_kernel<scalar_t, W><<<cuda::blocks_for(n / W), cuda::kThreads, 0, cuda::current_stream()>>>(
+            gp, gm, gx, n, per_sample, schedule.view<acc_t>(), map);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
@@ -211,25 +210,25 @@ struct CudaBackend {
                                         std::array<bool, 3> mask) {
     const int64_t n = m.numel(), batch = batch_size(m), per_sample = batch ? n / batch : 1;
     if (n == 0 || !(mask[0] || mask[1] || mask[2])) return;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "rglcd_fast_consistency_loss_bwd_cuda",
-                                    [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const ScheduleTensors schedule(args.timesteps, args.alphas_cumprod, batch,
-                                     c10::CppTypeToScalarType<acc_t>::value);
-      const at::Tensor g = grad_loss.to(c10::CppTypeToScalarType<acc_t>::value);
-      const scalar_t *mp = m.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>(),
-                     *yp = y.const_data_ptr<scalar_t>();
-      const scalar_t* gpp = gpred.defined() ? gpred.const_data_ptr<scalar_t>() : nullptr;
-      scalar_t *gm = pointer_or_null<scalar_t>(grad_m, mask[0]), *gx = pointer_or_null<scalar_t>(grad_x, mask[1]),
-               *gy = pointer_or_null<scalar_t>(grad_y, mask[2]);
-      with_vector_width<scalar_t>(per_sample, {mp, xp, yp, gpp, gm, gx, gy}, [&](auto width) {
-        constexpr int W = decltype(width)::value;
-        loss_backward_kernel<scalar_t, W><<<cuda::blocks_for(n / W), cuda::kThreads, 0, cuda::current_stream()>>>(
-            g.const_data_ptr<acc_t>(), gpp, mp, xp, yp, gm, gx, gy, n, per_sample, schedule.view<acc_t>(), args.map,
-            args.kind, static_cast<acc_t>(args.huber_c));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, m.scalar_type(), "rglcd_fast_consistency_loss_bwd_cuda", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          const ScheduleTensors schedule(args.timesteps, args.alphas_cumprod, batch,
+                                         c10::CppTypeToScalarType<acc_t>::value);
+          const at::Tensor g = grad_loss.to(c10::CppTypeToScalarType<acc_t>::value);
+          const scalar_t *mp = m.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>(),
+                         *yp = y.const_data_ptr<scalar_t>();
+          const scalar_t* gpp = gpred.defined() ? gpred.const_data_ptr<scalar_t>() : nullptr;
+          scalar_t *gm = pointer_or_null<scalar_t>(grad_m, mask[0]), *gx = pointer_or_null<scalar_t>(grad_x, mask[1]),
+                   *gy = pointer_or_null<scalar_t>(grad_y, mask[2]);
+          with_vector_width<scalar_t>(per_sample, {mp, xp, yp, gpp, gm, gx, gy}, [&](auto width) {
+            constexpr int W = decltype(width)::value;
+            loss_backward_kernel<scalar_t, W><<<cuda::blocks_for(n / W), cuda::kThreads, 0, cuda::current_stream()>>>(
+                g.const_data_ptr<acc_t>(), gpp, mp, xp, yp, gm, gx, gy, n, per_sample, schedule.view<acc_t>(), args.map,
+                args.kind, static_cast<acc_t>(args.huber_c));
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        });
   }
 };
 

@@ -68,7 +68,6 @@ __device__ __forceinline__ acc_t block_sum(acc_t value) {
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-
 // ---- added for the reward family: warp sums, one-value tensors read and written on the device ----
 
 // Sum over a warp, every lane gets the total: a xor butterfly, so a fixed order, and since each
@@ -93,11 +92,20 @@ struct DeviceScalar {
     if (!t.is_cuda()) return {nullptr, Immediate, t.item<double>()};
     Kind kind;
     switch (t.scalar_type()) {
-      case at::kFloat: kind = Float; break;
-      case at::kDouble: kind = Double; break;
-      case at::kHalf: kind = Half; break;
-      case at::kBFloat16: kind = BFloat16; break;
-      default: TORCH_CHECK_TYPE(false, "expected a floating tensor, got ", t.scalar_type());
+      case at::kFloat:
+        kind = Float;
+        break;
+      case at::kDouble:
+        kind = Double;
+        break;
+      case at::kHalf:
+        kind = Half;
+        break;
+      case at::kBFloat16:
+        kind = BFloat16;
+        break;
+      default:
+        TORCH_CHECK_TYPE(false, "expected a floating tensor, got ", t.scalar_type());
     }
     return {t.data_ptr(), kind, 0.0};
   }
@@ -105,11 +113,16 @@ struct DeviceScalar {
   template <typename T>
   __device__ __forceinline__ T load() const {
     switch (kind) {
-      case Float: return static_cast<T>(*static_cast<const float*>(ptr));
-      case Double: return static_cast<T>(*static_cast<const double*>(ptr));
-      case Half: return static_cast<T>(static_cast<float>(*static_cast<const c10::Half*>(ptr)));
-      case BFloat16: return static_cast<T>(static_cast<float>(*static_cast<const c10::BFloat16*>(ptr)));
-      default: return static_cast<T>(value);
+      case Float:
+        return static_cast<T>(*static_cast<const float*>(ptr));
+      case Double:
+        return static_cast<T>(*static_cast<const double*>(ptr));
+      case Half:
+        return static_cast<T>(static_cast<float>(*static_cast<const c10::Half*>(ptr)));
+      case BFloat16:
+        return static_cast<T>(static_cast<float>(*static_cast<const c10::BFloat16*>(ptr)));
+      default:
+        return static_cast<T>(value);
     }
   }
 
@@ -117,11 +130,20 @@ struct DeviceScalar {
   // for half and bfloat16).
   __device__ __forceinline__ void store(double v) const {
     switch (kind) {
-      case Float: *static_cast<float*>(ptr) = static_cast<float>(v); break;
-      case Double: *static_cast<double*>(ptr) = v; break;
-      case Half: *static_cast<c10::Half*>(ptr) = static_cast<c10::Half>(static_cast<float>(v)); break;
-      case BFloat16: *static_cast<c10::BFloat16*>(ptr) = static_cast<c10::BFloat16>(static_cast<float>(v)); break;
-      default: break;
+      case Float:
+        *static_cast<float*>(ptr) = static_cast<float>(v);
+        break;
+      case Double:
+        *static_cast<double*>(ptr) = v;
+        break;
+      case Half:
+        *static_cast<c10::Half*>(ptr) = static_cast<c10::Half>(static_cast<float>(v));
+        break;
+      case BFloat16:
+        *static_cast<c10::BFloat16*>(ptr) = static_cast<c10::BFloat16>(static_cast<float>(v));
+        break;
+      default:
+        break;
     }
   }
 };

@@ -242,8 +242,7 @@ __global__ void __launch_bounds__(kRowThreads)
       store_vec(out + i, o);
     }
   }
-  if (coefficients != nullptr && lane == 0)
-    coefficients[place.slot] = {c, place.image_offset};
+  if (coefficients != nullptr && lane == 0) coefficients[place.slot] = {c, place.image_offset};
 }
 
 // Blocks [0, text_blocks): text row j, a chunk of kTextThreads·VEC features: grad_v = Σ over the
@@ -280,7 +279,8 @@ __global__ void __launch_bounds__(kTextThreads)
     return;
   }
   double total = 0.0;
-  for (int64_t s = threadIdx.x; s < rows; s += kTextThreads) total += static_cast<double>(coefficients[s].grad.grad_scale);
+  for (int64_t s = threadIdx.x; s < rows; s += kTextThreads)
+    total += static_cast<double>(coefficients[s].grad.grad_scale);
   total = cuda::block_sum(total);
   if (threadIdx.x == 0) grad_scale.store(total);
 }
@@ -294,7 +294,8 @@ constexpr int kLossThreads = 512;
 template <typename scalar_t>
 __global__ void __launch_bounds__(kLossThreads)
     pairwise_loss_kernel(PairLogits<scalar_t> x, int K, int64_t B, PreferenceRule rule,
-                         at::opmath_type<scalar_t>* __restrict__ loss, at::opmath_type<scalar_t>* __restrict__ accuracy) {
+                         at::opmath_type<scalar_t>* __restrict__ loss,
+                         at::opmath_type<scalar_t>* __restrict__ accuracy) {
   using acc_t = at::opmath_type<scalar_t>;
   double total = 0.0;
   long long hits = 0;
@@ -323,8 +324,8 @@ __global__ void __launch_bounds__(kLossThreads)
 // k's terms added in the CPU kernel's pair order (all (i, k) before all (k, j)).
 template <typename scalar_t>
 __global__ void __launch_bounds__(cuda::kThreads)
-    pairwise_loss_backward_kernel(PairLogits<scalar_t> x, int K, int64_t B, PreferenceRule rule,
-                                  DeviceScalar grad_loss, scalar_t* __restrict__ out) {
+    pairwise_loss_backward_kernel(PairLogits<scalar_t> x, int K, int64_t B, PreferenceRule rule, DeviceScalar grad_loss,
+                                  scalar_t* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= B) return;
@@ -367,24 +368,27 @@ struct CudaBackend {
     at::Tensor scores = at::empty(image_features.sizes().slice(0, image_features.dim() - 1), image_features.options());
     if (f.rows == 0) return scores;
     const DeviceScalar scale = DeviceScalar::of(logit_scale);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.image.scalar_type(), "rglcd_fast_reward_head_cuda",
-                                    [&] {
-      const scalar_t* up = f.image.const_data_ptr<scalar_t>();
-      const scalar_t* vp = f.text.const_data_ptr<scalar_t>();
-      scalar_t* out = scores.mutable_data_ptr<scalar_t>();
-      with_row_vector_width<scalar_t>(f.vector_width<scalar_t>({}), [&](auto width) {
-        constexpr int W = decltype(width)::value;
-        reward_head_kernel<scalar_t, W><<<grid_size((f.rows + kRowWarps - 1) / kRowWarps), kRowThreads, 0,
-                                          cuda::current_stream()>>>(up, vp, out, f.geometry, f.rows, f.dim, scale);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, f.image.scalar_type(), "rglcd_fast_reward_head_cuda", [&] {
+          const scalar_t* up = f.image.const_data_ptr<scalar_t>();
+          const scalar_t* vp = f.text.const_data_ptr<scalar_t>();
+          scalar_t* out = scores.mutable_data_ptr<scalar_t>();
+          with_row_vector_width<scalar_t>(f.vector_width<scalar_t>({}), [&](auto width) {
+            constexpr int W = decltype(width)::value;
+            reward_head_kernel<scalar_t, W>
+                <<<grid_size((f.rows + kRowWarps - 1) / kRowWarps), kRowThreads, 0, cuda::current_stream()>>>(
+                    up, vp, out, f.geometry, f.rows, f.dim, scale);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        });
     return scores;
   }
 
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor> reward_head_backward(
-      const at::Tensor& grad, const at::Tensor& image_features, const at::Tensor& text_features,
-      const at::Tensor& logit_scale, std::array<bool, 3> mask) {
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> reward_head_backward(const at::Tensor& grad,
+                                                                             const at::Tensor& image_features,
+                                                                             const at::Tensor& text_features,
+                                                                             const at::Tensor& logit_scale,
+                                                                             std::array<bool, 3> mask) {
     check_logit_scale_device(logit_scale, image_features);
     const c10::cuda::CUDAGuard guard(image_features.device());
     const FeatureGeometry f(image_features, text_features);
@@ -402,47 +406,48 @@ struct CudaBackend {
     const DeviceScalar scale = DeviceScalar::of(logit_scale);
     const DeviceScalar scale_out =
         mask[2] ? DeviceScalar::of(grad_s) : DeviceScalar{nullptr, DeviceScalar::Immediate, 0.0};
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.image.scalar_type(), "rglcd_fast_reward_head_bwd_cuda",
-                                    [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      using Coefficients = RowCoefficients<acc_t>;
-      const scalar_t* up = f.image.const_data_ptr<scalar_t>();
-      const scalar_t* vp = f.text.const_data_ptr<scalar_t>();
-      scalar_t* gu = mask[0] ? grad_u.mutable_data_ptr<scalar_t>() : nullptr;
-      scalar_t* gv = mask[1] ? grad_v.mutable_data_ptr<scalar_t>() : nullptr;
-      at::Tensor scratch;
-      Coefficients* coefficients = nullptr;
-      if (second_pass && f.rows > 0) {
-        scratch = at::empty({f.rows * static_cast<int64_t>(sizeof(Coefficients))}, f.image.options().dtype(at::kByte));
-        coefficients = reinterpret_cast<Coefficients*>(scratch.mutable_data_ptr());
-      }
-      const cudaStream_t stream = cuda::current_stream();
-      with_row_vector_width<scalar_t>(f.vector_width<scalar_t>({gu, gv}), [&](auto width) {
-        constexpr int W = decltype(width)::value;
-        if (f.rows > 0) {
-          reward_head_backward_rows_kernel<scalar_t, W><<<grid_size((f.rows + kRowWarps - 1) / kRowWarps), kRowThreads,
-                                                          0, stream>>>(g.const_data_ptr<scalar_t>(), up, vp, gu,
-                                                                       coefficients, f.geometry, f.rows, f.dim, scale);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-        if (second_pass) {
-          const int64_t chunks = (f.dim + kTextThreads * W - 1) / (kTextThreads * W);
-          const int64_t text_blocks = mask[1] ? f.text_rows * chunks : 0;
-          const int64_t blocks = text_blocks + (mask[2] ? 1 : 0);
-          if (blocks > 0) {
-            reward_head_backward_text_kernel<scalar_t, W><<<grid_size(blocks), kTextThreads, 0, stream>>>(
-                up, vp, coefficients, gv, text_blocks, chunks, f.geometry.members, f.rows, f.dim, scale_out);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, f.image.scalar_type(), "rglcd_fast_reward_head_bwd_cuda", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          using Coefficients = RowCoefficients<acc_t>;
+          const scalar_t* up = f.image.const_data_ptr<scalar_t>();
+          const scalar_t* vp = f.text.const_data_ptr<scalar_t>();
+          scalar_t* gu = mask[0] ? grad_u.mutable_data_ptr<scalar_t>() : nullptr;
+          scalar_t* gv = mask[1] ? grad_v.mutable_data_ptr<scalar_t>() : nullptr;
+          at::Tensor scratch;
+          Coefficients* coefficients = nullptr;
+          if (second_pass && f.rows > 0) {
+            scratch =
+                at::empty({f.rows * static_cast<int64_t>(sizeof(Coefficients))}, f.image.options().dtype(at::kByte));
+            coefficients = reinterpret_cast<Coefficients*>(scratch.mutable_data_ptr());
           }
-        }
-      });
-    });
+          const cudaStream_t stream = cuda::current_stream();
+          with_row_vector_width<scalar_t>(f.vector_width<scalar_t>({gu, gv}), [&](auto width) {
+            constexpr int W = decltype(width)::value;
+            if (f.rows > 0) {
+              reward_head_backward_rows_kernel<scalar_t, W>
+                  <<<grid_size((f.rows + kRowWarps - 1) / kRowWarps), kRowThreads, 0, stream>>>(
+                      g.const_data_ptr<scalar_t>(), up, vp, gu, coefficients, f.geometry, f.rows, f.dim, scale);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            }
+            if (second_pass) {
+              const int64_t chunks = (f.dim + kTextThreads * W - 1) / (kTextThreads * W);
+              const int64_t text_blocks = mask[1] ? f.text_rows * chunks : 0;
+              const int64_t blocks = text_blocks + (mask[2] ? 1 : 0);
+              if (blocks > 0) {
+                reward_head_backward_text_kernel<scalar_t, W><<<grid_size(blocks), kTextThreads, 0, stream>>>(
+                    up, vp, coefficients, gv, text_blocks, chunks, f.geometry.members, f.rows, f.dim, scale_out);
+                C10_CUDA_KERNEL_LAUNCH_CHECK();
+              }
+            }
+          });
+        });
     return {grad_u, grad_v, grad_s};
   }
 
   static std::tuple<at::Tensor, at::Tensor> pairwise_preference_loss(const at::Tensor& logits,
-                                                                      const at::Tensor& expert_logits,
-                                                                      PreferenceRule rule) {
+                                                                     const at::Tensor& expert_logits,
+                                                                     PreferenceRule rule) {
     check_pair_devices(logits, expert_logits);
     const c10::cuda::CUDAGuard guard(logits.device());
     const int64_t K = logits.size(0), B = logits.size(1);
@@ -450,12 +455,12 @@ struct CudaBackend {
     at::Tensor loss = at::empty({}, options), accuracy = at::empty({}, options);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "rglcd_fast_pairwise_loss_cuda",
                                     [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      pairwise_loss_kernel<scalar_t><<<1, kLossThreads, 0, cuda::current_stream()>>>(
-          pair_logits<scalar_t>(logits, expert_logits), static_cast<int>(K), B, rule, loss.mutable_data_ptr<acc_t>(),
-          accuracy.mutable_data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+                                      using acc_t = at::opmath_type<scalar_t>;
+                                      pairwise_loss_kernel<scalar_t><<<1, kLossThreads, 0, cuda::current_stream()>>>(
+                                          pair_logits<scalar_t>(logits, expert_logits), static_cast<int>(K), B, rule,
+                                          loss.mutable_data_ptr<acc_t>(), accuracy.mutable_data_ptr<acc_t>());
+                                      C10_CUDA_KERNEL_LAUNCH_CHECK();
+                                    });
     return {loss, accuracy};
   }
 
@@ -470,13 +475,13 @@ struct CudaBackend {
     TORCH_CHECK_VALUE(!grad_loss.is_cuda() || grad_loss.device() == logits.device(), "grad_loss: expected device ",
                       logits.device(), ", got ", grad_loss.device());
     const DeviceScalar g = DeviceScalar::of(grad_loss);  // a CPU value is read on the host: no device sync
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "rglcd_fast_pairwise_loss_bwd_cuda",
-                                    [&] {
-      pairwise_loss_backward_kernel<scalar_t><<<cuda::blocks_for(B), cuda::kThreads, 0, cuda::current_stream()>>>(
-          pair_logits<scalar_t>(logits, expert_logits), static_cast<int>(K), B, rule, g,
-          grad.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, logits.scalar_type(), "rglcd_fast_pairwise_loss_bwd_cuda", [&] {
+          pairwise_loss_backward_kernel<scalar_t><<<cuda::blocks_for(B), cuda::kThreads, 0, cuda::current_stream()>>>(
+              pair_logits<scalar_t>(logits, expert_logits), static_cast<int>(K), B, rule, g,
+              grad.mutable_data_ptr<scalar_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
     return grad;
   }
 };

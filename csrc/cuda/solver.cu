@@ -16,10 +16,10 @@
 // generator's Philox state handles capture as torch's own draw does).
 // The ops around the kernels (arguments, layouts, registration): csrc/ops/solver.h.
 #include <ATen/cuda/CUDAGeneratorImpl.h>
-#include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <ATen/native/cuda/DistributionTemplates.h>
 #include <torch/library.h>
 
+#include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <limits>
 #include <mutex>
 
@@ -154,7 +154,8 @@ __global__ void guided_ddim_step_backward_kernel(const scalar_t* __restrict__ gr
   const DdimCoefficients<acc_t> c = ddim_coefficients(s.alpha_bar, s.alpha_bar_prev, acc_t(0));
   const Linear<acc_t> x0 = x0_coefficients(s.alpha_bar, type), eps = eps_coefficients(s.alpha_bar, type);
   // x_prev's derivatives in x and in the guided output m
-  const acc_t prev_cx = c.sqrt_prev * x0.cx() + c.c_dir * eps.cx(), prev_cm = c.sqrt_prev * x0.cm() + c.c_dir * eps.cm();
+  const acc_t prev_cx = c.sqrt_prev * x0.cx() + c.c_dir * eps.cx(),
+              prev_cm = c.sqrt_prev * x0.cm() + c.c_dir * eps.cm();
   const acc_t w = guidance[b], wc = acc_t(1) + w, wu = -w;
   Vec<scalar_t, VEC> gpv, g0v;
   if (grad_prev) gpv = load<scalar_t, VEC>(grad_prev + i);
@@ -284,7 +285,8 @@ __global__ void lcm_step_kernel(const scalar_t* __restrict__ m, const scalar_t* 
                                 const scalar_t* __restrict__ noise, scalar_t* __restrict__ prev,
                                 scalar_t* __restrict__ denoised, int64_t n, int64_t per_sample,
                                 StepSchedule<at::opmath_type<scalar_t>> schedule,
-                                at::opmath_type<scalar_t> timestep_scaling, X0Limits<at::opmath_type<scalar_t>> limits) {
+                                at::opmath_type<scalar_t> timestep_scaling,
+                                X0Limits<at::opmath_type<scalar_t>> limits) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t i = flat_index(VEC);
   if (i >= n) return;
@@ -453,9 +455,9 @@ struct CudaBackend {
         constexpr PredictionType kType = decltype(tag)::value;
         with_vector_width<scalar_t>(per_sample, {cp, up, xp, pp, op}, [&](auto width) {
           constexpr int W = decltype(width)::value;
-          guided_ddim_step_kernel<scalar_t, W, kType><<<cuda::blocks_for(n / W), cuda::kThreads, 0,
-                                                        cuda::current_stream()>>>(
-              cp, up, xp, pp, op, n, per_sample, guided.schedule_view<acc_t>(), guided.guidance<acc_t>());
+          guided_ddim_step_kernel<scalar_t, W, kType>
+              <<<cuda::blocks_for(n / W), cuda::kThreads, 0, cuda::current_stream()>>>(
+                  cp, up, xp, pp, op, n, per_sample, guided.schedule_view<acc_t>(), guided.guidance<acc_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });
@@ -468,22 +470,23 @@ struct CudaBackend {
     const int64_t n = like.numel(), batch = batch_size(like), per_sample = batch ? n / batch : 1;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(),
                                     "rglcd_fast_guided_ddim_step_bwd_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const GuidedTensors guided(args, batch, c10::CppTypeToScalarType<acc_t>::value);
-      if (n == 0 || !(mask[0] || mask[1] || mask[2])) return;
-      const scalar_t* gp = gprev.defined() ? gprev.const_data_ptr<scalar_t>() : nullptr;
-      const scalar_t* g0 = gx0.defined() ? gx0.const_data_ptr<scalar_t>() : nullptr;
-      scalar_t* gc = pointer_or_null<scalar_t>(grad_c, mask[0]);
-      scalar_t* gu = pointer_or_null<scalar_t>(grad_u, mask[1]);
-      scalar_t* gx = pointer_or_null<scalar_t>(grad_x, mask[2]);
-      with_vector_width<scalar_t>(per_sample, {gp, g0, gc, gu, gx}, [&](auto width) {
-        constexpr int W = decltype(width)::value;
-        guided_ddim_step_backward_kernel<scalar_t, W><<<cuda::blocks_for(n / W), cuda::kThreads, 0,
-                                                        cuda::current_stream()>>>(
-            gp, g0, gc, gu, gx, n, per_sample, guided.schedule_view<acc_t>(), guided.guidance<acc_t>(), args.type);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
+                                      using acc_t = at::opmath_type<scalar_t>;
+                                      const GuidedTensors guided(args, batch, c10::CppTypeToScalarType<acc_t>::value);
+                                      if (n == 0 || !(mask[0] || mask[1] || mask[2])) return;
+                                      const scalar_t* gp = gprev.defined() ? gprev.const_data_ptr<scalar_t>() : nullptr;
+                                      const scalar_t* g0 = gx0.defined() ? gx0.const_data_ptr<scalar_t>() : nullptr;
+                                      scalar_t* gc = pointer_or_null<scalar_t>(grad_c, mask[0]);
+                                      scalar_t* gu = pointer_or_null<scalar_t>(grad_u, mask[1]);
+                                      scalar_t* gx = pointer_or_null<scalar_t>(grad_x, mask[2]);
+                                      with_vector_width<scalar_t>(per_sample, {gp, g0, gc, gu, gx}, [&](auto width) {
+                                        constexpr int W = decltype(width)::value;
+                                        guided_ddim_step_backward_kernel<scalar_t, W>
+                                            <<<cuda::blocks_for(n / W), cuda::kThreads, 0, cuda::current_stream()>>>(
+                                                gp, g0, gc, gu, gx, n, per_sample, guided.schedule_view<acc_t>(),
+                                                guided.guidance<acc_t>(), args.type);
+                                        C10_CUDA_KERNEL_LAUNCH_CHECK();
+                                      });
+                                    });
   }
 
   static void lcm_step(const StepInputs& in, at::Tensor& prev, at::Tensor& denoised, const ops::SamplingArgs& args,
@@ -496,9 +499,9 @@ struct CudaBackend {
       launch_sampling_step<scalar_t>(in, args, [&](auto tag, const auto& schedule, const auto& limits) {
         with_vector_width<scalar_t>(in.per_sample, {mp, xp, zp, pp, dp}, [&](auto width) {
           constexpr int W = decltype(width)::value;
-          lcm_step_kernel<scalar_t, W, decltype(tag)::value><<<cuda::blocks_for(in.n / W), cuda::kThreads, 0,
-                                                                 cuda::current_stream()>>>(
-              mp, xp, zp, pp, dp, in.n, in.per_sample, schedule, static_cast<acc_t>(timestep_scaling), limits);
+          lcm_step_kernel<scalar_t, W, decltype(tag)::value>
+              <<<cuda::blocks_for(in.n / W), cuda::kThreads, 0, cuda::current_stream()>>>(
+                  mp, xp, zp, pp, dp, in.n, in.per_sample, schedule, static_cast<acc_t>(timestep_scaling), limits);
         });
       });
     });
@@ -523,7 +526,7 @@ struct CudaBackend {
         at::PhiloxCudaState philox;
         {  // as torch's distribution_nullary_kernel (Note [Acquire lock when using random generators])
           auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(generator,
-                                                                         at::cuda::detail::getDefaultCUDAGenerator());
+                                                                          at::cuda::detail::getDefaultCUDAGenerator());
           std::lock_guard<std::mutex> lock(gen->mutex_);
           philox = gen->philox_cuda_state(counter_offset);
         }
@@ -545,10 +548,10 @@ struct CudaBackend {
       launch_sampling_step<scalar_t>(in, args, [&](auto tag, const auto& schedule, const auto& limits) {
         with_vector_width<scalar_t>(in.per_sample, {mp, xp, zp, pp, op}, [&](auto width) {
           constexpr int W = decltype(width)::value;
-          ddim_step_kernel<scalar_t, W, decltype(tag)::value><<<cuda::blocks_for(in.n / W), cuda::kThreads, 0,
-                                                                  cuda::current_stream()>>>(
-              mp, xp, zp, pp, op, in.n, in.per_sample, schedule, static_cast<acc_t>(eta), limits,
-              use_clipped_model_output);
+          ddim_step_kernel<scalar_t, W, decltype(tag)::value>
+              <<<cuda::blocks_for(in.n / W), cuda::kThreads, 0, cuda::current_stream()>>>(
+                  mp, xp, zp, pp, op, in.n, in.per_sample, schedule, static_cast<acc_t>(eta), limits,
+                  use_clipped_model_output);
         });
       });
     });

@@ -103,8 +103,8 @@ template <typename Backend>
 std::tuple<at::Tensor, at::Tensor> consistency_loss(const at::Tensor& model_output, const at::Tensor& sample,
                                                     const at::Tensor& timesteps, const at::Tensor& target,
                                                     const at::Tensor& alphas_cumprod, c10::string_view prediction_type,
-                                                    c10::string_view loss_type, double huber_c,
-                                                    double timestep_scaling, double sigma_data) {
+                                                    c10::string_view loss_type, double huber_c, double timestep_scaling,
+                                                    double sigma_data) {
   check_same_shape(model_output, sample, "sample", "model_output");
   check_same_shape(model_output, target, "target", "model_output");
   const ConsistencyMap map{parse_prediction_type(prediction_type), timestep_scaling, sigma_data};

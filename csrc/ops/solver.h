@@ -47,8 +47,8 @@ std::tuple<at::Tensor, at::Tensor> guided_ddim_step(const at::Tensor& cond_outpu
                                                     c10::string_view prediction_type) {
   check_same_shape(sample, cond_output, "cond_output", "sample");
   check_same_shape(sample, uncond_output, "uncond_output", "sample");
-  const GuidedArgs args{{timesteps, prev_timesteps, alphas_cumprod}, guidance_scale,
-                        parse_prediction_type(prediction_type)};
+  const GuidedArgs args{
+      {timesteps, prev_timesteps, alphas_cumprod}, guidance_scale, parse_prediction_type(prediction_type)};
   const c10::Device device = sample.device();
   Backend::check_device(cond_output, device, "cond_output");
   Backend::check_device(uncond_output, device, "uncond_output");
@@ -77,8 +77,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> guided_ddim_step_backward(
     check_same_shape(*grad_x_prev, *grad_pred_x0, "grad_pred_x0", "grad_x_prev");
     Backend::check_device(*grad_pred_x0, grad_x_prev->device(), "grad_pred_x0");
   }
-  const GuidedArgs args{{timesteps, prev_timesteps, alphas_cumprod}, guidance_scale,
-                        parse_prediction_type(prediction_type)};
+  const GuidedArgs args{
+      {timesteps, prev_timesteps, alphas_cumprod}, guidance_scale, parse_prediction_type(prediction_type)};
   const at::Tensor& like_input = has_gp ? *grad_x_prev : *grad_pred_x0;
   const c10::Device device = like_input.device();
   Backend::check_device(guidance_scale, device, "guidance_scale");
@@ -142,7 +142,9 @@ std::tuple<at::Tensor, at::Tensor> lcm_step(const at::Tensor& model_output, cons
                                             double sample_max_value, bool draw_noise,
                                             const std::optional<at::Generator>& generator) {
   const SamplingArgs args{
-      {timesteps, prev_timesteps, alphas_cumprod}, final_alpha_cumprod, parse_prediction_type(prediction_type),
+      {timesteps, prev_timesteps, alphas_cumprod},
+      final_alpha_cumprod,
+      parse_prediction_type(prediction_type),
       x0_options(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value)};
   check_sampling_devices<Backend>(model_output, sample, noise, args);
   check_noise_source(noise, draw_noise, generator, sample.device());
@@ -168,7 +170,9 @@ std::tuple<at::Tensor, at::Tensor> ddim_step(const at::Tensor& model_output, con
                                              double dynamic_thresholding_ratio, double sample_max_value,
                                              bool use_clipped_model_output) {
   const SamplingArgs args{
-      {timesteps, prev_timesteps, alphas_cumprod}, final_alpha_cumprod, parse_prediction_type(prediction_type),
+      {timesteps, prev_timesteps, alphas_cumprod},
+      final_alpha_cumprod,
+      parse_prediction_type(prediction_type),
       x0_options(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value)};
   check_sampling_devices<Backend>(model_output, sample, noise, args);
   const typename Backend::DeviceGuard guard(sample.device());

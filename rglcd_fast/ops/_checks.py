@@ -1,6 +1,7 @@
 """Argument validation shared by the op wrappers: clear Python exceptions that name the argument.
 Everything here reads only metadata (shape, dtype, device), so it is free under torch.compile and
 never synchronises with the device."""
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -43,7 +44,9 @@ def per_sample(name: str, value, batch: int, device: torch.device, integer: bool
     if value.device != device:
         raise ValueError(f"{name}: expected device {device} (as the latents), got {value.device}")
     if value.dim() > 1 or value.numel() not in (1, batch):
-        raise ValueError(f"{name}: expected shape [{batch}], [1] or [] (one value per sample), got {tuple(value.shape)}")
+        raise ValueError(
+            f"{name}: expected shape [{batch}], [1] or [] (one value per sample), got {tuple(value.shape)}"
+        )
     return value.reshape(-1)
 
 
@@ -59,7 +62,9 @@ def schedule(alphas_cumprod, device: torch.device) -> torch.Tensor:
     if alphas_cumprod.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"alphas_cumprod: expected float32 (or float64), got {alphas_cumprod.dtype}")
     if alphas_cumprod.dim() != 1 or alphas_cumprod.numel() == 0:
-        raise ValueError(f"alphas_cumprod: expected a non-empty 1-d schedule [T], got shape {tuple(alphas_cumprod.shape)}")
+        raise ValueError(
+            f"alphas_cumprod: expected a non-empty 1-d schedule [T], got shape {tuple(alphas_cumprod.shape)}"
+        )
     if alphas_cumprod.device != device:
         raise ValueError(f"alphas_cumprod: expected device {device} (as the latents), got {alphas_cumprod.device}")
     return alphas_cumprod

@@ -1,6 +1,7 @@
 """Consistency family ops (docs/design.md §2): boundary scalings, x0 / ε from a model output, the
 consistency output f(m, x, t) and the fused distillation loss. Each op: schema, fake kernel,
 autograd (the backward is itself an op) and a validating public function."""
+
 import torch
 
 from .. import _library as lib
@@ -10,8 +11,10 @@ from . import _checks as check
 # ---- schemas and reference kernels ------------------------------------------------------------
 
 _boundary_scalings = lib.define(
-    "boundary_scalings", "(Tensor timesteps, float timestep_scaling, float sigma_data) -> (Tensor, Tensor)",
-    ref.boundary_scalings)
+    "boundary_scalings",
+    "(Tensor timesteps, float timestep_scaling, float sigma_data) -> (Tensor, Tensor)",
+    ref.boundary_scalings,
+)
 
 _MAP_ARGS = "Tensor model_output, Tensor sample, Tensor timesteps, Tensor alphas_cumprod, str prediction_type"
 _MAP_BACKWARD_ARGS = "Tensor grad, Tensor timesteps, Tensor alphas_cumprod, str prediction_type"
@@ -20,6 +23,7 @@ _CONSISTENCY_EXTRA = "float timestep_scaling, float sigma_data"
 
 def _linear_map_backward_reference(forward_reference):
     """Reference backward of a map linear in (model_output, sample): its vjp, taken at zero."""
+
     def backward(grad, timesteps, alphas_cumprod, *args):
         *extra, mask = args
         m = torch.zeros_like(grad, requires_grad=True)
@@ -29,32 +33,61 @@ def _linear_map_backward_reference(forward_reference):
             grad_m, grad_x = torch.autograd.grad(out, (m, x), grad, allow_unused=True, materialize_grads=True)
         empty = grad.new_empty(0)
         return (grad_m if mask[0] else empty), (grad_x if mask[1] else empty)
+
     return backward
 
 
 _predicted_x0 = lib.define("predicted_x0", f"({_MAP_ARGS}) -> Tensor", ref.predicted_x0)
 _predicted_x0_backward = lib.define(
-    "predicted_x0_backward", f"({_MAP_BACKWARD_ARGS}, bool[2] output_mask) -> (Tensor, Tensor)",
-    _linear_map_backward_reference(ref.predicted_x0))
+    "predicted_x0_backward",
+    f"({_MAP_BACKWARD_ARGS}, bool[2] output_mask) -> (Tensor, Tensor)",
+    _linear_map_backward_reference(ref.predicted_x0),
+)
 _predicted_eps = lib.define("predicted_eps", f"({_MAP_ARGS}) -> Tensor", ref.predicted_eps)
 _predicted_eps_backward = lib.define(
-    "predicted_eps_backward", f"({_MAP_BACKWARD_ARGS}, bool[2] output_mask) -> (Tensor, Tensor)",
-    _linear_map_backward_reference(ref.predicted_eps))
+    "predicted_eps_backward",
+    f"({_MAP_BACKWARD_ARGS}, bool[2] output_mask) -> (Tensor, Tensor)",
+    _linear_map_backward_reference(ref.predicted_eps),
+)
 _consistency_output = lib.define(
-    "consistency_output", f"({_MAP_ARGS}, {_CONSISTENCY_EXTRA}) -> Tensor", ref.consistency_output)
+    "consistency_output", f"({_MAP_ARGS}, {_CONSISTENCY_EXTRA}) -> Tensor", ref.consistency_output
+)
 _consistency_output_backward = lib.define(
     "consistency_output_backward",
     f"({_MAP_BACKWARD_ARGS}, {_CONSISTENCY_EXTRA}, bool[2] output_mask) -> (Tensor, Tensor)",
-    _linear_map_backward_reference(ref.consistency_output))
+    _linear_map_backward_reference(ref.consistency_output),
+)
 
 
-def _consistency_loss_backward_reference(grad_loss, grad_model_pred, model_output, sample, timesteps, target,
-                                         alphas_cumprod, prediction_type, loss_type, huber_c, timestep_scaling,
-                                         sigma_data, output_mask):
+def _consistency_loss_backward_reference(
+    grad_loss,
+    grad_model_pred,
+    model_output,
+    sample,
+    timesteps,
+    target,
+    alphas_cumprod,
+    prediction_type,
+    loss_type,
+    huber_c,
+    timestep_scaling,
+    sigma_data,
+    output_mask,
+):
     inputs = [t.detach().requires_grad_() for t in (model_output, sample, target)]
     with torch.enable_grad():
-        loss, model_pred = ref.consistency_loss(inputs[0], inputs[1], timesteps, inputs[2], alphas_cumprod,
-                                                prediction_type, loss_type, huber_c, timestep_scaling, sigma_data)
+        loss, model_pred = ref.consistency_loss(
+            inputs[0],
+            inputs[1],
+            timesteps,
+            inputs[2],
+            alphas_cumprod,
+            prediction_type,
+            loss_type,
+            huber_c,
+            timestep_scaling,
+            sigma_data,
+        )
         outputs, grads = [loss], [grad_loss]
         if grad_model_pred is not None:
             outputs.append(model_pred)
@@ -67,13 +100,15 @@ _consistency_loss = lib.define(
     "consistency_loss",
     "(Tensor model_output, Tensor sample, Tensor timesteps, Tensor target, Tensor alphas_cumprod, "
     "str prediction_type, str loss_type, float huber_c, float timestep_scaling, float sigma_data) -> (Tensor, Tensor)",
-    ref.consistency_loss)
+    ref.consistency_loss,
+)
 _consistency_loss_backward = lib.define(
     "consistency_loss_backward",
     "(Tensor grad_loss, Tensor? grad_model_pred, Tensor model_output, Tensor sample, Tensor timesteps, Tensor target, "
     "Tensor alphas_cumprod, str prediction_type, str loss_type, float huber_c, float timestep_scaling, "
     "float sigma_data, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
-    _consistency_loss_backward_reference)
+    _consistency_loss_backward_reference,
+)
 
 # ---- fake kernels -------------------------------------------------------------------------------
 
@@ -81,8 +116,10 @@ _consistency_loss_backward = lib.define(
 @torch.library.register_fake(lib.qualname("boundary_scalings"))
 def _(timesteps, timestep_scaling, sigma_data):
     dtype = torch.float64 if timesteps.dtype == torch.float64 else torch.float32
-    return (torch.empty(timesteps.shape, dtype=dtype, device=timesteps.device),
-            torch.empty(timesteps.shape, dtype=dtype, device=timesteps.device))
+    return (
+        torch.empty(timesteps.shape, dtype=dtype, device=timesteps.device),
+        torch.empty(timesteps.shape, dtype=dtype, device=timesteps.device),
+    )
 
 
 def _fake_map(model_output, sample, timesteps, alphas_cumprod, prediction_type, *extra):
@@ -108,6 +145,7 @@ def _(model_output, sample, timesteps, target, alphas_cumprod, *args):
 @torch.library.register_fake(lib.qualname("consistency_loss_backward"))
 def _(grad_loss, grad_model_pred, model_output, *args):
     return tuple(torch.empty_like(model_output) if wanted else model_output.new_empty(0) for wanted in args[-1])
+
 
 # ---- autograd -----------------------------------------------------------------------------------
 
@@ -148,12 +186,17 @@ def _loss_backward(ctx, grad_loss, grad_model_pred):
     if (grad_loss is None and grad_model_pred is None) or not any(mask):
         return (None,) * 10
     if grad_loss is None:  # only model_pred was used
-        grad_loss = torch.zeros((), dtype=torch.float64 if model_output.dtype == torch.float64 else torch.float32,
-                                device=model_output.device)
+        grad_loss = torch.zeros(
+            (),
+            dtype=torch.float64 if model_output.dtype == torch.float64 else torch.float32,
+            device=model_output.device,
+        )
     grad_m, grad_x, grad_target = _consistency_loss_backward(
-        grad_loss, grad_model_pred, model_output, sample, timesteps, target, alphas_cumprod, *ctx.params, mask)
-    return (grad_m if mask[0] else None, grad_x if mask[1] else None, None,
-            grad_target if mask[2] else None) + (None,) * 6
+        grad_loss, grad_model_pred, model_output, sample, timesteps, target, alphas_cumprod, *ctx.params, mask
+    )
+    return (grad_m if mask[0] else None, grad_x if mask[1] else None, None, grad_target if mask[2] else None) + (
+        None,
+    ) * 6
 
 
 lib.register_autograd("consistency_loss", _loss_setup_context, _loss_backward)
@@ -186,15 +229,26 @@ def predicted_eps(model_output, sample, timesteps, alphas_cumprod, prediction_ty
     return _predicted_eps(*_map_arguments(model_output, sample, timesteps, alphas_cumprod, prediction_type))
 
 
-def consistency_output(model_output, sample, timesteps, alphas_cumprod, prediction_type="epsilon",
-                       timestep_scaling=10.0, sigma_data=0.5):
+def consistency_output(
+    model_output, sample, timesteps, alphas_cumprod, prediction_type="epsilon", timestep_scaling=10.0, sigma_data=0.5
+):
     """f(m, x, t) = c_skip(t)·x + c_out(t)·x0(m, x, t), differentiable in model_output and sample."""
     args = _map_arguments(model_output, sample, timesteps, alphas_cumprod, prediction_type)
     return _consistency_output(*args, float(timestep_scaling), float(sigma_data))
 
 
-def consistency_loss(model_output, sample, timesteps, target, alphas_cumprod, prediction_type="epsilon",
-                     loss_type="huber", huber_c=0.001, timestep_scaling=10.0, sigma_data=0.5):
+def consistency_loss(
+    model_output,
+    sample,
+    timesteps,
+    target,
+    alphas_cumprod,
+    prediction_type="epsilon",
+    loss_type="huber",
+    huber_c=0.001,
+    timestep_scaling=10.0,
+    sigma_data=0.5,
+):
     """Fused distillation loss: model_pred = f(model_output, sample, t); loss = mean ρ(model_pred - target)
     with ρ Huber sqrt(d² + c²) - c or L2 d². Returns (loss, model_pred); both are differentiable
     (model_pred carries the reward term's gradient)."""
@@ -203,5 +257,6 @@ def consistency_loss(model_output, sample, timesteps, target, alphas_cumprod, pr
     if loss_type == "huber" and not huber_c > 0:
         raise ValueError(f"huber_c: expected a positive constant, got {huber_c}")
     m, x, t, ac, ptype = _map_arguments(model_output, sample, timesteps, alphas_cumprod, prediction_type)
-    return _consistency_loss(m, x, t, target, ac, ptype, loss_type, float(huber_c), float(timestep_scaling),
-                             float(sigma_data))
+    return _consistency_loss(
+        m, x, t, target, ac, ptype, loss_type, float(huber_c), float(timestep_scaling), float(sigma_data)
+    )

@@ -1,6 +1,7 @@
 """Reward family ops (docs/design.md §2 "Latent reward head", §1 step 9): the CLIP-style reward head
 score = scale·cos(u, v) and the latent reward model's pairwise preference loss. Each op: schema, fake
 kernel, autograd (the backward is itself an op) and a validating public function."""
+
 import torch
 
 from .. import _library as lib
@@ -20,18 +21,18 @@ def _reward_head_backward_reference(grad, image_features, text_features, logit_s
     with torch.enable_grad():
         scores = ref.reward_head(*inputs)
         result = torch.autograd.grad(scores, inputs, grad, allow_unused=True, materialize_grads=True)
-    return tuple(g.contiguous() if wanted else t.new_empty(0)
-                 for g, t, wanted in zip(result, inputs, output_mask))
+    return tuple(g.contiguous() if wanted else t.new_empty(0) for g, t, wanted in zip(result, inputs, output_mask))
 
 
 _reward_head = lib.define(
-    "reward_head", "(Tensor image_features, Tensor text_features, Tensor logit_scale) -> Tensor",
-    _reward_head_reference)
+    "reward_head", "(Tensor image_features, Tensor text_features, Tensor logit_scale) -> Tensor", _reward_head_reference
+)
 _reward_head_backward = lib.define(
     "reward_head_backward",
     "(Tensor grad, Tensor image_features, Tensor text_features, Tensor logit_scale, bool[3] output_mask) "
     "-> (Tensor, Tensor, Tensor)",
-    _reward_head_backward_reference)
+    _reward_head_backward_reference,
+)
 
 
 def _pairwise_backward_reference(grad_loss, logits, expert_logits, kind, real_index=None, smooth_gt_label=False):
@@ -44,12 +45,15 @@ def _pairwise_backward_reference(grad_loss, logits, expert_logits, kind, real_in
 
 _PAIRWISE_OPTIONS = "str kind, int? real_index=None, bool smooth_gt_label=False"
 _pairwise_preference_loss = lib.define(
-    "pairwise_preference_loss", f"(Tensor logits, Tensor expert_logits, {_PAIRWISE_OPTIONS}) -> (Tensor, Tensor)",
-    ref.pairwise_preference_loss)
+    "pairwise_preference_loss",
+    f"(Tensor logits, Tensor expert_logits, {_PAIRWISE_OPTIONS}) -> (Tensor, Tensor)",
+    ref.pairwise_preference_loss,
+)
 _pairwise_preference_loss_backward = lib.define(
     "pairwise_preference_loss_backward",
     f"(Tensor grad_loss, Tensor logits, Tensor expert_logits, {_PAIRWISE_OPTIONS}) -> Tensor",
-    _pairwise_backward_reference)
+    _pairwise_backward_reference,
+)
 
 # ---- fake kernels -------------------------------------------------------------------------------
 
@@ -61,8 +65,10 @@ def _(image_features, text_features, logit_scale):
 
 @torch.library.register_fake(lib.qualname("reward_head_backward"))
 def _(grad, image_features, text_features, logit_scale, output_mask):
-    return tuple(t.new_empty(t.shape) if wanted else t.new_empty(0)
-                 for t, wanted in zip((image_features, text_features, logit_scale), output_mask))
+    return tuple(
+        t.new_empty(t.shape) if wanted else t.new_empty(0)
+        for t, wanted in zip((image_features, text_features, logit_scale), output_mask)
+    )
 
 
 def _loss_dtype(dtype):
@@ -78,6 +84,7 @@ def _(logits, expert_logits, kind, real_index=None, smooth_gt_label=False):
 @torch.library.register_fake(lib.qualname("pairwise_preference_loss_backward"))
 def _(grad_loss, logits, expert_logits, kind, real_index=None, smooth_gt_label=False):
     return logits.new_empty(logits.shape)
+
 
 # ---- autograd -----------------------------------------------------------------------------------
 
@@ -109,8 +116,11 @@ def _pairwise_setup_context(ctx, inputs, output):
 
 def _pairwise_grad(ctx, grad_loss, grad_accuracy):
     logits, expert_logits = ctx.saved_tensors
-    grad = _pairwise_preference_loss_backward(grad_loss, logits, expert_logits, *ctx.options) \
-        if ctx.needs_input_grad[0] and grad_loss is not None else None
+    grad = (
+        _pairwise_preference_loss_backward(grad_loss, logits, expert_logits, *ctx.options)
+        if ctx.needs_input_grad[0] and grad_loss is not None
+        else None
+    )
     return (grad, None) + (None,) * len(ctx.options)  # the expert logits are a target
 
 
@@ -132,23 +142,32 @@ def reward_head(image_features: torch.Tensor, text_features: torch.Tensor, logit
     if image_features.dtype not in check.FLOAT_DTYPES:
         raise TypeError(f"image_features: expected float16, bfloat16, float32 or float64, got {image_features.dtype}")
     if text_features.dtype != image_features.dtype:
-        raise TypeError(f"text_features: expected dtype {image_features.dtype} (as image_features), "
-                        f"got {text_features.dtype}")
+        raise TypeError(
+            f"text_features: expected dtype {image_features.dtype} (as image_features), got {text_features.dtype}"
+        )
     if text_features.device != image_features.device:
-        raise ValueError(f"text_features: expected device {image_features.device} (as image_features), "
-                         f"got {text_features.device}")
+        raise ValueError(
+            f"text_features: expected device {image_features.device} (as image_features), got {text_features.device}"
+        )
     if image_features.dim() < 1 or image_features.shape[-1] == 0:
         raise ValueError(f"image_features: expected [..., D] with D > 0, got shape {tuple(image_features.shape)}")
     if text_features.dim() < 1 or text_features.shape[-1] != image_features.shape[-1]:
-        raise ValueError(f"text_features: expected feature dim {image_features.shape[-1]} (as image_features), "
-                         f"got shape {tuple(text_features.shape)}")
+        raise ValueError(
+            f"text_features: expected feature dim {image_features.shape[-1]} (as image_features), "
+            f"got shape {tuple(text_features.shape)}"
+        )
     check.broadcastable_to("text_features", text_features, image_features.shape, "image_features")
     logit_scale = check.scalar("logit_scale", logit_scale, image_features.device)
     return _reward_head(image_features, text_features, logit_scale)
 
 
-def pairwise_preference_loss(logits: torch.Tensor, expert_logits: torch.Tensor, kind: str = "kl",
-                             real_index: int | None = None, smooth_gt_label: bool = False):
+def pairwise_preference_loss(
+    logits: torch.Tensor,
+    expert_logits: torch.Tensor,
+    kind: str = "kl",
+    real_index: int | None = None,
+    smooth_gt_label: bool = False,
+):
     """Latent reward model loss (docs/design.md §1 step 9) over K >= 2 candidates × B prompts.
 
     logits S [K, B] (the latent reward model's, differentiable); expert_logits E [K, B] (the expert

@@ -3,6 +3,7 @@
 step() semantics (inference: forward only). Each op: schema, fake kernel, autograd where
 differentiable (the backward is itself an op) and a validating public function. Outputs follow
 empty_like(sample)."""
+
 import math
 import numbers
 
@@ -15,21 +16,26 @@ from . import _checks as check
 # ---- schemas and reference kernels ------------------------------------------------------------
 
 _GUIDED_SCHEDULE = "Tensor timesteps, Tensor prev_timesteps, Tensor guidance_scale, Tensor alphas_cumprod"
-_X0_LIMITS = "bool clip_sample, float clip_sample_range, bool thresholding, float dynamic_thresholding_ratio, " \
-             "float sample_max_value"
+_X0_LIMITS = (
+    "bool clip_sample, float clip_sample_range, bool thresholding, float dynamic_thresholding_ratio, "
+    "float sample_max_value"
+)
 
 
-def _guided_ddim_step_backward_reference(grad_x_prev, grad_pred_x0, timesteps, prev_timesteps, guidance_scale,
-                                         alphas_cumprod, prediction_type, output_mask):
+def _guided_ddim_step_backward_reference(
+    grad_x_prev, grad_pred_x0, timesteps, prev_timesteps, guidance_scale, alphas_cumprod, prediction_type, output_mask
+):
     """The vjp of the (linear) reference step, taken at zero."""
     like = grad_x_prev if grad_x_prev is not None else grad_pred_x0
     inputs = [torch.zeros_like(like, requires_grad=True) for _ in range(3)]
     with torch.enable_grad():
-        outputs = ref.guided_ddim_step(*inputs, timesteps, prev_timesteps, guidance_scale, alphas_cumprod,
-                                       prediction_type)
+        outputs = ref.guided_ddim_step(
+            *inputs, timesteps, prev_timesteps, guidance_scale, alphas_cumprod, prediction_type
+        )
         pairs = [(o, g) for o, g in zip(outputs, (grad_x_prev, grad_pred_x0)) if g is not None]
-        grads = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True,
-                                    materialize_grads=True)
+        grads = torch.autograd.grad(
+            [o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True, materialize_grads=True
+        )
     return tuple(g if wanted else like.new_empty(0) for g, wanted in zip(grads, output_mask))
 
 
@@ -37,12 +43,14 @@ _guided_ddim_step = lib.define(
     "guided_ddim_step",
     f"(Tensor cond_output, Tensor uncond_output, Tensor sample, {_GUIDED_SCHEDULE}, str prediction_type) "
     "-> (Tensor, Tensor)",
-    ref.guided_ddim_step)
+    ref.guided_ddim_step,
+)
 _guided_ddim_step_backward = lib.define(
     "guided_ddim_step_backward",
     f"(Tensor? grad_x_prev, Tensor? grad_pred_x0, {_GUIDED_SCHEDULE}, str prediction_type, bool[3] output_mask) "
     "-> (Tensor, Tensor, Tensor)",
-    _guided_ddim_step_backward_reference)
+    _guided_ddim_step_backward_reference,
+)
 # lcm_step can draw its noise (draw_noise) from a generator: seeded randomness, which torch.compile
 # must neither merge nor drop, as for aten's random ops.
 _lcm_step = lib.define(
@@ -50,13 +58,16 @@ _lcm_step = lib.define(
     "(Tensor model_output, Tensor sample, Tensor timesteps, Tensor prev_timesteps, Tensor alphas_cumprod, "
     "Tensor? noise, float final_alpha_cumprod, str prediction_type, float timestep_scaling, "
     f"{_X0_LIMITS}, bool draw_noise=False, Generator? generator=None) -> (Tensor, Tensor)",
-    ref.lcm_step, tags=(torch.Tag.nondeterministic_seeded,))
+    ref.lcm_step,
+    tags=(torch.Tag.nondeterministic_seeded,),
+)
 _ddim_step = lib.define(
     "ddim_step",
     "(Tensor model_output, Tensor sample, Tensor timesteps, Tensor prev_timesteps, Tensor alphas_cumprod, "
     "Tensor? noise, float final_alpha_cumprod, float eta, str prediction_type, "
     f"{_X0_LIMITS}, bool use_clipped_model_output) -> (Tensor, Tensor)",
-    ref.ddim_step)
+    ref.ddim_step,
+)
 
 # ---- fake kernels -------------------------------------------------------------------------------
 
@@ -117,7 +128,8 @@ def _forward_only(op_name, **tensors):
             if value is not None and value.requires_grad:
                 raise RuntimeError(
                     f"{op_name} is an inference op (forward only), but {name} requires grad; call it under "
-                    "torch.no_grad() or torch.inference_mode(), or pass detached tensors")
+                    "torch.no_grad() or torch.inference_mode(), or pass detached tensors"
+                )
 
 
 def _step_schedule_arguments(sample, timesteps, prev_timesteps, alphas_cumprod, prediction_type):
@@ -132,18 +144,34 @@ def _x0_limit_arguments(clip_sample, clip_sample_range, thresholding, dynamic_th
     """What diffusers accepts: any range and maximum (torch.clamp's rule where the bounds cross: a clip range
     r <= 0 gives r, a sample_max_value below 1 gives itself as the threshold), a quantile ratio in [0, 1]
     (torch.quantile's domain)."""
-    return (bool(clip_sample), _number("clip_sample_range", clip_sample_range), bool(thresholding),
-            _number("dynamic_thresholding_ratio", dynamic_thresholding_ratio, lambda v: 0 <= v <= 1,
-                    "a value in [0, 1] (torch.quantile's q)"),
-            _number("sample_max_value", sample_max_value))
+    return (
+        bool(clip_sample),
+        _number("clip_sample_range", clip_sample_range),
+        bool(thresholding),
+        _number(
+            "dynamic_thresholding_ratio",
+            dynamic_thresholding_ratio,
+            lambda v: 0 <= v <= 1,
+            "a value in [0, 1] (torch.quantile's q)",
+        ),
+        _number("sample_max_value", sample_max_value),
+    )
 
 
 def _final_alpha_cumprod(value):
     return _number("final_alpha_cumprod", value, lambda v: 0 < v <= 1, "a value in (0, 1]")
 
 
-def guided_ddim_step(cond_output, uncond_output, sample, timesteps, prev_timesteps, guidance_scale, alphas_cumprod,
-                     prediction_type="epsilon"):
+def guided_ddim_step(
+    cond_output,
+    uncond_output,
+    sample,
+    timesteps,
+    prev_timesteps,
+    guidance_scale,
+    alphas_cumprod,
+    prediction_type="epsilon",
+):
     """The teacher's CFG + DDIM solver step of LCD training (docs/design.md §2), one fused pass.
 
     With x0_c, ε_c (x0_u, ε_u) from cond_output (uncond_output) at (sample, timesteps):
@@ -155,23 +183,40 @@ def guided_ddim_step(cond_output, uncond_output, sample, timesteps, prev_timeste
     tensor [B], [1] or []. Returns (x_prev, pred_x0), differentiable in cond_output, uncond_output and
     sample; guidance_scale is treated as a constant (no gradient)."""
     check.latents(cond_output=cond_output, uncond_output=uncond_output, sample=sample)
-    timesteps, prev_timesteps, alphas_cumprod = _step_schedule_arguments(sample, timesteps, prev_timesteps,
-                                                                         alphas_cumprod, prediction_type)
+    timesteps, prev_timesteps, alphas_cumprod = _step_schedule_arguments(
+        sample, timesteps, prev_timesteps, alphas_cumprod, prediction_type
+    )
     guidance_scale = check.scalar_or_per_sample("guidance_scale", guidance_scale, sample.shape[0], sample.device)
-    return _guided_ddim_step(cond_output, uncond_output, sample, timesteps, prev_timesteps, guidance_scale.detach(),
-                             alphas_cumprod, prediction_type)
+    return _guided_ddim_step(
+        cond_output,
+        uncond_output,
+        sample,
+        timesteps,
+        prev_timesteps,
+        guidance_scale.detach(),
+        alphas_cumprod,
+        prediction_type,
+    )
 
 
-def lcm_step_constants(final_alpha_cumprod=1.0, prediction_type="epsilon", timestep_scaling=10.0, clip_sample=False,
-                       clip_sample_range=1.0, thresholding=False, dynamic_thresholding_ratio=0.995,
-                       sample_max_value=1.0) -> tuple:
+def lcm_step_constants(
+    final_alpha_cumprod=1.0,
+    prediction_type="epsilon",
+    timestep_scaling=10.0,
+    clip_sample=False,
+    clip_sample_range=1.0,
+    thresholding=False,
+    dynamic_thresholding_ratio=0.995,
+    sample_max_value=1.0,
+) -> tuple:
     """lcm_step's configuration arguments, checked, in the op's order: what a scheduler checks once per
     configuration and passes to torch.ops.rglcd_fast.lcm_step after the six tensor arguments (and
     before draw_noise and generator)."""
     check.choice("prediction_type", prediction_type, check.PREDICTION_TYPES)
     scaling = _number("timestep_scaling", timestep_scaling, math.isfinite, "a finite value")
-    limits = _x0_limit_arguments(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
-                                 sample_max_value)
+    limits = _x0_limit_arguments(
+        clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value
+    )
     return (_final_alpha_cumprod(final_alpha_cumprod), prediction_type, scaling, *limits)
 
 
@@ -185,10 +230,24 @@ def _noise_source(noise, draw_noise, generator, device):
     ref.check_noise_source(noise, draw_noise, generator, device)
 
 
-def lcm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise=None, final_alpha_cumprod=1.0,
-             prediction_type="epsilon", timestep_scaling=10.0, clip_sample=False, clip_sample_range=1.0,
-             thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0, draw_noise=False,
-             generator=None):
+def lcm_step(
+    model_output,
+    sample,
+    timesteps,
+    prev_timesteps,
+    alphas_cumprod,
+    noise=None,
+    final_alpha_cumprod=1.0,
+    prediction_type="epsilon",
+    timestep_scaling=10.0,
+    clip_sample=False,
+    clip_sample_range=1.0,
+    thresholding=False,
+    dynamic_thresholding_ratio=0.995,
+    sample_max_value=1.0,
+    draw_noise=False,
+    generator=None,
+):
     """diffusers LCMScheduler.step as one fused op (forward only). Returns (prev_sample, denoised).
 
     prev_timesteps: the next timestep of the schedule per sample; a negative one means the final
@@ -202,17 +261,41 @@ def lcm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, no
     check.latents(model_output=model_output, sample=sample, **({} if noise is None else {"noise": noise}))
     _forward_only("lcm_step", model_output=model_output, sample=sample, noise=noise)
     _noise_source(noise, draw_noise, generator, sample.device)
-    constants = lcm_step_constants(final_alpha_cumprod, prediction_type, timestep_scaling, clip_sample,
-                                   clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value)
-    timesteps, prev_timesteps, alphas_cumprod = _step_schedule_arguments(sample, timesteps, prev_timesteps,
-                                                                         alphas_cumprod, prediction_type)
-    return _lcm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise, *constants, draw_noise,
-                     generator)
+    constants = lcm_step_constants(
+        final_alpha_cumprod,
+        prediction_type,
+        timestep_scaling,
+        clip_sample,
+        clip_sample_range,
+        thresholding,
+        dynamic_thresholding_ratio,
+        sample_max_value,
+    )
+    timesteps, prev_timesteps, alphas_cumprod = _step_schedule_arguments(
+        sample, timesteps, prev_timesteps, alphas_cumprod, prediction_type
+    )
+    return _lcm_step(
+        model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise, *constants, draw_noise, generator
+    )
 
 
-def ddim_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise=None, final_alpha_cumprod=1.0,
-              eta=0.0, prediction_type="epsilon", clip_sample=False, clip_sample_range=1.0, thresholding=False,
-              dynamic_thresholding_ratio=0.995, sample_max_value=1.0, use_clipped_model_output=False):
+def ddim_step(
+    model_output,
+    sample,
+    timesteps,
+    prev_timesteps,
+    alphas_cumprod,
+    noise=None,
+    final_alpha_cumprod=1.0,
+    eta=0.0,
+    prediction_type="epsilon",
+    clip_sample=False,
+    clip_sample_range=1.0,
+    thresholding=False,
+    dynamic_thresholding_ratio=0.995,
+    sample_max_value=1.0,
+    use_clipped_model_output=False,
+):
     """diffusers DDIMScheduler.step as one fused op (forward only). Returns (prev_sample, pred_original_sample).
 
     prev_timesteps: diffusers' timesteps − T // num_inference_steps per sample; a negative one means the
@@ -224,10 +307,22 @@ def ddim_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, n
     eta = _number("eta", eta)  # as diffusers: the variance noise is added only when eta > 0
     if eta > 0 and noise is None:
         raise ValueError(f"noise: required when eta > 0 (got eta = {eta})")
-    timesteps, prev_timesteps, alphas_cumprod = _step_schedule_arguments(sample, timesteps, prev_timesteps,
-                                                                         alphas_cumprod, prediction_type)
-    limits = _x0_limit_arguments(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
-                                 sample_max_value)
-    return _ddim_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise,
-                      _final_alpha_cumprod(final_alpha_cumprod), eta, prediction_type, *limits,
-                      bool(use_clipped_model_output))
+    timesteps, prev_timesteps, alphas_cumprod = _step_schedule_arguments(
+        sample, timesteps, prev_timesteps, alphas_cumprod, prediction_type
+    )
+    limits = _x0_limit_arguments(
+        clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value
+    )
+    return _ddim_step(
+        model_output,
+        sample,
+        timesteps,
+        prev_timesteps,
+        alphas_cumprod,
+        noise,
+        _final_alpha_cumprod(final_alpha_cumprod),
+        eta,
+        prediction_type,
+        *limits,
+        bool(use_clipped_model_output),
+    )

@@ -1,9 +1,11 @@
 """Schedule look-ups shared by the references, written as the public LCD script writes them."""
+
 import torch
 
 
-def check_timesteps(timesteps: torch.Tensor, num_train_timesteps: int, name: str = "timesteps",
-                    allow_negative: bool = False) -> None:
+def check_timesteps(
+    timesteps: torch.Tensor, num_train_timesteps: int, name: str = "timesteps", allow_negative: bool = False
+) -> None:
     """ValueError naming the argument for a value outside [0, T) (CPU only: never syncs a GPU)."""
     if timesteps.device.type != "cpu" or timesteps.numel() == 0:
         return

@@ -1,6 +1,7 @@
 """Reference consistency family: LCM boundary scalings, x0 / ε from a model output, the consistency
 output and the distillation loss, exactly as diffusers' train_lcm_distill_sd_wds.py computes them
 (docs/design.md §2). Results are returned in the model output's dtype; the loss in float32 (float64)."""
+
 import torch
 
 from ._schedule import accumulation_dtype, alphas_sigmas
@@ -47,8 +48,9 @@ def _per_sample(values, ndim):
     return values.reshape(-1, *([1] * (ndim - 1)))
 
 
-def consistency_output(model_output, sample, timesteps, alphas_cumprod, prediction_type="epsilon",
-                       timestep_scaling=10.0, sigma_data=0.5):
+def consistency_output(
+    model_output, sample, timesteps, alphas_cumprod, prediction_type="epsilon", timestep_scaling=10.0, sigma_data=0.5
+):
     c_skip, c_out = boundary_scalings(timesteps, timestep_scaling, sigma_data)
     c_skip, c_out = _per_sample(c_skip, sample.dim()), _per_sample(c_out, sample.dim())
     alphas, sigmas = alphas_sigmas(alphas_cumprod, timesteps, sample.dim())
@@ -56,10 +58,21 @@ def consistency_output(model_output, sample, timesteps, alphas_cumprod, predicti
     return (c_skip * sample + c_out * pred_x0).to(model_output.dtype)
 
 
-def consistency_loss(model_output, sample, timesteps, target, alphas_cumprod, prediction_type="epsilon",
-                     loss_type="huber", huber_c=0.001, timestep_scaling=10.0, sigma_data=0.5):
-    model_pred = consistency_output(model_output, sample, timesteps, alphas_cumprod, prediction_type,
-                                    timestep_scaling, sigma_data)
+def consistency_loss(
+    model_output,
+    sample,
+    timesteps,
+    target,
+    alphas_cumprod,
+    prediction_type="epsilon",
+    loss_type="huber",
+    huber_c=0.001,
+    timestep_scaling=10.0,
+    sigma_data=0.5,
+):
+    model_pred = consistency_output(
+        model_output, sample, timesteps, alphas_cumprod, prediction_type, timestep_scaling, sigma_data
+    )
     acc = accumulation_dtype(model_pred.dtype)
     diff = model_pred.to(acc) - target.to(acc)
     if loss_type == "l2":

@@ -1,6 +1,7 @@
 """Reference reward family (docs/design.md §2 "Latent reward head", §1 step 9): the CLIP-style reward head
 and the latent reward model's pairwise preference loss, written as the public RG-LCD training script
 computes them (open_clip features, then F.kl_div / F.cross_entropy per pair of candidates)."""
+
 import torch
 import torch.nn.functional as F
 
@@ -30,16 +31,19 @@ def check_preference_rule(kind, real_index, smooth_gt_label, num_candidates):
         raise ValueError(f"kind: expected 'kl' or 'ce', got {kind!r}")
     if real_index is not None:
         if not isinstance(real_index, int) or isinstance(real_index, bool):
-            raise TypeError(f"real_index: expected an int (the real candidate's index) or None, "
-                            f"got {type(real_index).__name__}")
+            raise TypeError(
+                f"real_index: expected an int (the real candidate's index) or None, got {type(real_index).__name__}"
+            )
         if not 0 <= real_index < num_candidates:
-            raise ValueError(f"real_index: expected a candidate index in [0, K) = [0, {num_candidates}), "
-                             f"got {real_index}")
+            raise ValueError(
+                f"real_index: expected a candidate index in [0, K) = [0, {num_candidates}), got {real_index}"
+            )
     if not isinstance(smooth_gt_label, bool):
         raise TypeError(f"smooth_gt_label: expected a bool, got {type(smooth_gt_label).__name__}")
     if smooth_gt_label and kind != "kl":
-        raise ValueError("smooth_gt_label: applies to kind 'kl' only (kind 'ce' labels the real candidate's pairs "
-                         "itself)")
+        raise ValueError(
+            "smooth_gt_label: applies to kind 'kl' only (kind 'ce' labels the real candidate's pairs itself)"
+        )
     if smooth_gt_label and real_index is None:
         raise ValueError("smooth_gt_label: needs real_index (the real candidate whose pairs it smooths)")
 

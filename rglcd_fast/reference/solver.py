@@ -3,6 +3,7 @@ LCD script (diffusers examples/consistency_distillation/train_lcm_distill_sd_wds
 LCM / DDIM sampling steps, written as diffusers' LCMScheduler.step and DDIMScheduler.step write them,
 with every per-timestep scalar a per-sample tensor (docs/design.md §2). Math in float32 (float64 for
 float64 inputs); results in the input dtype."""
+
 import torch
 
 from ._schedule import accumulation_dtype, check_timesteps, extract_into_tensor
@@ -59,8 +60,16 @@ def get_predicted_noise(model_output, timesteps, sample, prediction_type, alphas
     return pred_epsilon
 
 
-def guided_ddim_step(cond_output, uncond_output, sample, timesteps, prev_timesteps, guidance_scale, alphas_cumprod,
-                     prediction_type="epsilon"):
+def guided_ddim_step(
+    cond_output,
+    uncond_output,
+    sample,
+    timesteps,
+    prev_timesteps,
+    guidance_scale,
+    alphas_cumprod,
+    prediction_type="epsilon",
+):
     """The LCD script's CFG + DDIM solver step; prev_timesteps = max(t_start - T/N, 0) gives the script's
     DDIMSolver.ddim_alpha_cumprods_prev[index]. Returns (x_prev, pred_x0)."""
     _check(timesteps, prev_timesteps, alphas_cumprod, allow_final=False)
@@ -69,14 +78,18 @@ def guided_ddim_step(cond_output, uncond_output, sample, timesteps, prev_timeste
     sigma_schedule = torch.sqrt(1 - alphas_cumprod)
     # a Python number too, as the op takes it
     w = _per_sample(torch.as_tensor(guidance_scale, device=sample.device), ndim, accumulation_dtype(dtype))
-    cond_pred_x0 = get_predicted_original_sample(cond_output, timesteps, sample, prediction_type, alpha_schedule,
-                                                 sigma_schedule)
-    cond_pred_noise = get_predicted_noise(cond_output, timesteps, sample, prediction_type, alpha_schedule,
-                                          sigma_schedule)
-    uncond_pred_x0 = get_predicted_original_sample(uncond_output, timesteps, sample, prediction_type, alpha_schedule,
-                                                   sigma_schedule)
-    uncond_pred_noise = get_predicted_noise(uncond_output, timesteps, sample, prediction_type, alpha_schedule,
-                                            sigma_schedule)
+    cond_pred_x0 = get_predicted_original_sample(
+        cond_output, timesteps, sample, prediction_type, alpha_schedule, sigma_schedule
+    )
+    cond_pred_noise = get_predicted_noise(
+        cond_output, timesteps, sample, prediction_type, alpha_schedule, sigma_schedule
+    )
+    uncond_pred_x0 = get_predicted_original_sample(
+        uncond_output, timesteps, sample, prediction_type, alpha_schedule, sigma_schedule
+    )
+    uncond_pred_noise = get_predicted_noise(
+        uncond_output, timesteps, sample, prediction_type, alpha_schedule, sigma_schedule
+    )
     pred_x0 = cond_pred_x0 + w * (cond_pred_x0 - uncond_pred_x0)
     pred_noise = cond_pred_noise + w * (cond_pred_noise - uncond_pred_noise)
     # DDIMSolver.ddim_step
@@ -106,8 +119,9 @@ def _threshold_sample(sample, dynamic_thresholding_ratio, sample_max_value):
     return sample.reshape(shape).to(dtype)
 
 
-def _clip_or_threshold(pred_original_sample, clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
-                       sample_max_value):
+def _clip_or_threshold(
+    pred_original_sample, clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value
+):
     if thresholding:
         return _threshold_sample(pred_original_sample, dynamic_thresholding_ratio, sample_max_value)
     if clip_sample:
@@ -134,10 +148,24 @@ def check_noise_source(noise, draw_noise, generator, device):
         raise ValueError(f"generator: expected a {device.type} generator (as sample), got one on {generator.device}")
 
 
-def lcm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise=None, final_alpha_cumprod=1.0,
-             prediction_type="epsilon", timestep_scaling=10.0, clip_sample=False, clip_sample_range=1.0,
-             thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0, draw_noise=False,
-             generator=None):
+def lcm_step(
+    model_output,
+    sample,
+    timesteps,
+    prev_timesteps,
+    alphas_cumprod,
+    noise=None,
+    final_alpha_cumprod=1.0,
+    prediction_type="epsilon",
+    timestep_scaling=10.0,
+    clip_sample=False,
+    clip_sample_range=1.0,
+    thresholding=False,
+    dynamic_thresholding_ratio=0.995,
+    sample_max_value=1.0,
+    draw_noise=False,
+    generator=None,
+):
     """LCMScheduler.step with prev_timesteps given (negative: final_alpha_cumprod) and noise an input;
     noise None is the last step (prev_sample = denoised), unless draw_noise, where the noise is drawn
     here as LCMScheduler.step draws it for a generator on the sample's device (or None).
@@ -146,8 +174,9 @@ def lcm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, no
     if draw_noise:
         noise = torch.randn(model_output.shape, generator=generator, device=sample.device, dtype=sample.dtype)
     ndim, dtype = sample.dim(), sample.dtype
-    alpha_prod_t, alpha_prod_t_prev = _step_schedule(timesteps, prev_timesteps, alphas_cumprod, final_alpha_cumprod,
-                                                     ndim, dtype)
+    alpha_prod_t, alpha_prod_t_prev = _step_schedule(
+        timesteps, prev_timesteps, alphas_cumprod, final_alpha_cumprod, ndim, dtype
+    )
     beta_prod_t = 1 - alpha_prod_t
     beta_prod_t_prev = 1 - alpha_prod_t_prev
 
@@ -164,8 +193,14 @@ def lcm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, no
     else:
         raise ValueError(f"prediction_type: expected 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}")
 
-    predicted_original_sample = _clip_or_threshold(predicted_original_sample, clip_sample, clip_sample_range,
-                                                   thresholding, dynamic_thresholding_ratio, sample_max_value)
+    predicted_original_sample = _clip_or_threshold(
+        predicted_original_sample,
+        clip_sample,
+        clip_sample_range,
+        thresholding,
+        dynamic_thresholding_ratio,
+        sample_max_value,
+    )
 
     denoised = c_out * predicted_original_sample + c_skip * sample
 
@@ -176,17 +211,32 @@ def lcm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, no
     return prev_sample.to(dtype), denoised.to(dtype)
 
 
-def ddim_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise=None, final_alpha_cumprod=1.0,
-              eta=0.0, prediction_type="epsilon", clip_sample=False, clip_sample_range=1.0, thresholding=False,
-              dynamic_thresholding_ratio=0.995, sample_max_value=1.0, use_clipped_model_output=False):
+def ddim_step(
+    model_output,
+    sample,
+    timesteps,
+    prev_timesteps,
+    alphas_cumprod,
+    noise=None,
+    final_alpha_cumprod=1.0,
+    eta=0.0,
+    prediction_type="epsilon",
+    clip_sample=False,
+    clip_sample_range=1.0,
+    thresholding=False,
+    dynamic_thresholding_ratio=0.995,
+    sample_max_value=1.0,
+    use_clipped_model_output=False,
+):
     """DDIMScheduler.step with prev_timesteps given (diffusers: t - T // num_inference_steps; negative:
     final_alpha_cumprod) and the variance noise an input (required when eta > 0).
     Returns (prev_sample, pred_original_sample)."""
     if eta > 0 and noise is None:
         raise ValueError(f"noise: required when eta > 0 (got eta = {eta})")
     ndim, dtype = sample.dim(), sample.dtype
-    alpha_prod_t, alpha_prod_t_prev = _step_schedule(timesteps, prev_timesteps, alphas_cumprod, final_alpha_cumprod,
-                                                     ndim, dtype)
+    alpha_prod_t, alpha_prod_t_prev = _step_schedule(
+        timesteps, prev_timesteps, alphas_cumprod, final_alpha_cumprod, ndim, dtype
+    )
     beta_prod_t = 1 - alpha_prod_t
 
     if prediction_type == "epsilon":
@@ -201,8 +251,9 @@ def ddim_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, n
     else:
         raise ValueError(f"prediction_type: expected 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}")
 
-    pred_original_sample = _clip_or_threshold(pred_original_sample, clip_sample, clip_sample_range, thresholding,
-                                              dynamic_thresholding_ratio, sample_max_value)
+    pred_original_sample = _clip_or_threshold(
+        pred_original_sample, clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value
+    )
 
     # _get_variance
     beta_prod_t_prev = 1 - alpha_prod_t_prev

@@ -10,6 +10,7 @@ Each adapter writes both once, in ``reward_and_logits``. Images are float tensor
 the models are frozen (eval mode, no gradient to their weights) but differentiable with respect to the
 images (the "direct" reward variant).
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -36,7 +37,7 @@ def preprocess(images: torch.Tensor, size, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLI
     if (new_h, new_w) != (h, w):
         x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
     top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
-    x = x[..., top:top + out_h, left:left + out_w]
+    x = x[..., top : top + out_h, left : left + out_w]
     mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     x = (x - mean_t) / std_t

@@ -11,6 +11,7 @@ the official RG-LCD reward functions (reward_fn.py; docs/fidelity.md has the tab
 ``AestheticMLPScore`` keeps the improved-aesthetic-predictor MLP under its own name. HPSv2 (open_clip) and
 ImageReward (image-reward) are optional extras, imported only when chosen.
 """
+
 import glob
 import json
 import os
@@ -52,10 +53,13 @@ def _load_clip_tokenizer(folder):
 
     for candidate in (folder, os.path.join(folder, "tokenizer")):
         if os.path.isfile(os.path.join(candidate, "vocab.json")) or os.path.isfile(
-                os.path.join(candidate, "tokenizer.json")):
+            os.path.join(candidate, "tokenizer.json")
+        ):
             return CLIPTokenizer.from_pretrained(candidate)
-    raise FileNotFoundError(f"no CLIP tokenizer (vocab.json/merges.txt or tokenizer.json) in {folder} "
-                            f"or {os.path.join(folder, 'tokenizer')}")
+    raise FileNotFoundError(
+        f"no CLIP tokenizer (vocab.json/merges.txt or tokenizer.json) in {folder} "
+        f"or {os.path.join(folder, 'tokenizer')}"
+    )
 
 
 class _CLIPReward(RewardModel):
@@ -88,8 +92,9 @@ class _CLIPReward(RewardModel):
 
     def text_features(self, prompts):
         max_length = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
-        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=max_length,
-                                return_tensors="pt").to(self.device)
+        tokens = self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+        ).to(self.device)
         return _pooled(self.model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask))
 
     @property
@@ -126,6 +131,7 @@ def load_state_file(path, what: str) -> dict:
         raise FileNotFoundError(f"{what}: checkpoint not found: {path}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
+
         state = load_file(path)
     else:
         try:
@@ -133,10 +139,12 @@ def load_state_file(path, what: str) -> dict:
         except pickle.UnpicklingError as error:
             raise ValueError(
                 f"{what}: {path} holds pickled objects besides tensors, and unpickling them could run code, so it is "
-                "not loaded. If you trust the file, convert it once: python -c \"import torch, safetensors.torch as s; "
+                'not loaded. If you trust the file, convert it once: python -c "import torch, safetensors.torch as s; '
                 f"d = torch.load('{path}', weights_only=False); d = d.get('state_dict', d); "
-                f"s.save_file({{k: v.contiguous() for k, v in d.items()}}, '{os.path.splitext(path)[0]}.safetensors')\" "
-                f"and pass the .safetensors file ({str(error).splitlines()[0]})") from None
+                "s.save_file({k: v.contiguous() for k, v in d.items()}, "
+                f"'{os.path.splitext(path)[0]}.safetensors')\" "
+                f"and pass the .safetensors file ({str(error).splitlines()[0]})"
+            ) from None
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
     return {k.removeprefix("module."): v for k, v in state.items()}
@@ -154,6 +162,7 @@ def _save_state(module, path):
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     if path.endswith(".safetensors"):
         from safetensors.torch import save_file
+
         save_file(state, path)
     else:
         torch.save(state, path)
@@ -186,10 +195,15 @@ class AestheticMLPHead(torch.nn.Module):
         super().__init__()
         self.input_size = input_size
         self.layers = torch.nn.Sequential(
-            torch.nn.Linear(input_size, 1024), torch.nn.Dropout(0.2),
-            torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
-            torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
-            torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+            torch.nn.Linear(input_size, 1024),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(1024, 128),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(128, 64),
+            torch.nn.Dropout(0.1),
+            torch.nn.Linear(64, 16),
+            torch.nn.Linear(16, 1),
+        )
 
     def forward(self, embeddings):
         return self.layers(embeddings)
@@ -214,13 +228,14 @@ class AestheticScore(_CLIPReward):
     head_class = AestheticLinearHead
     HEAD_FILES = ("aesthetic_linear.safetensors", "sa_0_4_vit_l_14_linear.pth")
 
-    def __init__(self, model, tokenizer=None, image_size=None, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
-                 head=None):
+    def __init__(self, model, tokenizer=None, image_size=None, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, head=None):
         if head is None:
             raise ValueError(f"{type(self).__name__}: head (an {self.head_class.__name__}) is required")
         if head.input_size != model.config.projection_dim:
-            raise ValueError(f"{type(self).__name__}: head reads {head.input_size}-dim embeddings, the CLIP model "
-                             f"gives {model.config.projection_dim}")
+            raise ValueError(
+                f"{type(self).__name__}: head reads {head.input_size}-dim embeddings, the CLIP model "
+                f"gives {model.config.projection_dim}"
+            )
         super().__init__(model, tokenizer, image_size, mean, std)
         self.head = head.to(device=self.device, dtype=self.dtype)
         self.freeze()
@@ -232,8 +247,9 @@ class AestheticScore(_CLIPReward):
         if head_path is None:
             found = [os.path.join(folder, n) for n in cls.HEAD_FILES if os.path.isfile(os.path.join(folder, n))]
             if not found:
-                raise FileNotFoundError(f"{cls.__name__}: no head file ({', '.join(cls.HEAD_FILES)}) in {folder}; "
-                                        "pass head_path=")
+                raise FileNotFoundError(
+                    f"{cls.__name__}: no head file ({', '.join(cls.HEAD_FILES)}) in {folder}; pass head_path="
+                )
             head_path = found[0]
         head = cls.head_class.from_file(head_path)
         if not os.path.isdir(folder):
@@ -264,8 +280,10 @@ def _import_open_clip():
     try:
         import open_clip
     except ImportError as e:
-        raise ImportError("HPSv2 needs open_clip, an optional extra: `pip install open_clip_torch` "
-                          f"(it also needs torchvision and timm importable beside torch); import failed: {e}") from e
+        raise ImportError(
+            "HPSv2 needs open_clip, an optional extra: `pip install open_clip_torch` "
+            f"(it also needs torchvision and timm importable beside torch); import failed: {e}"
+        ) from e
     return open_clip
 
 
@@ -291,11 +309,15 @@ class HPSv2(RewardModel):
     def from_pretrained(cls, checkpoint, device=None, dtype=None, model_name="ViT-H-14"):
         open_clip = _import_open_clip()
         if os.path.isdir(checkpoint):
-            files = sorted(glob.glob(os.path.join(checkpoint, "*.pt")) + glob.glob(os.path.join(checkpoint, "*.bin"))
-                           + glob.glob(os.path.join(checkpoint, "*.safetensors")))
+            files = sorted(
+                glob.glob(os.path.join(checkpoint, "*.pt"))
+                + glob.glob(os.path.join(checkpoint, "*.bin"))
+                + glob.glob(os.path.join(checkpoint, "*.safetensors"))
+            )
             if len(files) != 1:
-                raise FileNotFoundError(f"HPSv2: expected one checkpoint (.pt/.bin/.safetensors) in {checkpoint}, "
-                                        f"found {files}")
+                raise FileNotFoundError(
+                    f"HPSv2: expected one checkpoint (.pt/.bin/.safetensors) in {checkpoint}, found {files}"
+                )
             checkpoint = files[0]
         state = load_state_file(checkpoint, "HPSv2")  # HPS_v2*_compressed.pt: tensors only, weights_only loads it
         model = open_clip.create_model(model_name, pretrained=None)
@@ -341,14 +363,17 @@ class ImageReward(RewardModel):
         try:
             import ImageReward as reward_lib
         except ImportError as e:
-            raise ImportError("ImageReward needs the optional `image-reward` package (`pip install image-reward`); "
-                              "it pins old timm and fairscale versions, so it may need its own environment; "
-                              f"import failed: {e}") from e
+            raise ImportError(
+                "ImageReward needs the optional `image-reward` package (`pip install image-reward`); "
+                "it pins old timm and fairscale versions, so it may need its own environment; "
+                f"import failed: {e}"
+            ) from e
         if not os.path.exists(checkpoint):
             raise FileNotFoundError(f"ImageReward: checkpoint not found: {checkpoint}")
         if med_config is None:
-            guess = os.path.join(os.path.dirname(checkpoint) if os.path.isfile(checkpoint) else checkpoint,
-                                 "med_config.json")
+            guess = os.path.join(
+                os.path.dirname(checkpoint) if os.path.isfile(checkpoint) else checkpoint, "med_config.json"
+            )
             if not os.path.isfile(guess):
                 raise FileNotFoundError(f"ImageReward: med_config.json not found beside {checkpoint}; pass med_config=")
             med_config = guess
@@ -363,8 +388,9 @@ class ImageReward(RewardModel):
     def reward_and_logits(self, images, prompts):
         prompts = self._check_prompts(images, prompts)
         x = preprocess(images.to(self.device), self.image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, dtype=self.dtype)
-        tokens = self.model.blip.tokenizer(prompts, padding="max_length", truncation=True, max_length=35,
-                                           return_tensors="pt").to(self.device)
+        tokens = self.model.blip.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt"
+        ).to(self.device)
         r = self.model.score_gard(tokens.input_ids, tokens.attention_mask, x).reshape(-1).float()
         r = -torch.relu(self.clip_at - r)  # the official -relu(-r + 2): NaN stays NaN
         return r, r
@@ -397,31 +423,45 @@ class WeightedReward(RewardModel):
     def hpsv2_imagereward(cls, folder, device=None, dtype=None, weights=(1.0, 0.1)):
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"weighted_hpsv2_imagereward: folder not found: {folder}")
-        return cls([HPSv2.from_pretrained(os.path.join(folder, "hpsv2"), device=device, dtype=dtype),
-                    ImageReward.from_pretrained(os.path.join(folder, "imagereward"), device=device, dtype=dtype)],
-                   weights)
+        return cls(
+            [
+                HPSv2.from_pretrained(os.path.join(folder, "hpsv2"), device=device, dtype=dtype),
+                ImageReward.from_pretrained(os.path.join(folder, "imagereward"), device=device, dtype=dtype),
+            ],
+            weights,
+        )
 
 
 # name -> loader(path, device=, dtype=, **kwargs)
-REWARD_MODELS = {"clip": ClipScore.from_pretrained, "pickscore": PickScore.from_pretrained,
-                 "aesthetic": AestheticScore.from_pretrained, "aesthetic_mlp": AestheticMLPScore.from_pretrained,
-                 "hpsv2": HPSv2.from_pretrained, "imagereward": ImageReward.from_pretrained,
-                 "weighted_hpsv2_imagereward": WeightedReward.hpsv2_imagereward}
+REWARD_MODELS = {
+    "clip": ClipScore.from_pretrained,
+    "pickscore": PickScore.from_pretrained,
+    "aesthetic": AestheticScore.from_pretrained,
+    "aesthetic_mlp": AestheticMLPScore.from_pretrained,
+    "hpsv2": HPSv2.from_pretrained,
+    "imagereward": ImageReward.from_pretrained,
+    "weighted_hpsv2_imagereward": WeightedReward.hpsv2_imagereward,
+}
 # the official code's names (reward_fn.py's get_reward_fn) for the same experts
-OFFICIAL_NAMES = {"pick": "pickscore", "img_reward": "imagereward",
-                  "weighted_hpsv2_img_reward": "weighted_hpsv2_imagereward"}
+OFFICIAL_NAMES = {
+    "pick": "pickscore",
+    "img_reward": "imagereward",
+    "weighted_hpsv2_img_reward": "weighted_hpsv2_imagereward",
+}
 
 
 def _canonical_name(name) -> str:
     """Our name of an expert from any spelling ('-' and '_' optional, the official code's names too)."""
+
     def key_of(text):
         return str(text).lower().replace("-", "").replace("_", "")
 
     names = {key_of(n): n for n in (*REWARD_MODELS, "digits")}
     names.update({key_of(alias): n for alias, n in OFFICIAL_NAMES.items()})
     if key_of(name) not in names:
-        raise ValueError(f"reward_model: unknown reward model {name!r}; expected one of: "
-                         f"{', '.join(REWARD_MODELS)}, digits")
+        raise ValueError(
+            f"reward_model: unknown reward model {name!r}; expected one of: {', '.join(REWARD_MODELS)}, digits"
+        )
     return names[key_of(name)]
 
 
@@ -434,10 +474,13 @@ def check_reward_model_path(name, path) -> str:
     name = _canonical_name(name)
     if name == "digits":
         from ..world.classifiers import WEIGHTS_DIR
+
         path = WEIGHTS_DIR if path is None else path
         if not os.path.isfile(os.path.join(path, "expert.safetensors")):
-            raise FileNotFoundError(f"reward_model_path: the digits expert is a folder holding expert.safetensors "
-                                    f"(the digits world's weights), got {path}")
+            raise FileNotFoundError(
+                f"reward_model_path: the digits expert is a folder holding expert.safetensors "
+                f"(the digits world's weights), got {path}"
+            )
         return path
     if path is None or not os.path.exists(path):
         raise FileNotFoundError(f"reward_model_path: reward model {name!r} needs a local path; not found: {path}")
@@ -448,12 +491,16 @@ def check_reward_model_path(name, path) -> str:
             with open(config) as f:
                 model_type = json.load(f).get("model_type")
         if model_type != "clip":
-            raise ValueError(f"reward_model_path: reward model {name!r} needs a transformers CLIP folder (config.json "
-                             f"with model_type 'clip'); {path} holds {model_type or 'no config.json'}")
-    if name == "weighted_hpsv2_imagereward" and not all(os.path.exists(os.path.join(path, part))
-                                                        for part in ("hpsv2", "imagereward")):
-        raise ValueError(f"reward_model_path: the weighted expert needs a folder holding hpsv2/ and imagereward/, "
-                         f"got {path}")
+            raise ValueError(
+                f"reward_model_path: reward model {name!r} needs a transformers CLIP folder (config.json "
+                f"with model_type 'clip'); {path} holds {model_type or 'no config.json'}"
+            )
+    if name == "weighted_hpsv2_imagereward" and not all(
+        os.path.exists(os.path.join(path, part)) for part in ("hpsv2", "imagereward")
+    ):
+        raise ValueError(
+            f"reward_model_path: the weighted expert needs a folder holding hpsv2/ and imagereward/, got {path}"
+        )
     return path
 
 
@@ -468,5 +515,6 @@ def load_reward_model(name, path, device=None, dtype=None, **kwargs) -> RewardMo
     name = _canonical_name(name)
     if name == "digits":  # the embedded world's expert (imported here: the world builds on this package)
         from ..world.classifiers import DigitReward
+
         return DigitReward.from_pretrained(path, **kwargs).to(device=device, dtype=dtype)
     return REWARD_MODELS[name](path, device=device, dtype=dtype, **kwargs)

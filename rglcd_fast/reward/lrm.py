@@ -3,6 +3,7 @@ VAE latents (already divided by the VAE scaling factor) and whose text tower is 
 CLIPTextModel + projection. As the official RG-LCD code: the student's reward is the plain cosine
 cos(image_emb, text_emb) (scale-free, so reward_scale keeps its meaning while the learnable logit scale moves);
 the preference loss compares logits = exp(logit_scale)·cos."""
+
 import json
 import math
 import os
@@ -16,6 +17,9 @@ CONFIG_NAME = "lrm_config.json"
 IMAGE_TOWERS = ("conv", "vit")
 WEIGHTS_NAME = "model.safetensors"
 _NESTED, _FLAT = "text_model.text_model.", "text_model."  # LRM state keys of the text transformer
+
+
+CLIP_LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial logit scale
 
 
 class _ResBlock(nn.Module):
@@ -89,16 +93,17 @@ class LatentViTEncoder(nn.Module):
     token → Linear to embed_dim. Latents of another size than latent_size interpolate the position grid
     (bicubic)."""
 
-    def __init__(self, latent_channels=4, embed_dim=512, latent_size=64, patch_size=4, width=512, layers=12,
-                 heads=8):
+    def __init__(self, latent_channels=4, embed_dim=512, latent_size=64, patch_size=4, width=512, layers=12, heads=8):
         super().__init__()
         if latent_size % patch_size or width % heads:
-            raise ValueError(f"vit_config: latent_size ({latent_size}) must be a multiple of patch_size "
-                             f"({patch_size}) and width ({width}) of heads ({heads})")
+            raise ValueError(
+                f"vit_config: latent_size ({latent_size}) must be a multiple of patch_size "
+                f"({patch_size}) and width ({width}) of heads ({heads})"
+            )
         self.grid = latent_size // patch_size
         self.conv_in = nn.Conv2d(latent_channels, width, patch_size, stride=patch_size, bias=False)
-        self.class_embedding = nn.Parameter(width ** -0.5 * torch.randn(width))
-        self.positional_embedding = nn.Parameter(width ** -0.5 * torch.randn(self.grid ** 2 + 1, width))
+        self.class_embedding = nn.Parameter(width**-0.5 * torch.randn(width))
+        self.positional_embedding = nn.Parameter(width**-0.5 * torch.randn(self.grid**2 + 1, width))
         self.ln_pre = nn.LayerNorm(width)
         self.blocks = nn.ModuleList(_ViTBlock(width, heads) for _ in range(layers))
         self.ln_post = nn.LayerNorm(width)
@@ -125,8 +130,12 @@ class LatentViTEncoder(nn.Module):
     def lock_groups(self):
         """open_clip's VisionTransformer.lock groups: [patch embedding, class token, positions, ln_pre],
         every block but the last, [last block, ln_post], the projection."""
-        return [[self.conv_in, self.class_embedding, self.positional_embedding, self.ln_pre], *self.blocks[:-1],
-                [self.blocks[-1], self.ln_post], [self.proj]]
+        return [
+            [self.conv_in, self.class_embedding, self.positional_embedding, self.ln_pre],
+            *self.blocks[:-1],
+            [self.blocks[-1], self.ln_post],
+            [self.proj],
+        ]
 
 
 def _set_trainable(parts, trainable):
@@ -143,8 +152,18 @@ class LatentRewardModel(nn.Module):
     float32 = cos(image_emb, text_emb) (also ``forward``); ``logits`` = exp(logit_scale)·cos, through the fused
     reward head; logit_scale is learnable, initialised at log(1/0.07) as CLIP's."""
 
-    def __init__(self, text_config, embed_dim=512, latent_channels=4, widths=(64, 128, 256), groups=32,
-                 tokenizer=None, logit_scale_init=math.log(1 / 0.07), image_tower="conv", vit_config=None):
+    def __init__(
+        self,
+        text_config,
+        embed_dim=512,
+        latent_channels=4,
+        widths=(64, 128, 256),
+        groups=32,
+        tokenizer=None,
+        logit_scale_init=CLIP_LOGIT_SCALE_INIT,
+        image_tower="conv",
+        vit_config=None,
+    ):
         super().__init__()
         from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -152,9 +171,15 @@ class LatentRewardModel(nn.Module):
             text_config = CLIPTextConfig(**text_config)
         if image_tower not in IMAGE_TOWERS:
             raise ValueError(f"image_tower: expected one of {', '.join(IMAGE_TOWERS)}, got {image_tower!r}")
-        self.config = {"embed_dim": embed_dim, "latent_channels": latent_channels, "widths": list(widths),
-                       "groups": groups, "logit_scale_init": logit_scale_init, "image_tower": image_tower,
-                       "vit_config": dict(vit_config or {})}
+        self.config = {
+            "embed_dim": embed_dim,
+            "latent_channels": latent_channels,
+            "widths": list(widths),
+            "groups": groups,
+            "logit_scale_init": logit_scale_init,
+            "image_tower": image_tower,
+            "vit_config": dict(vit_config or {}),
+        }
         if image_tower == "conv":
             self.image_encoder = LatentImageEncoder(latent_channels, tuple(widths), embed_dim, groups)
         else:
@@ -176,11 +201,14 @@ class LatentRewardModel(nn.Module):
     # -- towers -------------------------------------------------------------------------------------
     def tokenize(self, prompts):
         if self.tokenizer is None:
-            raise ValueError("LatentRewardModel: prompts are strings but the model has no tokenizer; "
-                             "pass token ids or set .tokenizer")
+            raise ValueError(
+                "LatentRewardModel: prompts are strings but the model has no tokenizer; "
+                "pass token ids or set .tokenizer"
+            )
         max_length = min(self.tokenizer.model_max_length, self.text_config.max_position_embeddings)
-        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=max_length,
-                                return_tensors="pt")
+        tokens = self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+        )
         return tokens.input_ids.to(self.logit_scale.device)
 
     def encode_text(self, prompts_or_input_ids):
@@ -216,10 +244,16 @@ class LatentRewardModel(nn.Module):
         if not 0 <= unlocked_text_layers <= len(layers):
             raise ValueError(f"unlocked_text_layers: expected 0..{len(layers)}, got {unlocked_text_layers}")
         _set_trainable([self.image_encoder, self.text_model, self.text_projection], False)
-        _set_trainable([m for group in image_groups[len(image_groups) - unlocked_image_groups:] for m in group], True)
+        _set_trainable([m for group in image_groups[len(image_groups) - unlocked_image_groups :] for m in group], True)
         if unlocked_text_layers:
-            _set_trainable([*layers[len(layers) - unlocked_text_layers:], self.text_transformer.final_layer_norm,
-                            self.text_projection], True)
+            _set_trainable(
+                [
+                    *layers[len(layers) - unlocked_text_layers :],
+                    self.text_transformer.final_layer_norm,
+                    self.text_projection,
+                ],
+                True,
+            )
         return self
 
     def _scores(self, latents, prompts_or_input_ids, scale):
@@ -240,8 +274,9 @@ class LatentRewardModel(nn.Module):
     def forward(self, latents, prompts_or_input_ids):
         return self.reward(latents, prompts_or_input_ids)
 
-    def preference_loss(self, latent_candidates, prompts, expert_logits, kind="kl", real_index=None,
-                        smooth_gt_label=False):
+    def preference_loss(
+        self, latent_candidates, prompts, expert_logits, kind="kl", real_index=None, smooth_gt_label=False
+    ):
         """LRM update loss (§1 step 9). latent_candidates: K tensors [B, C, h, w] (latents / scaling
         factor); expert_logits [K, B] (the expert RM's logits, a target: detached). The text is encoded
         once. Returns (loss, accuracy) from ops.pairwise_preference_loss (kind, real_index and
@@ -254,8 +289,13 @@ class LatentRewardModel(nn.Module):
         u = self.encode_latents(torch.cat(list(latent_candidates), 0)).float().view(k, b, -1)
         v = self.encode_text(prompts).float()
         scores = reward_head(u, v.expand(b, -1) if v.shape[0] == 1 else v, self.logit_scale.float().exp())
-        return pairwise_preference_loss(scores, expert_logits.detach().to(device=scores.device, dtype=scores.dtype),
-                                        kind, real_index=real_index, smooth_gt_label=smooth_gt_label)
+        return pairwise_preference_loss(
+            scores,
+            expert_logits.detach().to(device=scores.device, dtype=scores.dtype),
+            kind,
+            real_index=real_index,
+            smooth_gt_label=smooth_gt_label,
+        )
 
     # -- construction / persistence -----------------------------------------------------------------
     @classmethod
@@ -272,6 +312,7 @@ class LatentRewardModel(nn.Module):
             clip = CLIPModel.from_pretrained(folder)
             if tokenizer is None:
                 from .experts import _load_clip_tokenizer
+
                 try:
                     tokenizer = _load_clip_tokenizer(folder)
                 except FileNotFoundError:
@@ -311,6 +352,7 @@ class LatentRewardModel(nn.Module):
         tokenizer = None
         if os.path.isfile(os.path.join(folder, "vocab.json")) or os.path.isfile(os.path.join(folder, "tokenizer.json")):
             from transformers import CLIPTokenizer
+
             tokenizer = CLIPTokenizer.from_pretrained(folder)
         text_config = config.pop("text_config")
         model = cls(text_config, tokenizer=tokenizer, **config)  # folders before image_tower: a conv tower

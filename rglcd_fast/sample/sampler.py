@@ -7,6 +7,7 @@ with the VAE and returns PIL images. With `cuda_graph=True` the whole denoising 
 fused steps and the per-step noise) is captured once per (batch, height, width, steps, guidance) and
 replayed: no Python and no launch overhead per step.
 """
+
 import os
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ MAX_STEPS = 8
 class Conditioning:
     """What the UNet reads besides the latents, the timestep and the guidance embedding: the prompt
     embeddings and, for SDXL, added_cond_kwargs (the pooled text embeddings and the size / crop ids)."""
+
     prompt_embeds: torch.Tensor
     added_cond_kwargs: dict | None = None
 
@@ -51,6 +53,7 @@ class Conditioning:
 @dataclass
 class _Graph:
     """A captured denoising loop and the static tensors it reads and writes."""
+
     graph: "torch.cuda.CUDAGraph"
     conditioning: Conditioning
     generator: torch.Generator
@@ -86,29 +89,42 @@ class LCMSampler:
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
         if (unet.config.addition_embed_type == "text_time") != xl:
-            raise ValueError(f"model: the UNet in {model!r} {'expects' if not xl else 'does not take'} SDXL's added "
-                             f"conditioning, but the folder {'has no' if not xl else 'has a'} text_encoder_2")
+            raise ValueError(
+                f"model: the UNet in {model!r} {'expects' if not xl else 'does not take'} SDXL's added "
+                f"conditioning, but the folder {'has no' if not xl else 'has a'} text_encoder_2"
+            )
         if lora is not None:
             if not os.path.exists(lora):
                 raise FileNotFoundError(f"lora: no such file or folder {lora!r}")
             unet = _fuse_lora(unet, lora, xl)
         elif not unet.config.time_cond_proj_dim:
-            raise ValueError(f"model: the UNet in {model!r} has no guidance embedding (time_cond_proj_dim), so it is "
-                             "not a latent consistency model; pass its LCM-LoRA weights with lora=")
+            raise ValueError(
+                f"model: the UNet in {model!r} has no guidance embedding (time_cond_proj_dim), so it is "
+                "not a latent consistency model; pass its LCM-LoRA weights with lora="
+            )
         vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype)
         if xl and dtype == torch.float16 and vae.config.force_upcast:  # SDXL's VAE overflows in float16, so
             # diffusers' SDXL pipelines decode in float32
             vae = vae.to(torch.float32)
         return cls(
-            unet=unet.to(device).eval(), vae=vae.to(device).eval(),
-            text_encoder=CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype).to(device)
+            unet=unet.to(device).eval(),
+            vae=vae.to(device).eval(),
+            text_encoder=CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype)
+            .to(device)
             .eval(),
             tokenizer=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer"),
             scheduler=FusedLCMScheduler.from_pretrained(model, subfolder="scheduler"),
-            device=device, dtype=dtype,
+            device=device,
+            dtype=dtype,
             text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
-                model, subfolder="text_encoder_2", torch_dtype=dtype).to(device).eval() if xl else None,
-            tokenizer_2=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2") if xl else None)
+                model, subfolder="text_encoder_2", torch_dtype=dtype
+            )
+            .to(device)
+            .eval()
+            if xl
+            else None,
+            tokenizer_2=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2") if xl else None,
+        )
 
     # ---- the pieces ----------------------------------------------------------------------------
 
@@ -125,12 +141,14 @@ class LCMSampler:
         height, width = self.size(height, width)
         ids = [height, width, 0, 0, height, width]
         time_ids = torch.tensor([ids], dtype=self.dtype, device=self.device).repeat(len(prompts), 1)
-        return Conditioning(prompt_embeds.to(self.dtype), {"text_embeds": second.text_embeds.to(self.dtype),
-                                                           "time_ids": time_ids})
+        return Conditioning(
+            prompt_embeds.to(self.dtype), {"text_embeds": second.text_embeds.to(self.dtype), "time_ids": time_ids}
+        )
 
     def _tokens(self, tokenizer, prompts):
-        return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids.to(self.device)
+        return tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -145,7 +163,9 @@ class LCMSampler:
         factor = self.vae_scale_factor
         for name, value in (("height", height), ("width", width)):
             if value <= 0 or value % factor:
-                raise ValueError(f"{name}: expected a positive multiple of {factor} (the VAE's downsampling), got {value}")
+                raise ValueError(
+                    f"{name}: expected a positive multiple of {factor} (the VAE's downsampling), got {value}"
+                )
 
     def _guidance(self, guidance_scale: float, batch: int):
         """The guidance embedding of an LCM (w = guidance_scale - 1, as diffusers' LCM pipeline), or None
@@ -183,8 +203,17 @@ class LCMSampler:
     # ---- sampling ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def latents(self, prompts: list[str], steps: int = 4, guidance_scale: float = 8.0, seed: int = 0,
-                height: int | None = None, width: int | None = None, cuda_graph: bool = False, progress=None):
+    def latents(
+        self,
+        prompts: list[str],
+        steps: int = 4,
+        guidance_scale: float = 8.0,
+        seed: int = 0,
+        height: int | None = None,
+        width: int | None = None,
+        cuda_graph: bool = False,
+        progress=None,
+    ):
         """The final denoised latents for the prompts (what __call__ decodes)."""
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -239,8 +268,7 @@ class LCMSampler:
             graph.register_generator_state(generator)
             with torch.cuda.graph(graph):
                 denoised = sample()
-            self._graphs[key] = _Graph(graph, static, generator, denoised,
-                                       (w_embedding, self.scheduler.timesteps))
+            self._graphs[key] = _Graph(graph, static, generator, denoised, (w_embedding, self.scheduler.timesteps))
         return self._graphs[key]
 
 
@@ -253,8 +281,9 @@ def check_pipeline_folder(folder: str, argument: str) -> None:
         raise FileNotFoundError(f"{argument}: no such folder {folder!r} (expected a diffusers Stable Diffusion folder)")
     missing = [p for p in PIPELINE_PARTS if not os.path.isdir(os.path.join(folder, p))]
     if missing:
-        raise ValueError(f"{argument}: {folder!r} is not a diffusers Stable Diffusion folder "
-                         f"(missing {', '.join(missing)})")
+        raise ValueError(
+            f"{argument}: {folder!r} is not a diffusers Stable Diffusion folder (missing {', '.join(missing)})"
+        )
 
 
 def _fuse_lora(unet, lora: str, xl: bool):

@@ -38,6 +38,7 @@ the checkpoint is not published.
 Files are loaded with ``torch.load(weights_only=True)`` by default (pass ``weights_only=False`` to
 :func:`load_checkpoint` for state dicts holding arbitrary Python objects, from trusted checkpoints only).
 """
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,18 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import numpy as np
 import torch
 
-__all__ = ["RngState", "capture_rng_state", "restore_rng_state", "save_checkpoint", "load_checkpoint",
-           "latest_checkpoint", "resolve_resume", "list_checkpoints", "write_folder", "write_file_atomic"]
+__all__ = [
+    "RngState",
+    "capture_rng_state",
+    "restore_rng_state",
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "resolve_resume",
+    "list_checkpoints",
+    "write_folder",
+    "write_file_atomic",
+]
 
 COMPLETE = "COMPLETE"
 MANIFEST = "manifest.json"
@@ -75,8 +86,13 @@ class RngState:
 
 def _np_global_state():
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"name": name, "keys": [int(k) for k in keys], "pos": int(pos), "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached)}
+    return {
+        "name": name,
+        "keys": [int(k) for k in keys],
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
 
 
 def capture_rng_state(generators: Optional[Mapping[str, Any]] = None) -> RngState:
@@ -95,8 +111,9 @@ def capture_rng_state(generators: Optional[Mapping[str, Any]] = None) -> RngStat
         elif isinstance(g, np.random.Generator):
             state["generators"][name] = {"kind": "numpy", "state": json.dumps(g.bit_generator.state)}
         else:
-            raise TypeError(f"generator {name!r}: expected torch.Generator or numpy.random.Generator, "
-                            f"got {type(g).__name__}")
+            raise TypeError(
+                f"generator {name!r}: expected torch.Generator or numpy.random.Generator, got {type(g).__name__}"
+            )
     return RngState(state, generators)
 
 
@@ -109,15 +126,18 @@ def restore_rng_state(state, generators: Optional[Mapping[str, Any]] = None) -> 
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
-    np.random.set_state((n["name"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["name"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available():
         if len(cuda) != torch.cuda.device_count():
-            warnings.warn(f"checkpoint has CUDA RNG states for {len(cuda)} devices, this process sees "
-                          f"{torch.cuda.device_count()}; restoring the common ones")
-        for i, s in enumerate(cuda[:torch.cuda.device_count()]):
+            warnings.warn(  # noqa: B028 (the default stacklevel names this line)
+                f"checkpoint has CUDA RNG states for {len(cuda)} devices, this process sees "
+                f"{torch.cuda.device_count()}; restoring the common ones"
+            )
+        for i, s in enumerate(cuda[: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(s, i)
     saved = state.get("generators", {})
     for name, g in (generators or {}).items():
@@ -196,19 +216,26 @@ def _kind(name: str, obj: Any) -> str:
         return "stateful"
     if isinstance(obj, (dict, list, str, int, float, bool)):
         return "json"
-    raise TypeError(f"checkpoint entry {name!r}: don't know how to save {type(obj).__name__} "
-                    "(expected nn.Module, an object with state_dict(), a JSON-able value, or 'rng')")
+    raise TypeError(
+        f"checkpoint entry {name!r}: don't know how to save {type(obj).__name__} "
+        "(expected nn.Module, an object with state_dict(), a JSON-able value, or 'rng')"
+    )
 
 
 def _filename(name: str, kind: str, rank: int = 0) -> str:
-    return {"module": f"{name}.safetensors", "stateful": f"{name}.pt", "json": f"{name}.json",
-            "rng": f"rng_rank{rank}.pt"}[kind]
+    return {
+        "module": f"{name}.safetensors",
+        "stateful": f"{name}.pt",
+        "json": f"{name}.json",
+        "rng": f"rng_rank{rank}.pt",
+    }[kind]
 
 
 def _write_entry(folder: str, name: str, obj: Any, kind: str) -> None:
     path = os.path.join(folder, _filename(name, kind))
     if kind == "module":
         from safetensors.torch import save_file
+
         save_file(_module_tensors(obj), path)
         _fsync_file(path)
     elif kind == "stateful":
@@ -330,9 +357,17 @@ def resolve_resume(resume: Optional[str], output_dir: str) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------------------------- save
-def save_checkpoint(output_dir: str, step: int, state: Mapping[str, Any], keep: Optional[int] = 3, *,
-                    overwrite: bool = False, barrier: Optional[Callable[[], Any]] = None,
-                    rank: Optional[int] = None, world_size: Optional[int] = None) -> str:
+def save_checkpoint(
+    output_dir: str,
+    step: int,
+    state: Mapping[str, Any],
+    keep: Optional[int] = 3,
+    *,
+    overwrite: bool = False,
+    barrier: Optional[Callable[[], Any]] = None,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+) -> str:
     """Atomically write ``state`` to ``<output_dir>/checkpoint-<step>`` and return that path.
 
     Call on **every** rank, with ``barrier=accelerator.wait_for_everyone`` or
@@ -348,8 +383,10 @@ def save_checkpoint(output_dir: str, step: int, state: Mapping[str, Any], keep: 
     step = int(step)
     rank, world_size = _dist_info(rank, world_size)
     if world_size > 1 and barrier is None:
-        raise ValueError("save_checkpoint with world_size > 1 needs barrier= (accelerator.wait_for_everyone "
-                         "or torch.distributed.barrier)")
+        raise ValueError(
+            "save_checkpoint with world_size > 1 needs barrier= (accelerator.wait_for_everyone "
+            "or torch.distributed.barrier)"
+        )
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be >= 1 or None, got {keep}")
     sync = barrier if barrier is not None else (lambda: None)
@@ -374,18 +411,22 @@ def save_checkpoint(output_dir: str, step: int, state: Mapping[str, Any], keep: 
     if error is None:
         try:
             if not os.path.isdir(tmp):
-                raise FileNotFoundError(f"temporary checkpoint folder {tmp} missing (rank 0 failed to "
-                                        "create it, or output_dir is not on a shared filesystem)")
+                raise FileNotFoundError(
+                    f"temporary checkpoint folder {tmp} missing (rank 0 failed to "
+                    "create it, or output_dir is not on a shared filesystem)"
+                )
             if "rng" in state:
                 _write_rng(tmp, state["rng"], rank)
             if rank == 0:
                 for name, obj in state.items():
                     if kinds[name] != "rng":
                         _write_entry(tmp, name, obj, kinds[name])
-                manifest = {"step": step, "world_size": world_size,
-                            "entries": {n: {"kind": k, "file": _filename(n, k)} for n, k in kinds.items()
-                                        if k != "rng"},
-                            "rng": "rng" in state}
+                manifest = {
+                    "step": step,
+                    "world_size": world_size,
+                    "entries": {n: {"kind": k, "file": _filename(n, k)} for n, k in kinds.items() if k != "rng"},
+                    "rng": "rng" in state,
+                }
                 _write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
         except BaseException as e:  # noqa: BLE001
             error = e
@@ -393,11 +434,9 @@ def save_checkpoint(output_dir: str, step: int, state: Mapping[str, Any], keep: 
     if rank == 0 and error is None:
         try:
             if world_size > 1 and "rng" in state:
-                missing = [r for r in range(world_size)
-                           if not os.path.isfile(os.path.join(tmp, f"rng_rank{r}.pt"))]
+                missing = [r for r in range(world_size) if not os.path.isfile(os.path.join(tmp, f"rng_rank{r}.pt"))]
                 if missing:
-                    raise RuntimeError(f"RNG files of ranks {missing} missing from {tmp}; checkpoint "
-                                       "not published")
+                    raise RuntimeError(f"RNG files of ranks {missing} missing from {tmp}; checkpoint not published")
             # the marker lists every file with its size: a later truncation is caught by latest_checkpoint
             files = {name: os.path.getsize(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
             _write_text(os.path.join(tmp, COMPLETE), json.dumps({"step": step, "files": files}))
@@ -431,13 +470,14 @@ def _prune(output_dir: str, new: str, keep: Optional[int]) -> None:
         return
     new = os.path.abspath(new)
     others = [p for _, p in list_checkpoints(output_dir) if os.path.abspath(p) != new]
-    for path in others[:max(0, len(others) - (keep - 1))]:  # oldest first
+    for path in others[: max(0, len(others) - (keep - 1))]:  # oldest first
         shutil.rmtree(path, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------- load
-def load_checkpoint(path: str, state: Mapping[str, Any], map_location="cpu", *,
-                    rank: Optional[int] = None, weights_only: bool = True) -> Dict[str, Any]:
+def load_checkpoint(
+    path: str, state: Mapping[str, Any], map_location="cpu", *, rank: Optional[int] = None, weights_only: bool = True
+) -> Dict[str, Any]:
     """Restore ``state`` in place from the checkpoint folder ``path``; call on every rank.
 
     Modules: ``load_state_dict(strict=True)``; objects with ``load_state_dict``: restored from their
@@ -465,8 +505,10 @@ def load_checkpoint(path: str, state: Mapping[str, Any], map_location="cpu", *,
         if name == "rng":
             rng_path = os.path.join(path, f"rng_rank{rank}.pt")
             if not os.path.isfile(rng_path):
-                warnings.warn(f"{rng_path} missing (saved with world_size={manifest.get('world_size')}); "
-                              "RNG state of this rank not restored")
+                warnings.warn(  # noqa: B028
+                    f"{rng_path} missing (saved with world_size={manifest.get('world_size')}); "
+                    "RNG state of this rank not restored"
+                )
                 continue
             saved = torch.load(rng_path, map_location="cpu", weights_only=weights_only)
             if isinstance(obj, RngState):
@@ -481,6 +523,7 @@ def load_checkpoint(path: str, state: Mapping[str, Any], map_location="cpu", *,
             if not isinstance(obj, torch.nn.Module):
                 raise TypeError(f"entry {name!r} was saved from an nn.Module; got {type(obj).__name__}")
             from safetensors.torch import load_file
+
             obj.load_state_dict(load_file(file, device=device), strict=True)
         elif kind == "stateful":
             obj.load_state_dict(torch.load(file, map_location=map_location, weights_only=weights_only))

@@ -1,6 +1,7 @@
 """The trainer's settings: one dataclass, readable from a YAML/JSON file and overridable from the command
 line (every field is a `--flag`). Defaults follow the public LCD / RG-LCD scripts; `teacher: digits`
 selects the embedded digits world (docs/design.md §4), whose preset overrides the sizes and lengths."""
+
 import argparse
 import dataclasses
 import json
@@ -99,7 +100,9 @@ class TrainConfig:
     lrm_embed_dim: int = 512
     lrm_init_clip: Optional[str] = None  # an image-space CLIP folder to start the LRM's text tower from
     # ---- bookkeeping
-    report_to: str = "tensorboard"  # accelerate's trackers: tensorboard, wandb, all or none (logs.csv is always written)
+    report_to: str = (
+        "tensorboard"  # accelerate's trackers: tensorboard, wandb, all or none (logs.csv is always written)
+    )
     tracker_project_name: str = "rglcd"
     checkpointing_steps: int = 500
     checkpoints_total_limit: Optional[int] = 3
@@ -135,7 +138,9 @@ class TrainConfig:
             raise ValueError(f"compile_memory_budget: expected a value in (0, 1], got {self.compile_memory_budget}")
         if self.loss_type not in ("huber", "l2"):
             raise ValueError(f"loss_type: expected 'huber' or 'l2', got {self.loss_type!r}")
-        self.lrm_loss = {"distillation": "kl", "cross_entropy": "ce"}.get(self.lrm_loss, self.lrm_loss)  # official names
+        self.lrm_loss = {"distillation": "kl", "cross_entropy": "ce"}.get(
+            self.lrm_loss, self.lrm_loss
+        )  # official names
         if self.lrm_loss not in ("kl", "ce"):
             raise ValueError(f"lrm_loss: expected 'kl' or 'ce', got {self.lrm_loss!r}")
         if self.smooth_gt_label and self.lrm_loss != "kl":
@@ -144,8 +149,15 @@ class TrainConfig:
             raise ValueError(f"w_min: must be <= w_max ({self.w_max}), got {self.w_min}")
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ValueError(f"ema_decay: expected a value in [0, 1], got {self.ema_decay}")
-        for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "lrm_batch_size",
-                     "checkpointing_steps", "logging_steps", "max_nonfinite_steps"):
+        for name in (
+            "max_train_steps",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "lrm_batch_size",
+            "checkpointing_steps",
+            "logging_steps",
+            "max_nonfinite_steps",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
         self.lrm_widths = tuple(self.lrm_widths)
@@ -155,8 +167,10 @@ class TrainConfig:
         if self.lrm_learning_rate is None:
             self.lrm_learning_rate = 3.3e-6 if self.lrm_path else 1e-5
         if self.reward_mode == "lrm" and not self.lrm_frozen and self.lrm_batch_size > self.train_batch_size:
-            raise ValueError(f"lrm_batch_size: the LRM update takes its {self.lrm_batch_size} samples from each batch of "
-                             f"train_batch_size {self.train_batch_size}: lower --lrm-batch-size")
+            raise ValueError(
+                f"lrm_batch_size: the LRM update takes its {self.lrm_batch_size} samples from each batch of "
+                f"train_batch_size {self.train_batch_size}: lower --lrm-batch-size"
+            )
         if self.lrm_frozen and not self.lrm_path:
             raise ValueError("lrm_frozen: a frozen LRM must be a pre-trained one (set lrm_path)")
 
@@ -173,9 +187,21 @@ class TrainConfig:
 # rate and reward scale (3.3e-6, 1.0; lrm_widths/lrm_embed_dim size an LRM from random weights), a run of a
 # few minutes on two CPU cores.
 DIGITS_PRESET = dict(
-    time_cond_proj_dim=32, max_train_steps=300, train_batch_size=32, learning_rate=1e-4, lr_warmup_steps=20,
-    lrm_path="digits", lrm_batch_size=32, lrm_widths=(32, 64), lrm_embed_dim=64, reward_scale=1.0,
-    checkpointing_steps=100, logging_steps=10, validation_steps=100, output_dir="rglcd-digits")
+    time_cond_proj_dim=32,
+    max_train_steps=300,
+    train_batch_size=32,
+    learning_rate=1e-4,
+    lr_warmup_steps=20,
+    lrm_path="digits",
+    lrm_batch_size=32,
+    lrm_widths=(32, 64),
+    lrm_embed_dim=64,
+    reward_scale=1.0,
+    checkpointing_steps=100,
+    logging_steps=10,
+    validation_steps=100,
+    output_dir="rglcd-digits",
+)
 
 
 @dataclass
@@ -183,6 +209,7 @@ class LRMPretrainConfig:
     """`rglcd-fast pretrain-lrm`: the latent reward model pre-trained offline as a latent CLIP (docs/design.md §1
     step 9) on image-caption data encoded by the teacher's VAE, optionally distilling the expert's
     preferences between real latents and the teacher's one-step predictions."""
+
     # ---- models and data (as the trainer's)
     teacher: str = "digits"
     data: Optional[str] = None
@@ -234,7 +261,13 @@ class LRMPretrainConfig:
             raise ValueError(f"image_tower: expected 'conv' or 'vit', got {self.image_tower!r}")
         _check_mixed_precision(self.mixed_precision)
         check_data_settings(self)
-        for name in ("max_train_steps", "train_batch_size", "checkpointing_steps", "logging_steps", "distill_candidates"):
+        for name in (
+            "max_train_steps",
+            "train_batch_size",
+            "checkpointing_steps",
+            "logging_steps",
+            "distill_candidates",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
         if self.distill_weight < 0:
@@ -246,9 +279,21 @@ class LRMPretrainConfig:
 
 
 # The digits world's LRM (rglcd_fast/world/weights/lrm, rebuilt by `rglcd-fast make-world`).
-DIGITS_LRM_PRESET = dict(lrm_widths=(32, 64), lrm_embed_dim=64, vit_patch_size=2, vit_width=64, vit_layers=4,
-                         vit_heads=4, max_train_steps=1500, train_batch_size=64, learning_rate=1e-3,
-                         lr_warmup_steps=50, checkpointing_steps=500, logging_steps=50, output_dir="rglcd-digits-lrm")
+DIGITS_LRM_PRESET = dict(
+    lrm_widths=(32, 64),
+    lrm_embed_dim=64,
+    vit_patch_size=2,
+    vit_width=64,
+    vit_layers=4,
+    vit_heads=4,
+    max_train_steps=1500,
+    train_batch_size=64,
+    learning_rate=1e-3,
+    lr_warmup_steps=50,
+    checkpointing_steps=500,
+    logging_steps=50,
+    output_dir="rglcd-digits-lrm",
+)
 PRESETS = {TrainConfig: DIGITS_PRESET, LRMPretrainConfig: DIGITS_LRM_PRESET}
 
 
@@ -261,6 +306,7 @@ def _read_file(path: str) -> dict:
         values = json.loads(text)
     else:
         import yaml
+
         values = yaml.safe_load(text) or {}
     if not isinstance(values, dict):
         raise ValueError(f"config: {path!r} must hold a mapping of setting names to values")
@@ -292,6 +338,7 @@ def _parse_bool(text: str) -> bool:
 def _parse_optional(kind):
     def parse(text: str):
         return None if text.lower() in ("none", "null") else kind(text)
+
     parse.__name__ = kind.__name__
     return parse
 
@@ -300,10 +347,16 @@ def _parse_optional(kind):
 # train_lcm_distill_sd_wds.py) spell every flag with underscores; each of ours takes that spelling too
 # (--output_dir). Theirs whose names differ from ours:
 SCRIPT_ALIASES = {
-    "pretrained_teacher_model": "teacher", "train_shards_path_or_url": "data", "rm_batch_size": "lrm_batch_size",
-    "rm_lr": "lrm_learning_rate", "unlocked_rm_text_layers": "lrm_unlocked_text_layers",
-    "pretrained_latent_rm": "lrm_path", "latent_rm_loss_type": "lrm_loss", "reward_fn_name": "reward_model",
-    "unet_time_cond_proj_dim": "time_cond_proj_dim", "timestep_scaling_factor": "timestep_scaling",
+    "pretrained_teacher_model": "teacher",
+    "train_shards_path_or_url": "data",
+    "rm_batch_size": "lrm_batch_size",
+    "rm_lr": "lrm_learning_rate",
+    "unlocked_rm_text_layers": "lrm_unlocked_text_layers",
+    "pretrained_latent_rm": "lrm_path",
+    "latent_rm_loss_type": "lrm_loss",
+    "reward_fn_name": "reward_model",
+    "unet_time_cond_proj_dim": "time_cond_proj_dim",
+    "timestep_scaling_factor": "timestep_scaling",
     "interpolation_type": "interpolation",
 }
 # RG-LCD's reward switches, read by config_from_args (see _script_settings)
@@ -312,24 +365,38 @@ _UPLOAD = "nothing is uploaded: upload OUTPUT/pipeline (or OUTPUT/lora) with `hu
 _LENGTH = "the run's length is --max-train-steps"
 # The scripts' flags rglcd_fast does not take: flag -> (stops the run?, what happens instead / what to use).
 SCRIPT_UNSUPPORTED = {
-    "enable_xformers_memory_efficient_attention": (False, "not needed: the UNets' attention is torch's "
-                                                   "scaled_dot_product_attention (flash / memory-efficient kernels)"),
-    "use_8bit_adam": (False, "torch's fused AdamW is used (bitsandbytes is not a dependency); --use-lora trains "
-                      "far fewer optimiser states"),
-    "push_to_hub": (False, _UPLOAD), "hub_token": (False, _UPLOAD), "hub_model_id": (False, _UPLOAD),
-    "max_train_samples": (False, _LENGTH), "num_train_epochs": (False, _LENGTH),
+    "enable_xformers_memory_efficient_attention": (
+        False,
+        "not needed: the UNets' attention is torch's scaled_dot_product_attention (flash / memory-efficient kernels)",
+    ),
+    "use_8bit_adam": (
+        False,
+        "torch's fused AdamW is used (bitsandbytes is not a dependency); --use-lora trains far fewer optimiser states",
+    ),
+    "push_to_hub": (False, _UPLOAD),
+    "hub_token": (False, _UPLOAD),
+    "hub_model_id": (False, _UPLOAD),
+    "max_train_samples": (False, _LENGTH),
+    "num_train_epochs": (False, _LENGTH),
     "logging_dir": (False, "the logs go to OUTPUT/logs (trackers) and OUTPUT/logs.csv"),
     "cache_dir": (False, "models are read from local folders only"),
     "local_rank": (False, "accelerate launch / torchrun set each process's rank"),
     "cast_teacher_unet": (False, "the teacher's UNet already runs in the weight dtype of --mixed-precision"),
     "revision": (True, "models are read from local folders: download that revision and pass its folder"),
-    "teacher_revision": (True, "models are read from local folders: download that revision and pass its folder "
-                         "to --teacher"),
+    "teacher_revision": (
+        True,
+        "models are read from local folders: download that revision and pass its folder to --teacher",
+    ),
     "pretrained_vae_model_name_or_path": (True, "the VAE is the teacher folder's vae/: put the one you want there"),
-    "latent_rm_type": (True, "the LRM's image tower is part of its folder: pre-train one with `rglcd-fast "
-                       "pretrain-lrm --image-tower vit` (the official latent_ViT) or conv, and pass --lrm-path"),
-    "proportion_empty_prompts": (True, "caption dropout is not implemented (the scripts' default is 0: leave "
-                                 "the flag out)"),
+    "latent_rm_type": (
+        True,
+        "the LRM's image tower is part of its folder: pre-train one with `rglcd-fast "
+        "pretrain-lrm --image-tower vit` (the official latent_ViT) or conv, and pass --lrm-path",
+    ),
+    "proportion_empty_prompts": (
+        True,
+        "caption dropout is not implemented (the scripts' default is 0: leave the flag out)",
+    ),
 }
 
 
@@ -376,8 +443,14 @@ def add_arguments(parser: argparse.ArgumentParser, config_class=TrainConfig) -> 
         for name in SCRIPT_SWITCHES:
             scripts.add_argument("--" + name, action="store_true", default=argparse.SUPPRESS, help="RG-LCD's switch")
         for name, (stops, message) in SCRIPT_UNSUPPORTED.items():
-            scripts.add_argument("--" + name, dest=name, action=_Unsupported, nargs="?", default=argparse.SUPPRESS,
-                                 help=("not taken: " if stops else "ignored: ") + message)
+            scripts.add_argument(
+                "--" + name,
+                dest=name,
+                action=_Unsupported,
+                nargs="?",
+                default=argparse.SUPPRESS,
+                help=("not taken: " if stops else "ignored: ") + message,
+            )
 
 
 def _script_settings(given: dict, settings: dict) -> dict:

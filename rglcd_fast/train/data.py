@@ -30,6 +30,7 @@ start so every rank gets ``ceil(N / W)`` samples; with ``drop_last=True`` the ta
 gets ``floor(N / W)``. :class:`ResumableDataLoader` records (epoch, position within the epoch) of what it
 has handed out; a loader rebuilt from its ``state_dict()`` yields exactly what an uninterrupted one would.
 """
+
 from __future__ import annotations
 
 import io
@@ -45,11 +46,22 @@ from PIL import Image
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 REMOTE_SCHEMES = ("pipe", "http", "https", "s3", "gs", "hf")
-_INTERP = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-           "lanczos": Image.Resampling.LANCZOS}
+_INTERP = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 
-__all__ = ["ImageCaptionDataset", "ResumableSampler", "ResumableDataLoader", "collate_image_caption",
-           "make_dataloader", "preprocess_image", "braceexpand", "IMAGE_EXTS"]
+__all__ = [
+    "ImageCaptionDataset",
+    "ResumableSampler",
+    "ResumableDataLoader",
+    "collate_image_caption",
+    "make_dataloader",
+    "preprocess_image",
+    "braceexpand",
+    "IMAGE_EXTS",
+]
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -63,8 +75,10 @@ def check_data_settings(config) -> None:
 def check_local(path) -> None:
     """Remote data is not read: a clear error naming the setting."""
     if path is not None and str(path).split(":")[0] in REMOTE_SCHEMES:
-        raise ValueError(f"data: {str(path)!r} is remote; rglcd_fast reads local data only: download it and pass "
-                         "its local path or brace pattern (e.g. /data/laion/{00000..01210}.tar)")
+        raise ValueError(
+            f"data: {str(path)!r} is remote; rglcd_fast reads local data only: download it and pass "
+            "its local path or brace pattern (e.g. /data/laion/{00000..01210}.tar)"
+        )
 
 
 def braceexpand(pattern: str) -> list[str]:
@@ -72,7 +86,7 @@ def braceexpand(pattern: str) -> list[str]:
     m = re.search(r"\{([^{}]*)\}", pattern)
     if m is None:
         return [pattern]
-    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end():]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end() :]
     rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
     if rng:
         a, b = rng.group(1), rng.group(2)
@@ -100,9 +114,14 @@ def _wds_split(name: str):
     return m.group(1), m.group(2).lower()
 
 
-def preprocess_image(image: Image.Image, resolution: int, center_crop: bool = True,
-                     random_flip: bool = False, generator: torch.Generator | None = None,
-                     interpolation: str = "bicubic") -> torch.Tensor:
+def preprocess_image(
+    image: Image.Image,
+    resolution: int,
+    center_crop: bool = True,
+    random_flip: bool = False,
+    generator: torch.Generator | None = None,
+    interpolation: str = "bicubic",
+) -> torch.Tensor:
     """RGB, resize the short side to ``resolution`` (antialiased), crop to square (centre, or random
     with ``generator``), optional horizontal flip (p = 0.5), to float32 [3, R, R] in [-1, 1]."""
     R = int(resolution)
@@ -139,9 +158,20 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     augmentations do not depend on worker count or on resuming. It returns ``None`` for an unreadable
     sample (counted in ``skipped``); :func:`collate_image_caption` drops those."""
 
-    def __init__(self, records: Sequence[tuple], resolution: int, *, center_crop: bool = True,
-                 random_flip: bool = False, seed: int = 0, interpolation: str = "bicubic",
-                 source: str = "", skipped: int = 0, table=None, columns: tuple = ("image", "text")):
+    def __init__(
+        self,
+        records: Sequence[tuple],
+        resolution: int,
+        *,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        seed: int = 0,
+        interpolation: str = "bicubic",
+        source: str = "",
+        skipped: int = 0,
+        table=None,
+        columns: tuple = ("image", "text"),
+    ):
         if interpolation not in _INTERP:
             raise ValueError(f"interpolation must be one of {sorted(_INTERP)}, got {interpolation!r}")
         self.records = list(records)
@@ -152,7 +182,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.interpolation = interpolation
         self.source = source
         self.table, self.columns = table, columns  # "row" records: a datasets.Dataset, (image, caption) columns
-        self.skipped = int(skipped)   # construction-time skips (missing captions) + load-time skips
+        self.skipped = int(skipped)  # construction-time skips (missing captions) + load-time skips
         self.skipped_at_construction = int(skipped)
         self._warned = False
         self._files: dict = {}
@@ -178,8 +208,11 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             return cls.from_tar_shards(braceexpand(path), resolution, **kwargs)
         if not os.path.exists(path):
             raise FileNotFoundError(f"data path does not exist: {path}")
-        if path.endswith(".parquet") or os.path.isfile(os.path.join(path, "dataset_info.json")) or (
-                os.path.isdir(path) and any(f.endswith(".parquet") for f in os.listdir(path))):
+        if (
+            path.endswith(".parquet")
+            or os.path.isfile(os.path.join(path, "dataset_info.json"))
+            or (os.path.isdir(path) and any(f.endswith(".parquet") for f in os.listdir(path)))
+        ):
             return cls.from_hf_dataset(path, resolution, **hf, **kwargs)
         if os.path.isdir(path):
             if os.path.isfile(os.path.join(path, "metadata.jsonl")):
@@ -216,8 +249,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return cls(records, resolution, source=folder, skipped=skipped, **kwargs)
 
     @classmethod
-    def from_jsonl(cls, manifest, resolution: int, *, image_key: str = "file_name",
-                   caption_key: str = "text", **kwargs):
+    def from_jsonl(
+        cls, manifest, resolution: int, *, image_key: str = "file_name", caption_key: str = "text", **kwargs
+    ):
         manifest = os.fspath(manifest)
         if not os.path.isfile(manifest):
             raise FileNotFoundError(f"JSONL manifest does not exist: {manifest}")
@@ -242,20 +276,26 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return cls(records, resolution, source=manifest, skipped=skipped, **kwargs)
 
     @classmethod
-    def from_hf_dataset(cls, path, resolution: int, *, image_column: str | None = None,
-                        caption_column: str | None = None, **kwargs):
+    def from_hf_dataset(
+        cls, path, resolution: int, *, image_column: str | None = None, caption_column: str | None = None, **kwargs
+    ):
         """A Hugging Face data set on disk: a save_to_disk folder (load_from_disk) or parquet files."""
         try:
             import datasets
         except ImportError as exc:
-            raise ImportError(f"data: {path} is a Hugging Face data set; reading it needs the datasets package "
-                              '(pip install "rglcd_fast[datasets]")') from exc
+            raise ImportError(
+                f"data: {path} is a Hugging Face data set; reading it needs the datasets package "
+                '(pip install "rglcd_fast[datasets]")'
+            ) from exc
         path = os.fspath(path)
         if os.path.isfile(os.path.join(path, "dataset_info.json")):
             table = datasets.load_from_disk(path)
         else:
-            files = [path] if path.endswith(".parquet") else sorted(
-                os.path.join(path, f) for f in os.listdir(path) if f.endswith(".parquet"))
+            files = (
+                [path]
+                if path.endswith(".parquet")
+                else sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".parquet"))
+            )
             table = datasets.load_dataset("parquet", data_files=files, split="train")
         if isinstance(table, datasets.DatasetDict):
             table = table["train"] if "train" in table else next(iter(table.values()))
@@ -263,8 +303,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         images = [n for n, f in features.items() if isinstance(f, datasets.Image)]
         texts = [n for n, f in features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
         image_column = image_column or (images[0] if images else None)
-        caption_column = caption_column or next((n for n in ("text", "caption") if n in texts), texts[0] if texts
-                                                else None)
+        caption_column = caption_column or next(
+            (n for n in ("text", "caption") if n in texts), texts[0] if texts else None
+        )
         for kind, name in (("image_column", image_column), ("caption_column", caption_column)):
             if name not in features:
                 raise ValueError(f"{kind}: {name!r} is not a column of {path} (columns: {', '.join(features)})")
@@ -296,7 +337,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getstate__(self):   # open shard handles do not travel to worker processes
+    def __getstate__(self):  # open shard handles do not travel to worker processes
         state = self.__dict__.copy()
         state["_files"], state["_pid"] = {}, None
         return state
@@ -304,11 +345,14 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def _warn(self, msg):
         if not self._warned:
             self._warned = True
-            warnings.warn(f"ImageCaptionDataset: {msg}; further skips are only counted (dataset.skipped)",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"ImageCaptionDataset: {msg}; further skips are only counted (dataset.skipped)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _read(self, path, offset, size) -> bytes:
-        if self._pid != os.getpid():   # file handles are not shared across fork
+        if self._pid != os.getpid():  # file handles are not shared across fork
             self._files, self._pid = {}, os.getpid()
         fh = self._files.get(path)
         if fh is None:
@@ -355,9 +399,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             g = None
             if self.random_flip or not self.center_crop:
                 g = torch.Generator().manual_seed(
-                    (self.seed * 1_000_003 + int(epoch)) * 1_000_003 + int(index) & 0x7FFF_FFFF_FFFF_FFFF)
-            pixels = preprocess_image(image, self.resolution, self.center_crop, self.random_flip, g,
-                                      self.interpolation)
+                    (self.seed * 1_000_003 + int(epoch)) * 1_000_003 + int(index) & 0x7FFF_FFFF_FFFF_FFFF
+                )
+            pixels = preprocess_image(image, self.resolution, self.center_crop, self.random_flip, g, self.interpolation)
         except Exception as exc:  # noqa: BLE001 -- any unreadable sample is skipped, never fatal
             self.skipped += 1
             self._warn(f"skipped unreadable sample {rec[1]} ({type(exc).__name__}: {exc})")
@@ -390,7 +434,7 @@ def _index_tar(shard: str):
         cext = next((e for e in ("txt", "caption", "json") if e in g), None)
         cap = g[cext] if cext else None
         if img is None and cap is None:
-            continue   # not a sample (e.g. a stray metadata member)
+            continue  # not a sample (e.g. a stray metadata member)
         if img is None or cap is None:
             skipped += 1
             continue
@@ -408,8 +452,17 @@ class ResumableSampler(torch.utils.data.Sampler):
     (position within this rank's slice). Yields ``(index, epoch)`` with ``yield_epoch=True`` (for
     :class:`ImageCaptionDataset`'s seeded augmentations), plain indices otherwise."""
 
-    def __init__(self, num_samples: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = False, yield_epoch: bool = False):
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        yield_epoch: bool = False,
+    ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if num_samples < 1 or (drop_last and num_samples < world_size):
@@ -442,10 +495,10 @@ class ResumableSampler(torch.utils.data.Sampler):
             perm = (perm * (-(-total // n)))[:total]
         else:
             perm = perm[:total]
-        return perm[self.rank::self.world_size]
+        return perm[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator:
-        idx = self.indices()[self.start_index:]
+        idx = self.indices()[self.start_index :]
         if self.yield_epoch:
             return iter([(i, self.epoch) for i in idx])
         return iter(idx)
@@ -454,8 +507,14 @@ class ResumableSampler(torch.utils.data.Sampler):
         return max(self.per_rank - self.start_index, 0)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.start_index, "seed": self.seed,
-                "num_samples": self.num_samples, "world_size": self.world_size, "rank": self.rank}
+        return {
+            "epoch": self.epoch,
+            "index": self.start_index,
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "world_size": self.world_size,
+            "rank": self.rank,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for k in ("num_samples", "world_size", "seed"):
@@ -468,8 +527,11 @@ class ResumableSampler(torch.utils.data.Sampler):
 def collate_image_caption(items: list) -> dict:
     """Stack pixel_values, list captions; drops skipped (None) items and reports how many."""
     good = [it for it in items if it is not None]
-    out = {"pixel_values": torch.stack([it["pixel_values"] for it in good]) if good else torch.empty(0),
-           "caption": [it["caption"] for it in good], "skipped": len(items) - len(good)}
+    out = {
+        "pixel_values": torch.stack([it["pixel_values"] for it in good]) if good else torch.empty(0),
+        "caption": [it["caption"] for it in good],
+        "skipped": len(items) - len(good),
+    }
     return out
 
 
@@ -484,19 +546,37 @@ class ResumableDataLoader:
     through batches (what the trainer should log when ``num_workers > 0``; the dataset's own counter then
     lives in the workers)."""
 
-    def __init__(self, dataset, batch_size: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = False, drop_last_batch: bool = False,
-                 num_workers: int = 0, pin_memory: bool = False, collate_fn=collate_image_caption,
-                 **dataloader_kwargs):
+    def __init__(
+        self,
+        dataset,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        drop_last_batch: bool = False,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        collate_fn=collate_image_caption,
+        **dataloader_kwargs,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.drop_last_batch = drop_last_batch
         self.num_workers = num_workers
-        self.sampler = ResumableSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank,
-                                        world_size=world_size, drop_last=drop_last,
-                                        yield_epoch=isinstance(dataset, ImageCaptionDataset))
+        self.sampler = ResumableSampler(
+            len(dataset),
+            shuffle=shuffle,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            drop_last=drop_last,
+            yield_epoch=isinstance(dataset, ImageCaptionDataset),
+        )
         self.collate_fn = collate_fn
         self.dataloader_kwargs = dict(pin_memory=pin_memory, **dataloader_kwargs)
         self.epoch = 0
@@ -521,9 +601,15 @@ class ResumableDataLoader:
         # the loader's own generator, seeded per epoch: its workers' base seed is never drawn from (and never
         # moves) the global RNG, so a resumed run's global RNG follows the uninterrupted run's
         kwargs = {"generator": torch.Generator().manual_seed(self.sampler.seed + self.epoch), **self.dataloader_kwargs}
-        dl = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
-                                         collate_fn=self.collate_fn, num_workers=self.num_workers,
-                                         drop_last=self.drop_last_batch, **kwargs)
+        dl = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=self.sampler,
+            collate_fn=self.collate_fn,
+            num_workers=self.num_workers,
+            drop_last=self.drop_last_batch,
+            **kwargs,
+        )
         n = self.sampler.per_rank
         for batch in dl:
             self.index = min(self.index + self.batch_size, n)
@@ -556,14 +642,23 @@ def training_dataset(config, resolution: int):
     the teacher is the digits world and no data is given."""
     if config.data is None:
         if config.teacher != "digits":
-            raise ValueError("data: a training set is needed for this teacher (an image folder with captions, "
-                             "a JSONL manifest, a Hugging Face data set on disk or tar shards)")
+            raise ValueError(
+                "data: a training set is needed for this teacher (an image folder with captions, "
+                "a JSONL manifest, a Hugging Face data set on disk or tar shards)"
+            )
         from ..world.digits import DigitsDataset
+
         return DigitsDataset(resolution=resolution)
     return ImageCaptionDataset.from_path(
-        config.data, resolution, image_column=config.image_column, caption_column=config.caption_column,
-        center_crop=config.center_crop, random_flip=config.random_flip, interpolation=config.interpolation,
-        seed=config.seed)
+        config.data,
+        resolution,
+        image_column=config.image_column,
+        caption_column=config.caption_column,
+        center_crop=config.center_crop,
+        random_flip=config.random_flip,
+        interpolation=config.interpolation,
+        seed=config.seed,
+    )
 
 
 def make_dataloader(dataset, batch_size: int, **kwargs) -> ResumableDataLoader:

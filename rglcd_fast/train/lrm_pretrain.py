@@ -9,6 +9,7 @@ it, the kind of candidate the LRM ranks online (the fused pairwise preference lo
 starts from the expert's CLIP text tower when the expert has one, else from the teacher's text encoder.
 Checkpoints and resume as the trainer's (exact); the result is an LRM folder (`LatentRewardModel.from_pretrained`)
 that `rglcd-fast train --lrm-path` starts from."""
+
 import os
 import time
 
@@ -22,8 +23,17 @@ from .config import LRMPretrainConfig
 from .data import ResumableDataLoader, training_dataset
 from .models import Teacher, make_lrm
 
-LOG_COLUMNS = ("step", "loss", "contrastive_loss", "distill_loss", "retrieval_accuracy", "preference_accuracy",
-               "logit_scale", "lr", "step_time_s")
+LOG_COLUMNS = (
+    "step",
+    "loss",
+    "contrastive_loss",
+    "distill_loss",
+    "retrieval_accuracy",
+    "preference_accuracy",
+    "logit_scale",
+    "lr",
+    "step_time_s",
+)
 
 
 def contrastive_loss(image_emb, text_emb, logit_scale, captions):
@@ -48,8 +58,9 @@ def ranking_candidates(teacher, latents, captions, count, generator):
     scheduler = teacher.noise_scheduler
     b = latents.shape[0]
     draw_on = generator.device
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (count * b,), generator=generator,
-                      device=draw_on).to(latents.device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (count * b,), generator=generator, device=draw_on).to(
+        latents.device
+    )
     noise = torch.randn((count * b, *latents.shape[1:]), generator=generator, device=draw_on).to(latents.device)
     x0 = latents.repeat(count, 1, 1, 1)
     noisy = scheduler.add_noise(x0, noise, t)
@@ -75,8 +86,14 @@ class LRMPretrainer:
     """config: LRMPretrainConfig. Optional: accelerator, teacher (a Teacher in memory), dataset (a map-style
     data set of {"pixel_values", "caption"}) and reward_model (the expert, on the device)."""
 
-    def __init__(self, config: LRMPretrainConfig, accelerator=None, teacher: Teacher | None = None, dataset=None,
-                 reward_model=None):
+    def __init__(
+        self,
+        config: LRMPretrainConfig,
+        accelerator=None,
+        teacher: Teacher | None = None,
+        dataset=None,
+        reward_model=None,
+    ):
         from accelerate.utils import set_seed
         from diffusers.optimization import get_scheduler
 
@@ -88,23 +105,46 @@ class LRMPretrainer:
         set_seed(config.seed)
         self.device = acc.device
         self.teacher = teacher or Teacher.from_pretrained(config.teacher, self.device, weight_dtype(acc))
-        self.expert = reward_model if reward_model is not None else load_reward_model(
-            config.reward_model, config.reward_model_path, device=self.device)
-        vit_config = dict(latent_size=self.teacher.unet.config.sample_size, patch_size=config.vit_patch_size,
-                          width=config.vit_width, layers=config.vit_layers, heads=config.vit_heads)
-        lrm = make_lrm(self.teacher, config.lrm_widths, config.lrm_embed_dim, expert=self.expert,
-                       image_tower=config.image_tower, vit_config=vit_config).to(self.device)
+        self.expert = (
+            reward_model
+            if reward_model is not None
+            else load_reward_model(config.reward_model, config.reward_model_path, device=self.device)
+        )
+        vit_config = dict(
+            latent_size=self.teacher.unet.config.sample_size,
+            patch_size=config.vit_patch_size,
+            width=config.vit_width,
+            layers=config.vit_layers,
+            heads=config.vit_heads,
+        )
+        lrm = make_lrm(
+            self.teacher,
+            config.lrm_widths,
+            config.lrm_embed_dim,
+            expert=self.expert,
+            image_tower=config.image_tower,
+            vit_config=vit_config,
+        ).to(self.device)
         optimizer = torch.optim.AdamW(lrm.parameters(), lr=config.learning_rate, weight_decay=config.adam_weight_decay)
-        lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
-                                     num_warmup_steps=config.lr_warmup_steps * acc.num_processes,
-                                     num_training_steps=config.max_train_steps * acc.num_processes)
+        lr_scheduler = get_scheduler(
+            config.lr_scheduler,
+            optimizer,
+            num_warmup_steps=config.lr_warmup_steps * acc.num_processes,
+            num_training_steps=config.max_train_steps * acc.num_processes,
+        )
         self.lrm, self.optimizer, self.lr_scheduler = acc.prepare(lrm, optimizer, lr_scheduler)
         resolution = config.resolution or self.teacher.default_resolution
         self.loader = ResumableDataLoader(
             dataset if dataset is not None else training_dataset(config, resolution),
-            config.train_batch_size, shuffle=True, seed=config.seed, rank=acc.process_index,
-            world_size=acc.num_processes, drop_last_batch=True, num_workers=config.dataloader_num_workers,
-            pin_memory=self.device.type == "cuda")
+            config.train_batch_size,
+            shuffle=True,
+            seed=config.seed,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            drop_last_batch=True,
+            num_workers=config.dataloader_num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
         self.generator = torch.Generator(self.device).manual_seed(config.seed + acc.process_index)
         self.step = 0
 
@@ -113,8 +153,14 @@ class LRMPretrainer:
         return self.accelerator.unwrap_model(self.lrm)
 
     def _state(self) -> dict:
-        return {"lrm": self.model, "optimizer": self.optimizer, "lr_scheduler": self.lr_scheduler,
-                "data": self.loader, "trainer": {"step": self.step}, "rng": capture_rng_state({"train": self.generator})}
+        return {
+            "lrm": self.model,
+            "optimizer": self.optimizer,
+            "lr_scheduler": self.lr_scheduler,
+            "data": self.loader,
+            "trainer": {"step": self.step},
+            "rng": capture_rng_state({"train": self.generator}),
+        }
 
     def losses(self, batch, generator):
         """(loss, metrics) of one batch: the contrastive loss, plus distill_weight × the expert-preference
@@ -129,8 +175,9 @@ class LRMPretrainer:
         metrics = {"contrastive_loss": contrastive.detach(), "retrieval_accuracy": retrieval}
         loss = contrastive
         if config.distill_weight > 0:
-            distill, accuracy = expert_preference_loss(lrm, teacher, self.expert, latents, captions,
-                                                       config.distill_candidates, generator)
+            distill, accuracy = expert_preference_loss(
+                lrm, teacher, self.expert, latents, captions, config.distill_candidates, generator
+            )
             loss = loss + config.distill_weight * distill
             metrics.update(distill_loss=distill.detach(), preference_accuracy=accuracy)
         metrics["loss"] = loss.detach()
@@ -165,25 +212,39 @@ class LRMPretrainer:
             config.save(os.path.join(config.output_dir, "config.json"))
             log = CsvLog(os.path.join(config.output_dir, "logs.csv"), LOG_COLUMNS, resume_step=self.step)
         batches = self.loader.infinite()
-        progress = tqdm(total=config.max_train_steps, initial=self.step, desc="LRM pre-training",
-                        disable=not (config.progress and acc.is_main_process))
+        progress = tqdm(
+            total=config.max_train_steps,
+            initial=self.step,
+            desc="LRM pre-training",
+            disable=not (config.progress and acc.is_main_process),
+        )
         window, start = [], time.perf_counter()
         while self.step < config.max_train_steps:
             window.append(self.train_step(next(batches)))
             progress.update()
             if self.step % config.logging_steps == 0 or self.step == config.max_train_steps:
-                row = {name: torch.stack([m[name] for m in window]).float().mean().item()
-                       for name in window[0]}
-                row.update(step=self.step, logit_scale=self.model.logit_scale.exp().item(),
-                           lr=self.lr_scheduler.get_last_lr()[0], step_time_s=(time.perf_counter() - start) / len(window))
+                row = {name: torch.stack([m[name] for m in window]).float().mean().item() for name in window[0]}
+                row.update(
+                    step=self.step,
+                    logit_scale=self.model.logit_scale.exp().item(),
+                    lr=self.lr_scheduler.get_last_lr()[0],
+                    step_time_s=(time.perf_counter() - start) / len(window),
+                )
                 if log is not None:
                     log.write(row)
                 progress.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "preference_accuracy") if k in row})
                 window, start = [], time.perf_counter()
             if self.step % config.checkpointing_steps == 0 or self.step == config.max_train_steps:
-                save_checkpoint(config.output_dir, self.step, self._state(), keep=config.checkpoints_total_limit,
-                                overwrite=True, barrier=acc.wait_for_everyone, rank=acc.process_index,
-                                world_size=acc.num_processes)
+                save_checkpoint(
+                    config.output_dir,
+                    self.step,
+                    self._state(),
+                    keep=config.checkpoints_total_limit,
+                    overwrite=True,
+                    barrier=acc.wait_for_everyone,
+                    rank=acc.process_index,
+                    world_size=acc.num_processes,
+                )
         progress.close()
         outputs = {"lrm": os.path.join(config.output_dir, "lrm"), "logs": os.path.join(config.output_dir, "logs.csv")}
         if acc.is_main_process:
@@ -198,8 +259,9 @@ def preference_accuracy(lrm, teacher, expert, dataset, batch_size=64, batches=4,
     with their own seed): how well it ranks what it will rank online. Returns a float in [0, 1]."""
     device = lrm.logit_scale.device
     generator = torch.Generator(device).manual_seed(seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(seed))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
     hits = []
     for _, batch in zip(range(batches), loader):
         captions = list(batch["caption"])

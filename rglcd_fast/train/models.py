@@ -2,6 +2,7 @@
 student made from the teacher (full with a guidance embedding, or LoRA), the expert reward model and the
 latent proxy reward model (LRM), and the reward guidance that ties the last two to the step (docs/design.md
 §1 steps 8-9)."""
+
 import copy
 import json
 import os
@@ -13,18 +14,34 @@ from ..reward import LatentRewardModel, RewardModel
 from ..sample.sampler import check_pipeline_folder
 
 # The LoRA targets of diffusers' train_lcm_distill_lora_sd.py.
-LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                       "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
-                       "time_emb_proj"]
+LORA_TARGET_MODULES = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+    "time_emb_proj",
+]
 
 
 def resolve_teacher(teacher: str) -> str:
     """A diffusers folder path; "digits" is the embedded digits world's teacher."""
     if teacher == "digits":
         from ..world.teacher import TEACHER_DIR
+
         if not os.path.isdir(TEACHER_DIR):
-            raise FileNotFoundError(f"teacher: the digits world's teacher is missing from {TEACHER_DIR}; "
-                                    "rebuild it with `rglcd-fast make-world`")
+            raise FileNotFoundError(
+                f"teacher: the digits world's teacher is missing from {TEACHER_DIR}; "
+                "rebuild it with `rglcd-fast make-world`"
+            )
         return TEACHER_DIR
     check_pipeline_folder(teacher, "teacher")
     return teacher
@@ -49,11 +66,16 @@ class Teacher:
         parts = dict(
             unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype),
             vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype),
-            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype))
+            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype),
+        )
         for module in parts.values():
             module.requires_grad_(False).eval().to(device)
-        return cls(folder=folder, tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-                   noise_scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler"), **parts)
+        return cls(
+            folder=folder,
+            tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+            noise_scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
+            **parts,
+        )
 
     @property
     def vae_scale_factor(self) -> int:
@@ -66,8 +88,13 @@ class Teacher:
 
     @torch.no_grad()
     def encode_prompts(self, prompts) -> torch.Tensor:
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.text_encoder.device)
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.text_encoder.device)
         return self.text_encoder(ids)[0]
 
     @torch.no_grad()
@@ -83,6 +110,7 @@ class Teacher:
         if self.unet.dtype == torch.float32:
             return self.unet.state_dict()
         from diffusers import UNet2DConditionModel
+
         unet = UNet2DConditionModel.from_pretrained(self.folder, subfolder="unet", torch_dtype=torch.float32)
         return unet.state_dict()
 
@@ -143,23 +171,30 @@ class WithoutAdapters:
             unet.enable_adapters()
 
 
-def make_lrm(teacher: Teacher, widths, embed_dim: int, init_clip=None, expert=None, image_tower="conv",
-             vit_config=None) -> LatentRewardModel:
+def make_lrm(
+    teacher: Teacher, widths, embed_dim: int, init_clip=None, expert=None, image_tower="conv", vit_config=None
+) -> LatentRewardModel:
     """A fresh LRM (random latent image tower, "conv" or "vit") in float32 on the teacher's device. Its text
     tower (with the projection when the shapes allow) starts from, in order: the CLIP folder init_clip; the
     expert's CLIP model when it has one (the CLIP-family adapters); the teacher's text encoder (with its
     tokenizer)."""
     channels = teacher.vae.config.latent_channels
-    tower = dict(latent_channels=channels, widths=widths, groups=min(32, widths[0]), image_tower=image_tower,
-                 vit_config=vit_config if image_tower == "vit" else None)
+    tower = dict(
+        latent_channels=channels,
+        widths=widths,
+        groups=min(32, widths[0]),
+        image_tower=image_tower,
+        vit_config=vit_config if image_tower == "vit" else None,
+    )
     clip = getattr(expert, "model", None)
     if init_clip:
         lrm = LatentRewardModel.from_clip(init_clip, **tower)
     elif clip is not None and type(clip).__name__ == "CLIPModel":
         lrm = LatentRewardModel.from_clip(clip, tokenizer=getattr(expert, "tokenizer", None), **tower)
     else:
-        lrm = LatentRewardModel(teacher.text_encoder.config.to_dict(), embed_dim=embed_dim, tokenizer=teacher.tokenizer,
-                                **tower)
+        lrm = LatentRewardModel(
+            teacher.text_encoder.config.to_dict(), embed_dim=embed_dim, tokenizer=teacher.tokenizer, **tower
+        )
         lrm.text_model.load_state_dict(teacher.text_encoder.state_dict())
     return lrm.float().to(teacher.unet.device)
 
@@ -173,10 +208,12 @@ def lrm_folder(path: str) -> str:
     """The folder of lrm_path ("digits": the digits world's LRM), checked to hold an LRM."""
     if path == "digits":
         from ..world.lrm import LRM_DIR
+
         path = LRM_DIR
     if not os.path.isfile(os.path.join(path, "lrm_config.json")):
-        raise FileNotFoundError(f"lrm_path: no LRM folder (lrm_config.json) at {path} (make one with "
-                                "`rglcd-fast pretrain-lrm`)")
+        raise FileNotFoundError(
+            f"lrm_path: no LRM folder (lrm_config.json) at {path} (make one with `rglcd-fast pretrain-lrm`)"
+        )
     return path
 
 
@@ -195,8 +232,10 @@ def check_settings(config, teacher: Teacher | None = None, expert_given: bool = 
     factor = 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["down_block_types"]) - 1)
     if config.resolution is not None and (config.resolution < factor or config.resolution % factor):
         nearest = max(factor, round(config.resolution / factor) * factor)
-        raise ValueError(f"resolution: {config.resolution} px does not pass the teacher's VAE and UNet (a multiple "
-                         f"of {factor} does, e.g. {nearest})")
+        raise ValueError(
+            f"resolution: {config.resolution} px does not pass the teacher's VAE and UNet (a multiple "
+            f"of {factor} does, e.g. {nearest})"
+        )
     if config.reward_mode != "none" and not expert_given:
         check_reward_model_path(config.reward_model, config.reward_model_path)
     if config.reward_mode == "lrm" and config.lrm_path:
@@ -210,14 +249,20 @@ def load_lrm(path: str, teacher: Teacher, device=None) -> LatentRewardModel:
     lrm = LatentRewardModel.from_pretrained(path, device=device).float()
     channels = teacher.vae.config.latent_channels
     if lrm.config["latent_channels"] != channels:
-        raise ValueError(f"lrm_path: the LRM in {path} reads {lrm.config['latent_channels']}-channel latents, the "
-                         f"teacher's VAE makes {channels}")
+        raise ValueError(
+            f"lrm_path: the LRM in {path} reads {lrm.config['latent_channels']}-channel latents, the "
+            f"teacher's VAE makes {channels}"
+        )
     if lrm.tokenizer is None:
-        raise ValueError(f"lrm_path: the LRM in {path} has no tokenizer (save one with it: the LRM reads the prompts "
-                         "with its own text tower)")
+        raise ValueError(
+            f"lrm_path: the LRM in {path} has no tokenizer (save one with it: the LRM reads the prompts "
+            "with its own text tower)"
+        )
     if len(lrm.tokenizer) > lrm.text_config.vocab_size:
-        raise ValueError(f"lrm_path: the LRM's tokenizer in {path} has {len(lrm.tokenizer)} tokens, its text tower "
-                         f"{lrm.text_config.vocab_size}")
+        raise ValueError(
+            f"lrm_path: the LRM's tokenizer in {path} has {len(lrm.tokenizer)} tokens, its text tower "
+            f"{lrm.text_config.vocab_size}"
+        )
     return lrm
 
 
@@ -238,10 +283,22 @@ class RewardGuidance:
 
     REAL_INDEX = 2  # candidates: (student prediction, target, real)
 
-    def __init__(self, mode: str, teacher: Teacher, expert: RewardModel, lrm: LatentRewardModel | None = None,
-                 lrm_optimizer=None, lrm_loss: str = "kl", rm_loss_scale: float = 1.0, lrm_batch_size: int = 8,
-                 reduce_gradients=None, decode_batch_size: int | None = None, ce_real_wins: bool = True,
-                 smooth_gt_label: bool = False, score_real_pixels: bool = False):
+    def __init__(
+        self,
+        mode: str,
+        teacher: Teacher,
+        expert: RewardModel,
+        lrm: LatentRewardModel | None = None,
+        lrm_optimizer=None,
+        lrm_loss: str = "kl",
+        rm_loss_scale: float = 1.0,
+        lrm_batch_size: int = 8,
+        reduce_gradients=None,
+        decode_batch_size: int | None = None,
+        ce_real_wins: bool = True,
+        smooth_gt_label: bool = False,
+        score_real_pixels: bool = False,
+    ):
         if mode not in ("direct", "lrm"):
             raise ValueError(f"mode: expected 'direct' or 'lrm', got {mode!r}")
         if decode_batch_size is not None and decode_batch_size < 1:
@@ -299,8 +356,14 @@ class RewardGuidance:
             expert_logits = expert_logits.float().view(k, -1)
             if self.expert.logits_use_lrm_scale:  # the official ImageReward target: × the LRM's exp(logit_scale)
                 expert_logits = expert_logits * self.lrm.logit_scale.detach().float().exp()
-        loss, accuracy = self.lrm.preference_loss([c / scale for c in candidates], prompts, expert_logits,
-                                                  self.lrm_loss, self.real_index, self.smooth_gt_label)
+        loss, accuracy = self.lrm.preference_loss(
+            [c / scale for c in candidates],
+            prompts,
+            expert_logits,
+            self.lrm_loss,
+            self.real_index,
+            self.smooth_gt_label,
+        )
         self.lrm_optimizer.zero_grad(set_to_none=True)
         (loss * self.rm_loss_scale).backward()
         grads = [p.grad for p in self.lrm.parameters() if p.grad is not None]

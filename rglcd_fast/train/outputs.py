@@ -1,14 +1,35 @@
 """What a finished run leaves for its users: pipeline/ (a diffusers pipeline folder), lora/ (LoRA weights for
 load_lora_weights), each with a model card (README.md: the base model, the settings, the sample grid, how to
 load it), and the names diffusers' LCD scripts write (unet/ and unet_lora/, links to ours)."""
+
 import json
 import os
 import shutil
 
 # the settings a model card lists (all of them are in the run's config.json)
-CARD_SETTINGS = ("teacher", "data", "resolution", "use_lora", "lora_rank", "reward_mode", "reward_model", "reward_scale",
-                 "lrm_path", "lrm_frozen", "max_train_steps", "train_batch_size", "learning_rate", "loss_type",
-                 "huber_c", "w_min", "w_max", "num_ddim_timesteps", "ema_decay", "mixed_precision", "seed")
+CARD_SETTINGS = (
+    "teacher",
+    "data",
+    "resolution",
+    "use_lora",
+    "lora_rank",
+    "reward_mode",
+    "reward_model",
+    "reward_scale",
+    "lrm_path",
+    "lrm_frozen",
+    "max_train_steps",
+    "train_batch_size",
+    "learning_rate",
+    "loss_type",
+    "huber_c",
+    "w_min",
+    "w_max",
+    "num_ddim_timesteps",
+    "ema_decay",
+    "mixed_precision",
+    "seed",
+)
 
 
 def save_pipeline(folder, teacher, student, settings, grid, prompts) -> None:
@@ -25,12 +46,19 @@ def save_pipeline(folder, teacher, student, settings, grid, prompts) -> None:
     else:
         student.save_pretrained(os.path.join(folder, "unet"))
     LCMScheduler.from_config(teacher.noise_scheduler.config).save_pretrained(os.path.join(folder, "scheduler"))
-    index = {"_class_name": "StableDiffusionPipeline" if settings["use_lora"] else "LatentConsistencyModelPipeline",
-             "_diffusers_version": diffusers.__version__, "unet": ["diffusers", "UNet2DConditionModel"],
-             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "LCMScheduler"],
-             "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None],
-             "requires_safety_checker": False}
+    index = {
+        "_class_name": "StableDiffusionPipeline" if settings["use_lora"] else "LatentConsistencyModelPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "LCMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+    }
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f, indent=2)
     write_model_card(folder, "pipeline", settings, grid, prompts)
@@ -54,27 +82,44 @@ def write_model_card(folder, kind, settings, grid, prompts) -> str:
 
     shutil.copyfile(grid, os.path.join(folder, "sample.png"))
     teacher, lora = settings["teacher"], settings["use_lora"]
-    base = "the digits world's teacher (rglcd_fast's embedded default)" if teacher == "digits" \
+    base = (
+        "the digits world's teacher (rglcd_fast's embedded default)"
+        if teacher == "digits"
         else f"`{os.path.basename(os.path.normpath(teacher))}` ({teacher})"
-    method = "plain latent consistency distillation (LCD)" if settings["reward_mode"] == "none" else \
-        f"reward-guided LCD (RG-LCD), reward mode `{settings['reward_mode']}`, expert `{settings['reward_model']}`"
-    student = f"An LCM-LoRA (rank {settings['lora_rank']}) of the teacher" if lora else \
-        "A latent consistency model (the teacher's UNet with a guidance embedding)"
+    )
+    method = (
+        "plain latent consistency distillation (LCD)"
+        if settings["reward_mode"] == "none"
+        else f"reward-guided LCD (RG-LCD), reward mode `{settings['reward_mode']}`, expert `{settings['reward_model']}`"
+    )
+    student = (
+        f"An LCM-LoRA (rank {settings['lora_rank']}) of the teacher"
+        if lora
+        else "A latent consistency model (the teacher's UNet with a guidance embedding)"
+    )
     here = os.path.join(settings["output_dir"], kind)
     if kind == "lora":
-        usage = ("pipe = DiffusionPipeline.from_pretrained(BASE_MODEL)\n"
-                 "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)\n"
-                 f'pipe.load_lora_weights("{here}")\n'
-                 "image = pipe(PROMPT, num_inference_steps=4, guidance_scale=1.0).images[0]")
+        usage = (
+            "pipe = DiffusionPipeline.from_pretrained(BASE_MODEL)\n"
+            "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)\n"
+            f'pipe.load_lora_weights("{here}")\n'
+            "image = pipe(PROMPT, num_inference_steps=4, guidance_scale=1.0).images[0]"
+        )
         command = f"rglcd-fast sample --model BASE_MODEL --lora {here}"
     else:
-        usage = (f'pipe = DiffusionPipeline.from_pretrained("{here}")\n'
-                 "image = pipe(PROMPT, num_inference_steps=4, guidance_scale=8.0).images[0]")
+        usage = (
+            f'pipe = DiffusionPipeline.from_pretrained("{here}")\n'
+            "image = pipe(PROMPT, num_inference_steps=4, guidance_scale=8.0).images[0]"
+        )
         command = f"rglcd-fast sample --model {here}"
     table = "\n".join(f"| {name} | {settings[name]} |" for name in CARD_SETTINGS)
     rows = ", ".join(str(n) for n in settings["validation_lcm_steps"])
-    data = ModelCardData(library_name="diffusers", license="other", pipeline_tag="text-to-image",
-                         tags=["latent-consistency-model", "rg-lcd", "rglcd_fast", "lora" if lora else "lcm"])
+    data = ModelCardData(
+        library_name="diffusers",
+        license="other",
+        pipeline_tag="text-to-image",
+        tags=["latent-consistency-model", "rg-lcd", "rglcd_fast", "lora" if lora else "lcm"],
+    )
     text = f"""---
 {data.to_yaml()}
 ---

@@ -5,6 +5,7 @@ target (EMA) UNets, a batch of latents and prompt embeddings returns the distill
 reward loss and the total, with model_pred (the student's one-step prediction) for the reward and the
 latent reward model's update. The optimiser, EMA update and LRM update belong to the trainer.
 """
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -53,18 +54,21 @@ def update_ema(target: torch.nn.Module, student: torch.nn.Module, decay: float =
 
 
 class DistillationStep:
-    def __init__(self, noise_scheduler, config: DistillationConfig = DistillationConfig(), device="cpu"):
+    def __init__(self, noise_scheduler, config: DistillationConfig | None = None, device="cpu"):
         self.noise_scheduler = noise_scheduler
-        self.config = config
+        self.config = config = config if config is not None else DistillationConfig()
         self.prediction_type = noise_scheduler.config.prediction_type
         num_train_timesteps = noise_scheduler.config.num_train_timesteps
         if num_train_timesteps % config.num_ddim_timesteps:
-            raise ValueError(f"num_ddim_timesteps: must divide num_train_timesteps ({num_train_timesteps}), "
-                             f"got {config.num_ddim_timesteps}")
+            raise ValueError(
+                f"num_ddim_timesteps: must divide num_train_timesteps ({num_train_timesteps}), "
+                f"got {config.num_ddim_timesteps}"
+            )
         self.topk = num_train_timesteps // config.num_ddim_timesteps
         # .cpu(): diffusers' add_noise leaves alphas_cumprod on the device it last ran on
-        self.solver = DDIMSolver(noise_scheduler.alphas_cumprod.cpu().numpy(), num_train_timesteps,
-                                 config.num_ddim_timesteps).to(device)
+        self.solver = DDIMSolver(
+            noise_scheduler.alphas_cumprod.cpu().numpy(), num_train_timesteps, config.num_ddim_timesteps
+        ).to(device)
         self.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
 
     def draw(self, latents: torch.Tensor, generator: torch.Generator | None = None):
@@ -73,20 +77,31 @@ class DistillationStep:
         generator reproduces runs across devices, a CUDA one spares the host the noise and its copy."""
         bsz = latents.shape[0]
         draw_on = generator.device if generator is not None else latents.device
-        index = torch.randint(0, self.config.num_ddim_timesteps, (bsz,), generator=generator,
-                              device=draw_on).to(latents.device)
+        index = torch.randint(0, self.config.num_ddim_timesteps, (bsz,), generator=generator, device=draw_on).to(
+            latents.device
+        )
         start_timesteps = self.solver.ddim_timesteps[index]
         timesteps = (start_timesteps - self.topk).clamp(min=0)
-        w = ((self.config.w_max - self.config.w_min) * torch.rand(bsz, generator=generator, device=draw_on)
-             + self.config.w_min).to(latents.device)
+        w = (
+            (self.config.w_max - self.config.w_min) * torch.rand(bsz, generator=generator, device=draw_on)
+            + self.config.w_min
+        ).to(latents.device)
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device=draw_on)
         noise = noise.to(latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, start_timesteps)
         return index, start_timesteps, timesteps, w, noisy
 
-    def __call__(self, student, teacher, target_unet, latents, prompt_embeds, uncond_prompt_embeds,
-                 reward_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 generator: torch.Generator | None = None) -> StepOutput:
+    def __call__(
+        self,
+        student,
+        teacher,
+        target_unet,
+        latents,
+        prompt_embeds,
+        uncond_prompt_embeds,
+        reward_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> StepOutput:
         """student / teacher / target_unet: diffusers UNet2DConditionModel-like callables (student and
         target take the guidance embedding as timestep_cond). reward_fn maps model_pred (latents, in the
         VAE's scaled space) to per-sample rewards [B] to maximise (the direct RM through the VAE decoder,
@@ -94,30 +109,60 @@ class DistillationStep:
         index, start_timesteps, timesteps, w, noisy = self.draw(latents, generator)
         # a LoRA student (LCM-LoRA) has no guidance embedding
         embedding_dim = extract_model_from_parallel(student).config.time_cond_proj_dim
-        w_embedding = None if not embedding_dim else guidance_scale_embedding(w, embedding_dim=embedding_dim).to(
-            device=latents.device, dtype=latents.dtype)
+        w_embedding = (
+            None
+            if not embedding_dim
+            else guidance_scale_embedding(w, embedding_dim=embedding_dim).to(device=latents.device, dtype=latents.dtype)
+        )
 
         # 5. and 6. come before 4. (the same math: neither depends on the student), so that the teacher's
         # transient activations (at batch 2B) never coexist with the student's saved ones
         with torch.no_grad():
             # 5. teacher: cond and uncond in one batched call, then the fused CFG + DDIM solver step
-            both = teacher(torch.cat([noisy, noisy]), torch.cat([start_timesteps, start_timesteps]),
-                           encoder_hidden_states=torch.cat([prompt_embeds, uncond_prompt_embeds])).sample
+            both = teacher(
+                torch.cat([noisy, noisy]),
+                torch.cat([start_timesteps, start_timesteps]),
+                encoder_hidden_states=torch.cat([prompt_embeds, uncond_prompt_embeds]),
+            ).sample
             cond_output, uncond_output = both.to(latents.dtype).chunk(2)
-            x_prev, _ = ops.guided_ddim_step(cond_output, uncond_output, noisy, start_timesteps, timesteps, w,
-                                             self.alphas_cumprod, self.prediction_type)
+            x_prev, _ = ops.guided_ddim_step(
+                cond_output,
+                uncond_output,
+                noisy,
+                start_timesteps,
+                timesteps,
+                w,
+                self.alphas_cumprod,
+                self.prediction_type,
+            )
             # 6. target (EMA student) at (x_prev, t)
-            target_output = target_unet(x_prev, timesteps, timestep_cond=w_embedding,
-                                        encoder_hidden_states=prompt_embeds).sample.to(latents.dtype)
-            target = ops.consistency_output(target_output, x_prev, timesteps, self.alphas_cumprod,
-                                            self.prediction_type, self.config.timestep_scaling)
+            target_output = target_unet(
+                x_prev, timesteps, timestep_cond=w_embedding, encoder_hidden_states=prompt_embeds
+            ).sample.to(latents.dtype)
+            target = ops.consistency_output(
+                target_output,
+                x_prev,
+                timesteps,
+                self.alphas_cumprod,
+                self.prediction_type,
+                self.config.timestep_scaling,
+            )
         # 4. student (its output in the latents' dtype: under autocast the UNets answer in half precision)
-        noise_pred = student(noisy, start_timesteps, timestep_cond=w_embedding,
-                             encoder_hidden_states=prompt_embeds).sample.to(latents.dtype)
+        noise_pred = student(
+            noisy, start_timesteps, timestep_cond=w_embedding, encoder_hidden_states=prompt_embeds
+        ).sample.to(latents.dtype)
         # 7. distillation loss, fused with the student's consistency output
         distill_loss, model_pred = ops.consistency_loss(
-            noise_pred, noisy, start_timesteps, target, self.alphas_cumprod, self.prediction_type,
-            self.config.loss_type, self.config.huber_c, self.config.timestep_scaling)
+            noise_pred,
+            noisy,
+            start_timesteps,
+            target,
+            self.alphas_cumprod,
+            self.prediction_type,
+            self.config.loss_type,
+            self.config.huber_c,
+            self.config.timestep_scaling,
+        )
         # 8. reward of the one-step prediction
         reward_loss = None
         loss = distill_loss

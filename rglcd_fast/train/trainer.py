@@ -4,6 +4,7 @@ teacher CFG + fused solver step, EMA target, fused consistency loss, reward of t
 backward, clip, AdamW, LR schedule, EMA update, LRM update. Checkpoints are atomic and resume exactly;
 non-finite losses skip the update; outputs are a diffusers LCM pipeline folder (or LoRA weights), the
 LRM, logs.csv, TensorBoard events and sample grids."""
+
 import csv
 import dataclasses
 import io
@@ -14,27 +15,47 @@ import time
 import torch
 from tqdm import tqdm
 
-from .checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint,
-                         write_file_atomic, write_folder)
+from .checkpoint import (
+    capture_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    write_file_atomic,
+    write_folder,
+)
 from .config import TrainConfig
 from .data import ResumableDataLoader, training_dataset
-from .models import (RewardGuidance, Teacher, WithoutAdapters, add_lora, check_settings, load_lrm, make_lrm,
-                     make_student)
+from .models import RewardGuidance, Teacher, WithoutAdapters, add_lora, check_settings, load_lrm, make_lrm, make_student
 from .outputs import link_script_layout, save_lora, save_pipeline
 from .step import DistillationConfig, DistillationStep, update_ema
 
 # reward: the student's (scale-free) reward, the LRM's in lrm mode; expert_reward: the expert's reward of the
 # student's one-step predictions (lrm mode: of the LRM update's sub-batch)
-LOG_COLUMNS = ("step", "loss", "distill_loss", "reward", "expert_reward", "lrm_loss", "lrm_accuracy", "lr",
-               "step_time_s", "images_per_s", "nonfinite_skipped", "data_skipped")
+LOG_COLUMNS = (
+    "step",
+    "loss",
+    "distill_loss",
+    "reward",
+    "expert_reward",
+    "lrm_loss",
+    "lrm_accuracy",
+    "lr",
+    "step_time_s",
+    "images_per_s",
+    "nonfinite_skipped",
+    "data_skipped",
+)
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def weight_dtype(accelerator) -> torch.dtype:
     """The frozen models' dtype, from the accelerator's mixed precision (the config's, else accelerate's)."""
     if accelerator.mixed_precision not in WEIGHT_DTYPES:
-        raise ValueError(f"mixed_precision: accelerate's {accelerator.mixed_precision!r} is not supported "
-                         f"(use one of {', '.join(WEIGHT_DTYPES)})")
+        raise ValueError(
+            f"mixed_precision: accelerate's {accelerator.mixed_precision!r} is not supported "
+            f"(use one of {', '.join(WEIGHT_DTYPES)})"
+        )
     return WEIGHT_DTYPES[accelerator.mixed_precision]
 
 
@@ -45,11 +66,15 @@ def make_accelerator(config, **kwargs):
     from accelerate.utils import ProjectConfiguration
 
     report_to = getattr(config, "report_to", "tensorboard")
-    return Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(),
-                       log_with=None if report_to == "none" else report_to,
-                       project_config=ProjectConfiguration(project_dir=config.output_dir,
-                                                           logging_dir=os.path.join(config.output_dir, "logs")),
-                       **kwargs)
+    return Accelerator(
+        mixed_precision=config.mixed_precision,
+        cpu=not torch.cuda.is_available(),
+        log_with=None if report_to == "none" else report_to,
+        project_config=ProjectConfiguration(
+            project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")
+        ),
+        **kwargs,
+    )
 
 
 class CheckpointWriteError(OSError):
@@ -82,14 +107,17 @@ class NonFiniteCounter:
         """Report new skips; raise once `limit` happened in a row (seen at this logging step)."""
         total, in_row = self.total, int(self._max_in_row)
         if total > self._reported:
-            tqdm.write(f"step {step}: {total - self._reported} step(s) with a non-finite loss or gradient skipped "
-                       f"since the last log ({total} in all)")
+            tqdm.write(
+                f"step {step}: {total - self._reported} step(s) with a non-finite loss or gradient skipped "
+                f"since the last log ({total} in all)"
+            )
             self._reported = total
         if in_row >= limit:
             raise NonFiniteLossError(
                 f"{in_row} non-finite losses in a row (by step {step}); stopping. The updates were skipped, so the "
                 f"last checkpoint in {output_dir} and the current weights hold the last good state: lower the "
-                "learning rate or reward_scale, or check the data")
+                "learning rate or reward_scale, or check the data"
+            )
         self._max_in_row.copy_(self._in_row)
 
 
@@ -99,23 +127,28 @@ class Trainer:
     {"pixel_values": [3, R, R] in [-1, 1], "caption": str} instead of config.data) and reward_model (an
     expert RewardModel already in memory, on the device, instead of loading config.reward_model)."""
 
-    def __init__(self, config: TrainConfig, accelerator=None, teacher: Teacher | None = None, dataset=None,
-                 reward_model=None):
+    def __init__(
+        self, config: TrainConfig, accelerator=None, teacher: Teacher | None = None, dataset=None, reward_model=None
+    ):
         from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
         check_settings(config, teacher, expert_given=reward_model is not None)
         self.config = config
         self.accelerator = accelerator or make_accelerator(
-            config, gradient_accumulation_steps=config.gradient_accumulation_steps,
+            config,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
             # DDP: the gradients live in the all-reduce buckets (no second copy of them)
-            kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)])
+            kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
+        )
         acc = self.accelerator
         set_seed(config.seed)
         self.device = acc.device
         if config.compile_unets == "all" and self.device.type == "cpu":
-            raise ValueError("compile_unets: 'all' (the student's backward compiled) is for CUDA; torch's CPU inductor "
-                             "gets diffusers' UNet gradients wrong (torch 2.13: scripts/inductor_cpu_unet_grad.py). "
-                             "Use 'student_blocks', 'frozen' or 'none' on the CPU")
+            raise ValueError(
+                "compile_unets: 'all' (the student's backward compiled) is for CUDA; torch's CPU inductor "
+                "gets diffusers' UNet gradients wrong (torch 2.13: scripts/inductor_cpu_unet_grad.py). "
+                "Use 'student_blocks', 'frozen' or 'none' on the CPU"
+            )
         self.weight_dtype = weight_dtype(acc)
         if config.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -126,8 +159,9 @@ class Trainer:
             student = add_lora(self.teacher.unet, config.lora_rank, config.lora_alpha)
             self.teacher_unet = WithoutAdapters(student)
         else:
-            student = make_student(self.teacher.unet, config.time_cond_proj_dim,
-                                   state_dict=self.teacher.unet_state_float32())
+            student = make_student(
+                self.teacher.unet, config.time_cond_proj_dim, state_dict=self.teacher.unet_state_float32()
+            )
             self.teacher_unet = self.teacher.unet
         if config.gradient_checkpointing:
             student.enable_gradient_checkpointing()
@@ -144,13 +178,22 @@ class Trainer:
         learning_rate = config.learning_rate
         if config.scale_lr:  # as the scripts: by the images a step sees
             learning_rate *= config.train_batch_size * config.gradient_accumulation_steps * acc.num_processes
-        optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                      weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
-                                      fused=True)  # found_inf: skips a non-finite step on the device
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.adam_weight_decay,
+            eps=config.adam_epsilon,
+            fused=True,
+        )  # found_inf: skips a non-finite step on the device
         from diffusers.optimization import get_scheduler
-        lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
-                                     num_warmup_steps=config.lr_warmup_steps * acc.num_processes,
-                                     num_training_steps=config.max_train_steps * acc.num_processes)
+
+        lr_scheduler = get_scheduler(
+            config.lr_scheduler,
+            optimizer,
+            num_warmup_steps=config.lr_warmup_steps * acc.num_processes,
+            num_training_steps=config.max_train_steps * acc.num_processes,
+        )
         self.student, self.optimizer, self.lr_scheduler = acc.prepare(student, optimizer, lr_scheduler)
         if config.compile_unets != "none":
             # in place (Module.compile: same module, same state dict); each UNet compiles on its first call
@@ -171,16 +214,24 @@ class Trainer:
 
         self._expert = reward_model
         step_settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(DistillationConfig)}
-        self.distill = DistillationStep(self.teacher.noise_scheduler, DistillationConfig(**step_settings),
-                                        device=self.device)
+        self.distill = DistillationStep(
+            self.teacher.noise_scheduler, DistillationConfig(**step_settings), device=self.device
+        )
         self.guidance = self._make_reward_guidance()
 
         self.resolution = config.resolution or self.teacher.default_resolution
         dataset = dataset if dataset is not None else training_dataset(config, self.resolution)
-        self.loader = ResumableDataLoader(dataset, config.train_batch_size, shuffle=True, seed=config.seed,
-                                          rank=acc.process_index, world_size=acc.num_processes,
-                                          drop_last_batch=True, num_workers=config.dataloader_num_workers,
-                                          pin_memory=self.device.type == "cuda")  # for a non-blocking copy
+        self.loader = ResumableDataLoader(
+            dataset,
+            config.train_batch_size,
+            shuffle=True,
+            seed=config.seed,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            drop_last_batch=True,
+            num_workers=config.dataloader_num_workers,
+            pin_memory=self.device.type == "cuda",
+        )  # for a non-blocking copy
         # one generator per rank for every draw of the step (posterior sample, n, w, noise)
         self.generator = torch.Generator(self.device).manual_seed(config.seed + acc.process_index)
         self.uncond_embeds = self.teacher.encode_prompts([""])
@@ -194,8 +245,12 @@ class Trainer:
         if config.reward_mode == "none":
             return None
         from ..reward import load_reward_model
-        expert = self._expert if self._expert is not None else load_reward_model(
-            config.reward_model, config.reward_model_path, device=self.device)
+
+        expert = (
+            self._expert
+            if self._expert is not None
+            else load_reward_model(config.reward_model, config.reward_model_path, device=self.device)
+        )
         lrm = optimizer = None
         if config.reward_mode == "lrm":
             if config.lrm_path:
@@ -209,13 +264,25 @@ class Trainer:
             lrm = lrm.to(self.device)
             trainable = [p for p in lrm.parameters() if p.requires_grad]
             if trainable:  # a frozen LRM has no optimiser and no online update
-                optimizer = torch.optim.AdamW(trainable, lr=config.lrm_learning_rate,
-                                              weight_decay=config.adam_weight_decay, fused=True)
+                optimizer = torch.optim.AdamW(
+                    trainable, lr=config.lrm_learning_rate, weight_decay=config.adam_weight_decay, fused=True
+                )
         reduce = self._mean_over_ranks if self.accelerator.num_processes > 1 else None
-        return RewardGuidance(config.reward_mode, self.teacher, expert, lrm, optimizer, config.lrm_loss,
-                              config.rm_loss_scale, config.lrm_batch_size, reduce,
-                              decode_batch_size=config.vae_decode_batch_size, ce_real_wins=config.lrm_ce_real_wins,
-                              smooth_gt_label=config.smooth_gt_label, score_real_pixels=config.lrm_score_real_pixels)
+        return RewardGuidance(
+            config.reward_mode,
+            self.teacher,
+            expert,
+            lrm,
+            optimizer,
+            config.lrm_loss,
+            config.rm_loss_scale,
+            config.lrm_batch_size,
+            reduce,
+            decode_batch_size=config.vae_decode_batch_size,
+            ce_real_wins=config.lrm_ce_real_wins,
+            smooth_gt_label=config.smooth_gt_label,
+            score_real_pixels=config.lrm_score_real_pixels,
+        )
 
     def _mean_over_ranks(self, tensors):
         """All-reduce (mean) a list of tensors in place through one flat buffer."""
@@ -223,7 +290,7 @@ class Trainer:
         flat = self.accelerator.reduce(flat, reduction="mean")
         offset = 0
         for t in tensors:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
 
     # ---- state -----------------------------------------------------------------------------------
@@ -231,10 +298,14 @@ class Trainer:
     def _state(self) -> dict:
         """What a checkpoint holds: everything the next step depends on."""
         acc = self.accelerator
-        state = {"student": acc.unwrap_model(self.student), "optimizer": self.optimizer,
-                 "lr_scheduler": self.lr_scheduler, "data": self.loader,
-                 "trainer": {"step": self.step, "nonfinite_skipped": self.nonfinite.total},
-                 "rng": capture_rng_state({"train": self.generator})}
+        state = {
+            "student": acc.unwrap_model(self.student),
+            "optimizer": self.optimizer,
+            "lr_scheduler": self.lr_scheduler,
+            "data": self.loader,
+            "trainer": {"step": self.step, "nonfinite_skipped": self.nonfinite.total},
+            "rng": capture_rng_state({"train": self.generator}),
+        }
         if self.target is not None:
             state["target"] = self.target
         if self.guidance is not None and self.guidance.lrm is not None:
@@ -250,9 +321,16 @@ class Trainer:
         the previous checkpoint as it was and stops the run with CheckpointWriteError, saying which."""
         acc, output_dir = self.accelerator, self.config.output_dir
         try:
-            return save_checkpoint(output_dir, self.step, self._state(), keep=self.config.checkpoints_total_limit,
-                                   overwrite=True, barrier=acc.wait_for_everyone, rank=acc.process_index,
-                                   world_size=acc.num_processes)
+            return save_checkpoint(
+                output_dir,
+                self.step,
+                self._state(),
+                keep=self.config.checkpoints_total_limit,
+                overwrite=True,
+                barrier=acc.wait_for_everyone,
+                rank=acc.process_index,
+                world_size=acc.num_processes,
+            )
         except OSError as error:
             previous = latest_checkpoint(output_dir)
             raise CheckpointWriteError(
@@ -292,8 +370,16 @@ class Trainer:
             reward_fn = None if self.guidance is None else (lambda pred: self.guidance.reward(pred, prompts))
             with acc.accumulate(self.student):
                 with acc.autocast():
-                    out = self.distill(self.student, self.teacher_unet, target_unet, latents, prompt_embeds, uncond,
-                                       reward_fn=reward_fn, generator=self.generator)
+                    out = self.distill(
+                        self.student,
+                        self.teacher_unet,
+                        target_unet,
+                        latents,
+                        prompt_embeds,
+                        uncond,
+                        reward_fn=reward_fn,
+                        generator=self.generator,
+                    )
                 bad = bad | ~torch.isfinite(out.loss.detach())
                 acc.backward(out.loss)
                 if acc.sync_gradients:
@@ -311,7 +397,8 @@ class Trainer:
                 metrics["reward"] = metrics["expert_reward"] = -out.reward_loss.detach()
             if self.guidance is not None and self.guidance.lrm_optimizer is not None:
                 metrics["lrm_loss"], metrics["lrm_accuracy"], metrics["expert_reward"] = self.guidance.update_lrm(
-                    out.model_pred, out.target, latents, prompts, images=pixel_values)
+                    out.model_pred, out.target, latents, prompts, images=pixel_values
+                )
             elif self.guidance is not None and self.guidance.lrm is not None:  # a frozen LRM
                 metrics["expert_reward"] = self.guidance.expert_reward(out.model_pred, prompts)
             window.append(metrics)
@@ -335,11 +422,17 @@ class Trainer:
             os.makedirs(config.output_dir, exist_ok=True)
             config.save(os.path.join(config.output_dir, "config.json"))
             log = CsvLog(os.path.join(config.output_dir, "logs.csv"), LOG_COLUMNS, resume_step=self.step)
-        acc.init_trackers(config.tracker_project_name, config={
-            k: v for k, v in self.settings().items() if isinstance(v, (int, float, str, bool))})
+        acc.init_trackers(
+            config.tracker_project_name,
+            config={k: v for k, v in self.settings().items() if isinstance(v, (int, float, str, bool))},
+        )
         batches = self.loader.infinite()
-        progress = tqdm(total=config.max_train_steps, initial=self.step, desc="RG-LCD",
-                        disable=not (config.progress and acc.is_main_process))
+        progress = tqdm(
+            total=config.max_train_steps,
+            initial=self.step,
+            desc="RG-LCD",
+            disable=not (config.progress and acc.is_main_process),
+        )
         window, steps_in_window, last_log = [], 0, time.perf_counter()
         images_per_step = config.train_batch_size * config.gradient_accumulation_steps * acc.num_processes
         while self.step < config.max_train_steps:
@@ -356,7 +449,11 @@ class Trainer:
                 window, steps_in_window, last_log = [], 0, time.perf_counter()
             if self.step % config.checkpointing_steps == 0 or self.step == config.max_train_steps:
                 self.save_checkpoint()
-            if config.validation_steps and self.step % config.validation_steps == 0 and self.step < config.max_train_steps:
+            if (
+                config.validation_steps
+                and self.step % config.validation_steps == 0
+                and self.step < config.max_train_steps
+            ):
                 self.sample_grid()
         progress.close()
         return self.save_outputs()
@@ -370,12 +467,20 @@ class Trainer:
             values = [m[name] for m in window if name in m]
             return torch.stack(values).float().mean().item() if values else None
 
-        return {"step": self.step, "loss": mean("loss"), "distill_loss": mean("distill_loss"), "reward": mean("reward"),
-                "expert_reward": mean("expert_reward"), "lrm_loss": mean("lrm_loss"),
-                "lrm_accuracy": mean("lrm_accuracy"),
-                "lr": self.lr_scheduler.get_last_lr()[0], "step_time_s": seconds,
-                "images_per_s": images_per_step / seconds if seconds > 0 else None,
-                "nonfinite_skipped": self.nonfinite.total, "data_skipped": self.loader.skipped}
+        return {
+            "step": self.step,
+            "loss": mean("loss"),
+            "distill_loss": mean("distill_loss"),
+            "reward": mean("reward"),
+            "expert_reward": mean("expert_reward"),
+            "lrm_loss": mean("lrm_loss"),
+            "lrm_accuracy": mean("lrm_accuracy"),
+            "lr": self.lr_scheduler.get_last_lr()[0],
+            "step_time_s": seconds,
+            "images_per_s": images_per_step / seconds if seconds > 0 else None,
+            "nonfinite_skipped": self.nonfinite.total,
+            "data_skipped": self.loader.skipped,
+        }
 
     # ---- outputs ---------------------------------------------------------------------------------
 
@@ -384,6 +489,7 @@ class Trainer:
             return list(self.config.validation_prompts)
         if self.config.teacher == "digits":
             from ..world.digits import prompt_for
+
             return [prompt_for(d) for d in range(10)]
         dataset = self.loader.dataset
         return [dataset[i]["caption"] for i in range(min(4, len(dataset)))]
@@ -394,10 +500,15 @@ class Trainer:
         from ..schedulers import FusedLCMScheduler
 
         unet = unet if unet is not None else self.accelerator.unwrap_model(self.student)
-        return LCMSampler(unet=unet, vae=self.teacher.vae, text_encoder=self.teacher.text_encoder,
-                          tokenizer=self.teacher.tokenizer,
-                          scheduler=FusedLCMScheduler.from_config(self.teacher.noise_scheduler.config),
-                          device=self.device, dtype=next(unet.parameters()).dtype)
+        return LCMSampler(
+            unet=unet,
+            vae=self.teacher.vae,
+            text_encoder=self.teacher.text_encoder,
+            tokenizer=self.teacher.tokenizer,
+            scheduler=FusedLCMScheduler.from_config(self.teacher.noise_scheduler.config),
+            device=self.device,
+            dtype=next(unet.parameters()).dtype,
+        )
 
     def sample_grid(self, path=None):
         """Main process: a grid, one row per LCM step count of validation_lcm_steps, one column per
@@ -419,9 +530,13 @@ class Trainer:
             was_training = unet.training
             unet.eval()
             try:
-                images = [image for steps in self.config.validation_lcm_steps
-                          for image in sampler(prompts, steps=steps, seed=self.config.seed, height=self.resolution,
-                                               width=self.resolution)]
+                images = [
+                    image
+                    for steps in self.config.validation_lcm_steps
+                    for image in sampler(
+                        prompts, steps=steps, seed=self.config.seed, height=self.resolution, width=self.resolution
+                    )
+                ]
             finally:
                 unet.train(was_training)
             grid = image_grid(images, columns=len(prompts))
@@ -448,8 +563,10 @@ class Trainer:
         folder: the student's UNet, or the teacher's plus lora/ for LoRA; each with a model card),
         unet_target/, lrm/, and the scripts' names for the student (outputs.link_script_layout)."""
         acc, config = self.accelerator, self.config
-        outputs = {"pipeline": os.path.join(config.output_dir, "pipeline"),
-                   "logs": os.path.join(config.output_dir, "logs.csv")}
+        outputs = {
+            "pipeline": os.path.join(config.output_dir, "pipeline"),
+            "logs": os.path.join(config.output_dir, "logs.csv"),
+        }
         if config.use_lora:
             outputs["lora"] = os.path.join(config.output_dir, "lora")
         if self.target is not None:
@@ -489,7 +606,7 @@ class CsvLog:
         if os.path.isfile(path):
             with open(path, newline="") as f:
                 text = f.read()
-            whole_lines = io.StringIO(text[:text.rfind("\n") + 1])
+            whole_lines = io.StringIO(text[: text.rfind("\n") + 1])
             rows = [row for row in csv.DictReader(whole_lines) if int(row["step"]) <= resume_step]
             kept = io.StringIO()
             writer = csv.DictWriter(kept, fieldnames=columns, extrasaction="ignore")
@@ -503,8 +620,12 @@ class CsvLog:
             writer = csv.DictWriter(f, fieldnames=self.columns)
             if not exists:
                 writer.writeheader()
-            writer.writerow({k: ("" if v is None else (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v))
-                             for k, v in row.items()})
+            writer.writerow(
+                {
+                    k: ("" if v is None else (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v))
+                    for k, v in row.items()
+                }
+            )
 
 
 def compile_blocks(unet):
@@ -518,6 +639,7 @@ def compile_blocks(unet):
     by default; process-wide) is raised to twice the number of blocks."""
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
+
     blocks = [m for m in unet.modules() if isinstance(m, (ResnetBlock2D, BasicTransformerBlock))]
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(blocks))
     for block in blocks:

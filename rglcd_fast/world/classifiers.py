@@ -7,6 +7,7 @@ accuracy on the prompted digit and its penultimate features (for a Fréchet dist
 Rebuild both with `python -m rglcd_fast.world.classifiers OUT_DIR` (fixed seeds); the package ships
 the weights in rglcd_fast/world/weights/.
 """
+
 import os
 import re
 import sys
@@ -31,8 +32,13 @@ class DigitClassifier(torch.nn.Module):
         super().__init__()
         layers, channels = [], 3
         for width in widths:
-            layers += [torch.nn.Conv2d(channels, width, 3, padding=1), torch.nn.GroupNorm(8, width), torch.nn.SiLU(),
-                       torch.nn.Conv2d(width, width, 3, stride=2, padding=1), torch.nn.SiLU()]
+            layers += [
+                torch.nn.Conv2d(channels, width, 3, padding=1),
+                torch.nn.GroupNorm(8, width),
+                torch.nn.SiLU(),
+                torch.nn.Conv2d(width, width, 3, stride=2, padding=1),
+                torch.nn.SiLU(),
+            ]
             channels = width
         self.trunk = torch.nn.Sequential(*layers)
         self.features_head = torch.nn.Linear(channels, feature_dim)
@@ -61,7 +67,7 @@ def train_classifier(name: str, epochs: int = 30, batch_size: int = 64, lr: floa
     for _ in range(epochs):
         order = torch.randperm(len(data), generator=generator)
         for start in range(0, len(data), batch_size):
-            batch = order[start:start + batch_size]
+            batch = order[start : start + batch_size]
             x = data.images[batch]
             shift = torch.randint(-2, 3, (2,), generator=generator).tolist()
             x = torch.roll(x, shifts=shift, dims=(2, 3))  # paper is +1 at the borders: rolling keeps it
@@ -135,7 +141,9 @@ def main(argv=None) -> int:
     images, labels = load_digits()
     for name in ARCHITECTURES:
         model = train_classifier(name)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(folder, f"{name}.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(folder, f"{name}.safetensors")
+        )
         other = split_halves(len(labels))[1 - ARCHITECTURES[name][2]]
         held_out = DigitsDataset(other)
         with torch.no_grad():

@@ -3,6 +3,7 @@ ships (8×8, 17 grey levels), as 32×32 RGB images of dark ink on white paper wi
 "a handwritten digit seven", a fixed split into two halves (one for the expert reward model, the
 other for the held-out evaluator), and the small vocabulary those prompts need.
 """
+
 import json
 import os
 
@@ -11,8 +12,12 @@ import torch.nn.functional as F
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Paraphrases, chosen per sample by its index: the same image always gets the same prompt.
-PROMPT_TEMPLATES = ("a handwritten digit {word}", "the handwritten number {word}", "a digit {word}, written by hand",
-                    "a scanned handwritten {word}")
+PROMPT_TEMPLATES = (
+    "a handwritten digit {word}",
+    "the handwritten number {word}",
+    "a digit {word}, written by hand",
+    "a scanned handwritten {word}",
+)
 RESOLUTION = 32
 _SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
@@ -71,11 +76,16 @@ def vocabulary() -> list[str]:
     """Every word of every prompt (word-final '</w>' form, as CLIP's BPE ends words), the letters and
     digits alone and word-final (so any other text still tokenises, letter by letter), and CLIP's
     special tokens."""
-    words = sorted({w.strip(",") for template in PROMPT_TEMPLATES for word in DIGIT_WORDS
-                    for w in template.format(word=word).split()})
+    words = sorted(
+        {
+            w.strip(",")
+            for template in PROMPT_TEMPLATES
+            for word in DIGIT_WORDS
+            for w in template.format(word=word).split()
+        }
+    )
     symbols = list("abcdefghijklmnopqrstuvwxyz0123456789,")
-    return list(_SPECIAL_TOKENS) + symbols + [s + "</w>" for s in symbols] + [w + "</w>" for w in words
-                                                                              if len(w) > 1]
+    return list(_SPECIAL_TOKENS) + symbols + [s + "</w>" for s in symbols] + [w + "</w>" for w in words if len(w) > 1]
 
 
 def save_tokenizer(folder: str, model_max_length: int = 16):

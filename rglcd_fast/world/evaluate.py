@@ -10,6 +10,7 @@ milliseconds per image.
 it holds a run of exactly the requested settings), then writes the table and one sample grid per row;
 `rglcd-fast sweep` trains the reward variants over several reward scales and plots expert reward against
 Fréchet distance."""
+
 import json
 import os
 import re
@@ -39,6 +40,7 @@ TEACHER = "Teacher (DDIM, CFG 7.5)"
 @dataclass
 class Row:
     """One table row: every metric as a list over seeds."""
+
     name: str
     steps: int
     metrics: dict = field(default_factory=dict)  # metric -> [value per seed]
@@ -104,10 +106,12 @@ class Judge:
         x = images.float() * 2 - 1
         targets = torch.tensor([prompted_digit(p) for p in prompts])
         features = self.evaluator.features(x).double().numpy()
-        return {"reward": self.expert.logits(images, prompts).mean().item(),
-                "accuracy": (self.evaluator(x).argmax(1) == targets).float().mean().item(),
-                "frechet": frechet_distance(features, self.real_features),
-                "diversity": mean_pairwise_distance(features, prompts) / self.real_spread}
+        return {
+            "reward": self.expert.logits(images, prompts).mean().item(),
+            "accuracy": (self.evaluator(x).argmax(1) == targets).float().mean().item(),
+            "frechet": frechet_distance(features, self.real_features),
+            "diversity": mean_pairwise_distance(features, prompts) / self.real_spread,
+        }
 
 
 def eval_prompts(per_digit: int) -> list:
@@ -148,8 +152,12 @@ def teacher_images(pipe, prompts, seed, steps=50, guidance_scale=7.5, batch_size
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
-        images += pipe(prompts[chunk], num_inference_steps=steps, guidance_scale=guidance_scale,
-                       latents=latents[chunk] * pipe.scheduler.init_noise_sigma).images
+        images += pipe(
+            prompts[chunk],
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            latents=latents[chunk] * pipe.scheduler.init_noise_sigma,
+        ).images
     return images
 
 
@@ -170,8 +178,15 @@ def student_images(sampler, prompts, seed, steps, guidance_scale=8.0, batch_size
     return images
 
 
-def evaluate(runs: dict, teacher_dir: str, out_dir: str, per_digit: int = 50, steps=(1, 2, 4), seeds=(0,),
-             teacher_steps: int = 50) -> list:
+def evaluate(
+    runs: dict,
+    teacher_dir: str,
+    out_dir: str,
+    per_digit: int = 50,
+    steps=(1, 2, 4),
+    seeds=(0,),
+    teacher_steps: int = 50,
+) -> list:
     """runs: {row name: [trained output folder (holding pipeline/) per seed]}. Seed s draws the initial noise
     of every row from s; the teacher row is sampled once per seed. Writes one grid per row into out_dir (the
     first seed's samples) and returns the rows (metrics over the seeds)."""
@@ -184,36 +199,49 @@ def evaluate(runs: dict, teacher_dir: str, out_dir: str, per_digit: int = 50, st
         for seed in seeds:
             start = time.perf_counter()
             images = make_images(seed)
-            row.add(ms_per_image=(time.perf_counter() - start) * 1000 / len(images),
-                    **judge(_to_tensor(images), prompts))
+            row.add(
+                ms_per_image=(time.perf_counter() - start) * 1000 / len(images), **judge(_to_tensor(images), prompts)
+            )
             if row.grid is None:
-                row.grid = _grid(images, os.path.join(out_dir, f"{_slug(name.split(' (DDIM')[0])}-{n_steps}step.png"),
-                                 per_digit)
+                row.grid = _grid(
+                    images, os.path.join(out_dir, f"{_slug(name.split(' (DDIM')[0])}-{n_steps}step.png"), per_digit
+                )
         rows.append(row)
 
     pipe = load_teacher_pipeline(teacher_dir)
     measure(TEACHER, teacher_steps, lambda seed: teacher_images(pipe, prompts, seed, steps=teacher_steps))
     for name, folders in runs.items():
-        samplers = {seed: LCMSampler.from_pretrained(os.path.join(folder, "pipeline"), device="cpu")
-                    for seed, folder in zip(seeds, folders)}
+        samplers = {
+            seed: LCMSampler.from_pretrained(os.path.join(folder, "pipeline"), device="cpu")
+            for seed, folder in zip(seeds, folders)
+        }
         for n_steps in steps:
             measure(name, n_steps, lambda seed: student_images(samplers[seed], prompts, seed, n_steps))
     return rows
 
 
-COLUMNS = (("reward", "expert reward ↑", 2), ("accuracy", "evaluator accuracy ↑", 3), ("frechet", "Fréchet distance ↓", 1),
-           ("diversity", "diversity ↑", 3), ("ms_per_image", "ms / image", 1))
+COLUMNS = (
+    ("reward", "expert reward ↑", 2),
+    ("accuracy", "evaluator accuracy ↑", 3),
+    ("frechet", "Fréchet distance ↓", 1),
+    ("diversity", "diversity ↑", 3),
+    ("ms_per_image", "ms / image", 1),
+)
 
 
 def markdown_table(rows, relative_to=None) -> str:
     """Mean ± std over the seeds (the mean alone for one seed)."""
-    lines = ["| model | steps | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-             "|---|---|" + "---|" * len(COLUMNS)]
+    lines = [
+        "| model | steps | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+        "|---|---|" + "---|" * len(COLUMNS),
+    ]
     for r in rows:
         grid = os.path.relpath(r.grid, relative_to) if relative_to and r.grid else r.grid
         name = f"[{r.name}]({grid})" if grid else r.name
-        cells = [f"{r.mean(m):.{digits}f}" + (f" ± {r.std(m):.{digits}f}" if len(r.metrics[m]) > 1 else "")
-                 for m, _, digits in COLUMNS]
+        cells = [
+            f"{r.mean(m):.{digits}f}" + (f" ± {r.std(m):.{digits}f}" if len(r.metrics[m]) > 1 else "")
+            for m, _, digits in COLUMNS
+        ]
         lines.append(f"| {name} | {r.steps} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -256,8 +284,10 @@ def train_runs(runs: dict, jobs: int = 1, quiet: bool = False) -> None:
             requested = _comparable(config.to_dict())
             differ = sorted(k for k in previous.keys() | requested.keys() if previous.get(k) != requested.get(k))
             if differ:
-                raise ValueError(f"{folder} holds a run with other settings ({', '.join(differ)}): remove it or "
-                                 "choose another --work-dir")
+                raise ValueError(
+                    f"{folder} holds a run with other settings ({', '.join(differ)}): remove it or "
+                    "choose another --work-dir"
+                )
             if os.path.isdir(os.path.join(folder, "pipeline")):
                 print(f"{folder}: reusing the finished run")
                 continue
@@ -280,8 +310,12 @@ def train_runs(runs: dict, jobs: int = 1, quiet: bool = False) -> None:
         config.save(request)
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
         with open(config.output_dir.rstrip("/") + ".log", "w") as log:
-            done = subprocess.run([sys.executable, "-m", "rglcd_fast.cli", "train", "--config", request],
-                                  stdout=log, stderr=subprocess.STDOUT, env=env)
+            done = subprocess.run(
+                [sys.executable, "-m", "rglcd_fast.cli", "train", "--config", request],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
         if done.returncode != 0:
             raise RuntimeError(f"training {config.output_dir} failed (exit {done.returncode}): see {log.name}")
 
@@ -306,12 +340,23 @@ def plot_reward_vs_frechet(rows, path: str, title: str) -> str:
         x = [r.mean("frechet") for _, r in points]
         y = [r.mean("reward") for _, r in points]
         style = dict(marker="o", capsize=3) if points[0][0] is not None else dict(marker="*", markersize=14, capsize=3)
-        axes.errorbar(x, y, xerr=[r.std("frechet") for _, r in points], yerr=[r.std("reward") for _, r in points],
-                      label=variant, **style)
+        axes.errorbar(
+            x,
+            y,
+            xerr=[r.std("frechet") for _, r in points],
+            yerr=[r.std("reward") for _, r in points],
+            label=variant,
+            **style,
+        )
         for scale, r in points:
             if scale is not None:
-                axes.annotate(f"{scale:g}", (r.mean("frechet"), r.mean("reward")), textcoords="offset points",
-                              xytext=(4, 4), fontsize=8)
+                axes.annotate(
+                    f"{scale:g}",
+                    (r.mean("frechet"), r.mean("reward")),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=8,
+                )
     axes.set_xlabel("Fréchet distance to the real digits ↓ (held-out evaluator's features)")
     axes.set_ylabel("expert reward ↑ (the prompted digit's logit)")
     axes.set_title(title, fontsize=10)

@@ -8,6 +8,7 @@ Rebuild the whole world (the two classifiers, the teacher, then the pre-trained 
 fixed seeds:
 `python -m rglcd_fast.world.teacher` (see `main` for the options).
 """
+
 import argparse
 import copy
 import math
@@ -25,19 +26,43 @@ from .digits import DigitsDataset, prompt_for, save_tokenizer
 TEACHER_DIR = os.path.join(WEIGHTS_DIR, "teacher")
 
 # 32×32×3 pixels -> 4×8×8 latents (two 2× downsamplings).
-VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
-                  down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                  layers_per_block=1, norm_num_groups=8, sample_size=32)
-TEXT_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                   max_position_embeddings=16)
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(16, 32, 32),
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=32,
+)
+TEXT_CONFIG = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16
+)
 # attention_head_dim is the number of heads (diffusers' legacy naming, as in SD's own config).
-UNET_CONFIG = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
-                   down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                   norm_num_groups=32, attention_head_dim=4)
+UNET_CONFIG = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    norm_num_groups=32,
+    attention_head_dim=4,
+)
 # Stable Diffusion's training schedule.
-SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                        prediction_type="epsilon", set_alpha_to_one=False, steps_offset=1, clip_sample=False)
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    set_alpha_to_one=False,
+    steps_offset=1,
+    clip_sample=False,
+)
 
 
 def build_vae():
@@ -51,8 +76,13 @@ def build_text_encoder(tokenizer):
     """An untrained `CLIPTextModel` of TEXT_CONFIG over the tokenizer's vocabulary and special tokens."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    config = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TEXT_CONFIG)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TEXT_CONFIG,
+    )
     return CLIPTextModel(config)
 
 
@@ -84,6 +114,7 @@ def _batches(num_samples: int, batch_size: int, steps: int, generator: torch.Gen
 
 def _cosine_schedule(optimizer, steps: int, warmup: int):
     """Linear warm-up over `warmup` steps, then cosine decay to 0 at `steps`."""
+
     def factor(step):
         if step < warmup:
             return (step + 1) / warmup
@@ -97,14 +128,22 @@ def encode_latents(vae, images: torch.Tensor, batch_size: int = 256):
     """(mean, std) of the VAE posterior for images [N, 3, 32, 32] in [-1, 1], each [N, 4, 8, 8] (unscaled)."""
     means, stds = [], []
     for start in range(0, len(images), batch_size):
-        posterior = vae.encode(images[start:start + batch_size]).latent_dist
+        posterior = vae.encode(images[start : start + batch_size]).latent_dist
         means.append(posterior.mean)
         stds.append(posterior.std)
     return torch.cat(means), torch.cat(stds)
 
 
-def train_vae(vae, images: torch.Tensor, steps: int = 600, batch_size: int = 32, lr: float = 2e-3,
-              kl_weight: float = 1e-5, generator: torch.Generator | None = None, progress: bool = True):
+def train_vae(
+    vae,
+    images: torch.Tensor,
+    steps: int = 600,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    kl_weight: float = 1e-5,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+):
     """Trains the VAE on images [N, 3, 32, 32] in [-1, 1]: loss = L1 + L2 reconstruction of a posterior
     sample (means over pixels) + kl_weight · KL(posterior ‖ N(0, I)) (summed over the latent, as SD's VAE
     loss sums it), AdamW with warm-up and cosine decay. Then sets `vae.config.scaling_factor` to 1 / std
@@ -133,13 +172,26 @@ def train_vae(vae, images: torch.Tensor, steps: int = 600, batch_size: int = 32,
 
 
 def _encode_prompts(tokenizer, prompts):
-    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+    return tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
 
 
-def train_unet(unet, text_encoder, tokenizer, vae, scheduler, dataset: DigitsDataset, steps: int = 1500,
-               batch_size: int = 64, lr: float = 1e-3, uncond_prob: float = 0.1, ema_decay: float = 0.999,
-               generator: torch.Generator | None = None, progress: bool = True):
+def train_unet(
+    unet,
+    text_encoder,
+    tokenizer,
+    vae,
+    scheduler,
+    dataset: DigitsDataset,
+    steps: int = 1500,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    uncond_prob: float = 0.1,
+    ema_decay: float = 0.999,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+):
     """Trains the UNet and the text encoder jointly with SD's objective: latents x0 = VAE posterior
     sample × scaling_factor (the VAE frozen), t uniform in [0, T), x_t = scheduler.add_noise(x0, ε, t),
     loss = ‖unet(x_t, t, text_encoder(caption)) − ε‖²; a fraction `uncond_prob` of the captions is
@@ -177,8 +229,9 @@ def train_unet(unet, text_encoder, tokenizer, vae, scheduler, dataset: DigitsDat
     return ema[0], ema[1]
 
 
-def make_teacher(out_dir: str = TEACHER_DIR, seed: int = 0, vae_steps: int = 600, unet_steps: int = 1500,
-                 progress: bool = True) -> str:
+def make_teacher(
+    out_dir: str = TEACHER_DIR, seed: int = 0, vae_steps: int = 600, unet_steps: int = 1500, progress: bool = True
+) -> str:
     """Builds and trains the whole teacher from `seed` (VAE on every digit, then UNet + text encoder) and
     saves it as a StableDiffusionPipeline folder at `out_dir` (written into a temporary folder beside it,
     then moved into place, so a crash never leaves a half-written folder). Returns out_dir."""
@@ -194,11 +247,27 @@ def make_teacher(out_dir: str = TEACHER_DIR, seed: int = 0, vae_steps: int = 600
         vae = train_vae(build_vae(), dataset.images, steps=vae_steps, generator=generator, progress=progress)
         text_encoder = build_text_encoder(tokenizer)
         scheduler = build_scheduler()
-        unet, text_encoder = train_unet(build_unet(text_encoder.config.hidden_size), text_encoder, tokenizer, vae,
-                                        scheduler, dataset, steps=unet_steps, generator=generator, progress=progress)
-        pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                           scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                           requires_safety_checker=False)
+        unet, text_encoder = train_unet(
+            build_unet(text_encoder.config.hidden_size),
+            text_encoder,
+            tokenizer,
+            vae,
+            scheduler,
+            dataset,
+            steps=unet_steps,
+            generator=generator,
+            progress=progress,
+        )
+        pipeline = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
         pipeline.save_pretrained(folder, safe_serialization=True)
 
     out_dir = os.path.abspath(out_dir)
@@ -212,8 +281,9 @@ def load_teacher(folder: str = TEACHER_DIR, device=None, dtype=None):
     from diffusers import StableDiffusionPipeline
 
     if not os.path.exists(os.path.join(folder, "model_index.json")):
-        raise FileNotFoundError(f"teacher: no pipeline folder at {folder!r} "
-                                "(rebuild: python -m rglcd_fast.world.teacher)")
+        raise FileNotFoundError(
+            f"teacher: no pipeline folder at {folder!r} (rebuild: python -m rglcd_fast.world.teacher)"
+        )
     pipeline = StableDiffusionPipeline.from_pretrained(folder, **({"torch_dtype": dtype} if dtype else {}))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device) if device is not None else pipeline
@@ -228,8 +298,9 @@ def reconstruction_accuracy(vae, evaluator, images: torch.Tensor, labels: torch.
 
 
 @torch.no_grad()
-def sample_accuracy(pipeline, evaluator, per_digit: int = 20, num_inference_steps: int = 50,
-                    guidance_scale: float = 7.5, seed: int = 0) -> float:
+def sample_accuracy(
+    pipeline, evaluator, per_digit: int = 20, num_inference_steps: int = 50, guidance_scale: float = 7.5, seed: int = 0
+) -> float:
     """Accuracy of `evaluator` on the prompted digit of teacher samples: `per_digit` samples of
     "a handwritten digit <word>" for each digit, DDIM (diffusers DDIMScheduler) with classifier-free
     guidance, 32×32, from a generator seeded with `seed`."""
@@ -239,22 +310,33 @@ def sample_accuracy(pipeline, evaluator, per_digit: int = 20, num_inference_step
     pipeline = type(pipeline)(**{**pipeline.components, "scheduler": scheduler}, requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     prompts = [prompt_for(label) for label in range(10) for _ in range(per_digit)]
-    images = pipeline(prompts, height=32, width=32, num_inference_steps=num_inference_steps,
-                      guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed),
-                      output_type="pt").images
+    images = pipeline(
+        prompts,
+        height=32,
+        width=32,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    ).images
     labels = torch.arange(10).repeat_interleave(per_digit)
     return (evaluator(images.float() * 2 - 1).argmax(1) == labels).float().mean().item()
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rglcd_fast.world.teacher", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=TEACHER_DIR, help="the teacher's pipeline folder; the classifiers are saved "
-                        "in the folder above it (default: the package's shipped weights)")
+    parser.add_argument(
+        "--out",
+        default=TEACHER_DIR,
+        help="the teacher's pipeline folder; the classifiers are saved "
+        "in the folder above it (default: the package's shipped weights)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=600)
     parser.add_argument("--unet-steps", type=int, default=1500)
-    parser.add_argument("--skip-classifiers", action="store_true",
-                        help="rebuild only the teacher (the shipped evaluator judges it)")
+    parser.add_argument(
+        "--skip-classifiers", action="store_true", help="rebuild only the teacher (the shipped evaluator judges it)"
+    )
     parser.add_argument("--skip-lrm", action="store_true", help="do not rebuild the pre-trained latent reward model")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -271,8 +353,10 @@ def main(argv=None) -> int:
     print(f"evaluator accuracy: VAE reconstructions {reconstructions:.4f}, DDIM-50 samples at CFG 7.5 {samples:.4f}")
     if not args.skip_lrm:  # the pre-trained LRM reads this teacher's latents
         from .lrm import build_digits_lrm
-        build_digits_lrm(os.path.join(os.path.dirname(os.path.abspath(folder)), "lrm"), folder, classifiers_dir,
-                         seed=args.seed)
+
+        build_digits_lrm(
+            os.path.join(os.path.dirname(os.path.abspath(folder)), "lrm"), folder, classifiers_dir, seed=args.seed
+        )
     return 0
 
 
