@@ -128,15 +128,15 @@ class FusedLCMScheduler(_FusedStepMixin, LCMScheduler):
             else:
                 noise = randn_tensor(model_output.shape, generator=generator, device=device, dtype=sample.dtype)
         prev_sample, denoised = solver_ops._lcm_step(
-            model_output,
-            sample,
-            t,
-            prev_t,
-            self._schedule_on(device),
-            noise,
-            *self._rglcd_constants,
-            draw,
-            generator if draw else None,
+            model_output=model_output,
+            sample=sample,
+            timesteps=t,
+            prev_timesteps=prev_t,
+            alphas_cumprod=self._schedule_on(device),
+            noise=noise,
+            **self._rglcd_constants,
+            draw_noise=draw,
+            generator=generator if draw else None,
         )
         self._step_index += 1
         if not return_dict:

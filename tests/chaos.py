@@ -104,7 +104,7 @@ def child(teacher, data, out, steps, keep, kill, trace_path):
 def arm(checkpoint, trainer_module, trace, strikes, die, truncate):
     """Wraps the checkpoint module's and the trainer's writers: each pass is traced, and the armed one
     leaves a crash's damage and dies."""
-    write_entry, write_text, rename_dir = checkpoint._write_entry, checkpoint._write_text, checkpoint._rename_dir
+    write_entry, write_text, rename_dir = checkpoint._write_entry, checkpoint.write_text, checkpoint._rename_dir
     rmtree, train_step, csv_write = (
         checkpoint.shutil.rmtree,
         trainer_module.Trainer.train_step,
@@ -168,7 +168,7 @@ def arm(checkpoint, trainer_module, trace, strikes, die, truncate):
 
         write_folder(path, write_then_maybe_die)
 
-    checkpoint._write_entry, checkpoint._write_text, checkpoint._rename_dir = _write_entry, _write_text, _rename_dir
+    checkpoint._write_entry, checkpoint.write_text, checkpoint._rename_dir = _write_entry, _write_text, _rename_dir
     checkpoint.shutil = type(sys)("shutil_traced")
     checkpoint.shutil.rmtree = _rmtree
     trainer_module.Trainer.train_step, trainer_module.CsvLog.write = _train_step, _csv_write

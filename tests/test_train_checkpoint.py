@@ -8,14 +8,8 @@ import pytest
 import torch
 
 import rglcd_fast.train.checkpoint as ckpt
-from rglcd_fast.train import (
-    capture_rng_state,
-    latest_checkpoint,
-    load_checkpoint,
-    resolve_resume,
-    save_checkpoint,
-    write_folder,
-)
+from rglcd_fast.files import write_file_atomic, write_folder
+from rglcd_fast.train import capture_rng_state, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 
 
 def _seed_all(seed):
@@ -212,10 +206,10 @@ def test_a_half_pruned_checkpoint_is_removed_by_the_next_save(tmp_path):
 
 def test_write_file_atomic_keeps_the_old_text_when_the_write_fails(tmp_path, monkeypatch):
     path = tmp_path / "config.json"
-    ckpt.write_file_atomic(str(path), "old")
-    monkeypatch.setattr(ckpt.os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError("disk full")))
+    write_file_atomic(str(path), "old")
+    monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
-        ckpt.write_file_atomic(str(path), "new")
+        write_file_atomic(str(path), "new")
     assert path.read_text() == "old"
 
 

@@ -143,18 +143,18 @@ def _step_schedule_arguments(sample, timesteps, prev_timesteps, alphas_cumprod, 
 def _x0_limit_arguments(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value):
     """What diffusers accepts: any range and maximum (torch.clamp's rule where the bounds cross: a clip range
     r <= 0 gives r, a sample_max_value below 1 gives itself as the threshold), a quantile ratio in [0, 1]
-    (torch.quantile's domain)."""
-    return (
-        bool(clip_sample),
-        _number("clip_sample_range", clip_sample_range),
-        bool(thresholding),
-        _number(
+    (torch.quantile's domain). The ops' keyword arguments."""
+    return dict(
+        clip_sample=bool(clip_sample),
+        clip_sample_range=_number("clip_sample_range", clip_sample_range),
+        thresholding=bool(thresholding),
+        dynamic_thresholding_ratio=_number(
             "dynamic_thresholding_ratio",
             dynamic_thresholding_ratio,
             lambda v: 0 <= v <= 1,
             "a value in [0, 1] (torch.quantile's q)",
         ),
-        _number("sample_max_value", sample_max_value),
+        sample_max_value=_number("sample_max_value", sample_max_value),
     )
 
 
@@ -208,16 +208,20 @@ def lcm_step_constants(
     thresholding=False,
     dynamic_thresholding_ratio=0.995,
     sample_max_value=1.0,
-) -> tuple:
-    """lcm_step's configuration arguments, checked, in the op's order: what a scheduler checks once per
-    configuration and passes to torch.ops.rglcd_fast.lcm_step after the six tensor arguments (and
-    before draw_noise and generator)."""
+) -> dict:
+    """lcm_step's configuration arguments, checked, as keyword arguments of torch.ops.rglcd_fast.lcm_step:
+    what a scheduler checks once per configuration and passes to each step."""
     check.choice("prediction_type", prediction_type, check.PREDICTION_TYPES)
     scaling = _number("timestep_scaling", timestep_scaling, math.isfinite, "a finite value")
     limits = _x0_limit_arguments(
         clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value
     )
-    return (_final_alpha_cumprod(final_alpha_cumprod), prediction_type, scaling, *limits)
+    return dict(
+        final_alpha_cumprod=_final_alpha_cumprod(final_alpha_cumprod),
+        prediction_type=prediction_type,
+        timestep_scaling=scaling,
+        **limits,
+    )
 
 
 def _noise_source(noise, draw_noise, generator, device):
@@ -275,7 +279,15 @@ def lcm_step(
         sample, timesteps, prev_timesteps, alphas_cumprod, prediction_type
     )
     return _lcm_step(
-        model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise, *constants, draw_noise, generator
+        model_output=model_output,
+        sample=sample,
+        timesteps=timesteps,
+        prev_timesteps=prev_timesteps,
+        alphas_cumprod=alphas_cumprod,
+        noise=noise,
+        **constants,
+        draw_noise=draw_noise,
+        generator=generator,
     )
 
 
@@ -314,15 +326,15 @@ def ddim_step(
         clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value
     )
     return _ddim_step(
-        model_output,
-        sample,
-        timesteps,
-        prev_timesteps,
-        alphas_cumprod,
-        noise,
-        _final_alpha_cumprod(final_alpha_cumprod),
-        eta,
-        prediction_type,
-        *limits,
-        bool(use_clipped_model_output),
+        model_output=model_output,
+        sample=sample,
+        timesteps=timesteps,
+        prev_timesteps=prev_timesteps,
+        alphas_cumprod=alphas_cumprod,
+        noise=noise,
+        final_alpha_cumprod=_final_alpha_cumprod(final_alpha_cumprod),
+        eta=eta,
+        prediction_type=prediction_type,
+        **limits,
+        use_clipped_model_output=bool(use_clipped_model_output),
     )

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..files import check_pipeline_folder
 from ..lcd import guidance_scale_embedding
 from ..schedulers import FusedLCMScheduler
 
@@ -270,20 +271,6 @@ class LCMSampler:
                 denoised = sample()
             self._graphs[key] = _Graph(graph, static, generator, denoised, (w_embedding, self.scheduler.timesteps))
         return self._graphs[key]
-
-
-PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-
-
-def check_pipeline_folder(folder: str, argument: str) -> None:
-    """Raises, naming `argument`, unless `folder` is a diffusers Stable Diffusion folder (PIPELINE_PARTS)."""
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{argument}: no such folder {folder!r} (expected a diffusers Stable Diffusion folder)")
-    missing = [p for p in PIPELINE_PARTS if not os.path.isdir(os.path.join(folder, p))]
-    if missing:
-        raise ValueError(
-            f"{argument}: {folder!r} is not a diffusers Stable Diffusion folder (missing {', '.join(missing)})"
-        )
 
 
 def _fuse_lora(unet, lora: str, xl: bool):

@@ -53,6 +53,8 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import numpy as np
 import torch
 
+from ..files import write_file_atomic, write_folder, write_text
+
 __all__ = [
     "RngState",
     "capture_rng_state",
@@ -177,23 +179,6 @@ def _rename_dir(src: str, dst: str) -> None:
     os.replace(src, dst)
 
 
-def write_folder(path: str, write: Callable[[str], Any]) -> None:
-    """write(tmp) into a temporary sibling folder, then swap it into place: a crash leaves the old folder
-    or the new one, never half of one (a failed write leaves no temporary folder behind)."""
-    tmp, old = path + ".tmp", path + ".old"
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _module_tensors(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
     out, seen = {}, set()
     for k, v in module.state_dict().items():
@@ -248,20 +233,7 @@ def _write_entry(folder: str, name: str, obj: Any, kind: str) -> None:
             text = json.dumps(obj)
         except (TypeError, ValueError) as e:
             raise TypeError(f"checkpoint entry {name!r} is not JSON-serialisable: {e}") from e
-        _write_text(path, text)
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_file_atomic(path: str, text: str) -> None:
-    """Replace the text file ``path`` whole or not at all (a crash mid-write leaves the old file)."""
-    _write_text(path + ".tmp", text)
-    os.replace(path + ".tmp", path)
+        write_text(path, text)
 
 
 def _write_rng(folder: str, rng: Any, rank: int) -> None:
@@ -427,7 +399,7 @@ def save_checkpoint(
                     "entries": {n: {"kind": k, "file": _filename(n, k)} for n, k in kinds.items() if k != "rng"},
                     "rng": "rng" in state,
                 }
-                _write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
+                write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
         except BaseException as e:  # noqa: BLE001
             error = e
     sync()
@@ -439,7 +411,7 @@ def save_checkpoint(
                     raise RuntimeError(f"RNG files of ranks {missing} missing from {tmp}; checkpoint not published")
             # the marker lists every file with its size: a later truncation is caught by latest_checkpoint
             files = {name: os.path.getsize(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
-            _write_text(os.path.join(tmp, COMPLETE), json.dumps({"step": step, "files": files}))
+            write_text(os.path.join(tmp, COMPLETE), json.dumps({"step": step, "files": files}))
             _fsync_dir(tmp)
             old = None
             if os.path.exists(final):  # overwrite=True: move the old one aside, publish, then delete it

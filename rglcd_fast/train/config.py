@@ -178,7 +178,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str) -> None:
-        from .checkpoint import write_file_atomic
+        from ..files import write_file_atomic
 
         write_file_atomic(path, json.dumps(self.to_dict(), indent=2, default=list))
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..files import check_pipeline_folder
 from ..reward import LatentRewardModel, RewardModel
-from ..sample.sampler import check_pipeline_folder
 
 # The LoRA targets of diffusers' train_lcm_distill_lora_sd.py.
 LORA_TARGET_MODULES = [

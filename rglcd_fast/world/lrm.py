@@ -32,8 +32,8 @@ def build_digits_lrm(
     teacher folder (default: the shipped one) and the digits expert in classifiers_dir, on CUDA when available (as
     the pre-trainer's accelerator); writes it to `out`. Prints its pairwise accuracy against the expert on freshly
     drawn candidates, beside a random LRM's."""
+    from ..files import write_folder
     from ..reward import load_reward_model
-    from ..train.checkpoint import write_folder
     from ..train.config import LRMPretrainConfig, make_config
     from ..train.lrm_pretrain import LRMPretrainer, preference_accuracy
     from ..train.models import Teacher, make_lrm

@@ -237,7 +237,7 @@ def make_teacher(
     then moved into place, so a crash never leaves a half-written folder). Returns out_dir."""
     from diffusers import StableDiffusionPipeline
 
-    from ..train.checkpoint import write_folder
+    from ..files import write_folder
 
     def build(folder):
         torch.manual_seed(seed)
