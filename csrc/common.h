@@ -264,6 +264,22 @@ RGLCD_HD DdimCoefficients<acc_t> ddim_coefficients(acc_t alpha_bar, acc_t alpha_
   return c;
 }
 
+// x_prev of the LCD teacher's solver step, sqrt(ᾱ_prev)·x0 + sqrt(1 - ᾱ_prev)·ε, in float64 as the script's
+// DDIMSolver (float64 tables) computes it: in float32 the square roots and products add ~2 ulp to the training
+// target, which the Huber loss's derivative near 0 (c = 0.001) turns into gradient noise.
+struct SolverStep {
+  double sqrt_prev = 0, c_dir = 0;
+
+  SolverStep() = default;
+  RGLCD_HD explicit SolverStep(double alpha_bar_prev)
+      : sqrt_prev(std::sqrt(alpha_bar_prev)), c_dir(std::sqrt(1.0 - alpha_bar_prev)) {}
+
+  template <typename acc_t>
+  RGLCD_HD double operator()(acc_t x0, acc_t eps) const {
+    return sqrt_prev * static_cast<double>(x0) + c_dir * static_cast<double>(eps);
+  }
+};
+
 // Per-sample scalars of an LCM step (diffusers LCMScheduler.step), a = sqrt(ᾱ_t), s = sqrt(1 - ᾱ_t):
 // denoised = c_out·x0 + c_skip·x; prev = sqrt_prev·denoised + sigma_prev·z (not the last step).
 template <typename acc_t>

@@ -1,6 +1,7 @@
 """The op library: every schema is declared once here (torch.ops.rglcd_fast.*), the compiled
-extension registers CPU/CUDA kernels for them, and the pure-PyTorch references are registered for
-every backend the extension does not cover (or for all of them when it is absent)."""
+extension registers CPU/CUDA kernels and the differentiable ops' autograd for them, and the pure-PyTorch
+references are registered for every backend the extension does not cover (or for all of them when it is
+absent; then also at the Autograd key of the differentiable ops, where PyTorch's autograd runs through them)."""
 
 import importlib
 import os
@@ -11,49 +12,20 @@ import torch
 NAMESPACE = "rglcd_fast"
 _LIB = torch.library.Library(NAMESPACE, "DEF")
 _REFERENCE_KERNELS: dict[str, Callable] = {}
-_PYTHON_AUTOGRAD: dict[str, Callable] = {}
+_DIFFERENTIABLE: set[str] = set()
 _STATE = {"extension": False, "cuda_kernels": False, "load_error": None, "loaded": False}
 _BACKENDS = ("CPU", "CUDA")
 
 
-def define(name: str, signature: str, reference_kernel: Callable, tags=()):
-    """Declares rglcd_fast::<name><signature> (with torch.Tag tags); reference_kernel serves where no
-    kernel is compiled."""
+def define(name: str, signature: str, reference_kernel: Callable, tags=(), differentiable: bool = False):
+    """Declares rglcd_fast::<name><signature> (with torch.Tag tags); reference_kernel serves where no kernel is
+    compiled. differentiable: where the compiled autograd (csrc/autograd/) is absent, the reference also serves
+    at the Autograd key, so plain PyTorch autograd differentiates through its operations."""
     _LIB.define(name + signature, tags=tags)
     _REFERENCE_KERNELS[name] = reference_kernel
+    if differentiable:
+        _DIFFERENTIABLE.add(name)
     return getattr(torch.ops.rglcd_fast, name).default
-
-
-def register_autograd(name: str, setup_context: Callable, backward: Callable) -> None:
-    """Autograd for rglcd_fast::<name>, with the contract of torch.library.register_autograd
-    (setup_context(ctx, inputs, output); backward(ctx, *grads) -> one gradient or None per input) but
-    a plain autograd.Function behind it: the generic wrapper costs ~100 µs of Python a call, which
-    would dominate these small fused ops. Unused output gradients arrive as None. Registered by load()
-    unless the compiled library has its own (C++) autograd for the op (csrc/autograd/)."""
-    op = getattr(torch.ops.rglcd_fast, name).default
-
-    class Node(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args):
-            with torch._C._AutoDispatchBelowAutograd():
-                output = op(*args)
-            ctx.set_materialize_grads(False)
-            setup_context(ctx, args, output)
-            return output
-
-        @staticmethod
-        def backward(ctx, *grads):
-            return backward(ctx, *grads)
-
-    Node.__name__ = Node.__qualname__ = f"{name}_backward_node"
-
-    def autograd_kernel(*args):
-        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
-            return Node.apply(*args)
-        with torch._C._AutoDispatchBelowAutograd():
-            return op(*args)
-
-    _PYTHON_AUTOGRAD[name] = autograd_kernel
 
 
 def qualname(name: str) -> str:
@@ -81,9 +53,9 @@ def load() -> None:
         for key in _BACKENDS:
             if not _has_kernel(name, key):
                 _LIB.impl(name, _REFERENCE_KERNELS[name], key)
-    for name, kernel in _PYTHON_AUTOGRAD.items():
+    for name in _DIFFERENTIABLE:
         if not _has_kernel(name, "Autograd"):
-            _LIB.impl(name, kernel, "Autograd")
+            _LIB.impl(name, _REFERENCE_KERNELS[name], "Autograd")
 
 
 def has_extension() -> bool:

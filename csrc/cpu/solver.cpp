@@ -92,17 +92,19 @@ std::vector<acc_t> guidance_values(const at::Tensor& guidance_scale, int64_t bat
   return out;
 }
 
-// The guided step is a DDIM step with eta = 0; the backward also needs x0 and ε as linear maps.
+// The guided step is a DDIM step with eta = 0 (its x_prev in float64: SolverStep); the backward also needs x0
+// and ε as linear maps.
 template <typename acc_t>
 struct GuidedCoefficients {
   DdimCoefficients<acc_t> step;
+  SolverStep prev;
   Linear<acc_t> x0, eps;
 };
 
 template <typename acc_t>
 std::vector<GuidedCoefficients<acc_t>> guided_coefficients(const ops::GuidedArgs& args, int64_t batch) {
   const auto make = [&](acc_t alpha_bar, acc_t alpha_bar_prev, acc_t) {
-    return GuidedCoefficients<acc_t>{ddim_coefficients(alpha_bar, alpha_bar_prev, acc_t(0)),
+    return GuidedCoefficients<acc_t>{ddim_coefficients(alpha_bar, alpha_bar_prev, acc_t(0)), SolverStep(alpha_bar_prev),
                                      x0_coefficients(alpha_bar, args.type), eps_coefficients(alpha_bar, args.type)};
   };
   return step_coefficients<acc_t>(args, batch, 1.0, false, make);
@@ -132,13 +134,14 @@ struct CpuBackend {
         constexpr PredictionType kType = decltype(tag)::value;
         cpu::parallel_sample_runs(n, per_sample, [&](int64_t b, int64_t i0, int64_t i1) {
           const DdimCoefficients<acc_t> c = coeff[b].step;
+          const SolverStep step = coeff[b].prev;
           const acc_t wb = w[b];
           for (int64_t i = i0; i < i1; ++i) {
             const acc_t mc = acc(cp[i]), mu = acc(up[i]), xi = acc(xp[i]);
             const acc_t x0 = guided(x0_from(xi, mc, c.a, c.s, kType), x0_from(xi, mu, c.a, c.s, kType), wb);
             const acc_t eps = guided(eps_from(xi, mc, c.a, c.s, kType), eps_from(xi, mu, c.a, c.s, kType), wb);
             op[i] = static_cast<scalar_t>(x0);
-            pp[i] = static_cast<scalar_t>(c.sqrt_prev * x0 + c.c_dir * eps);
+            pp[i] = static_cast<scalar_t>(step(x0, eps));
           }
         });
       });

@@ -108,7 +108,7 @@ struct GuidedTensors {
 };
 
 // As the LCD script: x0 = x0_c + w (x0_c - x0_u), ε = ε_c + w (ε_c - ε_u) (x0 and ε of the cond / uncond outputs);
-// x_prev = sqrt(ᾱ_prev) x0 + sqrt(1 - ᾱ_prev) ε.
+// x_prev = sqrt(ᾱ_prev) x0 + sqrt(1 - ᾱ_prev) ε in float64 (SolverStep).
 template <typename scalar_t, int VEC, PredictionType kType>
 __global__ void guided_ddim_step_kernel(const scalar_t* __restrict__ cond, const scalar_t* __restrict__ uncond,
                                         const scalar_t* __restrict__ x, scalar_t* __restrict__ x_prev,
@@ -121,6 +121,7 @@ __global__ void guided_ddim_step_kernel(const scalar_t* __restrict__ cond, const
   const int64_t b = i / per_sample;
   const StepValues<acc_t> s = schedule.sample(b);
   const DdimCoefficients<acc_t> c = ddim_coefficients(s.alpha_bar, s.alpha_bar_prev, acc_t(0));
+  const SolverStep step(s.alpha_bar_prev);
   const acc_t w = guidance[b];
   const auto cv = load<scalar_t, VEC>(cond + i), uv = load<scalar_t, VEC>(uncond + i), xv = load<scalar_t, VEC>(x + i);
   Vec<scalar_t, VEC> pv, ov;
@@ -130,7 +131,7 @@ __global__ void guided_ddim_step_kernel(const scalar_t* __restrict__ cond, const
     const acc_t x0 = guided(x0_from(xj, mc, c.a, c.s, kType), x0_from(xj, mu, c.a, c.s, kType), w);
     const acc_t eps = guided(eps_from(xj, mc, c.a, c.s, kType), eps_from(xj, mu, c.a, c.s, kType), w);
     ov.v[j] = static_cast<scalar_t>(x0);
-    pv.v[j] = static_cast<scalar_t>(c.sqrt_prev * x0 + c.c_dir * eps);
+    pv.v[j] = static_cast<scalar_t>(step(x0, eps));
   }
   store(x_prev + i, pv);
   store(pred_x0 + i, ov);

@@ -37,20 +37,20 @@ def _linear_map_backward_reference(forward_reference):
     return backward
 
 
-_predicted_x0 = lib.define("predicted_x0", f"({_MAP_ARGS}) -> Tensor", ref.predicted_x0)
+_predicted_x0 = lib.define("predicted_x0", f"({_MAP_ARGS}) -> Tensor", ref.predicted_x0, differentiable=True)
 _predicted_x0_backward = lib.define(
     "predicted_x0_backward",
     f"({_MAP_BACKWARD_ARGS}, bool[2] output_mask) -> (Tensor, Tensor)",
     _linear_map_backward_reference(ref.predicted_x0),
 )
-_predicted_eps = lib.define("predicted_eps", f"({_MAP_ARGS}) -> Tensor", ref.predicted_eps)
+_predicted_eps = lib.define("predicted_eps", f"({_MAP_ARGS}) -> Tensor", ref.predicted_eps, differentiable=True)
 _predicted_eps_backward = lib.define(
     "predicted_eps_backward",
     f"({_MAP_BACKWARD_ARGS}, bool[2] output_mask) -> (Tensor, Tensor)",
     _linear_map_backward_reference(ref.predicted_eps),
 )
 _consistency_output = lib.define(
-    "consistency_output", f"({_MAP_ARGS}, {_CONSISTENCY_EXTRA}) -> Tensor", ref.consistency_output
+    "consistency_output", f"({_MAP_ARGS}, {_CONSISTENCY_EXTRA}) -> Tensor", ref.consistency_output, differentiable=True
 )
 _consistency_output_backward = lib.define(
     "consistency_output_backward",
@@ -101,6 +101,7 @@ _consistency_loss = lib.define(
     "(Tensor model_output, Tensor sample, Tensor timesteps, Tensor target, Tensor alphas_cumprod, "
     "str prediction_type, str loss_type, float huber_c, float timestep_scaling, float sigma_data) -> (Tensor, Tensor)",
     ref.consistency_loss,
+    differentiable=True,
 )
 _consistency_loss_backward = lib.define(
     "consistency_loss_backward",
@@ -146,60 +147,6 @@ def _(model_output, sample, timesteps, target, alphas_cumprod, *args):
 def _(grad_loss, grad_model_pred, model_output, *args):
     return tuple(torch.empty_like(model_output) if wanted else model_output.new_empty(0) for wanted in args[-1])
 
-
-# ---- autograd -----------------------------------------------------------------------------------
-
-
-def _register_map_autograd(name, backward_op):
-    def setup_context(ctx, inputs, output):
-        model_output, sample, timesteps, alphas_cumprod, *extra = inputs
-        ctx.save_for_backward(timesteps, alphas_cumprod)
-        ctx.extra = extra
-
-    def backward(ctx, grad):
-        timesteps, alphas_cumprod = ctx.saved_tensors
-        mask = list(ctx.needs_input_grad[:2])
-        no_grads = (None,) * (5 + len(ctx.extra))
-        if grad is None or not any(mask):
-            return no_grads
-        grad_m, grad_x = backward_op(grad, timesteps, alphas_cumprod, *ctx.extra, mask)
-        return (grad_m if mask[0] else None, grad_x if mask[1] else None) + no_grads[2:]
-
-    lib.register_autograd(name, setup_context, backward)
-
-
-_register_map_autograd("predicted_x0", _predicted_x0_backward)
-_register_map_autograd("predicted_eps", _predicted_eps_backward)
-_register_map_autograd("consistency_output", _consistency_output_backward)
-
-
-def _loss_setup_context(ctx, inputs, output):
-    model_output, sample, timesteps, target, alphas_cumprod, *params = inputs
-    ctx.save_for_backward(model_output, sample, timesteps, target, alphas_cumprod)
-    ctx.params = params
-
-
-def _loss_backward(ctx, grad_loss, grad_model_pred):
-    model_output, sample, timesteps, target, alphas_cumprod = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    mask = [needs[0], needs[1], needs[3]]
-    if (grad_loss is None and grad_model_pred is None) or not any(mask):
-        return (None,) * 10
-    if grad_loss is None:  # only model_pred was used
-        grad_loss = torch.zeros(
-            (),
-            dtype=torch.float64 if model_output.dtype == torch.float64 else torch.float32,
-            device=model_output.device,
-        )
-    grad_m, grad_x, grad_target = _consistency_loss_backward(
-        grad_loss, grad_model_pred, model_output, sample, timesteps, target, alphas_cumprod, *ctx.params, mask
-    )
-    return (grad_m if mask[0] else None, grad_x if mask[1] else None, None, grad_target if mask[2] else None) + (
-        None,
-    ) * 6
-
-
-lib.register_autograd("consistency_loss", _loss_setup_context, _loss_backward)
 
 # ---- public functions ---------------------------------------------------------------------------
 

@@ -25,7 +25,10 @@ def _reward_head_backward_reference(grad, image_features, text_features, logit_s
 
 
 _reward_head = lib.define(
-    "reward_head", "(Tensor image_features, Tensor text_features, Tensor logit_scale) -> Tensor", _reward_head_reference
+    "reward_head",
+    "(Tensor image_features, Tensor text_features, Tensor logit_scale) -> Tensor",
+    _reward_head_reference,
+    differentiable=True,
 )
 _reward_head_backward = lib.define(
     "reward_head_backward",
@@ -48,6 +51,7 @@ _pairwise_preference_loss = lib.define(
     "pairwise_preference_loss",
     f"(Tensor logits, Tensor expert_logits, {_PAIRWISE_OPTIONS}) -> (Tensor, Tensor)",
     ref.pairwise_preference_loss,
+    differentiable=True,
 )
 _pairwise_preference_loss_backward = lib.define(
     "pairwise_preference_loss_backward",
@@ -85,46 +89,6 @@ def _(logits, expert_logits, kind, real_index=None, smooth_gt_label=False):
 def _(grad_loss, logits, expert_logits, kind, real_index=None, smooth_gt_label=False):
     return logits.new_empty(logits.shape)
 
-
-# ---- autograd -----------------------------------------------------------------------------------
-
-
-def _reward_head_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _reward_head_grad(ctx, grad):
-    image_features, text_features, logit_scale = ctx.saved_tensors
-    mask = list(ctx.needs_input_grad[:3])
-    if grad is None or not any(mask):
-        return None, None, None
-    grads = _reward_head_backward(grad, image_features, text_features, logit_scale, mask)
-    return tuple(g if wanted else None for g, wanted in zip(grads, mask))
-
-
-lib.register_autograd("reward_head", _reward_head_setup_context, _reward_head_grad)
-
-
-def _pairwise_setup_context(ctx, inputs, output):
-    # kind, then real_index and smooth_gt_label where given: a kernel called through torch.ops receives
-    # trailing arguments left at their defaults as absent
-    logits, expert_logits, *options = inputs
-    ctx.save_for_backward(logits, expert_logits)
-    ctx.options = options
-    ctx.mark_non_differentiable(output[1])  # the accuracy
-
-
-def _pairwise_grad(ctx, grad_loss, grad_accuracy):
-    logits, expert_logits = ctx.saved_tensors
-    grad = (
-        _pairwise_preference_loss_backward(grad_loss, logits, expert_logits, *ctx.options)
-        if ctx.needs_input_grad[0] and grad_loss is not None
-        else None
-    )
-    return (grad, None) + (None,) * len(ctx.options)  # the expert logits are a target
-
-
-lib.register_autograd("pairwise_preference_loss", _pairwise_setup_context, _pairwise_grad)
 
 # ---- public functions ---------------------------------------------------------------------------
 

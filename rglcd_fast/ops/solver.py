@@ -44,6 +44,7 @@ _guided_ddim_step = lib.define(
     f"(Tensor cond_output, Tensor uncond_output, Tensor sample, {_GUIDED_SCHEDULE}, str prediction_type) "
     "-> (Tensor, Tensor)",
     ref.guided_ddim_step,
+    differentiable=True,
 )
 _guided_ddim_step_backward = lib.define(
     "guided_ddim_step_backward",
@@ -89,25 +90,6 @@ def _fake_step(model_output, sample, *args):
 
 torch.library.register_fake(lib.qualname("lcm_step"), _fake_step)
 torch.library.register_fake(lib.qualname("ddim_step"), _fake_step)
-
-# ---- autograd (guided step only: the sampling steps are forward only) ---------------------------
-
-
-def _guided_setup_context(ctx, inputs, output):
-    cond_output, uncond_output, sample, timesteps, prev_timesteps, guidance_scale, alphas_cumprod, ptype = inputs
-    ctx.save_for_backward(timesteps, prev_timesteps, guidance_scale, alphas_cumprod)
-    ctx.prediction_type = ptype
-
-
-def _guided_backward(ctx, grad_x_prev, grad_pred_x0):
-    mask = list(ctx.needs_input_grad[:3])
-    if (grad_x_prev is None and grad_pred_x0 is None) or not any(mask):
-        return (None,) * 8
-    grads = _guided_ddim_step_backward(grad_x_prev, grad_pred_x0, *ctx.saved_tensors, ctx.prediction_type, mask)
-    return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None,) * 5
-
-
-lib.register_autograd("guided_ddim_step", _guided_setup_context, _guided_backward)
 
 # ---- public functions ---------------------------------------------------------------------------
 

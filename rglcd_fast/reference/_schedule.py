@@ -6,8 +6,15 @@ import torch
 def check_timesteps(
     timesteps: torch.Tensor, num_train_timesteps: int, name: str = "timesteps", allow_negative: bool = False
 ) -> None:
-    """ValueError naming the argument for a value outside [0, T) (CPU only: never syncs a GPU)."""
+    """ValueError naming the argument for a value outside [0, T) (CPU only: never syncs a GPU); inside a
+    compiled graph, a runtime assert with the same message (no host read of the values there)."""
     if timesteps.device.type != "cpu" or timesteps.numel() == 0:
+        return
+    if torch.compiler.is_compiling() or torch._guards.detect_fake_mode(timesteps) is not None:  # being traced
+        inside = (timesteps < num_train_timesteps).all()
+        if not allow_negative:
+            inside = inside & (timesteps >= 0).all()
+        torch._assert_async(inside, f"{name}: a value is outside the schedule [0, {num_train_timesteps})")
         return
     low, high = int(timesteps.min()), int(timesteps.max())
     if (low < 0 and not allow_negative) or high >= num_train_timesteps:

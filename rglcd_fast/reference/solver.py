@@ -92,8 +92,8 @@ def guided_ddim_step(
     )
     pred_x0 = cond_pred_x0 + w * (cond_pred_x0 - uncond_pred_x0)
     pred_noise = cond_pred_noise + w * (cond_pred_noise - uncond_pred_noise)
-    # DDIMSolver.ddim_step
-    alpha_cumprod_prev = extract_into_tensor(alphas_cumprod, prev_timesteps, ndim)
+    # DDIMSolver.ddim_step, in float64 as the script's numpy tables make it
+    alpha_cumprod_prev = extract_into_tensor(alphas_cumprod.double(), prev_timesteps, ndim)
     dir_xt = (1.0 - alpha_cumprod_prev).sqrt() * pred_noise
     x_prev = alpha_cumprod_prev.sqrt() * pred_x0 + dir_xt
     return x_prev.to(dtype), pred_x0.to(dtype)
