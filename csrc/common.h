@@ -54,9 +54,11 @@ inline void with_prediction_type(PredictionType type, const Body& body) {
 // A per-sample linear map of (sample x, model output m), evaluated in the reference's (diffusers') operation
 // order: value = r·x + q·(px·x + pm·m). E.g. x0 = (x - σ·m) / α is r = 0, q = 1/α, px = 1, pm = -σ: x and σ·m
 // cancel before the scaling, where the folded x/α - (σ/α)·m loses float32 precision at high noise (α ≈ 0.07)
-// and large inputs. cx() and cm() are its derivatives, the backwards' coefficients. A zero r or px skips its
+// and large inputs. Its gradients follow the same order (grad_x = r·g + q·(px·g), grad_m = q·(pm·g)), so an
+// infinite g meets a zero coefficient as the reference's autograd meets it (0·inf = NaN); cx() and cm() are
+// the folded derivatives, for maps composed further (the guided step's backward). A zero r or px skips its
 // term and has_x = false skips x altogether (an Inf in x cannot turn into 0 * Inf = NaN where the formula
-// does not read it).
+// does not read it; its gradient is 0).
 template <typename acc_t>
 struct Linear {
   acc_t r, q, px, pm;
@@ -71,6 +73,13 @@ struct Linear {
     if (!has_x) return q * mm;
     const acc_t inner = px != acc_t(0) ? px * xv + mm : mm;
     return r != acc_t(0) ? r * xv + q * inner : q * inner;
+  }
+
+  RGLCD_HD acc_t grad_m(acc_t g) const { return q * (pm * g); }
+  RGLCD_HD acc_t grad_x(acc_t g) const {
+    if (!has_x) return acc_t(0);
+    const acc_t through_x0 = px != acc_t(0) ? q * (px * g) : acc_t(0);
+    return r != acc_t(0) ? r * g + through_x0 : through_x0;
   }
 };
 
@@ -320,6 +329,11 @@ RGLCD_HD acc_t loss_derivative(acc_t d, LossType type, acc_t c) {
 
 // ---- reward family (docs/design.md §2 "Latent reward head", §1 step 9) ----------------------------
 
+// The reward head accumulates and differentiates in float64 whatever the features' dtype: a gradient of
+// nearly parallel rows is a small difference of unit-scale terms, whose float32 rounding exceeds PyTorch's own
+// error there; the head reads rows × D values once, so the cost is the reads either way.
+using head_acc_t = double;
+
 // Per-row sums of the reward head: ⟨u, v⟩, ‖u‖², ‖v‖².
 template <typename acc_t>
 struct CosineSums {
@@ -348,6 +362,13 @@ template <typename acc_t>
 RGLCD_HD CosineGrad<acc_t> cosine_score_grad(const CosineSums<acc_t>& s, acc_t scale, acc_t g) {
   const acc_t nu = std::sqrt(s.uu), nv = std::sqrt(s.vv), c = s.dot / (nu * nv), gs = g * scale;
   return {nu, nv, c, gs / nu, gs / nv, g * c};
+}
+
+// ValueError naming the argument unless t lives on the op's `device`: the dispatcher picks the kernel by
+// the highest-priority device among the arguments, and a CUDA kernel must not read the host's (or another
+// GPU's) memory. Every op body (csrc/ops/) checks each tensor argument against its device.
+inline void check_device(const at::Tensor& t, const c10::Device& device, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == device, name, ": expected device ", device, ", got ", t.device());
 }
 
 // Argument checks of the reward head shared by the backends: features [..., D] with D > 0, the text

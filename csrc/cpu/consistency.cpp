@@ -77,9 +77,8 @@ struct CpuBackend {
               const Linear<acc_t> c = coeff[b];
               for (int64_t i = i0; i < i1; ++i) {
                 const acc_t gi = static_cast<acc_t>(gp[i]);
-                if constexpr (decltype(with_gm)::value) gm[i] = static_cast<scalar_t>(c.cm() * gi);
-                if constexpr (decltype(with_gx)::value)
-                  gx[i] = c.has_x ? static_cast<scalar_t>(c.cx() * gi) : scalar_t(0);
+                if constexpr (decltype(with_gm)::value) gm[i] = static_cast<scalar_t>(c.grad_m(gi));
+                if constexpr (decltype(with_gx)::value) gx[i] = static_cast<scalar_t>(c.grad_x(gi));
               }
             });
           },
@@ -143,8 +142,8 @@ struct CpuBackend {
               for (int64_t i = i0; i < i1; ++i) {
                 const acc_t r = scale * loss_derivative(k(xp[i], mp[i]) - static_cast<acc_t>(yp[i]), kind, c);
                 const acc_t h = with_gp ? r + static_cast<acc_t>(gpp[i]) : r;
-                if constexpr (decltype(with_gm)::value) gm[i] = static_cast<scalar_t>(k.cm() * h);
-                if constexpr (decltype(with_gx)::value) gx[i] = static_cast<scalar_t>(k.cx() * h);
+                if constexpr (decltype(with_gm)::value) gm[i] = static_cast<scalar_t>(k.grad_m(h));
+                if constexpr (decltype(with_gx)::value) gx[i] = static_cast<scalar_t>(k.grad_x(h));
                 if constexpr (decltype(with_gy)::value) gy[i] = static_cast<scalar_t>(-r);
               }
             });

@@ -20,11 +20,15 @@ using at::vec::Vectorized;
 // Loads 2·W consecutive elements as two acc_t vectors (W = Vectorized<acc_t>::size()).
 template <typename scalar_t, typename acc_t>
 inline void load_two(const scalar_t* p, Vectorized<acc_t>& a, Vectorized<acc_t>& b) {
-  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
-    at::vec::load_to_float(p, a, b);
-  } else {
+  constexpr int W = Vectorized<acc_t>::size();
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
     a = Vectorized<acc_t>::loadu(p);
-    b = Vectorized<acc_t>::loadu(p + Vectorized<acc_t>::size());
+    b = Vectorized<acc_t>::loadu(p + W);
+  } else {  // widened element by element (a loop the compiler vectorises)
+    acc_t wide[2 * W];
+    for (int k = 0; k < 2 * W; ++k) wide[k] = static_cast<acc_t>(p[k]);
+    a = Vectorized<acc_t>::loadu(wide);
+    b = Vectorized<acc_t>::loadu(wide + W);
   }
 }
 
@@ -103,12 +107,16 @@ struct LossAndHits {
 
 // The backend of ops/reward.h.
 struct CpuBackend {
+  struct DeviceGuard {  // CPU tensors need none
+    explicit DeviceGuard(c10::Device) {}
+  };
+
   static at::Tensor reward_head(const at::Tensor& image_features, const at::Tensor& text_features,
                                 const at::Tensor& logit_scale) {
     const FeatureRows f(image_features, text_features);
     at::Tensor scores = at::empty(image_features.sizes().slice(0, image_features.dim() - 1), image_features.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.image.scalar_type(), "rglcd_fast_reward_head", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+      using acc_t = head_acc_t;
       const acc_t scale = static_cast<acc_t>(logit_scale.item<double>());
       const scalar_t* up = f.image.const_data_ptr<scalar_t>();
       const scalar_t* vp = f.text.const_data_ptr<scalar_t>();
@@ -140,7 +148,7 @@ struct CpuBackend {
     at::Tensor grad_s = unrequested(logit_scale);
     const int64_t D = f.dim, N = f.rows;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.image.scalar_type(), "rglcd_fast_reward_head_bwd", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+      using acc_t = head_acc_t;
       const acc_t scale = static_cast<acc_t>(logit_scale.item<double>());
       const scalar_t* up = f.image.const_data_ptr<scalar_t>();
       const scalar_t* vp = f.text.const_data_ptr<scalar_t>();

@@ -115,8 +115,6 @@ struct CpuBackend {
   struct DeviceGuard {  // CPU tensors need none
     explicit DeviceGuard(c10::Device) {}
   };
-  // The dispatcher sends only CPU tensors here.
-  static void check_device(const at::Tensor&, const c10::Device&, const char*) {}
 
   static void guided_ddim_step(const at::Tensor& mc, const at::Tensor& mu, const at::Tensor& x, at::Tensor& x_prev,
                                at::Tensor& pred_x0, const ops::GuidedArgs& args) {

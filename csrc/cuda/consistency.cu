@@ -40,8 +40,8 @@ __global__ void linear_map_backward_kernel(const scalar_t* __restrict__ grad, sc
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     const acc_t g = static_cast<acc_t>(gv.v[j]);
-    mv.v[j] = static_cast<scalar_t>(c.cm() * g);
-    xv.v[j] = c.has_x ? static_cast<scalar_t>(c.cx() * g) : scalar_t(0);
+    mv.v[j] = static_cast<scalar_t>(c.grad_m(g));
+    xv.v[j] = static_cast<scalar_t>(c.grad_x(g));
   }
   if (grad_m) store(grad_m + i, mv);
   if (grad_x) store(grad_x + i, xv);
@@ -82,7 +82,7 @@ __global__ void mean_of_partials_kernel(const acc_t* __restrict__ partials, int 
   if (threadIdx.x == 0) *loss = sum / static_cast<acc_t>(n);
 }
 
-// r = grad_loss·ρ'(pred − target)/N, h = r + grad_pred: grad_m = cm·h, grad_x = cx·h, grad_target = −r.
+// r = grad_loss·ρ'(pred − target)/N, h = r + grad_pred: grad_m, grad_x of h through the map, grad_target = −r.
 template <typename scalar_t, int VEC, typename Map>
 __global__ void loss_backward_kernel(const at::opmath_type<scalar_t>* __restrict__ grad_loss,
                                      const scalar_t* __restrict__ grad_pred, const scalar_t* __restrict__ m,
@@ -104,8 +104,8 @@ __global__ void loss_backward_kernel(const at::opmath_type<scalar_t>* __restrict
   for (int j = 0; j < VEC; ++j) {
     const acc_t r = scale * loss_derivative(k(xv.v[j], mv.v[j]) - static_cast<acc_t>(yv.v[j]), kind, huber_c);
     const acc_t h = grad_pred ? r + static_cast<acc_t>(gp.v[j]) : r;
-    gm.v[j] = static_cast<scalar_t>(k.cm() * h);
-    gx.v[j] = static_cast<scalar_t>(k.cx() * h);
+    gm.v[j] = static_cast<scalar_t>(k.grad_m(h));
+    gx.v[j] = static_cast<scalar_t>(k.grad_x(h));
     gy.v[j] = static_cast<scalar_t>(-r);
   }
   if (grad_m) store(grad_m + i, gm);

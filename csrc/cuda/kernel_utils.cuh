@@ -188,12 +188,6 @@ inline at::Tensor per_sample_index_cuda(const at::Tensor& t, int64_t batch, cons
   return idx;
 }
 
-// ValueError naming the argument unless t lives on `device` (a kernel must not read another device's
-// memory, let alone the host's).
-inline void check_device(const at::Tensor& t, const c10::Device& device, const char* name) {
-  TORCH_CHECK_VALUE(t.device() == device, name, ": expected device ", device, ", got ", t.device());
-}
-
 // Per-sample schedule look-up: timesteps (int64, one or B values) and ᾱ in acc_t.
 template <typename acc_t>
 struct SampleSchedule {

@@ -2,7 +2,7 @@
 // csrc/cpu/reward.cpp: the CLIP-style reward head score = scale·cos(u, v) and the latent reward
 // model's pairwise preference loss, with backwards.
 //
-// Reward head: one warp per image row (norms and dot in acc_t, a fixed lane order and butterfly).
+// Reward head: one warp per image row (norms and dot in float64, head_acc_t, a fixed lane order and butterfly).
 // Row offsets come from the (coalesced) leading sizes and strides, decomposed in the kernel: any
 // layout of the leading dims, text features broadcast with stride 0, no host-side offset tables.
 // Backward in two launches: (1) per image row, grad_u and the row's coefficients, stored at the
@@ -120,8 +120,6 @@ struct FeatureGeometry {
 
   FeatureGeometry(const at::Tensor& image_features, const at::Tensor& text_features) {
     check_reward_features(image_features, text_features);
-    TORCH_CHECK_VALUE(text_features.device() == image_features.device(), "text_features: expected device ",
-                      image_features.device(), " (as image_features), got ", text_features.device());
     dim = image_features.size(-1);
     image = image_features.stride(-1) == 1 ? image_features : image_features.contiguous();
     text = text_features.contiguous();
@@ -161,11 +159,6 @@ void with_row_vector_width(int width, const Launch& launch) {
   }
 }
 
-void check_logit_scale_device(const at::Tensor& logit_scale, const at::Tensor& image_features) {
-  TORCH_CHECK_VALUE(logit_scale.device() == image_features.device(), "logit_scale: expected device ",
-                    image_features.device(), " (as image_features), got ", logit_scale.device());
-}
-
 // ---- reward head: kernels ------------------------------------------------------------------------
 
 constexpr int kRowWarps = 4;  // image rows per block
@@ -174,10 +167,10 @@ constexpr int kTextThreads = 128;
 
 // ⟨u, v⟩, ‖u‖², ‖v‖² of one row, by one warp; every lane gets the sums.
 template <typename scalar_t, int VEC>
-__device__ __forceinline__ CosineSums<at::opmath_type<scalar_t>> warp_cosine_sums(const scalar_t* __restrict__ u,
-                                                                                  const scalar_t* __restrict__ v,
-                                                                                  int64_t dim, int lane) {
-  using acc_t = at::opmath_type<scalar_t>;
+__device__ __forceinline__ CosineSums<head_acc_t> warp_cosine_sums(const scalar_t* __restrict__ u,
+                                                                   const scalar_t* __restrict__ v, int64_t dim,
+                                                                   int lane) {
+  using acc_t = head_acc_t;
   acc_t dot = 0, uu = 0, vv = 0;
 #pragma unroll 4  // several loads in flight per lane: at these sizes the kernels are latency bound
   for (int64_t i = static_cast<int64_t>(lane) * VEC; i < dim; i += kWarp * VEC) {
@@ -197,7 +190,7 @@ template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kRowThreads)
     reward_head_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ v, scalar_t* __restrict__ scores,
                        RowGeometry geometry, int64_t rows, int64_t dim, DeviceScalar logit_scale) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = head_acc_t;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
   if (r >= rows) return;  // the whole warp
   const int lane = threadIdx.x % kWarp;
@@ -219,9 +212,9 @@ template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kRowThreads)
     reward_head_backward_rows_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ u,
                                      const scalar_t* __restrict__ v, scalar_t* __restrict__ grad_u,
-                                     RowCoefficients<at::opmath_type<scalar_t>>* __restrict__ coefficients,
-                                     RowGeometry geometry, int64_t rows, int64_t dim, DeviceScalar logit_scale) {
-  using acc_t = at::opmath_type<scalar_t>;
+                                     RowCoefficients<head_acc_t>* __restrict__ coefficients, RowGeometry geometry,
+                                     int64_t rows, int64_t dim, DeviceScalar logit_scale) {
+  using acc_t = head_acc_t;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
   if (r >= rows) return;
   const int lane = threadIdx.x % kWarp;
@@ -251,10 +244,10 @@ __global__ void __launch_bounds__(kRowThreads)
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kTextThreads)
     reward_head_backward_text_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ v,
-                                     const RowCoefficients<at::opmath_type<scalar_t>>* __restrict__ coefficients,
+                                     const RowCoefficients<head_acc_t>* __restrict__ coefficients,
                                      scalar_t* __restrict__ grad_v, int64_t text_blocks, int64_t chunks,
                                      int64_t members, int64_t rows, int64_t dim, DeviceScalar grad_scale) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = head_acc_t;
   const unsigned block = blockIdx.x;  // < 2^31 (grid_size), so 32-bit division
   if (block < text_blocks) {
     const int64_t j = block / static_cast<unsigned>(chunks);
@@ -345,9 +338,7 @@ __global__ void __launch_bounds__(cuda::kThreads)
   }
 }
 
-void check_pair_devices(const at::Tensor& logits, const at::Tensor& expert_logits) {
-  TORCH_CHECK_VALUE(expert_logits.device() == logits.device(), "expert_logits: expected device ", logits.device(),
-                    " (as logits), got ", expert_logits.device());
+void check_candidate_count(const at::Tensor& logits) {
   TORCH_CHECK_VALUE(logits.size(0) <= std::numeric_limits<int>::max(), "logits: too many candidates");
 }
 
@@ -360,10 +351,10 @@ unsigned grid_size(int64_t blocks) {
 
 // The backend of ops/reward.h.
 struct CudaBackend {
+  using DeviceGuard = c10::cuda::CUDAGuard;
+
   static at::Tensor reward_head(const at::Tensor& image_features, const at::Tensor& text_features,
                                 const at::Tensor& logit_scale) {
-    check_logit_scale_device(logit_scale, image_features);
-    const c10::cuda::CUDAGuard guard(image_features.device());
     const FeatureGeometry f(image_features, text_features);
     at::Tensor scores = at::empty(image_features.sizes().slice(0, image_features.dim() - 1), image_features.options());
     if (f.rows == 0) return scores;
@@ -389,13 +380,9 @@ struct CudaBackend {
                                                                              const at::Tensor& text_features,
                                                                              const at::Tensor& logit_scale,
                                                                              std::array<bool, 3> mask) {
-    check_logit_scale_device(logit_scale, image_features);
-    const c10::cuda::CUDAGuard guard(image_features.device());
     const FeatureGeometry f(image_features, text_features);
     const at::Tensor g = grad.contiguous();
     TORCH_CHECK_VALUE(g.numel() == f.rows, "grad: expected ", f.rows, " values, got ", g.numel());
-    TORCH_CHECK_VALUE(g.device() == image_features.device(), "grad: expected device ", image_features.device(),
-                      ", got ", g.device());
     at::Tensor grad_u =
         mask[0] ? at::empty(image_features.sizes(), image_features.options()) : unrequested(image_features);
     at::Tensor grad_v =
@@ -408,7 +395,7 @@ struct CudaBackend {
         mask[2] ? DeviceScalar::of(grad_s) : DeviceScalar{nullptr, DeviceScalar::Immediate, 0.0};
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, f.image.scalar_type(), "rglcd_fast_reward_head_bwd_cuda", [&] {
-          using acc_t = at::opmath_type<scalar_t>;
+          using acc_t = head_acc_t;
           using Coefficients = RowCoefficients<acc_t>;
           const scalar_t* up = f.image.const_data_ptr<scalar_t>();
           const scalar_t* vp = f.text.const_data_ptr<scalar_t>();
@@ -448,8 +435,7 @@ struct CudaBackend {
   static std::tuple<at::Tensor, at::Tensor> pairwise_preference_loss(const at::Tensor& logits,
                                                                      const at::Tensor& expert_logits,
                                                                      PreferenceRule rule) {
-    check_pair_devices(logits, expert_logits);
-    const c10::cuda::CUDAGuard guard(logits.device());
+    check_candidate_count(logits);
     const int64_t K = logits.size(0), B = logits.size(1);
     const auto options = logits.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
     at::Tensor loss = at::empty({}, options), accuracy = at::empty({}, options);
@@ -466,8 +452,7 @@ struct CudaBackend {
 
   static at::Tensor pairwise_preference_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
                                                       const at::Tensor& expert_logits, PreferenceRule rule) {
-    check_pair_devices(logits, expert_logits);
-    const c10::cuda::CUDAGuard guard(logits.device());
+    check_candidate_count(logits);
     const int64_t K = logits.size(0), B = logits.size(1);
     at::Tensor grad = at::empty(logits.sizes(), logits.options());
     if (B == 0) return grad;

@@ -438,9 +438,6 @@ void launch_sampling_step(const StepInputs& in, const ops::SamplingArgs& args, c
 // The backend of ops/solver.h.
 struct CudaBackend {
   using DeviceGuard = c10::cuda::CUDAGuard;
-  static void check_device(const at::Tensor& t, const c10::Device& device, const char* name) {
-    rglcd_fast::check_device(t, device, name);
-  }
 
   static void guided_ddim_step(const at::Tensor& mc, const at::Tensor& mu, const at::Tensor& x, at::Tensor& x_prev,
                                at::Tensor& pred_x0, const ops::GuidedArgs& args) {

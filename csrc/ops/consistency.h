@@ -27,11 +27,20 @@ std::tuple<at::Tensor, at::Tensor> boundary_scalings(const at::Tensor& timesteps
 }
 
 // x0, ε and f(m, x, t) are per-sample linear maps of (x, m) (common.h: X0Map, EpsMap, ConsistencyMap).
+inline void check_schedule_devices(const c10::Device& device, const at::Tensor& timesteps,
+                                   const at::Tensor& alphas_cumprod) {
+  check_device(timesteps, device, "timesteps");
+  check_device(alphas_cumprod, device, "alphas_cumprod");
+}
+
 template <typename Backend, typename Map>
 at::Tensor linear_map(const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& timesteps,
                       const at::Tensor& alphas_cumprod, const Map& map) {
   check_same_shape(model_output, sample, "sample", "model_output");
-  const typename Backend::DeviceGuard guard(model_output.device());
+  const c10::Device device = model_output.device();
+  check_device(sample, device, "sample");
+  check_schedule_devices(device, timesteps, alphas_cumprod);
+  const typename Backend::DeviceGuard guard(device);
   const Layout layout(model_output);
   const at::Tensor m = layout.input(model_output), x = layout.input(sample);
   at::Tensor out = layout.output();
@@ -39,11 +48,12 @@ at::Tensor linear_map(const at::Tensor& model_output, const at::Tensor& sample, 
   return layout.deliver(out);
 }
 
-// Backward of a linear map: grad_m = cm·g, grad_x = cx·g (zero where the map does not read x).
+// Backward of a linear map: grad_m, grad_x of g through it (Linear::grad_m, grad_x; zero where it does not read x).
 template <typename Backend, typename Map>
 std::tuple<at::Tensor, at::Tensor> linear_map_backward(const at::Tensor& grad, const at::Tensor& timesteps,
                                                        const at::Tensor& alphas_cumprod, const Map& map,
                                                        std::array<bool, 2> mask) {
+  check_schedule_devices(grad.device(), timesteps, alphas_cumprod);
   const typename Backend::DeviceGuard guard(grad.device());
   const Layout layout(grad);
   const at::Tensor g = layout.input(grad);
@@ -109,7 +119,11 @@ std::tuple<at::Tensor, at::Tensor> consistency_loss(const at::Tensor& model_outp
   check_same_shape(model_output, target, "target", "model_output");
   const ConsistencyMap map{parse_prediction_type(prediction_type), timestep_scaling, sigma_data};
   const LossArgs args{timesteps, alphas_cumprod, map, parse_loss_type(loss_type), huber_c};
-  const typename Backend::DeviceGuard guard(model_output.device());
+  const c10::Device device = model_output.device();
+  check_device(sample, device, "sample");
+  check_device(target, device, "target");
+  check_schedule_devices(device, timesteps, alphas_cumprod);
+  const typename Backend::DeviceGuard guard(device);
   const Layout layout(model_output);
   const at::Tensor m = layout.input(model_output), x = layout.input(sample), y = layout.input(target);
   at::Tensor pred = layout.output();
@@ -118,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> consistency_loss(const at::Tensor& model_outp
 }
 
 // Backward of the fused loss, recomputing model_pred in acc_t from (m, x): with
-// r = grad_loss·ρ'(pred - target)/N and h = r + grad_pred: grad_m = cm·h, grad_x = cx·h, grad_target = -r.
+// r = grad_loss·ρ'(pred - target)/N and h = r + grad_pred: grad_m, grad_x of h through the map, grad_target = -r.
 template <typename Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> consistency_loss_backward(
     const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_model_pred, const at::Tensor& model_output,
@@ -127,7 +141,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> consistency_loss_backward(
     double sigma_data, std::array<bool, 3> mask) {
   const ConsistencyMap map{parse_prediction_type(prediction_type), timestep_scaling, sigma_data};
   const LossArgs args{timesteps, alphas_cumprod, map, parse_loss_type(loss_type), huber_c};
-  const typename Backend::DeviceGuard guard(model_output.device());
+  const c10::Device device = model_output.device();
+  check_device(grad_loss, device, "grad_loss");
+  if (grad_model_pred.has_value() && grad_model_pred->defined())
+    check_device(*grad_model_pred, device, "grad_model_pred");
+  check_device(sample, device, "sample");
+  check_device(target, device, "target");
+  check_schedule_devices(device, timesteps, alphas_cumprod);
+  const typename Backend::DeviceGuard guard(device);
   const Layout layout(model_output);
   const at::Tensor m = layout.input(model_output), x = layout.input(sample), y = layout.input(target);
   const bool has_gp = grad_model_pred.has_value() && grad_model_pred->defined();

@@ -2,8 +2,6 @@
 // argument checks and parsing, inputs and outputs in the working layout, and the registration. A
 // backend (csrc/cpu/solver.cpp, csrc/cuda/solver.cu) is a struct with
 //   DeviceGuard                  held while an op runs (CUDA: the op's device)
-//   check_device                 raises unless an argument is on the op's device (CUDA; CPU: nothing
-//                                to check)
 //   guided_ddim_step, guided_ddim_step_backward, lcm_step, ddim_step
 //   lcm_step_drawing_noise       lcm_step with the noise drawn as torch.randn draws it
 // computing into the outputs it is given.
@@ -23,11 +21,10 @@ struct ScheduleArgs {
   const at::Tensor& alphas_cumprod;
 };
 
-template <typename Backend>
-void check_schedule_devices(const c10::Device& device, const ScheduleArgs& args) {
-  Backend::check_device(args.timesteps, device, "timesteps");
-  Backend::check_device(args.prev_timesteps, device, "prev_timesteps");
-  Backend::check_device(args.alphas_cumprod, device, "alphas_cumprod");
+inline void check_schedule_devices(const c10::Device& device, const ScheduleArgs& args) {
+  check_device(args.timesteps, device, "timesteps");
+  check_device(args.prev_timesteps, device, "prev_timesteps");
+  check_device(args.alphas_cumprod, device, "alphas_cumprod");
 }
 
 // ---- guided DDIM solver step (LCD training, the teacher's side) ---------------------------------
@@ -38,7 +35,7 @@ struct GuidedArgs : ScheduleArgs {
   PredictionType type;
 };
 
-// m = m_c + w (m_c - m_u); x0 = x0(m, x); ε = ε(m, x); x_prev = sqrt(ᾱ_prev) x0 + sqrt(1 - ᾱ_prev) ε.
+// x0 = x0_c + w (x0_c - x0_u), ε = ε_c + w (ε_c - ε_u); x_prev = sqrt(ᾱ_prev) x0 + sqrt(1 - ᾱ_prev) ε.
 template <typename Backend>
 std::tuple<at::Tensor, at::Tensor> guided_ddim_step(const at::Tensor& cond_output, const at::Tensor& uncond_output,
                                                     const at::Tensor& sample, const at::Tensor& timesteps,
@@ -50,10 +47,10 @@ std::tuple<at::Tensor, at::Tensor> guided_ddim_step(const at::Tensor& cond_outpu
   const GuidedArgs args{
       {timesteps, prev_timesteps, alphas_cumprod}, guidance_scale, parse_prediction_type(prediction_type)};
   const c10::Device device = sample.device();
-  Backend::check_device(cond_output, device, "cond_output");
-  Backend::check_device(uncond_output, device, "uncond_output");
-  Backend::check_device(guidance_scale, device, "guidance_scale");
-  check_schedule_devices<Backend>(device, args);
+  check_device(cond_output, device, "cond_output");
+  check_device(uncond_output, device, "uncond_output");
+  check_device(guidance_scale, device, "guidance_scale");
+  check_schedule_devices(device, args);
   const typename Backend::DeviceGuard guard(device);
   const Layout layout(sample);
   const at::Tensor mc = layout.input(cond_output), mu = layout.input(uncond_output), x = layout.input(sample);
@@ -75,14 +72,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> guided_ddim_step_backward(
   TORCH_CHECK_VALUE(has_gp || has_g0, "guided_ddim_step_backward: expected grad_x_prev or grad_pred_x0");
   if (has_gp && has_g0) {
     check_same_shape(*grad_x_prev, *grad_pred_x0, "grad_pred_x0", "grad_x_prev");
-    Backend::check_device(*grad_pred_x0, grad_x_prev->device(), "grad_pred_x0");
+    check_device(*grad_pred_x0, grad_x_prev->device(), "grad_pred_x0");
   }
   const GuidedArgs args{
       {timesteps, prev_timesteps, alphas_cumprod}, guidance_scale, parse_prediction_type(prediction_type)};
   const at::Tensor& like_input = has_gp ? *grad_x_prev : *grad_pred_x0;
   const c10::Device device = like_input.device();
-  Backend::check_device(guidance_scale, device, "guidance_scale");
-  check_schedule_devices<Backend>(device, args);
+  check_device(guidance_scale, device, "guidance_scale");
+  check_schedule_devices(device, args);
   const typename Backend::DeviceGuard guard(device);
   const Layout layout(like_input);
   const at::Tensor gprev = has_gp ? layout.input(*grad_x_prev) : at::Tensor();
@@ -110,9 +107,9 @@ template <typename Backend>
 void check_sampling_devices(const at::Tensor& model_output, const at::Tensor& sample,
                             const std::optional<at::Tensor>& noise, const ScheduleArgs& schedule) {
   const c10::Device device = sample.device();
-  Backend::check_device(model_output, device, "model_output");
-  if (noise.has_value() && noise->defined()) Backend::check_device(*noise, device, "noise");
-  check_schedule_devices<Backend>(device, schedule);
+  check_device(model_output, device, "model_output");
+  if (noise.has_value() && noise->defined()) check_device(*noise, device, "noise");
+  check_schedule_devices(device, schedule);
 }
 
 // Where the noise of a sampling step comes from: the noise argument, or (draw_noise) the op's own

@@ -28,9 +28,11 @@ def extract_into_tensor(schedule: torch.Tensor, timesteps: torch.Tensor, ndim: i
     return out.reshape(-1, *([1] * (ndim - 1)))
 
 
-def alphas_sigmas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, ndim: int):
-    """Per-sample α = sqrt(ᾱ_t), σ = sqrt(1 - ᾱ_t)."""
+def alphas_sigmas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor):
+    """Per-sample α = sqrt(ᾱ_t), σ = sqrt(1 - ᾱ_t), shaped to broadcast over `like` and computed in its
+    accumulation dtype (float64 latents: float64 square roots of the schedule)."""
     check_timesteps(timesteps, alphas_cumprod.numel())
+    alphas_cumprod, ndim = alphas_cumprod.to(accumulation_dtype(like.dtype)), like.dim()
     alphas = extract_into_tensor(alphas_cumprod.sqrt(), timesteps, ndim)
     sigmas = extract_into_tensor((1 - alphas_cumprod).sqrt(), timesteps, ndim)
     return alphas, sigmas

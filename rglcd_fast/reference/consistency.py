@@ -35,12 +35,12 @@ def _eps(model_output, sample, alphas, sigmas, prediction_type):
 
 
 def predicted_x0(model_output, sample, timesteps, alphas_cumprod, prediction_type="epsilon"):
-    alphas, sigmas = alphas_sigmas(alphas_cumprod, timesteps, sample.dim())
+    alphas, sigmas = alphas_sigmas(alphas_cumprod, timesteps, sample)
     return _x0(model_output, sample, alphas, sigmas, prediction_type).to(model_output.dtype)
 
 
 def predicted_eps(model_output, sample, timesteps, alphas_cumprod, prediction_type="epsilon"):
-    alphas, sigmas = alphas_sigmas(alphas_cumprod, timesteps, sample.dim())
+    alphas, sigmas = alphas_sigmas(alphas_cumprod, timesteps, sample)
     return _eps(model_output, sample, alphas, sigmas, prediction_type).to(model_output.dtype)
 
 
@@ -51,9 +51,10 @@ def _per_sample(values, ndim):
 def consistency_output(
     model_output, sample, timesteps, alphas_cumprod, prediction_type="epsilon", timestep_scaling=10.0, sigma_data=0.5
 ):
-    c_skip, c_out = boundary_scalings(timesteps, timestep_scaling, sigma_data)
+    # in the latents' accumulation dtype (the script's int timesteps would give float32 scalings)
+    c_skip, c_out = boundary_scalings(timesteps.to(accumulation_dtype(sample.dtype)), timestep_scaling, sigma_data)
     c_skip, c_out = _per_sample(c_skip, sample.dim()), _per_sample(c_out, sample.dim())
-    alphas, sigmas = alphas_sigmas(alphas_cumprod, timesteps, sample.dim())
+    alphas, sigmas = alphas_sigmas(alphas_cumprod, timesteps, sample)
     pred_x0 = _x0(model_output, sample, alphas, sigmas, prediction_type)
     return (c_skip * sample + c_out * pred_x0).to(model_output.dtype)
 
