@@ -11,6 +11,7 @@
 #include <limits>
 
 #include "common.h"
+#include "math/consistency.h"
 
 namespace rglcd_fast {
 namespace cuda {

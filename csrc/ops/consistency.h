@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "math/consistency.h"
 
 namespace rglcd_fast {
 namespace ops {
@@ -26,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor> boundary_scalings(const at::Tensor& timesteps
   return {c_skip.view(timesteps.sizes()), c_out.view(timesteps.sizes())};
 }
 
-// x0, ε and f(m, x, t) are per-sample linear maps of (x, m) (common.h: X0Map, EpsMap, ConsistencyMap).
+// x0, ε and f(m, x, t) are per-sample linear maps of (x, m) (math/consistency.h: X0Map, EpsMap, ConsistencyMap).
 inline void check_schedule_devices(const c10::Device& device, const at::Tensor& timesteps,
                                    const at::Tensor& alphas_cumprod) {
   check_device(timesteps, device, "timesteps");

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "math/reward.h"
 
 namespace rglcd_fast {
 namespace ops {

@@ -10,8 +10,63 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "math/solver.h"
 
 namespace rglcd_fast {
+constexpr double kLcmSigmaData = 0.5;  // LCMScheduler's fixed sigma_data
+
+// The x0 clip / threshold options shared by the LCM and DDIM steps.
+struct X0Options {
+  X0Limit kind;
+  double clip_sample_range, dynamic_thresholding_ratio, sample_max_value;
+};
+
+inline X0Options x0_options(bool clip_sample, double clip_sample_range, bool thresholding,
+                            double dynamic_thresholding_ratio, double sample_max_value) {
+  // diffusers' domain: any clip range and maximum (torch.clamp's rule where bounds cross), q in [0, 1]
+  TORCH_CHECK_VALUE(dynamic_thresholding_ratio >= 0 && dynamic_thresholding_ratio <= 1,
+                    "dynamic_thresholding_ratio: expected a value in [0, 1] (torch.quantile's q), got ",
+                    dynamic_thresholding_ratio);
+  const X0Limit kind = thresholding ? X0Limit::Threshold : (clip_sample ? X0Limit::Clip : X0Limit::None);
+  return {kind, clip_sample_range, dynamic_thresholding_ratio, sample_max_value};
+}
+
+// The inputs of a sampling step (model_output, sample, optional noise: same shape and dtype) in the
+// working layout of `sample`.
+struct StepInputs {
+  Layout layout;
+  at::Tensor m, x, z;  // z undefined without noise
+  int64_t n, batch, per_sample;
+
+  StepInputs(const at::Tensor& model_output, const at::Tensor& sample, const std::optional<at::Tensor>& noise)
+      : layout(sample) {
+    TORCH_CHECK_TYPE(at::isFloatingType(sample.scalar_type()),
+                     "sample: expected float16, bfloat16, float32 or float64, got ", sample.scalar_type());
+    check_same_shape(sample, model_output, "model_output", "sample");
+    m = layout.input(model_output);
+    x = layout.input(sample);
+    if (noise.has_value() && noise->defined()) {
+      check_same_shape(sample, *noise, "noise", "sample");
+      TORCH_CHECK_TYPE(noise->scalar_type() == sample.scalar_type(), "noise: expected dtype ", sample.scalar_type(),
+                       ", got ", noise->scalar_type());
+      z = layout.input(*noise);
+    }
+    TORCH_CHECK_TYPE(model_output.scalar_type() == sample.scalar_type(), "model_output: expected dtype ",
+                     sample.scalar_type(), ", got ", model_output.scalar_type());
+    n = x.numel();
+    batch = batch_size(x);
+    per_sample = batch ? n / batch : 1;
+  }
+
+  // These inputs with the noise drawn as torch.randn(sample.shape, generator=generator,
+  // dtype=sample.dtype, device=sample.device) draws it (a contiguous draw, in the working layout).
+  StepInputs with_drawn_noise(const std::optional<at::Generator>& generator) const {
+    StepInputs drawn = *this;
+    drawn.z = layout.input(at::randn(layout.reference.sizes(), generator, layout.reference.options()));
+    return drawn;
+  }
+};
+
 namespace ops {
 
 // The schedule arguments of every solver op: timesteps and prev_timesteps ([B] or one each), ᾱ.
