@@ -7,7 +7,7 @@ set -u
 N=${1:-30} P=${2:-1} OUT=${OUT:-/tmp/rglcd_out}
 mkdir -p "$OUT"
 one() {
-  local log="$OUT/two_ranks_$1.log"
+  local log="/tmp/two_ranks_$1.log"
   CUDA_VISIBLE_DEVICES= timeout 900 python3 -m pytest -q -x -p no:cacheprovider --basetemp="/tmp/two_ranks_$1" \
     tests/test_train_trainer.py -k two_processes > "$log" 2>&1
   local code=$?

@@ -101,9 +101,9 @@ std::tuple<at::Tensor, at::Tensor> guided_ddim_step(const at::Tensor& cond_outpu
   check_same_shape(sample, uncond_output, "uncond_output", "sample");
   const GuidedArgs args{
       {timesteps, prev_timesteps, alphas_cumprod}, guidance_scale, parse_prediction_type(prediction_type)};
-  const c10::Device device = sample.device();
-  check_device(cond_output, device, "cond_output");
+  const c10::Device device = cond_output.device();  // the first argument's: the others are named when they differ
   check_device(uncond_output, device, "uncond_output");
+  check_device(sample, device, "sample");
   check_device(guidance_scale, device, "guidance_scale");
   check_schedule_devices(device, args);
   const typename Backend::DeviceGuard guard(device);
@@ -157,12 +157,12 @@ struct SamplingArgs : ScheduleArgs {
   X0Options options;
 };
 
-// Every tensor of a sampling step on the sample's device.
+// Every tensor of a sampling step on the first argument's (model_output's) device.
 template <typename Backend>
 void check_sampling_devices(const at::Tensor& model_output, const at::Tensor& sample,
                             const std::optional<at::Tensor>& noise, const ScheduleArgs& schedule) {
-  const c10::Device device = sample.device();
-  check_device(model_output, device, "model_output");
+  const c10::Device device = model_output.device();
+  check_device(sample, device, "sample");
   if (noise.has_value() && noise->defined()) check_device(*noise, device, "noise");
   check_schedule_devices(device, schedule);
 }
