@@ -199,7 +199,7 @@ def consistency_loss(
     """Fused distillation loss: model_pred = f(model_output, sample, t); loss = mean ρ(model_pred - target)
     with ρ Huber sqrt(d² + c²) - c or L2 d². Returns (loss, model_pred); both are differentiable
     (model_pred carries the reward term's gradient)."""
-    check.latents(model_output=model_output, sample=sample, target=target)
+    check.latents(model_output=model_output, target=target)  # sample: in _map_arguments
     check.choice("loss_type", loss_type, ("huber", "l2"))
     if loss_type == "huber" and not huber_c > 0:
         raise ValueError(f"huber_c: expected a positive constant, got {huber_c}")

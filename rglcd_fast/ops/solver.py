@@ -298,9 +298,8 @@ def ddim_step(
     unused when eta = 0."""
     check.latents(model_output=model_output, sample=sample, **({} if noise is None else {"noise": noise}))
     _forward_only("ddim_step", model_output=model_output, sample=sample, noise=noise)
-    eta = _number("eta", eta)  # as diffusers: the variance noise is added only when eta > 0
-    if eta > 0 and noise is None:
-        raise ValueError(f"noise: required when eta > 0 (got eta = {eta})")
+    eta = _number("eta", eta)  # as diffusers: the variance noise is added only when eta > 0 (the kernel and the
+    # reference each refuse eta > 0 without noise)
     timesteps, prev_timesteps, alphas_cumprod = _step_schedule_arguments(
         sample, timesteps, prev_timesteps, alphas_cumprod, prediction_type
     )
