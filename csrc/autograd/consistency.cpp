@@ -1,7 +1,7 @@
-// Autograd in C++ for the consistency ops (consistency_loss, consistency_output, predicted_x0/eps):
-// the same contract as their Python autograd in rglcd_fast/ops/consistency.py, which serves where this
-// library is absent, without Python frames in the forward or the backward (the Python autograd layer
-// costs tens of µs a call, more than these fused kernels take on a GPU).
+// Autograd in C++ for the consistency ops (consistency_loss, consistency_output, predicted_x0/eps), without
+// Python frames in the forward or the backward: a Python autograd.Function costs 15-35 µs more a call on the
+// CPU, more than these fused kernels take on a GPU. Without this library, PyTorch's autograd runs through
+// the references.
 #include <torch/library.h>
 
 #include <string>

@@ -1,5 +1,5 @@
-// Autograd in C++ for the reward head and the pairwise preference loss (the same contract as their
-// Python autograd in rglcd_fast/ops/reward.py, which serves where this library is absent).
+// Autograd in C++ for the reward head and the pairwise preference loss (without this library, PyTorch's
+// autograd runs through the references).
 #include <torch/library.h>
 
 #include <string>

@@ -1,6 +1,6 @@
-// Autograd in C++ for the guided DDIM solver step (the same contract as its Python autograd in
-// rglcd_fast/ops/solver.py, which serves where this library is absent). Differentiable in the
-// cond / uncond outputs and the sample; the timesteps, guidance scale and schedule get no gradient.
+// Autograd in C++ for the guided DDIM solver step (without this library, PyTorch's autograd runs through
+// the reference). Differentiable in the cond / uncond outputs and the sample; the timesteps, guidance
+// scale and schedule get no gradient.
 #include <torch/library.h>
 
 #include <string>
