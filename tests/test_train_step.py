@@ -13,8 +13,16 @@ from tiny_pipeline import tiny_unet
 from rglcd_fast.train import DistillationConfig, DistillationStep, update_ema
 
 
-def eager_step(student, teacher, target_unet, latents, embeds, uncond, scheduler, config, generator, reward_fn):
-    """docs/design.md §1 steps 2-8 as train_lcm_distill_sd_wds.py writes them."""
+def eager_step(
+    student, teacher, target_unet, latents, embeds, uncond, scheduler, config, generator, reward_fn, added=None
+):
+    """docs/design.md §1 steps 2-8 as train_lcm_distill_sd_wds.py writes them; added: SDXL's conditions
+    as train_lcm_distill_sdxl_wds.py writes them ({"text_embeds", "time_ids"} of the prompts; the
+    unconditional branch with zero prompt and pooled embeddings, the same time ids)."""
+    cond_kwargs, uncond_kwargs = {}, {}
+    if added is not None:
+        cond_kwargs = {"added_cond_kwargs": added}
+        uncond_kwargs = {"added_cond_kwargs": dict(added, text_embeds=torch.zeros_like(added["text_embeds"]))}
     ac = scheduler.alphas_cumprod
     alpha_schedule, sigma_schedule = torch.sqrt(ac), torch.sqrt(1 - ac)
     solver = lcd_script.DDIMSolver(ac.numpy(), 1000, config.num_ddim_timesteps)
@@ -37,21 +45,25 @@ def eager_step(student, teacher, target_unet, latents, embeds, uncond, scheduler
         c.reshape(-1, 1, 1, 1)
         for c in lcd_script.scalings_for_boundary_conditions(timesteps, timestep_scaling=config.timestep_scaling)
     )
-    schedules = ("epsilon", alpha_schedule, sigma_schedule)
-    noise_pred = student(noisy, start_timesteps, timestep_cond=w_embedding, encoder_hidden_states=embeds).sample
+    schedules = (scheduler.config.prediction_type, alpha_schedule, sigma_schedule)
+    noise_pred = student(
+        noisy, start_timesteps, timestep_cond=w_embedding, encoder_hidden_states=embeds, **cond_kwargs
+    ).sample
     pred_x_0 = lcd_script.get_predicted_original_sample(noise_pred, start_timesteps, noisy, *schedules)
     model_pred = c_skip_start * noisy + c_out_start * pred_x_0
     with torch.no_grad():
-        cond_out = teacher(noisy, start_timesteps, encoder_hidden_states=embeds).sample
+        cond_out = teacher(noisy, start_timesteps, encoder_hidden_states=embeds, **cond_kwargs).sample
         cond_x0 = lcd_script.get_predicted_original_sample(cond_out, start_timesteps, noisy, *schedules)
         cond_eps = lcd_script.get_predicted_noise(cond_out, start_timesteps, noisy, *schedules)
-        uncond_out = teacher(noisy, start_timesteps, encoder_hidden_states=uncond).sample
+        uncond_out = teacher(noisy, start_timesteps, encoder_hidden_states=uncond, **uncond_kwargs).sample
         uncond_x0 = lcd_script.get_predicted_original_sample(uncond_out, start_timesteps, noisy, *schedules)
         uncond_eps = lcd_script.get_predicted_noise(uncond_out, start_timesteps, noisy, *schedules)
         pred_x0 = cond_x0 + w * (cond_x0 - uncond_x0)
         pred_noise = cond_eps + w * (cond_eps - uncond_eps)
         x_prev = solver.ddim_step(pred_x0, pred_noise, index).float()
-        target_pred = target_unet(x_prev, timesteps, timestep_cond=w_embedding, encoder_hidden_states=embeds).sample
+        target_pred = target_unet(
+            x_prev, timesteps, timestep_cond=w_embedding, encoder_hidden_states=embeds, **cond_kwargs
+        ).sample
         target_x0 = lcd_script.get_predicted_original_sample(target_pred, timesteps, x_prev, *schedules)
         target = c_skip * x_prev + c_out * target_x0
     loss = torch.mean(torch.sqrt((model_pred.float() - target.float()) ** 2 + config.huber_c**2) - config.huber_c)
@@ -60,21 +72,31 @@ def eager_step(student, teacher, target_unet, latents, embeds, uncond, scheduler
     return loss, model_pred, target
 
 
-@pytest.mark.parametrize("with_reward", [False, True])
-def test_step_equals_the_eager_lcd_math(with_reward):
+def assert_step_equals_the_script(with_reward, xl=False, prediction_type="epsilon"):
+    """Our step against the script's eager math on the same tiny models, inputs and draws (xl: an SDXL UNet
+    with its added conditions)."""
     torch.manual_seed(0)
-    teacher = tiny_unet(time_cond_proj_dim=None).eval()
-    student = tiny_unet(time_cond_proj_dim=8)
+    teacher = tiny_unet(time_cond_proj_dim=None, xl=xl).eval()
+    student = tiny_unet(time_cond_proj_dim=8, xl=xl)
     student.load_state_dict(teacher.state_dict(), strict=False)  # initialised from the teacher
     target_unet = copy.deepcopy(student).eval()
-    scheduler = DDPMScheduler(**SD_SCHEDULE)
+    scheduler = DDPMScheduler(**SD_SCHEDULE, prediction_type=prediction_type)
     config = DistillationConfig(reward_scale=0.5)
-    latents, embeds, uncond = torch.randn(3, 4, 8, 8), torch.randn(3, 5, 8), torch.randn(3, 5, 8)
+    width = teacher.config.cross_attention_dim
+    latents, embeds = torch.randn(3, 4, 8, 8), torch.randn(3, 5, width)
+    added = dict(text_embeds=torch.randn(3, 8), time_ids=torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]] * 3))
+    # SD: the script's empty-prompt embeddings; SDXL: zero embeddings, as its scripts
+    uncond = torch.zeros_like(embeds) if xl else torch.randn(3, 5, width)
     reward_weights = torch.randn(4, 8, 8)
     reward_fn = (lambda z: (z * reward_weights).flatten(1).mean(1)) if with_reward else None
+    sdxl = (
+        dict(added_cond_kwargs=added, uncond_added_cond_kwargs=dict(added, text_embeds=torch.zeros(3, 8))) if xl else {}
+    )
 
     step = DistillationStep(scheduler, config)
-    out = step(student, teacher, target_unet, latents, embeds, uncond, reward_fn, torch.Generator().manual_seed(7))
+    out = step(
+        student, teacher, target_unet, latents, embeds, uncond, reward_fn, torch.Generator().manual_seed(7), **sdxl
+    )
     ours = torch.autograd.grad(out.loss, list(student.parameters()))
     loss, model_pred, target = eager_step(
         student,
@@ -87,9 +109,10 @@ def test_step_equals_the_eager_lcd_math(with_reward):
         config,
         torch.Generator().manual_seed(7),
         reward_fn,
+        added if xl else None,
     )
     theirs = torch.autograd.grad(loss, list(student.parameters()))
-    # the script's x_prev is float64 (its numpy ᾱ_prev table); ours float32: float32-level agreement
+    # the script's x_prev is float64 (its numpy ᾱ_prev table), as ours: float32-level agreement
     torch.testing.assert_close(out.target, target, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.model_pred, model_pred, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.loss, loss, rtol=1e-4, atol=1e-6)
@@ -98,6 +121,25 @@ def test_step_equals_the_eager_lcd_math(with_reward):
     # changes near d = 0: compare each parameter's gradient as a whole, ‖ours - eager‖ / ‖eager‖
     for a, b in zip(ours, theirs):
         assert (a - b).norm() <= 1e-4 * b.norm() + 1e-7
+
+
+@pytest.mark.parametrize("with_reward", [False, True])
+def test_step_equals_the_eager_lcd_math(with_reward):
+    assert_step_equals_the_script(with_reward)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_sdxl_step_equals_the_sdxl_script_math(prediction_type):
+    """SDXL: pooled text embeddings and size / crop ids through added_cond_kwargs to the teacher (both
+    branches), the student and the target; the unconditional branch as the SDXL scripts build it."""
+    assert_step_equals_the_script(with_reward=True, xl=True, prediction_type=prediction_type)
+
+
+def test_sdxl_conditions_come_in_pairs():
+    step = DistillationStep(DDPMScheduler(**SD_SCHEDULE), DistillationConfig())
+    x = torch.randn(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="uncond_added_cond_kwargs: required"):
+        step(None, None, None, x, x, x, added_cond_kwargs={"text_embeds": x, "time_ids": x})
 
 
 def test_config_errors():

@@ -101,11 +101,29 @@ class DistillationStep:
         uncond_prompt_embeds,
         reward_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
+        added_cond_kwargs: dict | None = None,
+        uncond_added_cond_kwargs: dict | None = None,
     ) -> StepOutput:
         """student / teacher / target_unet: diffusers UNet2DConditionModel-like callables (student and
         target take the guidance embedding as timestep_cond). reward_fn maps model_pred (latents, in the
         VAE's scaled space) to per-sample rewards [B] to maximise (the direct RM through the VAE decoder,
-        or the latent proxy RM); None trains plain LCD."""
+        or the latent proxy RM); None trains plain LCD. added_cond_kwargs / uncond_added_cond_kwargs: SDXL's
+        conditioning of the prompts and of the unconditional branch ({"text_embeds": pooled [B, D],
+        "time_ids": [B, 6]}; the SDXL scripts' unconditional branch has zero embeddings and the same ids),
+        given together or not at all."""
+        if (added_cond_kwargs is None) != (uncond_added_cond_kwargs is None):
+            missing = "uncond_added_cond_kwargs" if uncond_added_cond_kwargs is None else "added_cond_kwargs"
+            raise ValueError(f"{missing}: required with the other (SDXL conditions both branches)")
+        cond_extra = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
+        both_extra = (
+            {}
+            if added_cond_kwargs is None
+            else {
+                "added_cond_kwargs": {
+                    k: torch.cat([added_cond_kwargs[k], uncond_added_cond_kwargs[k]]) for k in added_cond_kwargs
+                }
+            }
+        )
         index, start_timesteps, timesteps, w, noisy = self.draw(latents, generator)
         # a LoRA student (LCM-LoRA) has no guidance embedding
         embedding_dim = extract_model_from_parallel(student).config.time_cond_proj_dim
@@ -123,6 +141,7 @@ class DistillationStep:
                 torch.cat([noisy, noisy]),
                 torch.cat([start_timesteps, start_timesteps]),
                 encoder_hidden_states=torch.cat([prompt_embeds, uncond_prompt_embeds]),
+                **both_extra,
             ).sample
             cond_output, uncond_output = both.to(latents.dtype).chunk(2)
             x_prev, _ = ops.guided_ddim_step(
@@ -137,7 +156,7 @@ class DistillationStep:
             )
             # 6. target (EMA student) at (x_prev, t)
             target_output = target_unet(
-                x_prev, timesteps, timestep_cond=w_embedding, encoder_hidden_states=prompt_embeds
+                x_prev, timesteps, timestep_cond=w_embedding, encoder_hidden_states=prompt_embeds, **cond_extra
             ).sample.to(latents.dtype)
             target = ops.consistency_output(
                 target_output,
@@ -149,7 +168,7 @@ class DistillationStep:
             )
         # 4. student (its output in the latents' dtype: under autocast the UNets answer in half precision)
         noise_pred = student(
-            noisy, start_timesteps, timestep_cond=w_embedding, encoder_hidden_states=prompt_embeds
+            noisy, start_timesteps, timestep_cond=w_embedding, encoder_hidden_states=prompt_embeds, **cond_extra
         ).sample.to(latents.dtype)
         # 7. distillation loss, fused with the student's consistency output
         distill_loss, model_pred = ops.consistency_loss(
