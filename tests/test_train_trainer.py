@@ -13,10 +13,11 @@ import sys
 import pytest
 import torch
 from PIL import Image
-from tiny_pipeline import tiny_config
+from tiny_pipeline import save_tiny_pipeline, tiny_config
 
 from rglcd_fast.reward import RewardModel
 from rglcd_fast.train.config import TrainConfig, make_config
+from rglcd_fast.train.models import Teacher
 from rglcd_fast.train.trainer import CsvLog, NonFiniteLossError, Trainer
 
 
@@ -409,6 +410,30 @@ def test_bad_teacher_and_data_are_named(world, tmp_path):
         Trainer(tiny_config(world, tmp_path, teacher=str(tmp_path / "nowhere")))
     with pytest.raises(ValueError, match="data"):
         Trainer(tiny_config(world, tmp_path, data=None))
+
+
+def test_an_sdxl_teacher_encodes_prompts_as_the_sdxl_pipeline(tmp_path):
+    """Both encoders' penultimate states side by side and the second's pooled projection, as
+    StableDiffusionXLPipeline.encode_prompt; an SDXL folder without its second encoder is named."""
+    import shutil
+
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = save_tiny_pipeline(str(tmp_path / "xl"), lcm=False, xl=True)
+    teacher = Teacher.from_pretrained(folder, "cpu", torch.float32)
+    assert (
+        teacher.is_sdxl
+        and not Teacher.from_pretrained(save_tiny_pipeline(str(tmp_path / "sd")), "cpu", torch.float32).is_sdxl
+    )
+    prompts = ["a digit one", "a digit two"]
+    embeds, pooled = teacher.encode_prompts_sdxl(prompts)
+    theirs, _, theirs_pooled, _ = StableDiffusionXLPipeline.from_pretrained(folder).encode_prompt(
+        prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+    )
+    assert torch.equal(embeds, theirs) and torch.equal(pooled, theirs_pooled)
+    shutil.rmtree(tmp_path / "xl" / "text_encoder_2")
+    with pytest.raises(ValueError, match="teacher: .* Stable Diffusion XL folder .* without text_encoder_2"):
+        Teacher.from_pretrained(folder, "cpu", torch.float32)
 
 
 TWO_RANKS = """

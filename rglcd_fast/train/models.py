@@ -44,7 +44,23 @@ def resolve_teacher(teacher: str) -> str:
             )
         return TEACHER_DIR
     check_pipeline_folder(teacher, "teacher")
+    if is_sdxl_folder(teacher):
+        missing = [p for p in ("text_encoder_2", "tokenizer_2") if not os.path.isdir(os.path.join(teacher, p))]
+        if missing:
+            raise ValueError(
+                f"teacher: {teacher!r} is a Stable Diffusion XL folder (model_index.json) without "
+                f"{', '.join(missing)}: SDXL encodes prompts with both text encoders"
+            )
     return teacher
+
+
+def is_sdxl_folder(folder: str) -> bool:
+    """A diffusers SDXL pipeline folder, by its model_index.json (or, without one, its second text encoder)."""
+    index = os.path.join(folder, "model_index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return "XL" in json.load(f).get("_class_name", "")
+    return os.path.isdir(os.path.join(folder, "text_encoder_2"))
 
 
 @dataclass
@@ -55,12 +71,14 @@ class Teacher:
     text_encoder: torch.nn.Module
     tokenizer: object
     noise_scheduler: object  # DDPMScheduler: the training noise schedule
+    text_encoder_2: torch.nn.Module | None = None  # SDXL: the second encoder (with projection) and tokenizer
+    tokenizer_2: object = None
 
     @classmethod
     def from_pretrained(cls, teacher: str, device, dtype) -> "Teacher":
         """Frozen, eval-mode components in ``dtype`` on ``device``."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         folder = resolve_teacher(teacher)
         parts = dict(
@@ -68,14 +86,24 @@ class Teacher:
             vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype),
             text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype),
         )
+        tokenizers = dict(tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"))
+        if is_sdxl_folder(folder):
+            parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+                folder, subfolder="text_encoder_2", torch_dtype=dtype
+            )
+            tokenizers["tokenizer_2"] = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2")
         for module in parts.values():
             module.requires_grad_(False).eval().to(device)
         return cls(
             folder=folder,
-            tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
             noise_scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
             **parts,
+            **tokenizers,
         )
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -86,16 +114,30 @@ class Teacher:
         size = self.unet.config.sample_size
         return (size[0] if isinstance(size, (list, tuple)) else size) * self.vae_scale_factor
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts) -> torch.Tensor:
-        ids = self.tokenizer(
+    @staticmethod
+    def _token_ids(tokenizer, prompts, device) -> torch.Tensor:
+        return tokenizer(
             list(prompts),
             padding="max_length",
-            max_length=self.tokenizer.model_max_length,
+            max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
-        ).input_ids.to(self.text_encoder.device)
-        return self.text_encoder(ids)[0]
+        ).input_ids.to(device)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts) -> torch.Tensor:
+        """SD: the text encoder's last hidden states [B, L, D]."""
+        return self.text_encoder(self._token_ids(self.tokenizer, prompts, self.text_encoder.device))[0]
+
+    @torch.no_grad()
+    def encode_prompts_sdxl(self, prompts) -> tuple:
+        """SDXL, as StableDiffusionXLPipeline.encode_prompt and the SDXL scripts: both encoders' penultimate
+        hidden states side by side [B, L, D1 + D2], and the second encoder's pooled projection [B, D2]."""
+        states = []
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            out = encoder(self._token_ids(tokenizer, prompts, encoder.device), output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+        return torch.cat(states, dim=-1), out[0]
 
     @torch.no_grad()
     def encode_images(self, pixel_values, generator=None) -> torch.Tensor:
