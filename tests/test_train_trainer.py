@@ -431,6 +431,8 @@ def test_an_sdxl_teacher_encodes_prompts_as_the_sdxl_pipeline(tmp_path):
         prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
     )
     assert torch.equal(embeds, theirs) and torch.equal(pooled, theirs_pooled)
+    with pytest.raises(NotImplementedError, match="teacher: .* is an SDXL model"):
+        Trainer(make_config(teacher=folder, data=str(tmp_path), output_dir=str(tmp_path / "out")))
     shutil.rmtree(tmp_path / "xl" / "text_encoder_2")
     with pytest.raises(ValueError, match="teacher: .* Stable Diffusion XL folder .* without text_encoder_2"):
         Teacher.from_pretrained(folder, "cpu", torch.float32)

@@ -268,8 +268,14 @@ def check_settings(config, teacher: Teacher | None = None, expert_given: bool = 
     if teacher is None:
         folder = resolve_teacher(config.teacher)
         unet, vae = _read_json(folder, "unet/config.json"), _read_json(folder, "vae/config.json")
+        sdxl = is_sdxl_folder(folder)
     else:
-        unet, vae = teacher.unet.config, teacher.vae.config
+        unet, vae, sdxl = teacher.unet.config, teacher.vae.config, teacher.is_sdxl
+    if sdxl:  # the step and the teacher take SDXL; the data's size / crop ids and the outputs do not yet
+        raise NotImplementedError(
+            f"teacher: {config.teacher!r} is an SDXL model; the trainer distils Stable Diffusion 1.x / 2.x "
+            "teachers (SDXL training is in progress: DistillationStep and Teacher.encode_prompts_sdxl take it)"
+        )
     # the VAE downsamples 2^(blocks-1) times, the UNet's down blocks 2^(blocks-1) times more
     factor = 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["down_block_types"]) - 1)
     if config.resolution is not None and (config.resolution < factor or config.resolution % factor):
