@@ -18,6 +18,7 @@ from rglcd_fast.train import (
     collate_image_caption,
     make_dataloader,
     preprocess_image,
+    sdxl_time_ids,
 )
 
 R = 16
@@ -241,6 +242,26 @@ def test_preprocess_shape_range_non_square_center_crop():
     # black and white map to -1 and 1
     assert torch.all(preprocess_image(Image.new("RGB", (40, 40), (255,) * 3), R) == 1)
     assert torch.all(preprocess_image(Image.new("RGB", (40, 40)), R) == -1)
+
+
+def test_batches_carry_sdxl_sizes_and_crops(tmp_path):
+    """Each sample's original (height, width) and crop (top, left) in the resized image: SDXL's time ids
+    with the target size, or the fixed (R, R, 0, 0, R, R) of --use-fix-crop-and-size."""
+    wide = Image.new("RGB", (40, 20))  # resized to 32 x 16: a centre crop starts at left 8
+    pixels, crop = preprocess_image(wide, R, return_crop=True)
+    assert pixels.shape == (3, R, R) and crop == (0, 8)
+    g = torch.Generator().manual_seed(0)
+    crops = {preprocess_image(wide, R, center_crop=False, generator=g, return_crop=True)[1] for _ in range(20)}
+    assert len(crops) > 1 and all(top == 0 and 0 <= left <= 16 for top, left in crops)
+    wide.save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a wide one")
+    Image.new("RGB", (20, 30)).save(tmp_path / "b.png")
+    (tmp_path / "b.txt").write_text("a tall one")
+    batch = next(iter(make_dataloader(ImageCaptionDataset.from_path(tmp_path, R), 2, shuffle=False)))
+    assert batch["original_size"].tolist() == [[20, 40], [30, 20]]
+    assert batch["crop_top_left"].tolist() == [[0, 8], [4, 0]]  # the tall one: 16 x 24, centre top 4
+    assert sdxl_time_ids(batch, R).tolist() == [[20, 40, 0, 8, R, R], [30, 20, 4, 0, R, R]]
+    assert sdxl_time_ids(batch, R, use_fix_crop_and_size=True).tolist() == [[R, R, 0, 0, R, R]] * 2
 
 
 def test_random_crop_and_flip_seeded(tmp_path):

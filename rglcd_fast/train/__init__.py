@@ -19,6 +19,7 @@ from .data import (
     collate_image_caption,
     make_dataloader,
     preprocess_image,
+    sdxl_time_ids,
 )
 from .step import DistillationConfig, DistillationStep, StepOutput, update_ema
 
@@ -30,6 +31,7 @@ __all__ = [
     "collate_image_caption",
     "make_dataloader",
     "preprocess_image",
+    "sdxl_time_ids",
     "DistillationConfig",
     "DistillationStep",
     "StepOutput",

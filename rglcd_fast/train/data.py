@@ -59,6 +59,7 @@ __all__ = [
     "collate_image_caption",
     "make_dataloader",
     "preprocess_image",
+    "sdxl_time_ids",
     "braceexpand",
     "IMAGE_EXTS",
 ]
@@ -121,9 +122,12 @@ def preprocess_image(
     random_flip: bool = False,
     generator: torch.Generator | None = None,
     interpolation: str = "bicubic",
-) -> torch.Tensor:
+    return_crop: bool = False,
+):
     """RGB, resize the short side to ``resolution`` (antialiased), crop to square (centre, or random
-    with ``generator``), optional horizontal flip (p = 0.5), to float32 [3, R, R] in [-1, 1]."""
+    with ``generator``), optional horizontal flip (p = 0.5), to float32 [3, R, R] in [-1, 1].
+    return_crop: also the crop's (top, left) in the resized image (SDXL's crop coordinates; a flip comes
+    after the crop and leaves them)."""
     R = int(resolution)
     if image.mode != "RGB":
         image = image.convert("RGBA").convert("RGB") if image.mode in ("P", "LA", "PA") else image.convert("RGB")
@@ -142,7 +146,19 @@ def preprocess_image(
     if random_flip and float(torch.rand((), generator=generator)) < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     t = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(R, R, 3)
-    return t.permute(2, 0, 1).float().div_(127.5).sub_(1.0).contiguous()
+    pixels = t.permute(2, 0, 1).float().div_(127.5).sub_(1.0).contiguous()
+    return (pixels, (top, left)) if return_crop else pixels
+
+
+def sdxl_time_ids(batch: dict, resolution: int, use_fix_crop_and_size: bool = False) -> torch.Tensor:
+    """SDXL's micro-conditioning of a batch, [B, 6] float32: original (height, width), crop (top, left),
+    target (R, R), as the SDXL scripts build it; use_fix_crop_and_size: (R, R), (0, 0), (R, R) for every
+    sample (their --use_fix_crop_and_size)."""
+    B, R = len(batch["caption"]), int(resolution)
+    if use_fix_crop_and_size:
+        return torch.tensor([[R, R, 0, 0, R, R]], dtype=torch.float32).expand(B, 6).contiguous()
+    target = torch.tensor([[R, R]], dtype=torch.long).expand(B, 2)
+    return torch.cat([batch["original_size"], batch["crop_top_left"], target], dim=1).float()
 
 
 # ----------------------------------------------------------------------------------------- dataset
@@ -401,12 +417,15 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                 g = torch.Generator().manual_seed(
                     (self.seed * 1_000_003 + int(epoch)) * 1_000_003 + int(index) & 0x7FFF_FFFF_FFFF_FFFF
                 )
-            pixels = preprocess_image(image, self.resolution, self.center_crop, self.random_flip, g, self.interpolation)
+            original_size = (image.height, image.width)
+            pixels, crop = preprocess_image(
+                image, self.resolution, self.center_crop, self.random_flip, g, self.interpolation, return_crop=True
+            )
         except Exception as exc:  # noqa: BLE001 -- any unreadable sample is skipped, never fatal
             self.skipped += 1
             self._warn(f"skipped unreadable sample {rec[1]} ({type(exc).__name__}: {exc})")
             return None
-        return {"pixel_values": pixels, "caption": caption}
+        return {"pixel_values": pixels, "caption": caption, "original_size": original_size, "crop_top_left": crop}
 
 
 def _index_tar(shard: str):
@@ -525,13 +544,17 @@ class ResumableSampler(torch.utils.data.Sampler):
 
 # ----------------------------------------------------------------------------------------- loading
 def collate_image_caption(items: list) -> dict:
-    """Stack pixel_values, list captions; drops skipped (None) items and reports how many."""
+    """Stack pixel_values, list captions, original sizes and crop corners ([B, 2] each: SDXL's time ids);
+    drops skipped (None) items and reports how many."""
     good = [it for it in items if it is not None]
     out = {
         "pixel_values": torch.stack([it["pixel_values"] for it in good]) if good else torch.empty(0),
         "caption": [it["caption"] for it in good],
         "skipped": len(items) - len(good),
     }
+    for key in ("original_size", "crop_top_left"):
+        if all(key in it for it in good):
+            out[key] = torch.tensor([it[key] for it in good], dtype=torch.long).reshape(len(good), 2)
     return out
 
 
