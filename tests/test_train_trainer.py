@@ -440,7 +440,9 @@ def test_an_sdxl_teacher_encodes_prompts_as_the_sdxl_pipeline(tmp_path):
 
 TWO_RANKS = """
 import faulthandler, sys, torch
-faulthandler.enable(all_threads=True)  # a native abort prints every thread's Python stack to the rank's log
+# a native abort prints every thread's native stack (c10's fatal-signal handler) and Python stack to the log
+torch._C._set_print_stack_traces_on_fatal_signal(True)
+faulthandler.enable(all_threads=True)
 sys.path.insert(0, {tests!r})
 from test_train_trainer import weights
 from tiny_pipeline import tiny_config
