@@ -149,4 +149,11 @@ inline void check_device(const at::Tensor& t, const c10::Device& device, const c
   TORCH_CHECK_VALUE(t.device() == device, name, ": expected device ", device, ", got ", t.device());
 }
 
+// The schedule arguments every per-sample op reads on the device: timesteps and ᾱ.
+inline void check_schedule_devices(const c10::Device& device, const at::Tensor& timesteps,
+                                   const at::Tensor& alphas_cumprod) {
+  check_device(timesteps, device, "timesteps");
+  check_device(alphas_cumprod, device, "alphas_cumprod");
+}
+
 }  // namespace rglcd_fast

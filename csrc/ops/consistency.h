@@ -28,19 +28,13 @@ std::tuple<at::Tensor, at::Tensor> boundary_scalings(const at::Tensor& timesteps
 }
 
 // x0, ε and f(m, x, t) are per-sample linear maps of (x, m) (math/consistency.h: X0Map, EpsMap, ConsistencyMap).
-inline void check_schedule_devices(const c10::Device& device, const at::Tensor& timesteps,
-                                   const at::Tensor& alphas_cumprod) {
-  check_device(timesteps, device, "timesteps");
-  check_device(alphas_cumprod, device, "alphas_cumprod");
-}
-
 template <typename Backend, typename Map>
 at::Tensor linear_map(const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& timesteps,
                       const at::Tensor& alphas_cumprod, const Map& map) {
   check_same_shape(model_output, sample, "sample", "model_output");
   const c10::Device device = model_output.device();
   check_device(sample, device, "sample");
-  check_schedule_devices(device, timesteps, alphas_cumprod);
+  rglcd_fast::check_schedule_devices(device, timesteps, alphas_cumprod);
   const typename Backend::DeviceGuard guard(device);
   const Layout layout(model_output);
   const at::Tensor m = layout.input(model_output), x = layout.input(sample);
@@ -54,7 +48,7 @@ template <typename Backend, typename Map>
 std::tuple<at::Tensor, at::Tensor> linear_map_backward(const at::Tensor& grad, const at::Tensor& timesteps,
                                                        const at::Tensor& alphas_cumprod, const Map& map,
                                                        std::array<bool, 2> mask) {
-  check_schedule_devices(grad.device(), timesteps, alphas_cumprod);
+  rglcd_fast::check_schedule_devices(grad.device(), timesteps, alphas_cumprod);
   const typename Backend::DeviceGuard guard(grad.device());
   const Layout layout(grad);
   const at::Tensor g = layout.input(grad);
@@ -123,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor> consistency_loss(const at::Tensor& model_outp
   const c10::Device device = model_output.device();
   check_device(sample, device, "sample");
   check_device(target, device, "target");
-  check_schedule_devices(device, timesteps, alphas_cumprod);
+  rglcd_fast::check_schedule_devices(device, timesteps, alphas_cumprod);
   const typename Backend::DeviceGuard guard(device);
   const Layout layout(model_output);
   const at::Tensor m = layout.input(model_output), x = layout.input(sample), y = layout.input(target);
@@ -148,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> consistency_loss_backward(
     check_device(*grad_model_pred, device, "grad_model_pred");
   check_device(sample, device, "sample");
   check_device(target, device, "target");
-  check_schedule_devices(device, timesteps, alphas_cumprod);
+  rglcd_fast::check_schedule_devices(device, timesteps, alphas_cumprod);
   const typename Backend::DeviceGuard guard(device);
   const Layout layout(model_output);
   const at::Tensor m = layout.input(model_output), x = layout.input(sample), y = layout.input(target);

@@ -77,9 +77,8 @@ struct ScheduleArgs {
 };
 
 inline void check_schedule_devices(const c10::Device& device, const ScheduleArgs& args) {
-  check_device(args.timesteps, device, "timesteps");
+  rglcd_fast::check_schedule_devices(device, args.timesteps, args.alphas_cumprod);
   check_device(args.prev_timesteps, device, "prev_timesteps");
-  check_device(args.alphas_cumprod, device, "alphas_cumprod");
 }
 
 // ---- guided DDIM solver step (LCD training, the teacher's side) ---------------------------------

@@ -433,16 +433,21 @@ def save_checkpoint(
 def _prune(output_dir: str, new: str, keep: Optional[int]) -> None:
     """After a successful save: drop leftover temp folders, damaged checkpoints older than the new one (a
     crash inside an earlier prune leaves a half-deleted one) and complete checkpoints beyond ``keep``."""
-    new_step = int(_CKPT_RE.match(os.path.basename(new)).group(1))
+    new, new_step = os.path.abspath(new), int(_CKPT_RE.match(os.path.basename(new)).group(1))
+    others = []  # the intact checkpoints besides the new one, (step, path)
     for entry in os.listdir(output_dir):
-        path, step = os.path.join(output_dir, entry), _CKPT_RE.match(entry)
-        if entry.startswith(_TMP_PREFIX) or (step and int(step.group(1)) < new_step and _damage(path)):
+        path, match = os.path.join(output_dir, entry), _CKPT_RE.match(entry)
+        if entry.startswith(_TMP_PREFIX):
             shutil.rmtree(path, ignore_errors=True)
+        elif match and os.path.isdir(path) and os.path.abspath(path) != new:
+            if _damage(path) is None:
+                others.append((int(match.group(1)), path))
+            elif int(match.group(1)) < new_step:
+                shutil.rmtree(path, ignore_errors=True)
     if keep is None:
         return
-    new = os.path.abspath(new)
-    others = [p for _, p in list_checkpoints(output_dir) if os.path.abspath(p) != new]
-    for path in others[: max(0, len(others) - (keep - 1))]:  # oldest first
+    others.sort()
+    for _, path in others[: max(0, len(others) - (keep - 1))]:  # oldest first
         shutil.rmtree(path, ignore_errors=True)
 
 
