@@ -37,7 +37,15 @@ if [[ " $stages " == *" two_ranks "* ]]; then  # CPU only, beside the GPU stages
   two_ranks=$!
 fi
 if run_stage tests; then  # PYTEST_ARGS: what to run (default: all of tests/)
-  python3 -m pytest -q -rs ${PYTEST_ARGS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -15
+  # The image lacks the test extra's wandb and datasets (and has no package index): their tests are left
+  # out by name, and said so.
+  absent=()
+  python3 -c "import wandb" 2>/dev/null \
+    || absent+=(--deselect "tests/test_train_cli.py::test_validation_grids_reach_the_tracker_as_images[wandb]")
+  python3 -c "import datasets" 2>/dev/null || absent+=(--deselect tests/test_train_data.py::test_hugging_face_data_sets_on_disk
+    --deselect tests/test_train_data.py::test_the_runs_data_settings_reach_the_data_set)
+  [ ${#absent[@]} -eq 0 ] || echo "left out (package absent here): ${absent[*]}" | tee "$OUT/tests_left_out.txt"
+  python3 -m pytest -q -rs ${PYTEST_ARGS:-tests} "${absent[@]}" 2>&1 | tee "$OUT/tests.log" | tail -15
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 if run_stage fuzz; then  # the property-based op tests on the GPU kernels

@@ -76,8 +76,10 @@ def randn(*shape, dtype=torch.float32, device="cpu", generator=None):
 
 
 def to_float64(value):
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
-        return value.detach().to(torch.float64)
+    """The exact answer's arguments: float64, on the CPU (torch's CUDA float64 sort can misplace a NaN:
+    torch.quantile then ignores it, which the CPU's never does)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", torch.float64 if value.is_floating_point() else value.dtype)
     return value
 
 

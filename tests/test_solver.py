@@ -673,6 +673,28 @@ def test_nan_and_inf_propagate(device):
             )
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("special", [float("nan"), float("inf"), -float("inf"), 1e4])
+def test_thresholding_with_one_non_finite_value(device, dtype, special):
+    """One NaN / ±inf / huge value in the model output, the sample or the noise, at every position of a
+    small sample: the device-side quantile (sort, rank, lerp) puts NaN and ±inf where the reference does."""
+    shape = (2, 1, 5, 8)
+    for pt, which, position in itertools.product(PREDICTION_TYPES, range(3), range(40)):
+        g = torch.Generator().manual_seed(position)
+        m, x, z = (randn(*shape, dtype=dtype, device=device, generator=g) for _ in range(3))
+        (m, x, z)[which][1].view(-1)[position] = special
+        t = torch.tensor([589, 589], device=device)
+        try:
+            check_against_reference(
+                ops.lcm_step,
+                ref.lcm_step,
+                lcm_args(m, x, t, t - 250, sd_alphas_cumprod(device), z, 1.0, pt, "threshold"),
+            )
+        except AssertionError as error:
+            raise AssertionError(f"{pt}, {special} in {['m', 'x', 'z'][which]}[1] at {position}: {error}") from None
+
+
 def test_inference_ops_refuse_grad():
     _, m, x, z, t, prev, _, ac = make_inputs("cpu", torch.float32)
     mg = m.clone().requires_grad_()

@@ -503,7 +503,9 @@ def load_checkpoint(
 
             obj.load_state_dict(load_file(file, device=device), strict=True)
         elif kind == "stateful":
-            obj.load_state_dict(torch.load(file, map_location=map_location, weights_only=weights_only))
+            # on the CPU: Optimizer.load_state_dict moves each state to its parameter's device itself and
+            # keeps "step" on the CPU as a fresh optimiser does (unless capturable / fused)
+            obj.load_state_dict(torch.load(file, map_location="cpu", weights_only=weights_only))
         else:
             with open(file) as f:
                 out[name] = json.load(f)
