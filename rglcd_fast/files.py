@@ -3,6 +3,7 @@ a folder is a diffusers Stable Diffusion pipeline. Nothing here imports the rest
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from typing import Any, Callable
@@ -51,3 +52,12 @@ def check_pipeline_folder(folder: str, argument: str) -> None:
         raise ValueError(
             f"{argument}: {folder!r} is not a diffusers Stable Diffusion folder (missing {', '.join(missing)})"
         )
+
+
+def is_sdxl_folder(folder: str) -> bool:
+    """A diffusers SDXL pipeline folder, by its model_index.json (or, without one, its second text encoder)."""
+    index = os.path.join(folder, "model_index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return "XL" in json.load(f).get("_class_name", "")
+    return os.path.isdir(os.path.join(folder, "text_encoder_2"))

@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 import torch
-from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline
 from helpers import CUDA_GRAPHS
 from PIL import Image
-from tiny_pipeline import save_tiny_lcm_lora, save_tiny_pipeline
+from tiny_pipeline import assert_sdxl_sampler_matches_pipeline, save_tiny_lcm_lora, save_tiny_pipeline
 
 from rglcd_fast.cli import main
 from rglcd_fast.sample import LCMSampler
@@ -49,10 +49,12 @@ def test_lcm_lora_in_stable_diffusion_pipeline_and_sampler(base_and_lora):
     pipe = StableDiffusionPipeline.from_pretrained(
         base, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
-    pipe.load_lora_weights(lora)
     kw = dict(num_inference_steps=3, guidance_scale=1.0, output_type="latent")
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    without_lora = pipe("a digit two", generator=torch.Generator().manual_seed(1), **kw).images
+    pipe.load_lora_weights(lora)
     expected = pipe("a digit two", generator=torch.Generator().manual_seed(1), **kw).images
+    assert (expected - without_lora).abs().max() > 1e-3  # the adapters (all attention projections) loaded
     pipe.scheduler = FusedLCMScheduler.from_config(pipe.scheduler.config)
     actual = pipe("a digit two", generator=torch.Generator().manual_seed(1), **kw).images
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
@@ -72,25 +74,8 @@ def test_sdxl_sampler_matches_the_diffusers_sdxl_pipeline(xl_folders):
     """An SDXL LCM (guidance embedding) and an SDXL base model with LCM-LoRA, against diffusers'
     StableDiffusionXLPipeline with LCMScheduler (no classifier-free guidance, as LCMs sample)."""
     lcm, base, lora = xl_folders
-    prompts = ["a digit seven", "a digit one"]
     for folder, lora_weights, guidance in ((lcm, None, 8.0), (base, lora, 1.0)):
-        sampler = LCMSampler.from_pretrained(folder, lora=lora_weights, device="cpu")
-        assert sampler.text_encoder_2 is not None
-        ours = sampler.latents(prompts, steps=4, guidance_scale=guidance, seed=3, height=24, width=32)
-        pipe = StableDiffusionXLPipeline.from_pretrained(folder)
-        if lora_weights:
-            pipe.load_lora_weights(lora_weights)
-        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-        theirs = pipe(
-            prompts,
-            num_inference_steps=4,
-            guidance_scale=guidance,
-            height=24,
-            width=32,
-            generator=torch.Generator().manual_seed(3),
-            output_type="latent",
-        ).images
-        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+        sampler = assert_sdxl_sampler_matches_pipeline(folder, lora_weights, guidance, height=24, width=32)
     images = sampler(["a digit seven"], steps=2, seed=0)
     assert len(images) == 1 and images[0].size == (16, 16)
 

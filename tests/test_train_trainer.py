@@ -4,6 +4,7 @@ config file and command line, and two processes (gloo)."""
 
 import contextlib
 import csv
+import json
 import math
 import os
 import socket
@@ -13,7 +14,7 @@ import sys
 import pytest
 import torch
 from PIL import Image
-from tiny_pipeline import save_tiny_pipeline, tiny_config
+from tiny_pipeline import assert_sdxl_sampler_matches_pipeline, save_tiny_pipeline, save_tiny_world, tiny_config
 
 from rglcd_fast.reward import RewardModel
 from rglcd_fast.train.config import TrainConfig, make_config
@@ -30,6 +31,19 @@ def assert_same(a, b):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def assert_lora_loaded(loaded_unet, student):
+    """Every adapter of the trained student, with its weights, in a UNet that load_lora_weights filled."""
+    from peft.utils import get_peft_model_state_dict
+
+    trained = get_peft_model_state_dict(student)
+    loaded = {
+        k.replace(".default_0", ""): v
+        for k, v in get_peft_model_state_dict(loaded_unet, adapter_name="default_0").items()
+    }
+    assert loaded.keys() == trained.keys()
+    assert_same(loaded, trained)
 
 
 @pytest.mark.parametrize("mode", ["lrm", "direct", "none"])
@@ -210,6 +224,7 @@ def test_lora_student_writes_weights_diffusers_loads(world, tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(outputs["pipeline"], safety_checker=None)
     assert_same(weights(pipe.unet), weights(UNet2DConditionModel.from_pretrained(world[0], subfolder="unet")))
     pipe.load_lora_weights(outputs["lora"])
+    assert_lora_loaded(pipe.unet, trainer.student)
     pipe.load_lora_weights(str(tmp_path / "unet_lora"), adapter_name="as_the_script_names_it")
     sampler = LCMSampler.from_pretrained(outputs["pipeline"], lora=outputs["lora"], device="cpu")
     assert len(sampler(["a digit one"], steps=1)) == 1
@@ -431,11 +446,85 @@ def test_an_sdxl_teacher_encodes_prompts_as_the_sdxl_pipeline(tmp_path):
         prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
     )
     assert torch.equal(embeds, theirs) and torch.equal(pooled, theirs_pooled)
-    with pytest.raises(NotImplementedError, match="teacher: .* is an SDXL model"):
-        Trainer(make_config(teacher=folder, data=str(tmp_path), output_dir=str(tmp_path / "out")))
+    # the SDXL scripts' VAE rule: its own VAE in float32 (it overflows in float16), another in the weights' dtype
+    assert Teacher.from_pretrained(folder, "cpu", torch.bfloat16).vae.dtype == torch.float32
+    other_vae = Teacher.from_pretrained(folder, "cpu", torch.bfloat16, vae=os.path.join(folder, "vae"))
+    assert other_vae.vae.dtype == torch.bfloat16 and other_vae.vae_folder == os.path.join(folder, "vae")
     shutil.rmtree(tmp_path / "xl" / "text_encoder_2")
     with pytest.raises(ValueError, match="teacher: .* Stable Diffusion XL folder .* without text_encoder_2"):
         Teacher.from_pretrained(folder, "cpu", torch.float32)
+
+
+@pytest.fixture(scope="module")
+def xl_world(tmp_path_factory):
+    return save_tiny_world(tmp_path_factory.mktemp("xl_world"), xl=True)
+
+
+def script_sdxl_conditions(teacher, prompts, original_sizes, crop_top_lefts, resolution):
+    """train_lcm_distill_lora_sdxl.py's compute_embeddings (encode_prompt, compute_time_ids) and its
+    unconditional branch: (prompt_embeds, uncond_embeds, added conditions, uncond added conditions)."""
+    embeds_list = []
+    for tokenizer, text_encoder in (
+        (teacher.tokenizer, teacher.text_encoder),
+        (teacher.tokenizer_2, teacher.text_encoder_2),
+    ):
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        out = text_encoder(ids, output_hidden_states=True)
+        pooled = out[0]
+        embeds_list.append(out.hidden_states[-2])
+    embeds = torch.concat(embeds_list, dim=-1)
+    time_ids = torch.cat(
+        [torch.tensor([list(s + c + (resolution, resolution))]) for s, c in zip(original_sizes, crop_top_lefts)]
+    ).to(embeds.dtype)
+    added = {"text_embeds": pooled, "time_ids": time_ids}
+    return embeds, torch.zeros_like(embeds), added, dict(added, text_embeds=torch.zeros_like(pooled))
+
+
+def test_sdxl_conditions_are_the_sdxl_scripts(xl_world, tmp_path):
+    """The trainer's SDXL conditioning of a batch equals the SDXL LCD-LoRA script's: both encoders'
+    penultimate states and the pooled projection, the time ids from each image's original size and crop corner
+    (or the fixed ones), zero embeddings with the same ids for the unconditional branch."""
+    trainer = Trainer(tiny_config(xl_world, tmp_path, use_lora=True, reward_mode="none"))
+    assert trainer.config.w_min == 3.0  # the SDXL scripts' default
+    sizes, crops = [(20, 40), (30, 20)], [(0, 8), (4, 0)]
+    batch = {
+        "caption": ["a digit one", "a digit two"],
+        "original_size": torch.tensor(sizes),
+        "crop_top_left": torch.tensor(crops),
+    }
+    embeds, uncond, added = trainer._conditions(batch)
+    expected = script_sdxl_conditions(trainer.teacher, batch["caption"], sizes, crops, trainer.resolution)
+    ours = (embeds, uncond, added["added_cond_kwargs"], added["uncond_added_cond_kwargs"])
+    for a, b in zip(ours, expected):
+        assert_same(a, b) if isinstance(a, dict) else torch.testing.assert_close(a, b, rtol=0, atol=0)
+    trainer.config.use_fix_crop_and_size = True
+    R = trainer.resolution
+    fixed = trainer._conditions(batch)[2]["added_cond_kwargs"]["time_ids"]
+    assert fixed.tolist() == [[R, R, 0, 0, R, R]] * 2
+
+
+@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
+def test_sdxl_teacher_trains_and_its_outputs_sample_in_diffusers(xl_world, tmp_path, use_lora):
+    """RG-LCD (LRM reward) from an SDXL teacher end to end; pipeline/ is an SDXL pipeline folder, the LoRA loads
+    with StableDiffusionXLPipeline.load_lora_weights, and our sampler's latents equal diffusers' SDXL pipeline's
+    with LCMScheduler for the same seed (the full student with its guidance embedding)."""
+    trainer = Trainer(tiny_config(xl_world, tmp_path, use_lora=use_lora))
+    outputs = trainer.train()
+    with open(outputs["logs"]) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert all(math.isfinite(float(r["loss"])) and r["lrm_loss"] for r in rows)
+    with open(os.path.join(outputs["pipeline"], "model_index.json")) as f:
+        assert json.load(f)["_class_name"] == "StableDiffusionXLPipeline"
+    if use_lora:
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(outputs["pipeline"])
+        pipe.load_lora_weights(outputs["lora"])
+        assert_lora_loaded(pipe.unet, trainer.student)
+    assert_sdxl_sampler_matches_pipeline(outputs["pipeline"], outputs.get("lora"), 1.0 if use_lora else 8.0)
 
 
 TWO_RANKS = """

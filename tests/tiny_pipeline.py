@@ -117,9 +117,9 @@ def save_tiny_pipeline(folder, lcm=True, seed=0, xl=False):
 
 
 def save_tiny_lcm_lora(base_folder, lora_folder, seed=1, xl=False):
-    """Random LoRA weights for the base model's UNet attention, saved as diffusers' LoRA format."""
+    """Random LoRA weights for the base model's UNet attention, saved through save_lora_weights in peft's key form
+    (the form whose attention adapters diffusers' load_lora_weights loads: see rglcd_fast.train.outputs.save_lora)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
@@ -128,19 +128,19 @@ def save_tiny_lcm_lora(base_folder, lora_folder, seed=1, xl=False):
     unet.add_adapter(
         LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     )
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    layers = get_peft_model_state_dict(unet)
     (StableDiffusionXLPipeline if xl else StableDiffusionPipeline).save_lora_weights(
         lora_folder, unet_lora_layers=layers, safe_serialization=True
     )
     return lora_folder
 
 
-def save_tiny_world(root):
-    """(teacher, data): a tiny base SD folder and 12 captioned 16×16 images in ``root`` (captions name a digit,
-    for the digits expert)."""
+def save_tiny_world(root, xl=False):
+    """(teacher, data): a tiny base SD folder (xl: SDXL) and 12 captioned 16×16 images in ``root`` (captions name
+    a digit, for the digits expert)."""
     from PIL import Image
 
-    teacher = save_tiny_pipeline(os.path.join(root, "teacher"), lcm=False)
+    teacher = save_tiny_pipeline(os.path.join(root, "teacher"), lcm=False, xl=xl)
     data = os.path.join(root, "data")
     os.makedirs(data)
     g = torch.Generator().manual_seed(0)
@@ -180,3 +180,32 @@ def tiny_config(world, out, **overrides):
     )
     settings.update(overrides)
     return make_config(**settings)
+
+
+def assert_sdxl_sampler_matches_pipeline(folder, lora=None, guidance_scale=1.0, height=None, width=None):
+    """LCMSampler on an SDXL folder (with LCM-LoRA weights) against diffusers' StableDiffusionXLPipeline with
+    LCMScheduler (no classifier-free guidance, as LCMs sample): the same latents for the same seed. Returns
+    the sampler."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from rglcd_fast.sample import LCMSampler
+
+    prompts = ["a digit seven", "a digit one"]
+    sampler = LCMSampler.from_pretrained(folder, lora=lora, device="cpu")
+    assert sampler.text_encoder_2 is not None
+    ours = sampler.latents(prompts, steps=4, guidance_scale=guidance_scale, seed=3, height=height, width=width)
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    if lora:
+        pipe.load_lora_weights(lora)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    theirs = pipe(
+        prompts,
+        num_inference_steps=4,
+        guidance_scale=guidance_scale,
+        height=height,
+        width=width,
+        generator=torch.Generator().manual_seed(3),
+        output_type="latent",
+    ).images
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    return sampler

@@ -10,10 +10,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..files import is_sdxl_folder
 from .data import check_data_settings
 from .step import DistillationConfig
 
 _STEP_DEFAULTS = DistillationConfig()  # the step's defaults, which the fields of the same names take
+SDXL_W_MIN = 3.0  # the SDXL LCD scripts' lower guidance scale (SD's: 5.0)
 REWARD_MODES = ("lrm", "direct", "none")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 COMPILE_UNETS = ("none", "frozen", "student_blocks", "all")
@@ -32,6 +34,12 @@ class TrainConfig:
     data: Optional[str] = None  # image folder / JSONL manifest / tar shards; None: the digits world's data
     resolution: Optional[int] = None  # pixels; None: the teacher's UNet sample_size × the VAE factor
     output_dir: str = "rglcd-output"
+    # another VAE (a diffusers AutoencoderKL folder, e.g. SDXL's fp16-fix VAE), run in the weights' dtype; None: the
+    # teacher's (an SDXL teacher's in float32: it overflows in float16, as the SDXL scripts' rule)
+    vae: Optional[str] = None
+    # SDXL: the size / crop time ids (R, R), (0, 0), (R, R) for every image instead of each image's original size
+    # and crop corner (the SDXL scripts' --use_fix_crop_and_size)
+    use_fix_crop_and_size: bool = False
     # data options (images and captions, see rglcd_fast.train.data): the Hugging Face data set's columns (None:
     # the first image column; "text", "caption" or the first string column), a centre or random square crop
     # after resizing the short side, a random horizontal flip, the resize filter (bilinear, bicubic, lanczos)
@@ -47,7 +55,7 @@ class TrainConfig:
     time_cond_proj_dim: int = 256  # the full student's guidance (w) embedding size
     # ---- distillation (docs/design.md §1)
     num_ddim_timesteps: int = _STEP_DEFAULTS.num_ddim_timesteps
-    w_min: float = _STEP_DEFAULTS.w_min
+    w_min: Optional[float] = None  # None: the SD scripts' 5.0, or the SDXL scripts' 3.0 for an SDXL teacher
     w_max: float = _STEP_DEFAULTS.w_max
     loss_type: str = _STEP_DEFAULTS.loss_type
     huber_c: float = _STEP_DEFAULTS.huber_c
@@ -145,6 +153,9 @@ class TrainConfig:
             raise ValueError(f"lrm_loss: expected 'kl' or 'ce', got {self.lrm_loss!r}")
         if self.smooth_gt_label and self.lrm_loss != "kl":
             raise ValueError("smooth_gt_label: applies to lrm_loss 'kl' only (ce labels real-holding pairs itself)")
+        if self.w_min is None:
+            sdxl = self.teacher != "digits" and os.path.isdir(self.teacher) and is_sdxl_folder(self.teacher)
+            self.w_min = SDXL_W_MIN if sdxl else _STEP_DEFAULTS.w_min
         if not self.w_min <= self.w_max:
             raise ValueError(f"w_min: must be <= w_max ({self.w_max}), got {self.w_min}")
         if not 0.0 <= self.ema_decay <= 1.0:
@@ -157,6 +168,8 @@ class TrainConfig:
             "checkpointing_steps",
             "logging_steps",
             "max_nonfinite_steps",
+            "lora_rank",
+            "lora_alpha",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..files import check_pipeline_folder
+from ..files import check_pipeline_folder, is_sdxl_folder
 from ..reward import LatentRewardModel, RewardModel
 
 # The LoRA targets of diffusers' train_lcm_distill_lora_sd.py.
@@ -54,15 +54,6 @@ def resolve_teacher(teacher: str) -> str:
     return teacher
 
 
-def is_sdxl_folder(folder: str) -> bool:
-    """A diffusers SDXL pipeline folder, by its model_index.json (or, without one, its second text encoder)."""
-    index = os.path.join(folder, "model_index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            return "XL" in json.load(f).get("_class_name", "")
-    return os.path.isdir(os.path.join(folder, "text_encoder_2"))
-
-
 @dataclass
 class Teacher:
     folder: str
@@ -73,21 +64,28 @@ class Teacher:
     noise_scheduler: object  # DDPMScheduler: the training noise schedule
     text_encoder_2: torch.nn.Module | None = None  # SDXL: the second encoder (with projection) and tokenizer
     tokenizer_2: object = None
+    vae_folder: str | None = None  # the VAE's own folder when it is not the teacher's (config.vae)
 
     @classmethod
-    def from_pretrained(cls, teacher: str, device, dtype) -> "Teacher":
-        """Frozen, eval-mode components in ``dtype`` on ``device``."""
+    def from_pretrained(cls, teacher: str, device, dtype, vae: str | None = None) -> "Teacher":
+        """Frozen, eval-mode components in ``dtype`` on ``device``. vae: another VAE's folder (run in ``dtype``);
+        without one an SDXL teacher's VAE runs in float32, as the SDXL scripts keep it (it overflows in float16)."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         folder = resolve_teacher(teacher)
+        sdxl = is_sdxl_folder(folder)
         parts = dict(
             unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype),
-            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype),
+            vae=AutoencoderKL.from_pretrained(
+                vae or folder,
+                subfolder=None if vae else "vae",
+                torch_dtype=torch.float32 if sdxl and not vae else dtype,
+            ),
             text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype),
         )
         tokenizers = dict(tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"))
-        if is_sdxl_folder(folder):
+        if sdxl:
             parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
                 folder, subfolder="text_encoder_2", torch_dtype=dtype
             )
@@ -97,6 +95,7 @@ class Teacher:
         return cls(
             folder=folder,
             noise_scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
+            vae_folder=vae,
             **parts,
             **tokenizers,
         )
@@ -268,14 +267,17 @@ def check_settings(config, teacher: Teacher | None = None, expert_given: bool = 
     if teacher is None:
         folder = resolve_teacher(config.teacher)
         unet, vae = _read_json(folder, "unet/config.json"), _read_json(folder, "vae/config.json")
-        sdxl = is_sdxl_folder(folder)
     else:
-        unet, vae, sdxl = teacher.unet.config, teacher.vae.config, teacher.is_sdxl
-    if sdxl:  # the step and the teacher take SDXL; the data's size / crop ids and the outputs do not yet
-        raise NotImplementedError(
-            f"teacher: {config.teacher!r} is an SDXL model; the trainer distils Stable Diffusion 1.x / 2.x "
-            "teachers (SDXL training is in progress: DistillationStep and Teacher.encode_prompts_sdxl take it)"
-        )
+        unet, vae = teacher.unet.config, teacher.vae.config
+    if config.vae is not None:
+        if not os.path.isfile(os.path.join(config.vae, "config.json")):
+            raise FileNotFoundError(f"vae: no diffusers AutoencoderKL folder (config.json) at {config.vae!r}")
+        vae = _read_json(config.vae, "config.json")
+        if vae.get("latent_channels") != unet["in_channels"]:
+            raise ValueError(
+                f"vae: {config.vae!r} makes {vae.get('latent_channels')}-channel latents, the teacher's UNet "
+                f"reads {unet['in_channels']}"
+            )
     # the VAE downsamples 2^(blocks-1) times, the UNet's down blocks 2^(blocks-1) times more
     factor = 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["down_block_types"]) - 1)
     if config.resolution is not None and (config.resolution < factor or config.resolution % factor):

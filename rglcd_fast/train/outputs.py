@@ -33,45 +33,63 @@ CARD_SETTINGS = (
 
 
 def save_pipeline(folder, teacher, student, settings, grid, prompts) -> None:
-    """The teacher's VAE, text encoder and tokenizer copied as they are, the UNet (the student's; the teacher's
-    for LoRA), an LCMScheduler with the teacher's schedule, model_index.json and the model card."""
+    """The teacher's text encoder(s), tokenizer(s) and VAE (the run's own VAE when it had one) copied as they are,
+    the UNet (the student's; the teacher's for LoRA), an LCMScheduler with the teacher's schedule,
+    model_index.json and the model card. SDXL: a StableDiffusionXLPipeline folder (it runs a full student's
+    guidance embedding too)."""
     import diffusers
     from diffusers import LCMScheduler
 
     os.makedirs(folder)
-    for part in ("vae", "text_encoder", "tokenizer"):
+    texts = ("text_encoder", "tokenizer") + (("text_encoder_2", "tokenizer_2") if teacher.is_sdxl else ())
+    for part in texts:
         shutil.copytree(os.path.join(teacher.folder, part), os.path.join(folder, part))
+    shutil.copytree(teacher.vae_folder or os.path.join(teacher.folder, "vae"), os.path.join(folder, "vae"))
     if settings["use_lora"]:
         shutil.copytree(os.path.join(teacher.folder, "unet"), os.path.join(folder, "unet"))
     else:
         student.save_pretrained(os.path.join(folder, "unet"))
     LCMScheduler.from_config(teacher.noise_scheduler.config).save_pretrained(os.path.join(folder, "scheduler"))
     index = {
-        "_class_name": "StableDiffusionPipeline" if settings["use_lora"] else "LatentConsistencyModelPipeline",
         "_diffusers_version": diffusers.__version__,
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", "LCMScheduler"],
-        "safety_checker": [None, None],
         "feature_extractor": [None, None],
         "image_encoder": [None, None],
-        "requires_safety_checker": False,
     }
+    if teacher.is_sdxl:
+        with open(os.path.join(teacher.folder, "model_index.json")) as f:
+            zeros = json.load(f).get("force_zeros_for_empty_prompt", True)
+        index.update(
+            _class_name="StableDiffusionXLPipeline",
+            text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+            tokenizer_2=["transformers", "CLIPTokenizer"],
+            force_zeros_for_empty_prompt=zeros,
+        )
+    else:
+        index.update(
+            _class_name="StableDiffusionPipeline" if settings["use_lora"] else "LatentConsistencyModelPipeline",
+            safety_checker=[None, None],
+            requires_safety_checker=False,
+        )
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f, indent=2)
     write_model_card(folder, "pipeline", settings, grid, prompts)
 
 
-def save_lora(folder, student, settings, grid, prompts) -> None:
-    """The adapters as diffusers' LCD-LoRA script saves them (pytorch_lora_weights.safetensors), and the card."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
+def save_lora(folder, student, sdxl, settings, grid, prompts) -> None:
+    """The adapters as pytorch_lora_weights.safetensors through save_lora_weights (StableDiffusionXLPipeline's for
+    SDXL), and the card. Their keys stay in peft's form (lora_A / lora_B): the form the LCD-LoRA scripts convert
+    them to (lora.down / lora.up, convert_state_dict_to_diffusers) loses every attention projection's adapter in
+    diffusers' load_lora_weights (diffusers 0.42: 47 of 79 layers of a tiny UNet load)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from peft.utils import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(student))
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+    pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    pipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(student), safe_serialization=True)
     write_model_card(folder, "lora", settings, grid, prompts)
 
 

@@ -25,7 +25,7 @@ from .checkpoint import (
     write_folder,
 )
 from .config import TrainConfig
-from .data import ResumableDataLoader, training_dataset
+from .data import ResumableDataLoader, sdxl_time_ids, training_dataset
 from .models import RewardGuidance, Teacher, WithoutAdapters, add_lora, check_settings, load_lrm, make_lrm, make_student
 from .outputs import link_script_layout, save_lora, save_pipeline
 from .step import DistillationConfig, DistillationStep, update_ema
@@ -154,7 +154,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
         # models (docs/design.md §1): frozen teacher parts, trainable student, EMA target
-        self.teacher = teacher or Teacher.from_pretrained(config.teacher, self.device, self.weight_dtype)
+        self.teacher = teacher or Teacher.from_pretrained(config.teacher, self.device, self.weight_dtype, config.vae)
         if config.use_lora:  # the adapters on the teacher's UNet, whose passes turn them off
             student = add_lora(self.teacher.unet, config.lora_rank, config.lora_alpha)
             self.teacher_unet = WithoutAdapters(student)
@@ -234,7 +234,7 @@ class Trainer:
         )  # for a non-blocking copy
         # one generator per rank for every draw of the step (posterior sample, n, w, noise)
         self.generator = torch.Generator(self.device).manual_seed(config.seed + acc.process_index)
-        self.uncond_embeds = self.teacher.encode_prompts([""])
+        self.uncond_embeds = None if self.teacher.is_sdxl else self.teacher.encode_prompts([""])
         self.step = 0
         self.nonfinite = NonFiniteCounter(self.device)
 
@@ -364,8 +364,7 @@ class Trainer:
             # pinned on CUDA (the loader's pin_memory): an asynchronous copy, no host sync
             pixel_values = batch["pixel_values"].to(self.device, non_blocking=True)
             latents = self.teacher.encode_images(pixel_values, self.generator)
-            prompt_embeds = self.teacher.encode_prompts(prompts)
-            uncond = self.uncond_embeds.expand(len(prompts), -1, -1)
+            prompt_embeds, uncond, added_conditions = self._conditions(batch)
             target_unet = self.target if self.target is not None else acc.unwrap_model(self.student)
             reward_fn = None if self.guidance is None else (lambda pred: self.guidance.reward(pred, prompts))
             with acc.accumulate(self.student):
@@ -379,6 +378,7 @@ class Trainer:
                         uncond,
                         reward_fn=reward_fn,
                         generator=self.generator,
+                        **added_conditions,
                     )
                 bad = bad | ~torch.isfinite(out.loss.detach())
                 acc.backward(out.loss)
@@ -407,6 +407,23 @@ class Trainer:
         self.nonfinite.add(bad)
         self.step += 1
         return window
+
+    def _conditions(self, batch):
+        """The UNets' conditioning of a batch: (prompt embeddings, unconditional embeddings, SDXL's added
+        conditions). SD: the prompts' and the empty prompt's embeddings. SDXL, as its scripts: both encoders'
+        states and the pooled projection of the prompts, the batch's size / crop time ids, and zero embeddings
+        (same ids) for the unconditional branch."""
+        prompts = batch["caption"]
+        if not self.teacher.is_sdxl:
+            return self.teacher.encode_prompts(prompts), self.uncond_embeds.expand(len(prompts), -1, -1), {}
+        embeds, pooled = self.teacher.encode_prompts_sdxl(prompts)
+        time_ids = sdxl_time_ids(batch, self.resolution, self.config.use_fix_crop_and_size)
+        time_ids = time_ids.to(self.device, embeds.dtype)
+        added = dict(
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+            uncond_added_cond_kwargs={"text_embeds": torch.zeros_like(pooled), "time_ids": time_ids},
+        )
+        return embeds, torch.zeros_like(embeds), added
 
     # ---- the loop --------------------------------------------------------------------------------
 
@@ -508,6 +525,8 @@ class Trainer:
             scheduler=FusedLCMScheduler.from_config(self.teacher.noise_scheduler.config),
             device=self.device,
             dtype=next(unet.parameters()).dtype,
+            text_encoder_2=self.teacher.text_encoder_2,
+            tokenizer_2=self.teacher.tokenizer_2,
         )
 
     def sample_grid(self, path=None):
@@ -579,7 +598,7 @@ class Trainer:
             card = dict(settings=self.settings(), grid=outputs["samples"], prompts=self.validation_prompts())
             write_folder(outputs["pipeline"], lambda tmp: save_pipeline(tmp, self.teacher, student, **card))
             if config.use_lora:
-                write_folder(outputs["lora"], lambda tmp: save_lora(tmp, student, **card))
+                write_folder(outputs["lora"], lambda tmp: save_lora(tmp, student, self.teacher.is_sdxl, **card))
             if self.target is not None:
                 write_folder(outputs["unet_target"], self.target.save_pretrained)
             if "lrm" in outputs:
