@@ -35,7 +35,6 @@ one batch.
 """
 
 import argparse
-import contextlib
 import copy
 import datetime
 import gc
@@ -411,125 +410,6 @@ def script_update_ema(target_params, source_params, rate=0.99):
             targ.detach().mul_(rate).add_(src, alpha=1 - rate)
 
 
-def reference_lcd(
-    student,
-    teacher_unet,
-    target_unet,
-    latents,
-    prompt_embeds,
-    uncond_prompt_embeds,
-    schedule,
-    teacher_autocast,
-    target_autocast,
-    weight_dtype,
-    generator=None,
-):
-    """Steps 2-10 of the script's loop (draws, student, teacher CFG + DDIM, target, Huber loss), its code
-    as written. schedule: (noise_scheduler, solver, alpha_schedule, sigma_schedule). The script draws with
-    the global RNGs (index and noise on the device, w on the host); with a generator, index, w and noise
-    are drawn from it in that order (rglcd_fast's DistillationStep.draw order), for the spot check."""
-    noise_scheduler, solver, alpha_schedule, sigma_schedule = schedule
-    prediction_type = noise_scheduler.config.prediction_type
-    bsz = latents.shape[0]
-    topk = noise_scheduler.config.num_train_timesteps // 50
-    if generator is None:
-        index = torch.randint(0, 50, (bsz,), device=latents.device).long()
-    else:
-        index = torch.randint(0, 50, (bsz,), generator=generator, device=generator.device).to(latents.device)
-    start_timesteps = solver.ddim_timesteps[index]
-    timesteps = start_timesteps - topk
-    timesteps = torch.where(timesteps < 0, torch.zeros_like(timesteps), timesteps)
-    c_skip_start, c_out_start = lcd_script.scalings_for_boundary_conditions(start_timesteps, timestep_scaling=10.0)
-    c_skip_start, c_out_start = [x[(...,) + (None,) * 3] for x in [c_skip_start, c_out_start]]
-    c_skip, c_out = lcd_script.scalings_for_boundary_conditions(timesteps, timestep_scaling=10.0)
-    c_skip, c_out = [x[(...,) + (None,) * 3] for x in [c_skip, c_out]]
-    if generator is None:
-        noise = torch.randn_like(latents)
-        w = (15.0 - 5.0) * torch.rand((bsz,)) + 5.0
-    else:
-        w = ((15.0 - 5.0) * torch.rand((bsz,), generator=generator, device=generator.device) + 5.0).cpu()
-        noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.dtype)
-    noisy_model_input = noise_scheduler.add_noise(latents, noise, start_timesteps)
-    w_embedding = lcd_script.guidance_scale_embedding(w, embedding_dim=TIME_COND_PROJ_DIM)
-    w = w.reshape(bsz, 1, 1, 1)
-    w = w.to(device=latents.device, dtype=latents.dtype)
-    w_embedding = w_embedding.to(device=latents.device, dtype=latents.dtype)
-    yield "student fwd"
-    noise_pred = student(
-        noisy_model_input,
-        start_timesteps,
-        timestep_cond=w_embedding,
-        encoder_hidden_states=prompt_embeds.float(),
-        added_cond_kwargs={},
-    ).sample
-    pred_x_0 = lcd_script.get_predicted_original_sample(
-        noise_pred, start_timesteps, noisy_model_input, prediction_type, alpha_schedule, sigma_schedule
-    )
-    model_pred = c_skip_start * noisy_model_input + c_out_start * pred_x_0
-    yield "teacher cond + uncond (+ CFG, DDIM step)"
-    with torch.no_grad():
-        with teacher_autocast():
-            cond_teacher_output = teacher_unet(
-                noisy_model_input.to(weight_dtype),
-                start_timesteps,
-                encoder_hidden_states=prompt_embeds.to(weight_dtype),
-            ).sample
-            cond_pred_x0 = lcd_script.get_predicted_original_sample(
-                cond_teacher_output, start_timesteps, noisy_model_input, prediction_type, alpha_schedule, sigma_schedule
-            )
-            cond_pred_noise = lcd_script.get_predicted_noise(
-                cond_teacher_output, start_timesteps, noisy_model_input, prediction_type, alpha_schedule, sigma_schedule
-            )
-            uncond_teacher_output = teacher_unet(
-                noisy_model_input.to(weight_dtype),
-                start_timesteps,
-                encoder_hidden_states=uncond_prompt_embeds.to(weight_dtype),
-            ).sample
-            uncond_pred_x0 = lcd_script.get_predicted_original_sample(
-                uncond_teacher_output,
-                start_timesteps,
-                noisy_model_input,
-                prediction_type,
-                alpha_schedule,
-                sigma_schedule,
-            )
-            uncond_pred_noise = lcd_script.get_predicted_noise(
-                uncond_teacher_output,
-                start_timesteps,
-                noisy_model_input,
-                prediction_type,
-                alpha_schedule,
-                sigma_schedule,
-            )
-            pred_x0 = cond_pred_x0 + w * (cond_pred_x0 - uncond_pred_x0)
-            pred_noise = cond_pred_noise + w * (cond_pred_noise - uncond_pred_noise)
-            x_prev = solver.ddim_step(pred_x0, pred_noise, index)
-    yield "target (+ consistency output)"
-    with torch.no_grad():
-        with target_autocast():
-            target_noise_pred = target_unet(
-                x_prev.float(), timesteps, timestep_cond=w_embedding, encoder_hidden_states=prompt_embeds.float()
-            ).sample
-        pred_x_0 = lcd_script.get_predicted_original_sample(
-            target_noise_pred, timesteps, x_prev, prediction_type, alpha_schedule, sigma_schedule
-        )
-        target = c_skip * x_prev + c_out * pred_x_0
-    yield "loss (+ reward fwd, when on)"
-    loss = torch.mean(torch.sqrt((model_pred.float() - target.float()) ** 2 + HUBER_C**2) - HUBER_C)
-    yield loss, model_pred, target
-
-
-def run_reference_lcd(*args, mark=None, **kwargs):
-    """Drive reference_lcd, handing its phase labels to mark()."""
-    gen = reference_lcd(*args, **kwargs)
-    item = next(gen)
-    while isinstance(item, str):
-        if mark is not None:
-            mark(item)
-        item = gen.send(None)
-    return item
-
-
 def lrm_text_features(lrm, input_ids):
     return lrm.text_projection(lrm.text_model(input_ids=input_ids).pooler_output)
 
@@ -585,12 +465,10 @@ class ReferenceProvider:
         lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=500, num_training_steps=10**6)
         self.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(unet, optimizer, lr_scheduler)
         scheduler = parts["noise_scheduler"]
-        alpha_schedule = torch.sqrt(scheduler.alphas_cumprod).to(device)
-        sigma_schedule = torch.sqrt(1 - scheduler.alphas_cumprod).to(device)
         solver = lcd_script.DDIMSolver(scheduler.alphas_cumprod.cpu().numpy(), timesteps=1000, ddim_timesteps=50).to(
             device
         )
-        self.schedule = (scheduler, solver, alpha_schedule, sigma_schedule)
+        self.schedule = (scheduler, solver)
         tokenizer, text_encoder = parts["tokenizer"], parts["text_encoder"]
         with torch.no_grad():
             uncond_input_ids = tokenizer(
@@ -636,19 +514,24 @@ class ReferenceProvider:
         return latents.to(self.weight_dtype)
 
     def distill_loss(self, latents, prompt_embeds, generator=None, mark=None):
+        from rglcd_fast.train import DistillationConfig
+
         device_type = self.device.type
-        return run_reference_lcd(
+        scheduler, solver = self.schedule
+        return lcd_script.lcd_step(
             self.unet,
             self.parts["unet"],
             self.target_unet,
             latents,
             prompt_embeds,
             self.uncond_prompt_embeds,
-            self.schedule,
-            lambda: torch.autocast(device_type),
-            lambda: torch.autocast(device_type, dtype=self.weight_dtype),
-            self.weight_dtype,
-            generator=generator,
+            scheduler,
+            solver,
+            DistillationConfig(huber_c=HUBER_C),
+            generator,
+            weight_dtype=self.weight_dtype,
+            teacher_autocast=lambda: torch.autocast(device_type),
+            target_autocast=lambda: torch.autocast(device_type, dtype=self.weight_dtype),
             mark=mark,
         )
 
@@ -872,22 +755,21 @@ def spot_check_small(device, prediction_type):
     scheduler = make_scheduler(prediction_type)
     ac = scheduler.alphas_cumprod
     solver = lcd_script.DDIMSolver(ac.numpy(), 1000, 50).to(device)
-    schedule = (scheduler, solver, torch.sqrt(ac).to(device), torch.sqrt(1 - ac).to(device))
-    ref_loss, _, _ = run_reference_lcd(
+    config = DistillationConfig(huber_c=HUBER_C)
+    ref_loss, _, _ = lcd_script.lcd_step(
         student,
         teacher,
         target,
         latents,
         embeds,
         uncond,
-        schedule,
-        contextlib.nullcontext,
-        contextlib.nullcontext,
-        torch.float32,
-        generator=torch.Generator(device).manual_seed(7),
+        scheduler,
+        solver,
+        config,
+        torch.Generator(device).manual_seed(7),
     )
     ref_grads = torch.autograd.grad(ref_loss, list(student.parameters()))
-    out = DistillationStep(scheduler, DistillationConfig(huber_c=HUBER_C), device=device)(
+    out = DistillationStep(scheduler, config, device=device)(
         student, teacher, target, latents, embeds, uncond, generator=torch.Generator(device).manual_seed(7)
     )
     grads = torch.autograd.grad(out.distill_loss, list(student.parameters()))
@@ -896,7 +778,7 @@ def spot_check_small(device, prediction_type):
     # the same step with the three UNets in channels_last (the trainer's default on CUDA)
     for module in (student, teacher, target):
         module.to(memory_format=torch.channels_last)
-    out_cl = DistillationStep(scheduler, DistillationConfig(huber_c=HUBER_C), device=device)(
+    out_cl = DistillationStep(scheduler, config, device=device)(
         student, teacher, target, latents, embeds, uncond, generator=torch.Generator(device).manual_seed(7)
     )
     grads_cl = torch.autograd.grad(out_cl.distill_loss, list(student.parameters()))

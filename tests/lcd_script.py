@@ -1,5 +1,8 @@
 """The helpers of diffusers' examples/consistency_distillation/train_lcm_distill_sd_wds.py, written
-out as the script has them: the oracle for rglcd_fast.lcd's drop-ins and the fused solver step."""
+out as the script has them, and its training step (lcd_step): the oracle for rglcd_fast.lcd's drop-ins, the
+fused solver step and DistillationStep, and the benchmarks' reference step."""
+
+import contextlib
 
 import numpy as np
 import torch
@@ -83,3 +86,110 @@ class DDIMSolver:
         dir_xt = (1.0 - alpha_cumprod_prev).sqrt() * pred_noise
         x_prev = alpha_cumprod_prev.sqrt() * pred_x0 + dir_xt
         return x_prev
+
+
+def lcd_step(
+    student,
+    teacher,
+    target_unet,
+    latents,
+    embeds,
+    uncond,
+    scheduler,
+    solver,
+    config,
+    generator=None,
+    reward_fn=None,
+    added=None,
+    weight_dtype=None,
+    teacher_autocast=contextlib.nullcontext,
+    target_autocast=contextlib.nullcontext,
+    mark=None,
+):
+    """Steps 2-10 of train_lcm_distill_sd_wds.py's loop as the script writes them (docs/design.md §1 steps 2-8):
+    draws, student, the teacher's two passes with CFG on x0 and ε and the DDIM step, target, Huber loss; plus
+    the reward term (reward_scale · -reward_fn(model_pred).mean()) when reward_fn is given. config: a
+    DistillationConfig (w range, Huber c, timestep scaling, reward scale); solver: a DDIMSolver on the latents'
+    device. added: SDXL's conditions of the prompts ({"text_embeds", "time_ids"}), as
+    train_lcm_distill_sdxl_wds.py passes them (the unconditional branch with zero pooled embeddings, the same
+    ids). weight_dtype and the autocasts: the script's mixed precision (the teacher's inputs cast to
+    weight_dtype). generator: index, w and noise drawn from it in that order (DistillationStep.draw's order);
+    None: the script's own draws from the global RNGs (index and noise on the device, w on the host).
+    mark(phase) is called as each phase starts. Returns (loss, model_pred, target)."""
+    mark = mark or (lambda phase: None)
+    cond_kwargs, uncond_kwargs = {}, {}
+    if added is not None:
+        cond_kwargs = {"added_cond_kwargs": added}
+        uncond_kwargs = {"added_cond_kwargs": dict(added, text_embeds=torch.zeros_like(added["text_embeds"]))}
+    to_teacher = (lambda x: x) if weight_dtype is None else (lambda x: x.to(weight_dtype))
+    ac = scheduler.alphas_cumprod.to(latents.device)
+    schedules = (scheduler.config.prediction_type, torch.sqrt(ac), torch.sqrt(1 - ac))
+    num_ddim = len(solver.ddim_timesteps)
+    topk = scheduler.config.num_train_timesteps // num_ddim
+    bsz = latents.shape[0]
+    w_range = config.w_max - config.w_min
+    if generator is None:
+        index = torch.randint(0, num_ddim, (bsz,), device=latents.device).long()
+    else:
+        index = torch.randint(0, num_ddim, (bsz,), generator=generator, device=generator.device).to(latents.device)
+    start_timesteps = solver.ddim_timesteps[index]
+    timesteps = start_timesteps - topk
+    timesteps = torch.where(timesteps < 0, torch.zeros_like(timesteps), timesteps)
+    c_skip_start, c_out_start = (
+        c.reshape(-1, 1, 1, 1)
+        for c in scalings_for_boundary_conditions(start_timesteps, timestep_scaling=config.timestep_scaling)
+    )
+    c_skip, c_out = (
+        c.reshape(-1, 1, 1, 1)
+        for c in scalings_for_boundary_conditions(timesteps, timestep_scaling=config.timestep_scaling)
+    )
+    if generator is None:
+        noise = torch.randn_like(latents)
+        w = w_range * torch.rand((bsz,)) + config.w_min
+    else:
+        w = (w_range * torch.rand((bsz,), generator=generator, device=generator.device) + config.w_min).cpu()
+        noise = torch.randn(latents.shape, generator=generator, device=generator.device)
+        noise = noise.to(latents.device, latents.dtype)
+    noisy = scheduler.add_noise(latents, noise, start_timesteps)
+    embedding_dim = getattr(student, "module", student).config.time_cond_proj_dim
+    w_embedding = guidance_scale_embedding(w, embedding_dim=embedding_dim).to(latents.device, latents.dtype)
+    w = w.reshape(bsz, 1, 1, 1).to(latents.device, latents.dtype)
+    mark("student fwd")
+    noise_pred = student(
+        noisy, start_timesteps, timestep_cond=w_embedding, encoder_hidden_states=embeds.float(), **cond_kwargs
+    ).sample
+    pred_x_0 = get_predicted_original_sample(noise_pred, start_timesteps, noisy, *schedules)
+    model_pred = c_skip_start * noisy + c_out_start * pred_x_0
+    mark("teacher cond + uncond (+ CFG, DDIM step)")
+    with torch.no_grad(), teacher_autocast():
+        cond_out = teacher(
+            to_teacher(noisy), start_timesteps, encoder_hidden_states=to_teacher(embeds), **cond_kwargs
+        ).sample
+        cond_x0 = get_predicted_original_sample(cond_out, start_timesteps, noisy, *schedules)
+        cond_eps = get_predicted_noise(cond_out, start_timesteps, noisy, *schedules)
+        uncond_out = teacher(
+            to_teacher(noisy), start_timesteps, encoder_hidden_states=to_teacher(uncond), **uncond_kwargs
+        ).sample
+        uncond_x0 = get_predicted_original_sample(uncond_out, start_timesteps, noisy, *schedules)
+        uncond_eps = get_predicted_noise(uncond_out, start_timesteps, noisy, *schedules)
+        pred_x0 = cond_x0 + w * (cond_x0 - uncond_x0)
+        pred_noise = cond_eps + w * (cond_eps - uncond_eps)
+        x_prev = solver.ddim_step(pred_x0, pred_noise, index)
+    mark("target (+ consistency output)")
+    with torch.no_grad():
+        with target_autocast():
+            target_pred = target_unet(
+                x_prev.float(),
+                timesteps,
+                timestep_cond=w_embedding,
+                encoder_hidden_states=embeds.float(),
+                **cond_kwargs,
+            ).sample
+        target_x0 = get_predicted_original_sample(target_pred, timesteps, x_prev, *schedules)
+        target = c_skip * x_prev + c_out * target_x0
+    mark("loss (+ reward fwd, when on)")
+    huber_c = config.huber_c
+    loss = torch.mean(torch.sqrt((model_pred.float() - target.float()) ** 2 + huber_c**2) - huber_c)
+    if reward_fn is not None:
+        loss = loss + config.reward_scale * -reward_fn(model_pred).mean()
+    return loss, model_pred, target

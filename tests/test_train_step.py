@@ -13,65 +13,6 @@ from tiny_pipeline import tiny_unet
 from rglcd_fast.train import DistillationConfig, DistillationStep, update_ema
 
 
-def eager_step(
-    student, teacher, target_unet, latents, embeds, uncond, scheduler, config, generator, reward_fn, added=None
-):
-    """docs/design.md §1 steps 2-8 as train_lcm_distill_sd_wds.py writes them; added: SDXL's conditions
-    as train_lcm_distill_sdxl_wds.py writes them ({"text_embeds", "time_ids"} of the prompts; the
-    unconditional branch with zero prompt and pooled embeddings, the same time ids)."""
-    cond_kwargs, uncond_kwargs = {}, {}
-    if added is not None:
-        cond_kwargs = {"added_cond_kwargs": added}
-        uncond_kwargs = {"added_cond_kwargs": dict(added, text_embeds=torch.zeros_like(added["text_embeds"]))}
-    ac = scheduler.alphas_cumprod
-    alpha_schedule, sigma_schedule = torch.sqrt(ac), torch.sqrt(1 - ac)
-    solver = lcd_script.DDIMSolver(ac.numpy(), 1000, config.num_ddim_timesteps)
-    topk = 1000 // config.num_ddim_timesteps
-    bsz = latents.shape[0]
-    index = torch.randint(0, config.num_ddim_timesteps, (bsz,), generator=generator)
-    start_timesteps = solver.ddim_timesteps[index]
-    timesteps = start_timesteps - topk
-    timesteps = torch.where(timesteps < 0, torch.zeros_like(timesteps), timesteps)
-    w = (config.w_max - config.w_min) * torch.rand((bsz,), generator=generator) + config.w_min
-    noise = torch.randn(latents.shape, generator=generator)
-    noisy = scheduler.add_noise(latents, noise, start_timesteps)
-    w_embedding = lcd_script.guidance_scale_embedding(w, embedding_dim=student.config.time_cond_proj_dim)
-    w = w.reshape(bsz, 1, 1, 1)
-    c_skip_start, c_out_start = (
-        c.reshape(-1, 1, 1, 1)
-        for c in lcd_script.scalings_for_boundary_conditions(start_timesteps, timestep_scaling=config.timestep_scaling)
-    )
-    c_skip, c_out = (
-        c.reshape(-1, 1, 1, 1)
-        for c in lcd_script.scalings_for_boundary_conditions(timesteps, timestep_scaling=config.timestep_scaling)
-    )
-    schedules = (scheduler.config.prediction_type, alpha_schedule, sigma_schedule)
-    noise_pred = student(
-        noisy, start_timesteps, timestep_cond=w_embedding, encoder_hidden_states=embeds, **cond_kwargs
-    ).sample
-    pred_x_0 = lcd_script.get_predicted_original_sample(noise_pred, start_timesteps, noisy, *schedules)
-    model_pred = c_skip_start * noisy + c_out_start * pred_x_0
-    with torch.no_grad():
-        cond_out = teacher(noisy, start_timesteps, encoder_hidden_states=embeds, **cond_kwargs).sample
-        cond_x0 = lcd_script.get_predicted_original_sample(cond_out, start_timesteps, noisy, *schedules)
-        cond_eps = lcd_script.get_predicted_noise(cond_out, start_timesteps, noisy, *schedules)
-        uncond_out = teacher(noisy, start_timesteps, encoder_hidden_states=uncond, **uncond_kwargs).sample
-        uncond_x0 = lcd_script.get_predicted_original_sample(uncond_out, start_timesteps, noisy, *schedules)
-        uncond_eps = lcd_script.get_predicted_noise(uncond_out, start_timesteps, noisy, *schedules)
-        pred_x0 = cond_x0 + w * (cond_x0 - uncond_x0)
-        pred_noise = cond_eps + w * (cond_eps - uncond_eps)
-        x_prev = solver.ddim_step(pred_x0, pred_noise, index).float()
-        target_pred = target_unet(
-            x_prev, timesteps, timestep_cond=w_embedding, encoder_hidden_states=embeds, **cond_kwargs
-        ).sample
-        target_x0 = lcd_script.get_predicted_original_sample(target_pred, timesteps, x_prev, *schedules)
-        target = c_skip * x_prev + c_out * target_x0
-    loss = torch.mean(torch.sqrt((model_pred.float() - target.float()) ** 2 + config.huber_c**2) - config.huber_c)
-    if reward_fn is not None:
-        loss = loss + config.reward_scale * -reward_fn(model_pred).mean()
-    return loss, model_pred, target
-
-
 def assert_step_equals_the_script(with_reward, xl=False, prediction_type="epsilon"):
     """Our step against the script's eager math on the same tiny models, inputs and draws (xl: an SDXL UNet
     with its added conditions)."""
@@ -98,7 +39,8 @@ def assert_step_equals_the_script(with_reward, xl=False, prediction_type="epsilo
         student, teacher, target_unet, latents, embeds, uncond, reward_fn, torch.Generator().manual_seed(7), **sdxl
     )
     ours = torch.autograd.grad(out.loss, list(student.parameters()))
-    loss, model_pred, target = eager_step(
+    solver = lcd_script.DDIMSolver(scheduler.alphas_cumprod.numpy(), 1000, config.num_ddim_timesteps)
+    loss, model_pred, target = lcd_script.lcd_step(
         student,
         teacher,
         target_unet,
@@ -106,6 +48,7 @@ def assert_step_equals_the_script(with_reward, xl=False, prediction_type="epsilo
         embeds,
         uncond,
         scheduler,
+        solver,
         config,
         torch.Generator().manual_seed(7),
         reward_fn,
@@ -113,7 +56,7 @@ def assert_step_equals_the_script(with_reward, xl=False, prediction_type="epsilo
     )
     theirs = torch.autograd.grad(loss, list(student.parameters()))
     # the script's x_prev is float64 (its numpy ᾱ_prev table), as ours: float32-level agreement
-    torch.testing.assert_close(out.target, target, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.target, target.float(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.model_pred, model_pred, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.loss, loss, rtol=1e-4, atol=1e-6)
     assert (out.reward_loss is not None) == with_reward

@@ -147,9 +147,12 @@ class Teacher:
 
     def unet_state_float32(self) -> dict:
         """The UNet's weights in float32: read again from the folder when the UNet runs in lower precision
-        (the student's float32 master weights must not start from bf16/fp16-rounded ones)."""
+        (the student's float32 master weights must not start from bf16/fp16-rounded ones). A teacher built in
+        memory (no folder) has no other copy: its weights, upcast."""
         if self.unet.dtype == torch.float32:
             return self.unet.state_dict()
+        if not self.folder:
+            return {k: v.float() for k, v in self.unet.state_dict().items()}
         from diffusers import UNet2DConditionModel
 
         unet = UNet2DConditionModel.from_pretrained(self.folder, subfolder="unet", torch_dtype=torch.float32)
