@@ -219,6 +219,10 @@ def test_validation_grids_reach_the_tracker_as_images(world, tmp_path, monkeypat
             "reward_model_path: reward model 'clip' needs a transformers CLIP folder",
         ),
         (["--lrm-path", "TEACHER"], "lrm_path: no LRM folder (lrm_config.json)"),
+        (["--vae", "TEACHER"], "vae: no diffusers AutoencoderKL folder (config.json)"),
+        (["--lora-rank", "0"], "lora_rank: expected a positive integer, got 0"),
+        (["--fsdp", "true", "--use-lora", "true"], "fsdp: shards a full student"),
+        (["--fsdp", "true", "--compile-unets", "frozen"], "fsdp: not with compile_unets 'frozen' yet"),
     ],
 )
 def test_bad_settings_stop_with_one_line_before_any_model_is_built(world, tmp_path, capsys, monkeypatch, flags, line):

@@ -527,6 +527,83 @@ def test_sdxl_teacher_trains_and_its_outputs_sample_in_diffusers(xl_world, tmp_p
     assert_sdxl_sampler_matches_pipeline(outputs["pipeline"], outputs.get("lora"), 1.0 if use_lora else 8.0)
 
 
+def launch_two_ranks(logs, *command):
+    """python -m torch.distributed.run, two processes: gloo on CPU, NCCL where two GPUs exist (deterministic
+    kernels, for bitwise compares), an explicit rendezvous on a free local port (not --standalone), each rank's
+    output kept apart in logs/ and shown on a failure."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUBLAS_WORKSPACE_CONFIG=":4096:8")
+    if torch.cuda.device_count() < 2:  # two ranks cannot share one GPU under NCCL
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1"]
+    cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--log-dir", str(logs)]
+    done = subprocess.run([*cmd, "--redirects", "3", *command], env=env, capture_output=True, text=True, timeout=600)
+    ranks = "".join(
+        f"\n--- {path.relative_to(logs)}\n{path.read_text()[-3000:]}" for path in sorted(logs.rglob("*.log"))
+    )
+    assert done.returncode == 0, f"exit {done.returncode}\n" + done.stderr[-3000:] + ranks
+
+
+def checkpoint_files(folder):
+    """Every value of a checkpoint's model and optimiser files (tensors, the optimiser's settings), by file and
+    key."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.endswith(".safetensors"):
+            out.update({f"{name}:{k}": v for k, v in load_file(path).items()})
+        elif name.endswith(".pt") and not name.startswith("rng"):
+            flat = torch.utils._pytree.tree_flatten_with_path(torch.load(path))[0]
+            out.update({f"{name}:{torch.utils._pytree.keystr(k)}": v for k, v in flat})
+    return out
+
+
+def test_fsdp_needs_several_processes(world, tmp_path):
+    with pytest.raises(ValueError, match="fsdp: shards over several processes"):
+        Trainer(tiny_config(world, tmp_path, fsdp=True))
+
+
+def logged(output_dir):
+    """logs.csv's rows without the wall-clock columns."""
+    with open(output_dir / "logs.csv") as f:
+        return [{k: v for k, v in row.items() if k not in ("step_time_s", "images_per_s")} for row in csv.DictReader(f)]
+
+
+def test_fsdp_student_on_two_ranks_resumes_exactly(xl_world, tmp_path):
+    """A full SDXL student sharded with FSDP2 over two CPU ranks (gloo), through the CLI: 2 steps, a checkpoint,
+    resumed to 4, equals an uninterrupted 4-step run bit for bit (student, EMA target, AdamW state, LRM, logs);
+    and it trains what DDP trains (the same 4 steps unsharded: equal within float32 reduction order)."""
+    config = tiny_config(xl_world, tmp_path / "unused", train_batch_size=2, lrm_batch_size=2, fsdp=True)
+    config.save(str(tmp_path / "config.json"))
+
+    def train(out, steps, *extra):
+        cli = ["-m", "rglcd_fast.cli", "train", "--config", str(tmp_path / "config.json")]
+        launch_two_ranks(tmp_path / f"logs-{out}-{steps}", *cli, "--output-dir", str(tmp_path / out),
+                         "--max-train-steps", str(steps), *extra)  # fmt: skip
+        return tmp_path / out
+
+    straight = train("straight", 4)
+    train("resumed", 2)
+    resumed = train("resumed", 4, "--resume-from-checkpoint", "latest")
+    ours, theirs = checkpoint_files(resumed / "checkpoint-4"), checkpoint_files(straight / "checkpoint-4")
+    assert ours.keys() == theirs.keys() and any(k.startswith("optimizer.pt:") for k in ours)
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]) if isinstance(ours[k], torch.Tensor) else ours[k] == theirs[k], k
+    assert logged(resumed) == logged(straight)
+    ddp = checkpoint_files(train("ddp", 4, "--fsdp", "false") / "checkpoint-4")
+    for k in ours:
+        if k.startswith(("student.", "target.")):
+            torch.testing.assert_close(ours[k], ddp[k], rtol=1e-4, atol=1e-6, msg=k)
+    from diffusers import UNet2DConditionModel
+
+    saved = UNet2DConditionModel.from_pretrained(straight / "pipeline" / "unet")
+    assert_same(weights(saved), {k.split(":", 1)[1]: v for k, v in theirs.items() if k.startswith("student.")})
+
+
 TWO_RANKS = """
 import faulthandler, sys, torch
 # a native abort prints every thread's native stack (c10's fatal-signal handler) and Python stack to the log
@@ -560,40 +637,9 @@ def test_two_processes_stay_in_sync_and_resume(world, tmp_path):
     script.write_text(
         TWO_RANKS.format(tests=os.path.dirname(__file__), teacher=teacher, data=data, out=str(tmp_path / "out"))
     )
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUBLAS_WORKSPACE_CONFIG=":4096:8")
-    if torch.cuda.device_count() < 2:  # two ranks cannot share one GPU under NCCL
-        env["CUDA_VISIBLE_DEVICES"] = ""
 
     def launch(*args):
-        # an explicit rendezvous on a free local port (not --standalone), each rank's output kept apart
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        logs = tmp_path / f"ranks-{'-'.join(args)}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--nnodes",
-            "1",
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            f"127.0.0.1:{port}",
-            "--log-dir",
-            str(logs),
-            "--redirects",
-            "3",
-            str(script),
-            *args,
-        ]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        ranks = "".join(
-            f"\n--- {path.relative_to(logs)}\n{path.read_text()[-3000:]}" for path in sorted(logs.rglob("*.log"))
-        )
-        assert done.returncode == 0, f"exit {done.returncode}\n" + done.stderr[-3000:] + ranks
+        launch_two_ranks(tmp_path / f"ranks-{'-'.join(args)}", str(script), *args)
 
     launch("none", "2")
     assert sorted(os.listdir(tmp_path / "out" / "checkpoint-2")).count("rng_rank1.pt") == 1

@@ -56,6 +56,7 @@ import torch
 from ..files import write_file_atomic, write_folder, write_text
 
 __all__ = [
+    "GatheredState",
     "RngState",
     "capture_rng_state",
     "restore_rng_state",
@@ -179,9 +180,19 @@ def _rename_dir(src: str, dst: str) -> None:
     os.replace(src, dst)
 
 
-def _module_tensors(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+class GatheredState:
+    """A checkpoint entry spread over the ranks (rglcd_fast.train.fsdp: an FSDP2-sharded module, its
+    optimiser). ``state_dict()`` gathers the whole onto rank 0 (a collective: :func:`save_checkpoint` calls it
+    on every rank, rank 0 writes it); ``load_state_dict(whole)`` keeps each rank's part (:func:`load_checkpoint`
+    reads the file on every rank). ``kind``: "module" (written as safetensors, the same file an unsharded
+    module makes) or "stateful" (``torch.save``)."""
+
+    kind = "stateful"
+
+
+def _state_tensors(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     out, seen = {}, set()
-    for k, v in module.state_dict().items():
+    for k, v in state_dict.items():
         v = v.detach()
         key = (v.untyped_storage().data_ptr(), v.device) if v.numel() else None
         if key is not None and key in seen:
@@ -195,6 +206,8 @@ def _module_tensors(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
 def _kind(name: str, obj: Any) -> str:
     if name == "rng":
         return "rng"
+    if isinstance(obj, GatheredState):
+        return obj.kind
     if isinstance(obj, torch.nn.Module):
         return "module"
     if hasattr(obj, "state_dict") and callable(obj.state_dict):
@@ -217,15 +230,17 @@ def _filename(name: str, kind: str, rank: int = 0) -> str:
 
 
 def _write_entry(folder: str, name: str, obj: Any, kind: str) -> None:
+    """obj: the entry, or for a GatheredState its gathered state dict."""
     path = os.path.join(folder, _filename(name, kind))
+    state = obj if isinstance(obj, dict) or kind == "json" else obj.state_dict()
     if kind == "module":
         from safetensors.torch import save_file
 
-        save_file(_module_tensors(obj), path)
+        save_file(_state_tensors(state), path)
         _fsync_file(path)
     elif kind == "stateful":
         with open(path, "wb") as f:
-            torch.save(obj.state_dict(), f)
+            torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
     elif kind == "json":
@@ -363,6 +378,8 @@ def save_checkpoint(
         raise ValueError(f"keep must be >= 1 or None, got {keep}")
     sync = barrier if barrier is not None else (lambda: None)
     kinds = {name: _kind(name, obj) for name, obj in state.items()}
+    # entries spread over the ranks, gathered onto rank 0 by every rank (collectives) before anything is written
+    gathered = {name: obj.state_dict() for name, obj in state.items() if isinstance(obj, GatheredState)}
     final = os.path.join(output_dir, f"checkpoint-{step}")
     if os.path.exists(final) and not overwrite:  # checked by every rank before any barrier: no deadlock
         raise FileExistsError(f"checkpoint already exists: {final} (pass overwrite=True to replace it)")
@@ -392,7 +409,7 @@ def save_checkpoint(
             if rank == 0:
                 for name, obj in state.items():
                     if kinds[name] != "rng":
-                        _write_entry(tmp, name, obj, kinds[name])
+                        _write_entry(tmp, name, gathered.get(name, obj), kinds[name])
                 manifest = {
                     "step": step,
                     "world_size": world_size,
@@ -497,11 +514,15 @@ def load_checkpoint(
             raise KeyError(f"entry {name!r} not in checkpoint {path} (has {sorted(entries)})")
         kind, file = entries[name]["kind"], os.path.join(path, entries[name]["file"])
         if kind == "module":
-            if not isinstance(obj, torch.nn.Module):
+            if not isinstance(obj, (torch.nn.Module, GatheredState)):
                 raise TypeError(f"entry {name!r} was saved from an nn.Module; got {type(obj).__name__}")
             from safetensors.torch import load_file
 
-            obj.load_state_dict(load_file(file, device=device), strict=True)
+            tensors = load_file(file, device=device)
+            if isinstance(obj, GatheredState):
+                obj.load_state_dict(tensors)
+            else:
+                obj.load_state_dict(tensors, strict=True)
         elif kind == "stateful":
             # on the CPU: Optimizer.load_state_dict moves each state to its parameter's device itself and
             # keeps "step" on the CPU as a fresh optimiser does (unless capturable / fused)

@@ -78,6 +78,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     scale_lr: bool = False  # learning_rate × batch size × gradient accumulation × processes (as the scripts)
     gradient_checkpointing: bool = False
+    # a full student over several processes (accelerate launch / torchrun): it and its EMA target sharded with
+    # FSDP2 (rglcd_fast.train.fsdp; checkpoints gathered whole), the teacher replicated; off: DDP
+    fsdp: bool = False
     # no, fp16 or bf16; None: accelerate's setting (`accelerate launch --mixed_precision`, `accelerate config`), else no
     mixed_precision: Optional[str] = None
     allow_tf32: bool = False  # TF32 matmuls and convolutions on Ampere and newer (as the scripts' --allow_tf32)
@@ -184,6 +187,12 @@ class TrainConfig:
                 f"lrm_batch_size: the LRM update takes its {self.lrm_batch_size} samples from each batch of "
                 f"train_batch_size {self.train_batch_size}: lower --lrm-batch-size"
             )
+        if self.fsdp and self.use_lora:
+            raise ValueError(
+                "fsdp: shards a full student; a LoRA student's adapters are small: train it with DDP (fsdp false)"
+            )
+        if self.fsdp and self.compile_unets != "none":
+            raise ValueError(f"fsdp: not with compile_unets {self.compile_unets!r} yet (use 'none')")
         if self.lrm_frozen and not self.lrm_path:
             raise ValueError("lrm_frozen: a frozen LRM must be a pre-trained one (set lrm_path)")
 

@@ -141,6 +141,8 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
         )
         acc = self.accelerator
+        if config.fsdp and acc.num_processes < 2:
+            raise ValueError("fsdp: shards over several processes; launch with accelerate launch / torchrun")
         set_seed(config.seed)
         self.device = acc.device
         if config.compile_unets == "all" and self.device.type == "cpu":
@@ -174,6 +176,11 @@ class Trainer:
                 module.to(memory_format=torch.channels_last)
         # LoRA (as train_lcm_distill_lora_sd.py): the target is the student itself, without gradient
         self.target = None if config.use_lora else make_target(student)
+        if config.fsdp:  # after the target's copy, before the optimiser (sharding replaces the parameters)
+            from .fsdp import shard_unet
+
+            for unet in (student, self.target):
+                shard_unet(unet, self.device.type, acc.num_processes)
         params = [p for p in student.parameters() if p.requires_grad]
         learning_rate = config.learning_rate
         if config.scale_lr:  # as the scripts: by the images a step sees
@@ -194,7 +201,11 @@ class Trainer:
             num_warmup_steps=config.lr_warmup_steps * acc.num_processes,
             num_training_steps=config.max_train_steps * acc.num_processes,
         )
-        self.student, self.optimizer, self.lr_scheduler = acc.prepare(student, optimizer, lr_scheduler)
+        if config.fsdp:  # sharded already: accelerate takes the optimiser and the schedule only (no DDP)
+            self.student = student
+            self.optimizer, self.lr_scheduler = acc.prepare(optimizer, lr_scheduler)
+        else:
+            self.student, self.optimizer, self.lr_scheduler = acc.prepare(student, optimizer, lr_scheduler)
         if config.compile_unets != "none":
             # in place (Module.compile: same module, same state dict); each UNet compiles on its first call
             # (the student with gradient checkpointing: dynamo traces non-reentrant checkpoints). Under DDP the
@@ -308,6 +319,12 @@ class Trainer:
         }
         if self.target is not None:
             state["target"] = self.target
+        if self.config.fsdp:  # gathered whole onto rank 0 at a save, each rank's shard kept at a load
+            from .fsdp import ShardedModule, ShardedOptimizer
+
+            state["student"] = ShardedModule(self.student)
+            state["target"] = ShardedModule(self.target)
+            state["optimizer"] = ShardedOptimizer(self.student, self.optimizer.optimizer)
         if self.guidance is not None and self.guidance.lrm is not None:
             state["lrm"] = self.guidance.lrm
             if self.guidance.lrm_optimizer is not None:
@@ -403,6 +420,8 @@ class Trainer:
                 metrics["expert_reward"] = self.guidance.expert_reward(out.model_pred, prompts)
             window.append(metrics)
         if self.target is not None:
+            if config.fsdp:  # the root's parameters stay gathered after a forward without backward
+                self.target.reshard()
             update_ema(self.target, acc.unwrap_model(self.student), config.ema_decay)
         self.nonfinite.add(bad)
         self.step += 1
@@ -533,13 +552,16 @@ class Trainer:
         """Main process: a grid, one row per LCM step count of validation_lcm_steps, one column per
         validation prompt, same seed every time, for the online student (samples/step-<step>.png) and the
         EMA target (samples/step-<step>-target.png; full students only); each grid also goes to the trackers
-        (TensorBoard) as an image. Returns the student's grid's path."""
-        if not self.accelerator.is_main_process:
+        (TensorBoard) as an image. Returns the student's grid's path. FSDP: every rank samples (a sharded
+        UNet's forward is a collective), the main process writes."""
+        main = self.accelerator.is_main_process
+        if not (main or self.config.fsdp):
             return None
         from ..sample import image_grid
 
         path = path or os.path.join(self.config.output_dir, "samples", f"step-{self.step:06d}.png")
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if main:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         grids = {"student": (self.accelerator.unwrap_model(self.student), path)}
         if self.target is not None:
             grids["target"] = (self.target, path.removesuffix(".png") + "-target.png")
@@ -558,10 +580,11 @@ class Trainer:
                 ]
             finally:
                 unet.train(was_training)
-            grid = image_grid(images, columns=len(prompts))
-            grid.save(grid_path)
-            self._log_image(f"validation/{name}", grid)
-        return path
+            if main:
+                grid = image_grid(images, columns=len(prompts))
+                grid.save(grid_path)
+                self._log_image(f"validation/{name}", grid)
+        return path if main else None
 
     def _log_image(self, tag, image):
         """A PIL image to the trackers (TensorBoard: HWC uint8; wandb and the others: their log_images)."""
@@ -592,15 +615,20 @@ class Trainer:
             outputs["unet_target"] = os.path.join(config.output_dir, "unet_target")
         if self.guidance is not None and self.guidance.lrm is not None:
             outputs["lrm"] = os.path.join(config.output_dir, "lrm")
+        student, target = acc.unwrap_model(self.student), self.target
+        samples = self.sample_grid()
+        if config.fsdp:  # whole copies on the main process (gathering is a collective: every rank)
+            from .fsdp import unsharded_copy
+
+            student, target = unsharded_copy(student), unsharded_copy(target)
         if acc.is_main_process:
-            student = acc.unwrap_model(self.student)
-            outputs["samples"] = self.sample_grid()
+            outputs["samples"] = samples
             card = dict(settings=self.settings(), grid=outputs["samples"], prompts=self.validation_prompts())
             write_folder(outputs["pipeline"], lambda tmp: save_pipeline(tmp, self.teacher, student, **card))
             if config.use_lora:
                 write_folder(outputs["lora"], lambda tmp: save_lora(tmp, student, self.teacher.is_sdxl, **card))
-            if self.target is not None:
-                write_folder(outputs["unet_target"], self.target.save_pretrained)
+            if target is not None:
+                write_folder(outputs["unet_target"], target.save_pretrained)
             if "lrm" in outputs:
                 write_folder(outputs["lrm"], self.guidance.lrm.save_pretrained)
             link_script_layout(config.output_dir, config.use_lora)
