@@ -505,17 +505,18 @@ def test_sdxl_conditions_are_the_sdxl_scripts(xl_world, tmp_path):
     assert fixed.tolist() == [[R, R, 0, 0, R, R]] * 2
 
 
-@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
-def test_sdxl_teacher_trains_and_its_outputs_sample_in_diffusers(xl_world, tmp_path, use_lora):
-    """RG-LCD (LRM reward) from an SDXL teacher end to end; pipeline/ is an SDXL pipeline folder, the LoRA loads
-    with StableDiffusionXLPipeline.load_lora_weights, and our sampler's latents equal diffusers' SDXL pipeline's
-    with LCMScheduler for the same seed (the full student with its guidance embedding)."""
-    trainer = Trainer(tiny_config(xl_world, tmp_path, use_lora=use_lora))
+@pytest.mark.parametrize("use_lora, mode", [(True, "lrm"), (False, "direct")], ids=["lora-lrm", "full-direct"])
+def test_sdxl_teacher_trains_and_its_outputs_sample_in_diffusers(xl_world, tmp_path, use_lora, mode):
+    """RG-LCD from an SDXL teacher end to end, both reward modes; pipeline/ is an SDXL pipeline folder, the LoRA
+    loads with StableDiffusionXLPipeline.load_lora_weights, and our sampler's latents equal diffusers' SDXL
+    pipeline's with LCMScheduler for the same seed (the full student with its guidance embedding)."""
+    trainer = Trainer(tiny_config(xl_world, tmp_path, use_lora=use_lora, reward_mode=mode))
     outputs = trainer.train()
     with open(outputs["logs"]) as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
-    assert all(math.isfinite(float(r["loss"])) and r["lrm_loss"] for r in rows)
+    assert all(math.isfinite(float(r["loss"])) and math.isfinite(float(r["reward"])) for r in rows)
+    assert all(bool(r["lrm_loss"]) == (mode == "lrm") for r in rows)
     with open(os.path.join(outputs["pipeline"], "model_index.json")) as f:
         assert json.load(f)["_class_name"] == "StableDiffusionXLPipeline"
     if use_lora:
