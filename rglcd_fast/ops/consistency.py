@@ -159,8 +159,8 @@ def boundary_scalings(timesteps: torch.Tensor, timestep_scaling: float = 10.0, s
     return _boundary_scalings(timesteps, float(timestep_scaling), float(sigma_data))
 
 
-def _map_arguments(model_output, sample, timesteps, alphas_cumprod, prediction_type):
-    check.latents(model_output=model_output, sample=sample)
+def _map_arguments(model_output, sample, timesteps, alphas_cumprod, prediction_type, **more_latents):
+    check.latents(model_output=model_output, sample=sample, **more_latents)
     check.choice("prediction_type", prediction_type, check.PREDICTION_TYPES)
     timesteps = check.per_sample("timesteps", timesteps, model_output.shape[0], model_output.device, integer=True)
     return model_output, sample, timesteps, check.schedule(alphas_cumprod, model_output.device), prediction_type
@@ -199,11 +199,10 @@ def consistency_loss(
     """Fused distillation loss: model_pred = f(model_output, sample, t); loss = mean ρ(model_pred - target)
     with ρ Huber sqrt(d² + c²) - c or L2 d². Returns (loss, model_pred); both are differentiable
     (model_pred carries the reward term's gradient)."""
-    check.latents(model_output=model_output, target=target)  # sample: in _map_arguments
     check.choice("loss_type", loss_type, ("huber", "l2"))
     if loss_type == "huber" and not huber_c > 0:
         raise ValueError(f"huber_c: expected a positive constant, got {huber_c}")
-    m, x, t, ac, ptype = _map_arguments(model_output, sample, timesteps, alphas_cumprod, prediction_type)
+    m, x, t, ac, ptype = _map_arguments(model_output, sample, timesteps, alphas_cumprod, prediction_type, target=target)
     return _consistency_loss(
         m, x, t, target, ac, ptype, loss_type, float(huber_c), float(timestep_scaling), float(sigma_data)
     )
