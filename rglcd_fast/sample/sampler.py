@@ -17,6 +17,7 @@ from PIL import Image
 
 from ..files import check_pipeline_folder
 from ..lcd import guidance_scale_embedding
+from ..prompts import encode_sd, encode_sdxl
 from ..schedulers import FusedLCMScheduler
 
 MAX_STEPS = 8
@@ -135,21 +136,14 @@ class LCMSampler:
         guidance. SDXL: both encoders' penultimate hidden states side by side, the second encoder's pooled
         projection, and the size / crop ids (original and target size = height × width, crop at 0, 0)."""
         if self.text_encoder_2 is None:
-            return Conditioning(self.text_encoder(self._tokens(self.tokenizer, prompts))[0].to(self.dtype))
-        first = self.text_encoder(self._tokens(self.tokenizer, prompts), output_hidden_states=True)
-        second = self.text_encoder_2(self._tokens(self.tokenizer_2, prompts), output_hidden_states=True)
-        prompt_embeds = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+            return Conditioning(encode_sd(self.text_encoder, self.tokenizer, prompts).to(self.dtype))
+        prompt_embeds, pooled = encode_sdxl(
+            self.text_encoder, self.tokenizer, self.text_encoder_2, self.tokenizer_2, prompts
+        )
         height, width = self.size(height, width)
         ids = [height, width, 0, 0, height, width]
         time_ids = torch.tensor([ids], dtype=self.dtype, device=self.device).repeat(len(prompts), 1)
-        return Conditioning(
-            prompt_embeds.to(self.dtype), {"text_embeds": second.text_embeds.to(self.dtype), "time_ids": time_ids}
-        )
-
-    def _tokens(self, tokenizer, prompts):
-        return tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(self.device)
+        return Conditioning(prompt_embeds.to(self.dtype), {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids})
 
     @property
     def vae_scale_factor(self) -> int:

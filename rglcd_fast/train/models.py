@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..files import check_pipeline_folder, is_sdxl_folder
+from ..prompts import encode_sd, encode_sdxl
 from ..reward import LatentRewardModel, RewardModel
 
 # The LoRA targets of diffusers' train_lcm_distill_lora_sd.py.
@@ -113,30 +114,14 @@ class Teacher:
         size = self.unet.config.sample_size
         return (size[0] if isinstance(size, (list, tuple)) else size) * self.vae_scale_factor
 
-    @staticmethod
-    def _token_ids(tokenizer, prompts, device) -> torch.Tensor:
-        return tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
-
-    @torch.no_grad()
     def encode_prompts(self, prompts) -> torch.Tensor:
         """SD: the text encoder's last hidden states [B, L, D]."""
-        return self.text_encoder(self._token_ids(self.tokenizer, prompts, self.text_encoder.device))[0]
+        return encode_sd(self.text_encoder, self.tokenizer, prompts)
 
-    @torch.no_grad()
     def encode_prompts_sdxl(self, prompts) -> tuple:
-        """SDXL, as StableDiffusionXLPipeline.encode_prompt and the SDXL scripts: both encoders' penultimate
-        hidden states side by side [B, L, D1 + D2], and the second encoder's pooled projection [B, D2]."""
-        states = []
-        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-            out = encoder(self._token_ids(tokenizer, prompts, encoder.device), output_hidden_states=True)
-            states.append(out.hidden_states[-2])
-        return torch.cat(states, dim=-1), out[0]
+        """SDXL: both encoders' penultimate hidden states side by side and the pooled projection
+        (rglcd_fast.prompts.encode_sdxl)."""
+        return encode_sdxl(self.text_encoder, self.tokenizer, self.text_encoder_2, self.tokenizer_2, prompts)
 
     @torch.no_grad()
     def encode_images(self, pixel_values, generator=None) -> torch.Tensor:

@@ -1,0 +1,28 @@
+"""Prompt encoding as diffusers' Stable Diffusion and SDXL pipelines do it (no classifier-free guidance): the
+trainer's teacher and the sampler both call these. Nothing here imports the rest of the package."""
+
+import torch
+
+
+def token_ids(tokenizer, prompts, device) -> torch.Tensor:
+    """The prompts padded / truncated to the tokenizer's length, as the pipelines tokenise them."""
+    return tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+
+
+@torch.no_grad()
+def encode_sd(text_encoder, tokenizer, prompts) -> torch.Tensor:
+    """SD: the text encoder's last hidden states [B, L, D]."""
+    return text_encoder(token_ids(tokenizer, prompts, text_encoder.device))[0]
+
+
+@torch.no_grad()
+def encode_sdxl(text_encoder, tokenizer, text_encoder_2, tokenizer_2, prompts) -> tuple:
+    """SDXL, as StableDiffusionXLPipeline.encode_prompt and the SDXL scripts: both encoders' penultimate hidden
+    states side by side [B, L, D1 + D2], and the second encoder's pooled projection [B, D2]."""
+    states = []
+    for tokenizer_, encoder in ((tokenizer, text_encoder), (tokenizer_2, text_encoder_2)):
+        out = encoder(token_ids(tokenizer_, prompts, encoder.device), output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+    return torch.cat(states, dim=-1), out[0]
