@@ -223,6 +223,7 @@ def test_validation_grids_reach_the_tracker_as_images(world, tmp_path, monkeypat
         (["--lora-rank", "0"], "lora_rank: expected a positive integer, got 0"),
         (["--fsdp", "true", "--use-lora", "true"], "fsdp: shards a full student"),
         (["--fsdp", "true", "--compile-unets", "frozen"], "fsdp: not with compile_unets 'frozen' yet"),
+        (["--fsdp-shard-teacher", "true"], "fsdp_shard_teacher: shards the teacher beside an FSDP student"),
     ],
 )
 def test_bad_settings_stop_with_one_line_before_any_model_is_built(world, tmp_path, capsys, monkeypatch, flags, line):

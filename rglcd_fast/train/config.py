@@ -81,6 +81,7 @@ class TrainConfig:
     # a full student over several processes (accelerate launch / torchrun): it and its EMA target sharded with
     # FSDP2 (rglcd_fast.train.fsdp; checkpoints gathered whole), the teacher replicated; off: DDP
     fsdp: bool = False
+    fsdp_shard_teacher: bool = False  # with fsdp: the teacher's UNet sharded too (else one copy per process)
     # no, fp16 or bf16; None: accelerate's setting (`accelerate launch --mixed_precision`, `accelerate config`), else no
     mixed_precision: Optional[str] = None
     allow_tf32: bool = False  # TF32 matmuls and convolutions on Ampere and newer (as the scripts' --allow_tf32)
@@ -191,6 +192,8 @@ class TrainConfig:
             raise ValueError(
                 "fsdp: shards a full student; a LoRA student's adapters are small: train it with DDP (fsdp false)"
             )
+        if self.fsdp_shard_teacher and not self.fsdp:
+            raise ValueError("fsdp_shard_teacher: shards the teacher beside an FSDP student (set fsdp true)")
         if self.fsdp and self.compile_unets != "none":
             raise ValueError(f"fsdp: not with compile_unets {self.compile_unets!r} yet (use 'none')")
         if self.lrm_frozen and not self.lrm_path:

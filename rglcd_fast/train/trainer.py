@@ -179,7 +179,8 @@ class Trainer:
         if config.fsdp:  # after the target's copy, before the optimiser (sharding replaces the parameters)
             from .fsdp import shard_unet
 
-            for unet in (student, self.target):
+            sharded = (student, self.target, self.teacher.unet) if config.fsdp_shard_teacher else (student, self.target)
+            for unet in sharded:
                 shard_unet(unet, self.device.type, acc.num_processes)
         params = [p for p in student.parameters() if p.requires_grad]
         learning_rate = config.learning_rate
@@ -419,9 +420,11 @@ class Trainer:
             elif self.guidance is not None and self.guidance.lrm is not None:  # a frozen LRM
                 metrics["expert_reward"] = self.guidance.expert_reward(out.model_pred, prompts)
             window.append(metrics)
+        if config.fsdp:  # a root's parameters stay gathered after a forward without backward
+            self.target.reshard()
+            if config.fsdp_shard_teacher:
+                self.teacher.unet.reshard()
         if self.target is not None:
-            if config.fsdp:  # the root's parameters stay gathered after a forward without backward
-                self.target.reshard()
             update_ema(self.target, acc.unwrap_model(self.student), config.ema_decay)
         self.nonfinite.add(bad)
         self.step += 1
