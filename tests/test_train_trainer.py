@@ -563,6 +563,19 @@ def checkpoint_files(folder):
     return out
 
 
+def test_the_cli_trains_an_sdxl_lcm_lora(xl_world, tmp_path):
+    """`rglcd-fast train --teacher <tiny SDXL> --use-lora true` (the tiny sizes from a config file)."""
+    from rglcd_fast import cli
+
+    tiny_config(xl_world, tmp_path / "unused").save(str(tmp_path / "tiny.json"))
+    teacher, data = xl_world
+    flags = ["--config", str(tmp_path / "tiny.json"), "--teacher", teacher, "--data", data, "--use-lora", "true"]
+    assert cli.main(["train", *flags, "--output-dir", str(tmp_path / "out")]) == 0
+    assert os.path.isfile(tmp_path / "out" / "lora" / "pytorch_lora_weights.safetensors")
+    with open(tmp_path / "out" / "pipeline" / "model_index.json") as f:
+        assert json.load(f)["_class_name"] == "StableDiffusionXLPipeline"
+
+
 def test_fsdp_needs_several_processes(world, tmp_path):
     with pytest.raises(ValueError, match="fsdp: shards over several processes"):
         Trainer(tiny_config(world, tmp_path, fsdp=True))
