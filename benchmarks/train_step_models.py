@@ -1,0 +1,256 @@
+"""bench_train_step.py's models and data: SD2.1-size (or, small, tiny) configs built with random weights, the
+teacher's parts, the expert, random images."""
+
+import os
+import tempfile
+
+import torch
+
+TIME_COND_PROJ_DIM = 256  # the script's --unet_time_cond_proj_dim default
+HUBER_C = 0.001
+EMA_DECAY = 0.95
+MAX_GRAD_NORM = 1.0
+LR, LRM_LR, WEIGHT_DECAY = 1e-6, 1e-5, 1e-2
+LRM_WIDTHS, LRM_EMBED_DIM = (64, 128, 256), 512  # TrainConfig defaults
+SUBJECTS = [
+    "cat",
+    "dog",
+    "red car",
+    "mountain lake",
+    "city street at night",
+    "bowl of fruit",
+    "old lighthouse",
+    "portrait of a woman",
+]
+
+
+# ---- models (configs only, random weights) ---------------------------------------------------------
+
+
+def unet_config(small):
+    if small:
+        return dict(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            norm_num_groups=8,
+        )
+    # stabilityai/stable-diffusion-2-1 unet/config.json
+    return dict(
+        sample_size=96,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=1024,
+        attention_head_dim=(5, 10, 20, 20),
+        use_linear_projection=True,
+        upcast_attention=True,
+        act_fn="silu",
+        norm_num_groups=32,
+        norm_eps=1e-5,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        downsample_padding=1,
+        mid_block_scale_factor=1,
+    )
+
+
+def vae_config(small):
+    if small:
+        return dict(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(16, 32),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=32,
+            scaling_factor=0.18215,
+        )
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        norm_num_groups=32,
+        act_fn="silu",
+        sample_size=768,
+        scaling_factor=0.18215,
+    )
+
+
+def text_config(small):
+    from transformers import CLIPTextConfig
+
+    # token ids of the local tokenizer: <|startoftext|> 0, <|endoftext|> 1 (also the pad token)
+    ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    if small:
+        return CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            **ids,
+        )
+    # stabilityai/stable-diffusion-2-1 text_encoder/config.json (OpenCLIP ViT-H/14 text tower, 23 layers)
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=23,
+        num_attention_heads=16,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=512,
+        **ids,
+    )
+
+
+def expert_config(small):
+    from transformers import CLIPConfig
+
+    ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    if small:
+        return CLIPConfig(
+            text_config=dict(
+                vocab_size=49408,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=77,
+                **ids,
+            ),
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=32,
+                patch_size=8,
+            ),
+            projection_dim=32,
+        )
+    # openai/clip-vit-large-patch14
+    return CLIPConfig(
+        text_config=dict(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            **ids,
+        ),
+        vision_config=dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=224,
+            patch_size=14,
+            hidden_act="quick_gelu",
+        ),
+        projection_dim=768,
+    )
+
+
+def make_tokenizer():
+    """A local character-level CLIP tokenizer (tests/tiny_pipeline.py) with model_max_length 77."""
+    from tiny_pipeline import tiny_tokenizer
+
+    tokenizer, _ = tiny_tokenizer(os.path.join(tempfile.gettempdir(), "rglcd_bench_train_tokenizer"))
+    tokenizer.model_max_length = 77
+    return tokenizer
+
+
+def make_scheduler(prediction_type):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
+        clip_sample=False,
+        steps_offset=1,
+    )
+
+
+def frozen(module, device, dtype):
+    return module.to(device=device, dtype=dtype).requires_grad_(False).eval()
+
+
+def build_teacher_parts(small, device, dtype, prediction_type):
+    """The frozen teacher components shared by every provider: UNet, VAE, text encoder (dtype), tokenizer,
+    DDPM schedule. Weights initialised on the device (no host round trip for ~1.2 B parameters)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**unet_config(small))
+        vae = AutoencoderKL(**vae_config(small))
+        text_encoder = CLIPTextModel(text_config(small))
+    return dict(
+        unet=frozen(unet, device, dtype),
+        vae=frozen(vae, device, dtype),
+        text_encoder=frozen(text_encoder, device, dtype),
+        tokenizer=make_tokenizer(),
+        noise_scheduler=make_scheduler(prediction_type),
+    )
+
+
+def build_expert(small, device, dtype, tokenizer):
+    """The expert reward model: rglcd_fast.reward.ClipScore around a ViT-L/14-size CLIPModel."""
+    from transformers import CLIPModel
+
+    from rglcd_fast.reward import ClipScore
+
+    torch.manual_seed(1)
+    with torch.device(device):
+        model = CLIPModel(expert_config(small))
+    return ClipScore(frozen(model, device, dtype), tokenizer)
+
+
+class RandomImages(torch.utils.data.Dataset):
+    """A pool of random images in [-1, 1] ([3, R, R] float32) with captions."""
+
+    def __init__(self, size, resolution, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(size, 3, resolution, resolution, generator=g) * 2 - 1
+        self.captions = [f"a photo of a {SUBJECTS[i % len(SUBJECTS)]} number {i}" for i in range(size)]
+
+    def __len__(self):
+        return len(self.captions)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.images[i], "caption": self.captions[i]}
+
+
+def infinite(loader):
+    while True:
+        yield from loader
+
+
+# ---- timing -----------------------------------------------------------------------------------------
