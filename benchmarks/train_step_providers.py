@@ -427,31 +427,22 @@ def spot_check_full(provider: ReferenceProvider, small=False):
         embeds = provider._encode_text(batch["caption"])
         ref_loss, _, _ = provider.distill_loss(latents, embeds, generator=torch.Generator(device).manual_seed(3))
         step = DistillationStep(provider.parts["noise_scheduler"], DistillationConfig(huber_c=HUBER_C), device=device)
-        with provider.accelerator.autocast():
-            out = step(
-                provider.unet,
-                provider.parts["unet"],
-                provider.target_unet,
-                latents.float(),
-                embeds,
-                provider.uncond_prompt_embeds,
-                generator=torch.Generator(device).manual_seed(3),
-            )
         modules = (provider.unet, provider.parts["unet"], provider.target_unet)
-        for module in modules:
-            module.to(memory_format=torch.channels_last)
-        with provider.accelerator.autocast():
-            out_cl = step(
-                provider.unet,
-                provider.parts["unet"],
-                provider.target_unet,
-                latents.float(),
-                embeds,
-                provider.uncond_prompt_embeds,
-                generator=torch.Generator(device).manual_seed(3),
-            )
-        for module in modules:
-            module.to(memory_format=torch.contiguous_format)
+
+        def ours(memory_format):
+            for module in modules:
+                module.to(memory_format=memory_format)
+            with provider.accelerator.autocast():
+                return step(
+                    *modules,
+                    latents.float(),
+                    embeds,
+                    provider.uncond_prompt_embeds,
+                    generator=torch.Generator(device).manual_seed(3),
+                )
+
+        out_cl = ours(torch.channels_last)
+        out = ours(torch.contiguous_format)
     rel = abs(out.distill_loss.item() - ref_loss.item()) / abs(ref_loss.item())
     rel_cl = abs(out_cl.distill_loss.item() - out.distill_loss.item()) / abs(out.distill_loss.item())
     return (
