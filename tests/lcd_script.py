@@ -152,7 +152,11 @@ def lcd_step(
         noise = noise.to(latents.device, latents.dtype)
     noisy = scheduler.add_noise(latents, noise, start_timesteps)
     embedding_dim = getattr(student, "module", student).config.time_cond_proj_dim
-    w_embedding = guidance_scale_embedding(w, embedding_dim=embedding_dim).to(latents.device, latents.dtype)
+    w_embedding = (  # an LCM-LoRA student (the LoRA scripts) has no w embedding
+        None
+        if not embedding_dim
+        else guidance_scale_embedding(w, embedding_dim=embedding_dim).to(latents.device, latents.dtype)
+    )
     w = w.reshape(bsz, 1, 1, 1).to(latents.device, latents.dtype)
     mark("student fwd")
     noise_pred = student(

@@ -148,3 +148,33 @@ def test_lora_on_the_teacher_unet_is_the_two_unet_step(with_reward):
         assert torch.equal(grads[name], expected_grads[name]), name
     assert all(p.dtype == torch.float32 for p in student.parameters() if p.requires_grad)
     assert student.active_adapters() == ["default"]  # back on after the teacher's pass
+
+
+def test_sdxl_lora_step_equals_the_sdxl_lora_script_math():
+    """LCM-LoRA at SDXL (train_lcm_distill_lora_sdxl.py): no w embedding, the teacher the same UNet with its
+    adapters off, the student its own target; loss and adapter gradients as the script's eager math."""
+    from rglcd_fast.train.models import WithoutAdapters, add_lora
+
+    torch.manual_seed(0)
+    unet = add_lora(tiny_unet(time_cond_proj_dim=None, xl=True), 4, 4)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:  # let the adapters matter (lora_B starts at zero)
+        torch.nn.init.normal_(p, std=0.05)
+    scheduler = DDPMScheduler(**SD_SCHEDULE)
+    config = DistillationConfig(w_min=3.0)
+    latents, embeds = torch.randn(3, 4, 8, 8), torch.randn(3, 5, unet.config.cross_attention_dim)
+    added = dict(text_embeds=torch.randn(3, 8), time_ids=torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]] * 3))
+    uncond = torch.zeros_like(embeds)
+    solver = lcd_script.DDIMSolver(scheduler.alphas_cumprod.numpy(), 1000, config.num_ddim_timesteps)
+    teacher = WithoutAdapters(unet)
+    loss, _, _ = lcd_script.lcd_step(
+        unet, teacher, unet, latents, embeds, uncond, scheduler, solver, config, torch.Generator().manual_seed(7),
+        added=added,
+    )  # fmt: skip
+    out = DistillationStep(scheduler, config)(
+        unet, teacher, unet, latents, embeds, uncond, generator=torch.Generator().manual_seed(7),
+        added_cond_kwargs=added, uncond_added_cond_kwargs=dict(added, text_embeds=torch.zeros(3, 8)),
+    )  # fmt: skip
+    torch.testing.assert_close(out.loss, loss, rtol=1e-4, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(out.loss, params), torch.autograd.grad(loss, params)):
+        assert (a - b).norm() <= 1e-4 * b.norm() + 1e-7
