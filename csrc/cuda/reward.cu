@@ -23,19 +23,8 @@ namespace rglcd_fast {
 namespace {
 
 using cuda::DeviceScalar;
-using cuda::Vec;
 
 constexpr int kWarp = 32;
-
-template <typename scalar_t, int N>
-__device__ __forceinline__ Vec<scalar_t, N> load_vec(const scalar_t* p) {
-  return *reinterpret_cast<const Vec<scalar_t, N>*>(p);
-}
-
-template <typename scalar_t, int N>
-__device__ __forceinline__ void store_vec(scalar_t* p, const Vec<scalar_t, N>& v) {
-  *reinterpret_cast<Vec<scalar_t, N>*>(p) = v;
-}
 
 // ---- reward head: row geometry ------------------------------------------------------------------
 
@@ -174,7 +163,7 @@ __device__ __forceinline__ CosineSums<head_acc_t> warp_cosine_sums(const scalar_
   acc_t dot = 0, uu = 0, vv = 0;
 #pragma unroll 4  // several loads in flight per lane: at these sizes the kernels are latency bound
   for (int64_t i = static_cast<int64_t>(lane) * VEC; i < dim; i += kWarp * VEC) {
-    const auto x = load_vec<scalar_t, VEC>(u + i), y = load_vec<scalar_t, VEC>(v + i);
+    const auto x = load<scalar_t, VEC>(u + i), y = load<scalar_t, VEC>(v + i);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       const acc_t a = static_cast<acc_t>(x.v[k]), b = static_cast<acc_t>(y.v[k]);
@@ -227,12 +216,12 @@ __global__ void __launch_bounds__(kRowThreads)
     scalar_t* out = grad_u + r * dim;
 #pragma unroll 4
     for (int64_t i = static_cast<int64_t>(lane) * VEC; i < dim; i += kWarp * VEC) {
-      const auto x = load_vec<scalar_t, VEC>(ur + i), y = load_vec<scalar_t, VEC>(vr + i);
+      const auto x = load<scalar_t, VEC>(ur + i), y = load<scalar_t, VEC>(vr + i);
       Vec<scalar_t, VEC> o;
 #pragma unroll
       for (int k = 0; k < VEC; ++k)
         o.v[k] = static_cast<scalar_t>(c.grad_u(static_cast<acc_t>(x.v[k]), static_cast<acc_t>(y.v[k])));
-      store_vec(out + i, o);
+      store(out + i, o);
     }
   }
   if (coefficients != nullptr && lane == 0) coefficients[place.slot] = {c, place.image_offset};
@@ -253,7 +242,7 @@ __global__ void __launch_bounds__(kTextThreads)
     const int64_t j = block / static_cast<unsigned>(chunks);
     const int64_t i = (static_cast<int64_t>(block % static_cast<unsigned>(chunks)) * kTextThreads + threadIdx.x) * VEC;
     if (i >= dim) return;
-    const auto y = load_vec<scalar_t, VEC>(v + j * dim + i);
+    const auto y = load<scalar_t, VEC>(v + j * dim + i);
     acc_t acc[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) acc[k] = acc_t(0);
@@ -261,14 +250,14 @@ __global__ void __launch_bounds__(kTextThreads)
 #pragma unroll 2  // a text row broadcast over many image rows is a serial loop here: keep loads in flight
     for (int64_t m = 0; m < members; ++m) {
       const RowCoefficients<acc_t> c = row[m];
-      const auto x = load_vec<scalar_t, VEC>(u + c.image_offset + i);
+      const auto x = load<scalar_t, VEC>(u + c.image_offset + i);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) acc[k] += c.grad.grad_v(static_cast<acc_t>(x.v[k]), static_cast<acc_t>(y.v[k]));
     }
     Vec<scalar_t, VEC> o;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) o.v[k] = static_cast<scalar_t>(acc[k]);
-    store_vec(grad_v + j * dim + i, o);
+    store(grad_v + j * dim + i, o);
     return;
   }
   double total = 0.0;
