@@ -80,7 +80,6 @@ struct FeatureRows {
   int64_t rows, dim;
 
   FeatureRows(const at::Tensor& image_features, const at::Tensor& text_features) {
-    check_reward_features(image_features, text_features);
     dim = image_features.size(-1);
     image = image_features.stride(-1) == 1 ? image_features : image_features.contiguous();
     text = text_features.contiguous();
@@ -90,8 +89,6 @@ struct FeatureRows {
   }
   int64_t grain() const { return std::max<int64_t>(1, cpu::kGrain / dim); }
 };
-
-inline c10::ScalarType accumulation_type(c10::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // ---- pairwise preference loss --------------------------------------------------------------------
 
@@ -111,10 +108,9 @@ struct CpuBackend {
     explicit DeviceGuard(c10::Device) {}
   };
 
-  static at::Tensor reward_head(const at::Tensor& image_features, const at::Tensor& text_features,
-                                const at::Tensor& logit_scale) {
+  static void reward_head(const at::Tensor& image_features, const at::Tensor& text_features,
+                          const at::Tensor& logit_scale, at::Tensor& scores) {
     const FeatureRows f(image_features, text_features);
-    at::Tensor scores = at::empty(image_features.sizes().slice(0, image_features.dim() - 1), image_features.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.image.scalar_type(), "rglcd_fast_reward_head", [&] {
       using acc_t = head_acc_t;
       const acc_t scale = static_cast<acc_t>(logit_scale.item<double>());
@@ -128,24 +124,16 @@ struct CpuBackend {
         }
       });
     });
-    return scores;
   }
 
   // Backward: grad_u row-wise; grad_v summed over the image rows that share a text row, in ascending
   // row order per text row (deterministic); grad_scale = Σ g·c in double, in row order.
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor> reward_head_backward(const at::Tensor& grad,
-                                                                             const at::Tensor& image_features,
-                                                                             const at::Tensor& text_features,
-                                                                             const at::Tensor& logit_scale,
-                                                                             std::array<bool, 3> mask) {
+  static void reward_head_backward(const at::Tensor& grad, const at::Tensor& image_features,
+                                   const at::Tensor& text_features, const at::Tensor& logit_scale,
+                                   std::array<bool, 3> mask, at::Tensor& grad_u, at::Tensor& grad_v,
+                                   at::Tensor& grad_s) {
     const FeatureRows f(image_features, text_features);
     const at::Tensor g = grad.contiguous();
-    TORCH_CHECK_VALUE(g.numel() == f.rows, "grad: expected ", f.rows, " values, got ", g.numel());
-    at::Tensor grad_u =
-        mask[0] ? at::empty(image_features.sizes(), image_features.options()) : unrequested(image_features);
-    at::Tensor grad_v =
-        mask[1] ? at::empty(text_features.sizes(), text_features.options()) : unrequested(text_features);
-    at::Tensor grad_s = unrequested(logit_scale);
     const int64_t D = f.dim, N = f.rows;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.image.scalar_type(), "rglcd_fast_reward_head_bwd", [&] {
       using acc_t = head_acc_t;
@@ -201,15 +189,13 @@ struct CpuBackend {
       if (mask[2]) {
         double total = 0.0;
         for (int64_t r = 0; r < N; ++r) total += static_cast<double>(coeff[r].grad_scale);
-        grad_s = at::full(logit_scale.sizes(), total, logit_scale.options());
+        grad_s.fill_(total);
       }
     });
-    return {grad_u, grad_v, grad_s};
   }
 
-  static std::tuple<at::Tensor, at::Tensor> pairwise_preference_loss(const at::Tensor& logits,
-                                                                     const at::Tensor& expert_logits,
-                                                                     PreferenceRule rule) {
+  static void pairwise_preference_loss(const at::Tensor& logits, const at::Tensor& expert_logits, PreferenceRule rule,
+                                       at::Tensor& loss, at::Tensor& accuracy) {
     const int64_t K = logits.size(0), B = logits.size(1), pairs = K * (K - 1) / 2;
     LossAndHits total;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "rglcd_fast_pairwise_loss", [&] {
@@ -233,18 +219,16 @@ struct CpuBackend {
       });
     });
     // Means over b (batchmean / mean) and over pairs × b: 0/0 = NaN for an empty batch, as torch.
-    const auto options = logits.options().dtype(accumulation_type(logits.scalar_type()));
     const double batch = static_cast<double>(B);
-    return {at::full({}, total.loss / batch, options),
-            at::full({}, static_cast<double>(total.hits) / (static_cast<double>(pairs) * batch), options)};
+    loss.fill_(total.loss / batch);
+    accuracy.fill_(static_cast<double>(total.hits) / (static_cast<double>(pairs) * batch));
   }
 
   // grad_S[k, b] = grad_loss / B · (Σ_{j>k} (q − p)_{kj} − Σ_{i<k} (q − p)_{ik}).
-  static at::Tensor pairwise_preference_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
-                                                      const at::Tensor& expert_logits, PreferenceRule rule) {
+  static void pairwise_preference_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                                const at::Tensor& expert_logits, PreferenceRule rule,
+                                                at::Tensor& grad) {
     const int64_t K = logits.size(0), B = logits.size(1);
-    at::Tensor grad = at::empty(logits.sizes(), logits.options());
-    if (B == 0) return grad;
     const double g_over_b = grad_loss.item<double>() / static_cast<double>(B);
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, logits.scalar_type(), "rglcd_fast_pairwise_loss_bwd", [&] {
@@ -270,7 +254,6 @@ struct CpuBackend {
             }
           });
         });
-    return grad;
   }
 };
 

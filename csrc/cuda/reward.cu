@@ -108,7 +108,6 @@ struct FeatureGeometry {
   int64_t rows, dim, text_rows;
 
   FeatureGeometry(const at::Tensor& image_features, const at::Tensor& text_features) {
-    check_reward_features(image_features, text_features);
     dim = image_features.size(-1);
     image = image_features.stride(-1) == 1 ? image_features : image_features.contiguous();
     text = text_features.contiguous();
@@ -342,11 +341,10 @@ unsigned grid_size(int64_t blocks) {
 struct CudaBackend {
   using DeviceGuard = c10::cuda::CUDAGuard;
 
-  static at::Tensor reward_head(const at::Tensor& image_features, const at::Tensor& text_features,
-                                const at::Tensor& logit_scale) {
+  static void reward_head(const at::Tensor& image_features, const at::Tensor& text_features,
+                          const at::Tensor& logit_scale, at::Tensor& scores) {
     const FeatureGeometry f(image_features, text_features);
-    at::Tensor scores = at::empty(image_features.sizes().slice(0, image_features.dim() - 1), image_features.options());
-    if (f.rows == 0) return scores;
+    if (f.rows == 0) return;
     const DeviceScalar scale = DeviceScalar::of(logit_scale);
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, f.image.scalar_type(), "rglcd_fast_reward_head_cuda", [&] {
@@ -361,24 +359,15 @@ struct CudaBackend {
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
         });
-    return scores;
   }
 
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor> reward_head_backward(const at::Tensor& grad,
-                                                                             const at::Tensor& image_features,
-                                                                             const at::Tensor& text_features,
-                                                                             const at::Tensor& logit_scale,
-                                                                             std::array<bool, 3> mask) {
+  static void reward_head_backward(const at::Tensor& grad, const at::Tensor& image_features,
+                                   const at::Tensor& text_features, const at::Tensor& logit_scale,
+                                   std::array<bool, 3> mask, at::Tensor& grad_u, at::Tensor& grad_v,
+                                   at::Tensor& grad_s) {
     const FeatureGeometry f(image_features, text_features);
     const at::Tensor g = grad.contiguous();
-    TORCH_CHECK_VALUE(g.numel() == f.rows, "grad: expected ", f.rows, " values, got ", g.numel());
-    at::Tensor grad_u =
-        mask[0] ? at::empty(image_features.sizes(), image_features.options()) : unrequested(image_features);
-    at::Tensor grad_v =
-        mask[1] ? at::empty(text_features.sizes(), text_features.options()) : unrequested(text_features);
-    at::Tensor grad_s = mask[2] ? at::empty(logit_scale.sizes(), logit_scale.options()) : unrequested(logit_scale);
     const bool second_pass = mask[1] || mask[2];
-    if (!mask[0] && !second_pass) return {grad_u, grad_v, grad_s};
     const DeviceScalar scale = DeviceScalar::of(logit_scale);
     const DeviceScalar scale_out =
         mask[2] ? DeviceScalar::of(grad_s) : DeviceScalar{nullptr, DeviceScalar::Immediate, 0.0};
@@ -418,16 +407,12 @@ struct CudaBackend {
             }
           });
         });
-    return {grad_u, grad_v, grad_s};
   }
 
-  static std::tuple<at::Tensor, at::Tensor> pairwise_preference_loss(const at::Tensor& logits,
-                                                                     const at::Tensor& expert_logits,
-                                                                     PreferenceRule rule) {
+  static void pairwise_preference_loss(const at::Tensor& logits, const at::Tensor& expert_logits, PreferenceRule rule,
+                                       at::Tensor& loss, at::Tensor& accuracy) {
     check_candidate_count(logits);
     const int64_t K = logits.size(0), B = logits.size(1);
-    const auto options = logits.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-    at::Tensor loss = at::empty({}, options), accuracy = at::empty({}, options);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "rglcd_fast_pairwise_loss_cuda",
                                     [&] {
                                       using acc_t = at::opmath_type<scalar_t>;
@@ -436,18 +421,13 @@ struct CudaBackend {
                                           loss.mutable_data_ptr<acc_t>(), accuracy.mutable_data_ptr<acc_t>());
                                       C10_CUDA_KERNEL_LAUNCH_CHECK();
                                     });
-    return {loss, accuracy};
   }
 
-  static at::Tensor pairwise_preference_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
-                                                      const at::Tensor& expert_logits, PreferenceRule rule) {
+  static void pairwise_preference_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                                const at::Tensor& expert_logits, PreferenceRule rule,
+                                                at::Tensor& grad) {
     check_candidate_count(logits);
     const int64_t K = logits.size(0), B = logits.size(1);
-    at::Tensor grad = at::empty(logits.sizes(), logits.options());
-    if (B == 0) return grad;
-    TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss: expected one value, got shape ", grad_loss.sizes());
-    TORCH_CHECK_VALUE(!grad_loss.is_cuda() || grad_loss.device() == logits.device(), "grad_loss: expected device ",
-                      logits.device(), ", got ", grad_loss.device());
     const DeviceScalar g = DeviceScalar::of(grad_loss);  // a CPU value is read on the host: no device sync
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, logits.scalar_type(), "rglcd_fast_pairwise_loss_bwd_cuda", [&] {
@@ -456,7 +436,6 @@ struct CudaBackend {
               grad.mutable_data_ptr<scalar_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
-    return grad;
   }
 };
 
