@@ -226,3 +226,16 @@ def test_lrm_path_errors_name_the_setting(world, tmp_path, pretrained):
             os.remove(no_tokenizer / name)
     with pytest.raises(ValueError, match="lrm_path.*no tokenizer"):
         Trainer(tiny_config(world, tmp_path, lrm_path=str(no_tokenizer)))
+
+
+def test_an_sdxl_teacher_pretrains_an_lrm_that_guides_its_student(tmp_path):
+    """The pre-trained-LRM machinery with an SDXL teacher: pretrain-lrm's ranking candidates are the SDXL
+    teacher's one-step predictions (its added conditions, the fixed size ids), and the trainer fine-tunes
+    the result online."""
+    from tiny_pipeline import save_tiny_world
+
+    world = save_tiny_world(tmp_path / "xl_world", xl=True)
+    lrm = LRMPretrainer(pretrain_config(world, tmp_path / "lrm", max_train_steps=2)).train()["lrm"]
+    outputs = Trainer(tiny_config(world, tmp_path / "run", lrm_path=lrm, lrm_learning_rate=None)).train()
+    with open(outputs["logs"]) as f:
+        assert all(row["lrm_loss"] and row["distill_loss"] for row in csv.DictReader(f))

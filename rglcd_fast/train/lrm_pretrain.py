@@ -64,9 +64,10 @@ def ranking_candidates(teacher, latents, captions, count, generator):
     noise = torch.randn((count * b, *latents.shape[1:]), generator=generator, device=draw_on).to(latents.device)
     x0 = latents.repeat(count, 1, 1, 1)
     noisy = scheduler.add_noise(x0, noise, t)
-    embeds = teacher.encode_prompts(list(captions) * count)
+    resolution = latents.shape[-1] * teacher.vae_scale_factor
+    embeds, extra = teacher.unet_conditions(list(captions) * count, resolution)
     unet = teacher.unet
-    out = unet(noisy.to(unet.dtype), t, encoder_hidden_states=embeds).sample.float()
+    out = unet(noisy.to(unet.dtype), t, encoder_hidden_states=embeds, **extra).sample.float()
     alphas_cumprod = scheduler.alphas_cumprod.to(latents.device)
     predictions = ops.predicted_x0(out, noisy, t, alphas_cumprod, scheduler.config.prediction_type)
     return [latents, *predictions.chunk(count)]

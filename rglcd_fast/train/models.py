@@ -123,6 +123,17 @@ class Teacher:
         (rglcd_fast.prompts.encode_sdxl)."""
         return encode_sdxl(self.text_encoder, self.tokenizer, self.text_encoder_2, self.tokenizer_2, prompts)
 
+    def unet_conditions(self, prompts, resolution: int) -> tuple:
+        """The prompts' conditioning of a UNet call without per-image sizes: (encoder_hidden_states, the call's
+        other keyword arguments). SDXL: the added conditions with the fixed ids (R, R, 0, 0, R, R), as its
+        pipelines and the scripts' --use_fix_crop_and_size."""
+        if not self.is_sdxl:
+            return self.encode_prompts(prompts), {}
+        embeds, pooled = self.encode_prompts_sdxl(prompts)
+        ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=embeds.device)
+        time_ids = ids.to(embeds.dtype).expand(len(embeds), 6)
+        return embeds, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
     @torch.no_grad()
     def encode_images(self, pixel_values, generator=None) -> torch.Tensor:
         """docs/design.md §1 step 1: x0 = a draw of the VAE posterior × scaling_factor, float32."""
