@@ -220,6 +220,7 @@ def test_validation_grids_reach_the_tracker_as_images(world, tmp_path, monkeypat
         ),
         (["--lrm-path", "TEACHER"], "lrm_path: no LRM folder (lrm_config.json)"),
         (["--vae", "TEACHER"], "vae: no diffusers AutoencoderKL folder (config.json)"),
+        (["--pretrained_vae_model_name_or_path", "TEACHER"], "vae: no diffusers AutoencoderKL folder (config.json)"),
         (["--lora-rank", "0"], "lora_rank: expected a positive integer, got 0"),
         (["--fsdp", "true", "--use-lora", "true"], "fsdp: shards a full student"),
         (["--fsdp", "true", "--compile-unets", "frozen"], "fsdp: not with compile_unets 'frozen' yet"),

@@ -383,6 +383,7 @@ SCRIPT_ALIASES = {
     "unet_time_cond_proj_dim": "time_cond_proj_dim",
     "timestep_scaling_factor": "timestep_scaling",
     "interpolation_type": "interpolation",
+    "pretrained_vae_model_name_or_path": "vae",
 }
 # RG-LCD's reward switches, read by config_from_args (see _script_settings)
 SCRIPT_SWITCHES = ("optimize_reward_fn", "direct_optim_expert_reward", "guide_with_expert_reward")
@@ -412,7 +413,6 @@ SCRIPT_UNSUPPORTED = {
         True,
         "models are read from local folders: download that revision and pass its folder to --teacher",
     ),
-    "pretrained_vae_model_name_or_path": (True, "the VAE is the teacher folder's vae/: put the one you want there"),
     "latent_rm_type": (
         True,
         "the LRM's image tower is part of its folder: pre-train one with `rglcd-fast "
