@@ -11,6 +11,12 @@ def token_ids(tokenizer, prompts, device) -> torch.Tensor:
     ).input_ids.to(device)
 
 
+def fixed_time_ids(batch: int, height: int, width: int) -> torch.Tensor:
+    """SDXL's size / crop ids when every image is height × width, uncropped: (height, width, 0, 0, height,
+    width) per sample, [B, 6] float32 (the SDXL pipelines' ids, the scripts' --use_fix_crop_and_size)."""
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).expand(batch, 6).contiguous()
+
+
 @torch.no_grad()
 def encode_sd(text_encoder, tokenizer, prompts) -> torch.Tensor:
     """SD: the text encoder's last hidden states [B, L, D]."""

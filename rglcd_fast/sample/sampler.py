@@ -17,7 +17,7 @@ from PIL import Image
 
 from ..files import check_pipeline_folder
 from ..lcd import guidance_scale_embedding
-from ..prompts import encode_sd, encode_sdxl
+from ..prompts import encode_sd, encode_sdxl, fixed_time_ids
 from ..schedulers import FusedLCMScheduler
 
 MAX_STEPS = 8
@@ -141,8 +141,7 @@ class LCMSampler:
             self.text_encoder, self.tokenizer, self.text_encoder_2, self.tokenizer_2, prompts
         )
         height, width = self.size(height, width)
-        ids = [height, width, 0, 0, height, width]
-        time_ids = torch.tensor([ids], dtype=self.dtype, device=self.device).repeat(len(prompts), 1)
+        time_ids = fixed_time_ids(len(prompts), height, width).to(self.device, self.dtype)
         return Conditioning(prompt_embeds.to(self.dtype), {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids})
 
     @property

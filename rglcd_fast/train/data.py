@@ -44,6 +44,8 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from PIL import Image
 
+from ..prompts import fixed_time_ids
+
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 REMOTE_SCHEMES = ("pipe", "http", "https", "s3", "gs", "hf")
 _INTERP = {
@@ -156,7 +158,7 @@ def sdxl_time_ids(batch: dict, resolution: int, use_fix_crop_and_size: bool = Fa
     sample (their --use_fix_crop_and_size)."""
     B, R = len(batch["caption"]), int(resolution)
     if use_fix_crop_and_size:
-        return torch.tensor([[R, R, 0, 0, R, R]], dtype=torch.float32).expand(B, 6).contiguous()
+        return fixed_time_ids(B, R, R)
     target = torch.tensor([[R, R]], dtype=torch.long).expand(B, 2)
     return torch.cat([batch["original_size"], batch["crop_top_left"], target], dim=1).float()
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import ops
+from ..prompts import fixed_time_ids
 from .checkpoint import capture_rng_state, load_checkpoint, resolve_resume, save_checkpoint, write_folder
 from .config import LRMPretrainConfig
 from .data import ResumableDataLoader, training_dataset
@@ -65,7 +66,7 @@ def ranking_candidates(teacher, latents, captions, count, generator):
     x0 = latents.repeat(count, 1, 1, 1)
     noisy = scheduler.add_noise(x0, noise, t)
     resolution = latents.shape[-1] * teacher.vae_scale_factor
-    embeds, extra = teacher.unet_conditions(list(captions) * count, resolution)
+    embeds, extra = teacher.unet_conditions(list(captions) * count, fixed_time_ids(count * b, resolution, resolution))
     unet = teacher.unet
     out = unet(noisy.to(unet.dtype), t, encoder_hidden_states=embeds, **extra).sample.float()
     alphas_cumprod = scheduler.alphas_cumprod.to(latents.device)

@@ -123,16 +123,15 @@ class Teacher:
         (rglcd_fast.prompts.encode_sdxl)."""
         return encode_sdxl(self.text_encoder, self.tokenizer, self.text_encoder_2, self.tokenizer_2, prompts)
 
-    def unet_conditions(self, prompts, resolution: int) -> tuple:
-        """The prompts' conditioning of a UNet call without per-image sizes: (encoder_hidden_states, the call's
-        other keyword arguments). SDXL: the added conditions with the fixed ids (R, R, 0, 0, R, R), as its
-        pipelines and the scripts' --use_fix_crop_and_size."""
+    def unet_conditions(self, prompts, time_ids: torch.Tensor | None = None) -> tuple:
+        """The prompts' conditioning of a UNet call: (encoder_hidden_states, the call's other keyword arguments).
+        SDXL: the added conditions {"text_embeds": the pooled projection, "time_ids": time_ids} ([B, 6] size /
+        crop ids, rglcd_fast.train.data.sdxl_time_ids); SD: none (time_ids unused)."""
         if not self.is_sdxl:
             return self.encode_prompts(prompts), {}
         embeds, pooled = self.encode_prompts_sdxl(prompts)
-        ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=embeds.device)
-        time_ids = ids.to(embeds.dtype).expand(len(embeds), 6)
-        return embeds, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+        added = {"text_embeds": pooled, "time_ids": time_ids.to(embeds.device, embeds.dtype)}
+        return embeds, {"added_cond_kwargs": added}
 
     @torch.no_grad()
     def encode_images(self, pixel_values, generator=None) -> torch.Tensor:

@@ -323,9 +323,11 @@ class Trainer:
         if self.config.fsdp:  # gathered whole onto rank 0 at a save, each rank's shard kept at a load
             from .fsdp import ShardedModule, ShardedOptimizer
 
-            state["student"] = ShardedModule(self.student)
-            state["target"] = ShardedModule(self.target)
-            state["optimizer"] = ShardedOptimizer(self.student, self.optimizer.optimizer)
+            state.update(
+                student=ShardedModule(self.student),
+                target=ShardedModule(self.target),
+                optimizer=ShardedOptimizer(self.student, self.optimizer.optimizer),
+            )
         if self.guidance is not None and self.guidance.lrm is not None:
             state["lrm"] = self.guidance.lrm
             if self.guidance.lrm_optimizer is not None:
@@ -438,14 +440,11 @@ class Trainer:
         prompts = batch["caption"]
         if not self.teacher.is_sdxl:
             return self.teacher.encode_prompts(prompts), self.uncond_embeds.expand(len(prompts), -1, -1), {}
-        embeds, pooled = self.teacher.encode_prompts_sdxl(prompts)
         time_ids = sdxl_time_ids(batch, self.resolution, self.config.use_fix_crop_and_size)
-        time_ids = time_ids.to(self.device, embeds.dtype)
-        added = dict(
-            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
-            uncond_added_cond_kwargs={"text_embeds": torch.zeros_like(pooled), "time_ids": time_ids},
-        )
-        return embeds, torch.zeros_like(embeds), added
+        embeds, extra = self.teacher.unet_conditions(prompts, time_ids)
+        added = extra["added_cond_kwargs"]
+        uncond_added = dict(added, text_embeds=torch.zeros_like(added["text_embeds"]))
+        return embeds, torch.zeros_like(embeds), dict(**extra, uncond_added_cond_kwargs=uncond_added)
 
     # ---- the loop --------------------------------------------------------------------------------
 
