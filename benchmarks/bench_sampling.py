@@ -1,17 +1,30 @@
-"""GPU sampling benchmark: a 4-step LCM denoising loop with random weights built from configs (no
-downloads): an SD1.5-architecture UNet (time_cond_proj_dim=256) at 512 px, fp16, batch 1 and 4, or
-(--arch sdxl) an SDXL-architecture UNet (time_cond_proj_dim=256, as LCM-SDXL) at 1024 px, batch 1.
-Providers, timed in one run: diffusers' LCMScheduler loop eager; the same loop with
-torch.compile(unet); our FusedLCMScheduler loop eager; our CUDA-graph sampler; plus the full sampler
-(text encoder(s) + loop + VAE decode). Writes benchmarks/results/sampling_<card>.md (sdxl:
-sampling_sdxl_<card>.md).
+"""Sampling benchmark, end to end as users time it: prompts in, PIL images out (tokenising and encoding the
+prompts, the LCM loop, the VAE decode, the conversion to 8-bit images). Random weights built from configs (no
+downloads): an SD1.5-architecture LCM UNet (time_cond_proj_dim=256) at 512 px, or (--arch sdxl) an
+SDXL-architecture one at 1024 px (its VAE decodes in float32, as diffusers' SDXL pipeline does); fp16, 4
+steps. Rows, side by side in one run on the same modules, prompts and seed:
 
-    python benchmarks/bench_sampling.py [--arch sd15|sdxl] [--batches 1,4] [--steps 4] [--no-compile]
+  diffusers eager                    LatentConsistencyModelPipeline (SDXL: StableDiffusionXLPipeline with
+                                     LCMScheduler), output_type="pil"
+  diffusers + torch.compile (MODE)   the same with pipe.unet = torch.compile(unet) and vae.decode compiled
+                                     (diffusers' documented recipe), per --modes
+  rglcd_fast eager                   LCMSampler(prompts)
+  rglcd_fast CUDA graph              LCMSampler(prompts, cuda_graph=True): one graph from token ids to bytes
+  rglcd_fast compiled + CUDA graph   sampler.compile(MODE) first (max-autotune: without inductor's own
+                                     graphs, which cannot nest in ours)
+
+Reported: median wall ms per call (host clock, the call returns host images), images/s, the speedup against
+diffusers + compile, the first call's seconds (compilation, capture), and the largest difference of the final
+latents from diffusers eager's for the same seed. Rows are written as they come (a cut-off run keeps them).
+
+    python benchmarks/bench_sampling.py [--arch sd15|sdxl] [--batches 1,4] [--modes default,max-autotune]
+    python benchmarks/bench_sampling.py --small --device cpu    # smoke run: tiny models, no graphs
 """
 
 import argparse
 import datetime
 import os
+import statistics
 import sys
 import time
 
@@ -23,28 +36,48 @@ sys.path[:0] = [HERE, os.path.join(HERE, "..", "tests")]
 from report import commit_id  # noqa: E402
 
 ARCHS = {"sd15": dict(name="SD1.5", size=512, batches="1,4"), "sdxl": dict(name="SDXL", size=1024, batches="1")}
+PROMPT = "a photo of a cat sitting on a wooden bench"
 
 
-def median_ms(fn, warmup=3, runs=15):
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, runs, warmup=2):
+    """(seconds of the first call, median ms of runs calls after warmup more)."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    first = time.perf_counter() - start
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
     times = []
     for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        synchronize(device)
+        start = time.perf_counter()
         fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return first, statistics.median(times)
 
 
-def make_sampler(arch, dtype):
+def clip_config(small, vocab_size, **overrides):
+    from transformers import CLIPTextConfig
+
+    if small:
+        size = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    else:  # CLIP ViT-L/14's text tower (SD1.5, and SDXL's first encoder)
+        size = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+    return CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=77, **{**size, **overrides})
+
+
+def make_sampler(arch, small, device, dtype):
     """SD1.5- or SDXL-architecture components with random weights (configs only, no downloads)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from tiny_pipeline import tiny_tokenizer
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from rglcd_fast.sample import LCMSampler
     from rglcd_fast.schedulers import FusedLCMScheduler
@@ -52,85 +85,107 @@ def make_sampler(arch, dtype):
     torch.manual_seed(0)
     tokenizer, vocab_size = tiny_tokenizer(os.path.join("/tmp", "rglcd_bench_tokenizer"))
     tokenizer.model_max_length = 77
-    clip_l = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        max_position_embeddings=77,
-    )
-    if arch == "sd15":
+    size = 64 if small else ARCHS[arch]["size"]
+    xl = arch == "sdxl"
+    unet_size = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8) if small else {}
+    if not xl:
         unet = UNet2DConditionModel(
-            sample_size=64,
-            cross_attention_dim=768,
+            sample_size=size // 8,
+            cross_attention_dim=32 if small else 768,
             attention_head_dim=8,
-            block_out_channels=(320, 640, 1280, 1280),
             time_cond_proj_dim=256,
+            **(
+                dict(
+                    unet_size,
+                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                )
+                if small
+                else dict(block_out_channels=(320, 640, 1280, 1280))
+            ),  # fmt: skip
         )
         extra = {}
     else:  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, plus LCM-SDXL's guidance embedding
         unet = UNet2DConditionModel(
-            sample_size=128,
-            cross_attention_dim=2048,
-            block_out_channels=(320, 640, 1280),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 10),
-            attention_head_dim=(5, 10, 20),
+            sample_size=size // 8,
+            cross_attention_dim=64 if small else 2048,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D") + (() if small else ("CrossAttnDownBlock2D",)),
+            up_block_types=(() if small else ("CrossAttnUpBlock2D",)) + ("CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 1) if small else (1, 2, 10),
+            attention_head_dim=(2, 4) if small else (5, 10, 20),
             use_linear_projection=True,
             addition_embed_type="text_time",
-            addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816,
+            addition_time_embed_dim=8 if small else 256,
+            projection_class_embeddings_input_dim=6 * 8 + 32 if small else 2816,
             time_cond_proj_dim=256,
+            **(unet_size if small else dict(block_out_channels=(320, 640, 1280))),
         )
         # the OpenCLIP bigG/14 text tower with its projection
-        bigg = CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=1280,
-            intermediate_size=5120,
-            num_hidden_layers=32,
-            num_attention_heads=20,
-            max_position_embeddings=77,
-            projection_dim=1280,
-            hidden_act="gelu",
-        )
-        extra = dict(text_encoder_2=CLIPTextModelWithProjection(bigg).to("cuda", dtype).eval(), tokenizer_2=tokenizer)
-    size = ARCHS[arch]["size"]
+        big_g = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20)
+        config = clip_config(small, vocab_size, projection_dim=32 if small else 1280, hidden_act="gelu",
+                             **({} if small else big_g))  # fmt: skip
+        extra = dict(text_encoder_2=CLIPTextModelWithProjection(config).to(device, dtype).eval(), tokenizer_2=tokenizer)
     vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
+        block_out_channels=(32, 32, 32, 32) if small else (128, 256, 512, 512),
         latent_channels=4,
-        layers_per_block=2,
+        layers_per_block=1 if small else 2,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=32,
         sample_size=size,
-        force_upcast=arch == "sdxl",  # LCMSampler: SDXL decodes in float32
-        scaling_factor=0.13025 if arch == "sdxl" else 0.18215,
+        force_upcast=xl,  # SDXL decodes in float32
+        scaling_factor=0.13025 if xl else 0.18215,
     )
-    vae_dtype = torch.float32 if vae.config.force_upcast else dtype  # as LCMSampler.from_pretrained loads it
-    scheduler = FusedLCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    device = torch.device("cuda")
+    vae_dtype = torch.float32 if xl else dtype  # as LCMSampler.from_pretrained loads it
     return LCMSampler(
         unet=unet.to(device, dtype).eval(),
         vae=vae.to(device, vae_dtype).eval(),
-        text_encoder=CLIPTextModel(clip_l).to(device, dtype).eval(),
+        text_encoder=CLIPTextModel(clip_config(small, vocab_size)).to(device, dtype).eval(),
         tokenizer=tokenizer,
-        scheduler=scheduler,
+        scheduler=FusedLCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
         device=device,
         dtype=dtype,
         **extra,
     )
 
 
-def diffusers_loop(unet, scheduler, conditioning, latents, w_embedding, steps, seed):
-    """The LatentConsistencyModelPipeline (SDXL: StableDiffusionXLPipeline) loop as diffusers runs it."""
-    generator = torch.Generator("cuda").manual_seed(seed)
-    scheduler.set_timesteps(steps, device="cuda")
-    unet_kwargs = conditioning.unet_kwargs()
-    for t in scheduler.timesteps:
-        model_pred = unet(latents, t, timestep_cond=w_embedding, return_dict=False, **unet_kwargs)[0]
-        latents, denoised = scheduler.step(model_pred, t, latents, generator=generator, return_dict=False)
-    return denoised
+def diffusers_pipeline(sampler):
+    """diffusers' pipeline over the sampler's modules with LCMScheduler. SDXL: its own float16 copy of the VAE
+    with force_upcast (the pipeline upcasts it to float32 for each decode, as it does for SDXL's VAE)."""
+    import copy
+
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionXLPipeline
+
+    scheduler = LCMScheduler.from_config(sampler.scheduler.config)
+    if sampler.text_encoder_2 is None:
+        return LatentConsistencyModelPipeline(
+            vae=sampler.vae, text_encoder=sampler.text_encoder, tokenizer=sampler.tokenizer, unet=sampler.unet,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+    vae = copy.deepcopy(sampler.vae).to(torch.float16) if sampler.device.type == "cuda" else sampler.vae
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=sampler.text_encoder, text_encoder_2=sampler.text_encoder_2,
+        tokenizer=sampler.tokenizer, tokenizer_2=sampler.tokenizer_2, unet=sampler.unet, scheduler=scheduler,
+    )  # fmt: skip
+
+
+def write_table(path, header, rows):
+    """The rows so far, with a speedup column against each diffusers + torch.compile row of the same batch."""
+    compiled = list(dict.fromkeys(r["name"] for r in rows if r["name"].startswith("diffusers + ")))
+    lines = header + [
+        "| batch | provider | ms | images/s | " + " | ".join(f"× {name}" for name in compiled)
+        + (" | " if compiled else "") + "first call, s | max Δ latents |",
+        "|---|---|---|---|" + "---|" * len(compiled) + "---|---|",
+    ]  # fmt: skip
+    for row in sorted(rows, key=lambda r: r["batch"]):
+        base = {r["name"]: r["ms"] for r in rows if r["batch"] == row["batch"]}
+        speedups = "".join(f"{base[name] / row['ms']:.2f}× | " if name in base else "– | " for name in compiled)
+        lines.append(
+            f"| {row['batch']} | {row['name']} | {row['ms']:.1f} | {row['batch'] * 1e3 / row['ms']:.2f} | "
+            f"{speedups}{row['first']:.1f} | {row['diff']:.3g} |"
+        )
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 @torch.no_grad()
@@ -139,83 +194,83 @@ def main():
     parser.add_argument("--arch", choices=sorted(ARCHS), default="sd15")
     parser.add_argument("--batches", default=None, help="comma list (default: sd15 1,4; sdxl 1)")
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--modes", default="default,max-autotune", help="torch.compile modes ('' for none)")
+    parser.add_argument("--runs", type=int, default=10, help="timed calls per row")
+    parser.add_argument("--small", action="store_true", help="tiny models: a smoke run")
+    parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    from diffusers import LCMScheduler
-
-    dtype = torch.float16
-    arch, size = ARCHS[args.arch], ARCHS[args.arch]["size"]
-    sampler = make_sampler(args.arch, dtype)
-    diffusers_scheduler = LCMScheduler.from_config(sampler.scheduler.config)
-    card = torch.cuda.get_device_name()
-    commit = commit_id()
-    rows = []
-    compiled_unet, compile_seconds = None, None
-    for batch in map(int, (args.batches or arch["batches"]).split(",")):
-        prompts = ["a photo of a cat"] * batch
-        conditioning = sampler.encode_prompts(prompts, size, size)
-        latents = sampler.initial_latents(batch, size, size, torch.Generator("cuda").manual_seed(0))
-        w_embedding = sampler._guidance(8.0, batch)
-        steps = args.steps
-        times = {}
-        times["diffusers LCMScheduler loop, eager"] = median_ms(
-            lambda: diffusers_loop(sampler.unet, diffusers_scheduler, conditioning, latents, w_embedding, steps, 0)
-        )
-        if not args.no_compile:
-            if compiled_unet is None:
-                compiled_unet = torch.compile(sampler.unet)
-                start = time.perf_counter()
-                diffusers_loop(compiled_unet, diffusers_scheduler, conditioning, latents, w_embedding, steps, 0)
-                torch.cuda.synchronize()
-                compile_seconds = time.perf_counter() - start
-            times["diffusers loop, torch.compile(unet)"] = median_ms(
-                lambda: diffusers_loop(compiled_unet, diffusers_scheduler, conditioning, latents, w_embedding, steps, 0)
-            )
-
-        def fused_eager():
-            sampler.scheduler.set_timesteps(steps, device="cuda")
-            return sampler.denoise(conditioning, latents, w_embedding, torch.Generator("cuda").manual_seed(0))
-
-        times["rglcd_fast FusedLCMScheduler loop, eager"] = median_ms(fused_eager)
-        sampler.scheduler.set_timesteps(steps, device="cuda")
-        graph = sampler._graph_for(conditioning, size, size, steps, 8.0)
-        times["rglcd_fast CUDA-graph loop (replay; initial latents included)"] = median_ms(graph.graph.replay)
-        times["full sampler (text encoder + loop + VAE decode), eager"] = median_ms(
-            lambda: sampler(prompts, steps=steps, seed=0, height=size, width=size), runs=5
-        )
-        times["full sampler, CUDA-graph loop"] = median_ms(
-            lambda: sampler(prompts, steps=steps, seed=0, height=size, width=size, cuda_graph=True), runs=5
-        )
-        # the graph replay and the eager fused loop compute the same latents
-        graphed = sampler.latents(prompts, steps=steps, seed=0, height=size, width=size, cuda_graph=True)
-        eager = sampler.latents(prompts, steps=steps, seed=0, height=size, width=size)
-        max_diff = (graphed.float() - eager.float()).abs().max().item()
-        base = times["diffusers LCMScheduler loop, eager"]
-        for name, ms in times.items():
-            speedup = base / ms if "loop" in name and "full" not in name else None  # loops against loops only
-            rows.append((batch, name, ms, speedup))
-            print(f"batch {batch}  {name:58s} {ms:8.2f} ms" + (f"  x{speedup:.2f}" if speedup else ""), flush=True)
-        print(f"batch {batch}: max |graph - eager| = {max_diff:.3g}")
-
-    lines = [
-        f"# Sampling benchmark: {card}",
-        "",
-        f"torch {torch.__version__}; commit {commit}; {datetime.date.today().isoformat()}. "
-        f"{arch['name']}-architecture "
-        f"UNet (random weights, time_cond_proj_dim=256), {size} px, fp16, {args.steps} LCM steps; medians of "
-        "CUDA-event timings, ms (loop rows: from prompt embeddings and initial latents to the last denoised "
-        "latents)." + (f" torch.compile(unet) took {compile_seconds:.0f} s to compile." if compile_seconds else ""),
-        "",
-        "| batch | provider | ms | speedup vs diffusers eager loop |",
-        "|---|---|---|---|",
-    ]
-    lines += [f"| {b} | {name} | {ms:.2f} | {f'{s:.2f}×' if s else '–'} |" for b, name, ms, s in rows]
+    torch._dynamo.config.cache_size_limit = 64  # a compile per (mode, batch)
+    device = torch.device(args.device)
+    graphs = device.type == "cuda"
+    dtype = torch.float16 if graphs else torch.float32
+    arch = ARCHS[args.arch]
+    sampler = make_sampler(args.arch, args.small, device, dtype)
+    pipe = diffusers_pipeline(sampler)
+    pipe.set_progress_bar_config(disable=True)
+    size = sampler.size()[0]
+    card = torch.cuda.get_device_name() if graphs else "CPU"
     card_id = card.replace("NVIDIA ", "").replace(" ", "_")
     prefix = "sampling_" if args.arch == "sd15" else f"sampling_{args.arch}_"
     out = args.out or os.path.join(HERE, "results", f"{prefix}{card_id}.md")
-    with open(out, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    header = [
+        f"# Sampling end to end: {card}",
+        "",
+        f"torch {torch.__version__}; commit {commit_id()}; {datetime.date.today().isoformat()}. {arch['name']}-"
+        f"architecture modules with random weights{' (tiny)' if args.small else ''}, {size} px, {dtype}, "
+        f"{args.steps} LCM steps, guidance 8; prompt → PIL images; median wall ms of {args.runs} calls. "
+        "max Δ latents: the final latents' largest difference from diffusers eager's for the same seed.",
+        "",
+    ]
+    modes = [m for m in args.modes.split(",") if m]
+    batches = [int(b) for b in (args.batches or arch["batches"]).split(",")]
+    call = dict(num_inference_steps=args.steps, guidance_scale=8.0, height=size, width=size)
+    ours = dict(steps=args.steps, guidance_scale=8.0, seed=0)
+
+    def diffusers_run(prompts, **kwargs):
+        return pipe(prompts, generator=torch.Generator(device).manual_seed(0), **call, **kwargs).images
+
+    references = {b: diffusers_run([PROMPT] * b, output_type="latent") for b in batches}
+    rows = []
+
+    def add(name, batch, run, latents):
+        first, ms = timed(run, device, args.runs)
+        diff = (latents().float() - references[batch].float()).abs().max().item()
+        rows.append(dict(batch=batch, name=name, ms=ms, first=first, diff=diff))
+        print(f"batch {batch}  {name:42s} {ms:8.1f} ms  first call {first:6.1f} s  max Δ latents {diff:.3g}")
+        write_table(out, header, rows)
+
+    def add_diffusers(name):
+        for b in batches:
+            prompts = [PROMPT] * b
+            add(name, b, lambda: diffusers_run(prompts), lambda: diffusers_run(prompts, output_type="latent"))
+
+    def add_ours(name, cuda_graph):
+        for b in batches:
+            prompts = [PROMPT] * b
+            run = dict(ours, cuda_graph=cuda_graph)
+            add(name, b, lambda: sampler(prompts, **run), lambda: sampler.latents(prompts, **run))
+
+    unet, vae, decoder = sampler.unet, pipe.vae, sampler.vae.decoder
+
+    def eager_modules():
+        pipe.unet = sampler.unet = unet
+        sampler.vae.decoder = decoder
+        vae.__dict__.pop("decode", None)  # the class's method again
+        sampler._graphs.clear()
+
+    add_diffusers("diffusers eager")
+    add_ours("rglcd_fast eager", False)
+    if graphs:
+        add_ours("rglcd_fast CUDA graph", True)
+    for mode in modes:
+        pipe.unet = torch.compile(unet, mode=mode)
+        vae.decode = torch.compile(type(vae).decode.__get__(vae), mode=mode)
+        add_diffusers(f"diffusers + torch.compile ({mode})")
+        eager_modules()
+        sampler.compile("max-autotune-no-cudagraphs" if mode == "max-autotune" else mode)
+        add_ours(f"rglcd_fast compiled ({mode})" + (" + CUDA graph" if graphs else ""), graphs)
+        eager_modules()
     print(f"wrote {out}")
 
 

@@ -18,17 +18,18 @@ def fixed_time_ids(batch: int, height: int, width: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_sd(text_encoder, tokenizer, prompts) -> torch.Tensor:
-    """SD: the text encoder's last hidden states [B, L, D]."""
-    return text_encoder(token_ids(tokenizer, prompts, text_encoder.device))[0]
+def encode_sd(text_encoder, ids) -> torch.Tensor:
+    """SD: the text encoder's last hidden states [B, L, D] for the token ids [B, L] (token_ids)."""
+    return text_encoder(ids)[0]
 
 
 @torch.no_grad()
-def encode_sdxl(text_encoder, tokenizer, text_encoder_2, tokenizer_2, prompts) -> tuple:
-    """SDXL, as StableDiffusionXLPipeline.encode_prompt and the SDXL scripts: both encoders' penultimate hidden
-    states side by side [B, L, D1 + D2], and the second encoder's pooled projection [B, D2]."""
+def encode_sdxl(text_encoder, text_encoder_2, ids, ids_2) -> tuple:
+    """SDXL, as StableDiffusionXLPipeline.encode_prompt and the SDXL scripts, from each encoder's token ids:
+    both encoders' penultimate hidden states side by side [B, L, D1 + D2], and the second encoder's pooled
+    projection [B, D2]."""
     states = []
-    for tokenizer_, encoder in ((tokenizer, text_encoder), (tokenizer_2, text_encoder_2)):
-        out = encoder(token_ids(tokenizer_, prompts, encoder.device), output_hidden_states=True)
+    for encoder, ids_ in ((text_encoder, ids), (text_encoder_2, ids_2)):
+        out = encoder(ids_, output_hidden_states=True)
         states.append(out.hidden_states[-2])
     return torch.cat(states, dim=-1), out[0]

@@ -54,10 +54,10 @@ if run_stage fuzz; then  # the property-based op tests on the GPU kernels
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 if run_stage sanitizer; then
-  # The op tests' CUDA cases (SANITIZER_TOOLS / SANITIZER_SELECT narrow it to fit a device call).
+  # The op tests' CUDA cases (SANITIZER_TOOLS / SANITIZER_FILES / SANITIZER_SELECT narrow it to fit a device call).
   for tool in ${SANITIZER_TOOLS:-memcheck racecheck initcheck}; do
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
-      python3 -m pytest -q -x tests/test_consistency.py tests/test_solver.py tests/test_reward.py \
+      python3 -m pytest -q -x ${SANITIZER_FILES:-tests/test_consistency.py tests/test_solver.py tests/test_reward.py} \
       -k "${SANITIZER_SELECT:-cuda and not compile and not opcheck}" -p no:cacheprovider \
       > "$OUT/sanitizer_$tool.log" 2>&1
     code=$?

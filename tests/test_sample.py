@@ -3,6 +3,7 @@
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline
@@ -42,6 +43,11 @@ def test_sampler_matches_the_diffusers_lcm_pipeline(lcm_folder):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
     images = sampler(["a digit seven"], steps=2, seed=0)
     assert len(images) == 1 and isinstance(images[0], Image.Image) and images[0].size == (16, 16)
+    # the images' bytes as the pipeline's image processor rounds them
+    generator = torch.Generator().manual_seed(0)
+    theirs = pipe(["a digit seven"], num_inference_steps=2, guidance_scale=8.0, generator=generator, output_type="np")
+    expected = (theirs.images[0] * 255).round().astype(np.uint8)
+    assert np.abs(np.asarray(images[0]).astype(int) - expected).max() <= 1  # within the 1e-5 latent tolerance
 
 
 def test_lcm_lora_in_stable_diffusion_pipeline_and_sampler(base_and_lora):
@@ -155,3 +161,33 @@ def test_cuda_graph_equals_eager(lcm_folder, xl_folders, xl):
         graphed = sampler.latents(["a digit seven", "a digit one"], steps=4, seed=seed, cuda_graph=True)
         torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
     assert len(sampler._graphs) == 1
+
+
+def test_compiled_sampler_equals_eager(lcm_folder):
+    """compile() (torch.compile of the UNet and the VAE decoder) samples what the eager modules sample."""
+    sampler = LCMSampler.from_pretrained(lcm_folder, device="cpu")
+    prompts = ["a digit seven", "a digit one"]
+    eager = sampler.latents(prompts, steps=2, seed=4)
+    eager_images = sampler(prompts, steps=2, seed=4)
+    with pytest.raises(ValueError, match="mode"):
+        sampler.compile(mode="reduce-overhead")  # its own CUDA graphs would nest in the sampler's
+    sampler.compile()
+    torch.testing.assert_close(sampler.latents(prompts, steps=2, seed=4), eager, rtol=1e-4, atol=1e-4)
+    for ours, theirs in zip(sampler(prompts, steps=2, seed=4), eager_images):
+        assert np.abs(np.asarray(ours).astype(int) - np.asarray(theirs).astype(int)).max() <= 1
+
+
+@pytest.mark.skipif(not CUDA_GRAPHS, reason="CUDA graphs need CUDA and its caching allocator")
+@pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
+def test_compiled_cuda_graph_sampling_equals_eager(lcm_folder, xl_folders, xl):
+    """Compiled modules captured with the whole run (text encoders to the images' bytes) sample what the eager
+    run samples, latents within the compiled tolerance and images within one level."""
+    sampler = LCMSampler.from_pretrained(xl_folders[0] if xl else lcm_folder, device="cuda", dtype=torch.float32)
+    prompts = ["a digit seven", "a digit one"]
+    eager = {seed: (sampler.latents(prompts, seed=seed), sampler(prompts, seed=seed)) for seed in (0, 5)}
+    sampler.compile()
+    for seed, (latents, images) in eager.items():
+        torch.testing.assert_close(sampler.latents(prompts, seed=seed, cuda_graph=True), latents, rtol=1e-4, atol=1e-4)
+        for ours, theirs in zip(sampler(prompts, seed=seed, cuda_graph=True), images):
+            assert np.abs(np.asarray(ours).astype(int) - np.asarray(theirs).astype(int)).max() <= 1
+    assert len(sampler._graphs) == 2  # one for the latents, one for the images

@@ -3,24 +3,27 @@
 `LCMSampler.from_pretrained(folder)` loads a diffusers-format Stable Diffusion or SDXL folder whose
 UNet is a latent consistency model (it has a guidance embedding, `time_cond_proj_dim`), or a base model
 plus LCM-LoRA weights (`lora=`). Calling the sampler encodes the prompts, runs 1–8 fused LCM steps, decodes
-with the VAE and returns PIL images. With `cuda_graph=True` the whole denoising loop (UNet calls,
-fused steps and the per-step noise) is captured once per (batch, height, width, steps, guidance) and
-replayed: no Python and no launch overhead per step.
+with the VAE and returns PIL images. With `cuda_graph=True` everything from the token ids to the images'
+bytes (text encoders, initial latents, UNet calls, fused steps with their noise, VAE decode, conversion to
+8-bit) is captured once per (batch, height, width, steps, guidance) and replayed: no Python, no launch
+overhead and one copy to the host per call. `compile()` compiles the UNet and the VAE decoder with
+torch.compile; the compiled kernels run inside the graph too.
 """
 
 import os
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from PIL import Image
 
 from ..files import check_pipeline_folder
 from ..lcd import guidance_scale_embedding
-from ..prompts import encode_sd, encode_sdxl, fixed_time_ids
+from ..prompts import encode_sd, encode_sdxl, fixed_time_ids, token_ids
 from ..schedulers import FusedLCMScheduler
 
 MAX_STEPS = 8
+# torch.compile modes that can run inside the sampler's CUDA graph (the others capture graphs of their own)
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -40,27 +43,16 @@ class Conditioning:
             kwargs["added_cond_kwargs"] = self.added_cond_kwargs
         return kwargs
 
-    def tensors(self) -> list:
-        return [self.prompt_embeds] + list((self.added_cond_kwargs or {}).values())
-
-    def clone(self) -> "Conditioning":
-        added = None if self.added_cond_kwargs is None else {k: v.clone() for k, v in self.added_cond_kwargs.items()}
-        return Conditioning(self.prompt_embeds.clone(), added)
-
-    def copy_(self, other: "Conditioning") -> None:
-        for mine, theirs in zip(self.tensors(), other.tensors()):
-            mine.copy_(theirs)
-
 
 @dataclass
 class _Graph:
-    """A captured denoising loop and the static tensors it reads and writes."""
+    """A captured sampling run and the static tensors it reads and writes."""
 
     graph: "torch.cuda.CUDAGraph"
-    conditioning: Conditioning
-    generator: torch.Generator
-    denoised: torch.Tensor
-    keep_alive: tuple  # tensors made before the capture that the graph reads (guidance embedding, timesteps)
+    token_ids: list  # what it reads: each tokenizer's ids, copied in before a replay
+    generator: torch.Generator  # where it draws the initial latents and the noise: seeded before a replay
+    output: torch.Tensor  # what it writes: the images' bytes [B, H, W, 3] (decode) or the denoised latents
+    keep_alive: tuple  # tensors made before the capture that the graph reads (size ids, guidance, timesteps)
 
 
 @dataclass
@@ -130,19 +122,42 @@ class LCMSampler:
 
     # ---- the pieces ----------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], height: int | None = None, width: int | None = None) -> Conditioning:
-        """The UNet's conditioning for the prompts, as diffusers' pipelines encode it without classifier-free
-        guidance. SDXL: both encoders' penultimate hidden states side by side, the second encoder's pooled
-        projection, and the size / crop ids (original and target size = height × width, crop at 0, 0)."""
+    def compile(self, mode: str = "default") -> "LCMSampler":
+        """Compiles the UNet and the VAE decoder with torch.compile (each shape compiles on its first call; the
+        CUDA graph captures the compiled kernels; graphs captured before are dropped). mode: one of
+        COMPILE_MODES, torch.compile's modes that leave CUDA graphs to the sampler."""
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"mode: expected one of {COMPILE_MODES}, got {mode!r}")
+        self.unet = torch.compile(getattr(self.unet, "_orig_mod", self.unet), mode=mode, dynamic=False)
+        decoder = self.vae.decoder
+        self.vae.decoder = torch.compile(getattr(decoder, "_orig_mod", decoder), mode=mode, dynamic=False)
+        self._graphs.clear()
+        return self
+
+    def token_ids(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Each tokenizer's ids for the prompts on the sampler's device (SD: one tensor, SDXL: two)."""
+        tokenizers = (self.tokenizer,) if self.text_encoder_2 is None else (self.tokenizer, self.tokenizer_2)
+        return [token_ids(tokenizer, prompts, self.device) for tokenizer in tokenizers]
+
+    def time_ids(self, batch: int, height: int, width: int) -> torch.Tensor | None:
+        """SDXL's size / crop ids (original and target size = height × width, crop at 0, 0); SD: None."""
         if self.text_encoder_2 is None:
-            return Conditioning(encode_sd(self.text_encoder, self.tokenizer, prompts).to(self.dtype))
-        prompt_embeds, pooled = encode_sdxl(
-            self.text_encoder, self.tokenizer, self.text_encoder_2, self.tokenizer_2, prompts
-        )
-        height, width = self.size(height, width)
-        time_ids = fixed_time_ids(len(prompts), height, width).to(self.device, self.dtype)
+            return None
+        return fixed_time_ids(batch, height, width).to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def encode(self, ids: list[torch.Tensor], time_ids: torch.Tensor | None = None) -> Conditioning:
+        """The UNet's conditioning from the token ids, as diffusers' pipelines encode prompts without
+        classifier-free guidance. SDXL: both encoders' penultimate hidden states side by side, the second
+        encoder's pooled projection, and time_ids."""
+        if self.text_encoder_2 is None:
+            return Conditioning(encode_sd(self.text_encoder, ids[0]).to(self.dtype))
+        prompt_embeds, pooled = encode_sdxl(self.text_encoder, self.text_encoder_2, *ids)
         return Conditioning(prompt_embeds.to(self.dtype), {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids})
+
+    def encode_prompts(self, prompts: list[str], height: int | None = None, width: int | None = None) -> Conditioning:
+        """encode() of the prompts' token ids; SDXL's size ids for height × width (default: the model's size)."""
+        return self.encode(self.token_ids(prompts), self.time_ids(len(prompts), *self.size(height, width)))
 
     @property
     def vae_scale_factor(self) -> int:
@@ -182,11 +197,14 @@ class LCMSampler:
                 progress.update()
         return denoised
 
+    def decode_bytes(self, denoised: torch.Tensor) -> torch.Tensor:
+        """The VAE's images as 8-bit RGB [B, H, W, 3] on the device, rounded as diffusers' image processor does."""
+        images = self.vae.decode((denoised / self.vae.config.scaling_factor).to(self.vae.dtype), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
     @torch.no_grad()
     def decode(self, denoised: torch.Tensor) -> list[Image.Image]:
-        images = self.vae.decode((denoised / self.vae.config.scaling_factor).to(self.vae.dtype), return_dict=False)[0]
-        images = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in images]
+        return _pil_images(self.decode_bytes(denoised))
 
     def initial_latents(self, batch, height, width, generator):
         factor = self.vae_scale_factor
@@ -207,8 +225,18 @@ class LCMSampler:
         width: int | None = None,
         cuda_graph: bool = False,
         progress=None,
-    ):
+    ) -> torch.Tensor:
         """The final denoised latents for the prompts (what __call__ decodes)."""
+        return self._sample(prompts, steps, guidance_scale, seed, height, width, cuda_graph, progress, decode=False)
+
+    @torch.no_grad()
+    def __call__(self, prompts, steps: int = 4, guidance_scale: float = 8.0, seed: int = 0, height=None, width=None,
+                 cuda_graph: bool = False, progress=None) -> list[Image.Image]:  # fmt: skip
+        """The images for the prompts (the arguments as latents())."""
+        images = self._sample(prompts, steps, guidance_scale, seed, height, width, cuda_graph, progress, decode=True)
+        return _pil_images(images)
+
+    def _sample(self, prompts, steps, guidance_scale, seed, height, width, cuda_graph, progress, decode):
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
@@ -219,51 +247,61 @@ class LCMSampler:
         self._check_size(height, width)
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph: needs a CUDA device, the sampler runs on {self.device}")
-        conditioning = self.encode_prompts(prompts, height, width)
-        self.scheduler.set_timesteps(steps, device=self.device)
+        ids = self.token_ids(prompts)
         if not cuda_graph:
             generator = torch.Generator(self.device).manual_seed(seed)
-            latents = self.initial_latents(len(prompts), height, width, generator)
-            w_embedding = self._guidance(guidance_scale, len(prompts))
-            return self.denoise(conditioning, latents, w_embedding, generator, progress)
-        graph = self._graph_for(conditioning, height, width, steps, guidance_scale)
-        graph.conditioning.copy_(conditioning)
+            sample = self._sampling_run(ids, height, width, steps, guidance_scale, generator, decode, progress)
+            return sample()
+        graph = self._graph_for(ids, height, width, steps, guidance_scale, decode)
+        for static, new in zip(graph.token_ids, ids):
+            static.copy_(new)
         graph.generator.manual_seed(seed)  # the graph draws the initial latents and the noise from here
         graph.graph.replay()
         if progress is not None:
             progress.update(steps)
-        return graph.denoised.clone()
+        return graph.output.clone()
 
-    def __call__(self, prompts, **kwargs) -> list[Image.Image]:
-        return self.decode(self.latents(prompts, **kwargs))
+    def _sampling_run(self, ids, height, width, steps, guidance_scale, generator, decode, progress=None):
+        """The run from token ids to denoised latents (decode: to the images' bytes) as a function of no
+        arguments, its constants (size ids, guidance embedding, timesteps) made now, outside any capture."""
+        batch = ids[0].shape[0]
+        time_ids = self.time_ids(batch, height, width)
+        w_embedding = self._guidance(guidance_scale, batch)
+        self.scheduler.set_timesteps(steps, device=self.device)
 
-    def _graph_for(self, conditioning: Conditioning, height, width, steps, guidance_scale) -> _Graph:
-        """The captured loop for this (batch, size, steps, guidance), captured on first use. It draws the
-        initial latents and the per-step noise from its own generator, whose state is registered with
-        the graph: seeding that generator before a replay gives the eager loop's draws for that seed."""
-        key = (tuple(tuple(t.shape) for t in conditioning.tensors()), height, width, steps, float(guidance_scale))
+        def sample():
+            conditioning = self.encode(ids, time_ids)
+            latents = self.initial_latents(batch, height, width, generator)
+            denoised = self.denoise(conditioning, latents, w_embedding, generator, progress)
+            return self.decode_bytes(denoised) if decode else denoised
+
+        sample.constants = (time_ids, w_embedding, self.scheduler.timesteps)
+        return sample
+
+    def _graph_for(self, ids, height, width, steps, guidance_scale, decode) -> _Graph:
+        """The captured run for this (token shapes, size, steps, guidance, decode), captured on first use. It
+        draws the initial latents and the per-step noise from its own generator, whose state is registered
+        with the graph: seeding that generator before a replay gives the eager run's draws for that seed."""
+        key = (tuple(tuple(i.shape) for i in ids), height, width, steps, float(guidance_scale), decode)
         if key not in self._graphs:
-            batch = len(conditioning)
-            static = conditioning.clone()
-            w_embedding = self._guidance(guidance_scale, batch)
+            static_ids = [i.clone() for i in ids]
             generator = torch.Generator(self.device)
-
-            def sample():
-                latents = self.initial_latents(batch, height, width, generator)
-                return self.denoise(static, latents, w_embedding, generator)
-
+            sample = self._sampling_run(static_ids, height, width, steps, guidance_scale, generator, decode)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside the graph: lazy initialisation, autotuning
+            with torch.cuda.stream(side):  # warm-up outside the graph: lazy initialisation, compilation
                 sample()
             torch.cuda.current_stream().wait_stream(side)
-            self.scheduler.set_timesteps(steps, device=self.device)
             graph = torch.cuda.CUDAGraph()
             graph.register_generator_state(generator)
             with torch.cuda.graph(graph):
-                denoised = sample()
-            self._graphs[key] = _Graph(graph, static, generator, denoised, (w_embedding, self.scheduler.timesteps))
+                output = sample()
+            self._graphs[key] = _Graph(graph, static_ids, generator, output, sample.constants)
         return self._graphs[key]
+
+
+def _pil_images(images: torch.Tensor) -> list[Image.Image]:
+    return [Image.fromarray(image) for image in images.cpu().numpy()]
 
 
 def _fuse_lora(unet, lora: str, xl: bool):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..files import check_pipeline_folder, is_sdxl_folder
-from ..prompts import encode_sd, encode_sdxl
+from ..prompts import encode_sd, encode_sdxl, token_ids
 from ..reward import LatentRewardModel, RewardModel
 
 # The LoRA targets of diffusers' train_lcm_distill_lora_sd.py.
@@ -116,12 +116,14 @@ class Teacher:
 
     def encode_prompts(self, prompts) -> torch.Tensor:
         """SD: the text encoder's last hidden states [B, L, D]."""
-        return encode_sd(self.text_encoder, self.tokenizer, prompts)
+        return encode_sd(self.text_encoder, token_ids(self.tokenizer, prompts, self.text_encoder.device))
 
     def encode_prompts_sdxl(self, prompts) -> tuple:
         """SDXL: both encoders' penultimate hidden states side by side and the pooled projection
         (rglcd_fast.prompts.encode_sdxl)."""
-        return encode_sdxl(self.text_encoder, self.tokenizer, self.text_encoder_2, self.tokenizer_2, prompts)
+        ids = token_ids(self.tokenizer, prompts, self.text_encoder.device)
+        ids_2 = token_ids(self.tokenizer_2, prompts, self.text_encoder_2.device)
+        return encode_sdxl(self.text_encoder, self.text_encoder_2, ids, ids_2)
 
     def unet_conditions(self, prompts, time_ids: torch.Tensor | None = None) -> tuple:
         """The prompts' conditioning of a UNet call: (encoder_hidden_states, the call's other keyword arguments).
