@@ -1,8 +1,9 @@
 """GPU op benchmark: for each op family, eager reference vs torch.compile of the reference vs
 rglcd_fast, forward / backward / forward+backward, at Stable Diffusion latent shapes, fp32 and bf16.
-Reports median µs (CUDA events through triton's do_bench), the kernel time alone (profiler), the
-achieved GB/s of our kernels, % of the device-to-device copy bandwidth measured in the same run, the
-bandwidth floor, and the speedups. Writes benchmarks/results/ops_<card>.md.
+Reports median µs (CUDA events through triton's do_bench), the cost per call inside a replayed CUDA
+graph (what a captured training step or sampler pays: no Python, dispatch or launch gaps), the kernel
+time alone (profiler), the achieved GB/s of our kernels, % of the device-to-device copy bandwidth measured
+in the same run, the bandwidth floor, and the speedups. Writes benchmarks/results/ops_<card>.md.
 
     python benchmarks/bench_ops.py [--families consistency,solver,reward] [--quick] [--out FILE]
 """
@@ -68,6 +69,27 @@ def kernel_us(fn, iters=20):
     return total / iters
 
 
+def graph_us(fn, calls=20):
+    """Per-call time of fn inside a replayed CUDA graph of `calls` calls (captured after a warm-up on a side
+    stream, as torch.cuda.graphs' docs do); NaN where fn cannot be captured (the reason is printed)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+    except RuntimeError as error:
+        print(f"  not capturable: {str(error).splitlines()[0]}")
+        torch.cuda.synchronize()
+        return float("nan")
+    return do_bench(graph.replay) / calls
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", default=",".join(FAMILY_MODULES))
@@ -101,14 +123,15 @@ def main():
             + ", ".join(f"{k} = {'×'.join(map(str, v))}" for k, v in LATENT_SHAPES.items())
             + ".",
             "",
-            "| op | shape | dtype | eager | compile | rglcd_fast | kernel | GB/s | % copy bw | floor | vs eager "
-            "| vs compile |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| op | shape | dtype | eager | compile | rglcd_fast | in graph | kernel | GB/s | % copy bw | floor "
+            "| vs eager | vs compile |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, shape, dtype, t, kernel, achieved, pct, floor_us in rows:
             lines.append(
                 f"| {name} | {shape} | {dtype} | {t['eager']:.1f} | {t['compile']:.1f} | "
-                f"{t['rglcd_fast']:.1f} | {kernel:.1f} | {achieved:,.0f} | {pct:.0f}% | {floor_us:.1f} | "
+                f"{t['rglcd_fast']:.1f} | {t['in graph']:.1f} | {kernel:.1f} | {achieved:,.0f} | {pct:.0f}% | "
+                f"{floor_us:.1f} | "
                 f"{t['eager'] / t['rglcd_fast']:.1f}× | {t['compile'] / t['rglcd_fast']:.1f}× |"
             )
         with open(out, "w") as f:
@@ -124,6 +147,7 @@ def main():
                 timings[provider] = do_bench(fn)
                 if provider == "rglcd_fast":
                     kernel = kernel_us(fn)
+                    timings["in graph"] = graph_us(fn)
             floor_us = case.min_bytes / (copy_gbs * 1e9) * 1e6
             achieved = case.our_bytes / (kernel * 1e-6) / 1e9 if kernel > 0 else float("nan")
             rows.append(
@@ -141,7 +165,8 @@ def main():
             t = timings
             print(
                 f"{case.name:42s} {case.shape_name:12s} {case.dtype_name:5s} eager {t['eager']:8.1f} "
-                f"compile {t['compile']:8.1f} ours {t['rglcd_fast']:7.1f} (kernel {kernel:6.1f}) µs  "
+                f"compile {t['compile']:8.1f} ours {t['rglcd_fast']:7.1f} (in graph {t['in graph']:6.1f}, kernel "
+                f"{kernel:6.1f}) µs  "
                 f"{achieved:6.0f} GB/s {100 * achieved / copy_gbs:4.0f}%  "
                 f"x{t['eager'] / t['rglcd_fast']:.1f} eager x{t['compile'] / t['rglcd_fast']:.1f} compile",
                 flush=True,
