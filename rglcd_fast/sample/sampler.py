@@ -251,6 +251,7 @@ class LCMSampler:
         if not cuda_graph:
             generator = torch.Generator(self.device).manual_seed(seed)
             sample = self._sampling_run(ids, height, width, steps, guidance_scale, generator, decode, progress)
+            self.scheduler.set_timesteps(steps, device=self.device)
             return sample()
         graph = self._graph_for(ids, height, width, steps, guidance_scale, decode)
         for static, new in zip(graph.token_ids, ids):
@@ -263,11 +264,11 @@ class LCMSampler:
 
     def _sampling_run(self, ids, height, width, steps, guidance_scale, generator, decode, progress=None):
         """The run from token ids to denoised latents (decode: to the images' bytes) as a function of no
-        arguments, its constants (size ids, guidance embedding, timesteps) made now, outside any capture."""
+        arguments, with its constants (size ids, guidance embedding) made now, outside any capture. Each run
+        needs the scheduler's timesteps set just before (set_timesteps restarts its step count)."""
         batch = ids[0].shape[0]
         time_ids = self.time_ids(batch, height, width)
         w_embedding = self._guidance(guidance_scale, batch)
-        self.scheduler.set_timesteps(steps, device=self.device)
 
         def sample():
             conditioning = self.encode(ids, time_ids)
@@ -275,7 +276,7 @@ class LCMSampler:
             denoised = self.denoise(conditioning, latents, w_embedding, generator, progress)
             return self.decode_bytes(denoised) if decode else denoised
 
-        sample.constants = (time_ids, w_embedding, self.scheduler.timesteps)
+        sample.constants = (time_ids, w_embedding)
         return sample
 
     def _graph_for(self, ids, height, width, steps, guidance_scale, decode) -> _Graph:
@@ -290,13 +291,16 @@ class LCMSampler:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up outside the graph: lazy initialisation, compilation
+                self.scheduler.set_timesteps(steps, device=self.device)
                 sample()
             torch.cuda.current_stream().wait_stream(side)
+            self.scheduler.set_timesteps(steps, device=self.device)  # the graph reads these timesteps
             graph = torch.cuda.CUDAGraph()
             graph.register_generator_state(generator)
             with torch.cuda.graph(graph):
                 output = sample()
-            self._graphs[key] = _Graph(graph, static_ids, generator, output, sample.constants)
+            constants = (*sample.constants, self.scheduler.timesteps)
+            self._graphs[key] = _Graph(graph, static_ids, generator, output, constants)
         return self._graphs[key]
 
 
