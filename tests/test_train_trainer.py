@@ -293,12 +293,12 @@ def no_tf32():
 
 
 def test_compiled_training_matches_eager(world, tmp_path):
-    """compile_unets: the compiled UNets, student blocks and VAE encoder give eager's losses and weights up
-    to float32 rounding; "student_blocks" everywhere, and on CUDA "all" (the whole student's backward
-    compiled): torch 2.13's CPU inductor backward of the whole UNet2DConditionModel gives wrong gradients
-    (scripts/inductor_cpu_unet_grad.py reproduces it), so "all" is refused on the CPU. AdamW's epsilon is
-    large here so that its update is smooth in the gradient (with a small one the first update is
-    lr·sign(g), and rounding flips the sign of tiny g)."""
+    """compile_unets: the compiled UNets, student blocks and VAE encoder (and decoder, with the direct reward)
+    give eager's losses and weights up to float32 rounding; "student_blocks" everywhere, and on CUDA "all"
+    (the whole student's backward compiled): torch 2.13's CPU inductor backward of the whole
+    UNet2DConditionModel gives wrong gradients (scripts/inductor_cpu_unet_grad.py reproduces it), so "all" is
+    refused on the CPU. AdamW's epsilon is large here so that its update is smooth in the gradient (with a
+    small one the first update is lr·sign(g), and rounding flips the sign of tiny g)."""
     compiled = ("student_blocks", "all") if torch.cuda.is_available() else ("student_blocks",)
     if "all" not in compiled:
         with pytest.raises(ValueError, match="compile_unets"):
@@ -306,19 +306,20 @@ def test_compiled_training_matches_eager(world, tmp_path):
     runs = {}
     with no_tf32():
         for mode in ("none", *compiled):
-            trainer = Trainer(
-                tiny_config(
-                    world, tmp_path / mode, reward_mode="none", max_train_steps=2, compile_unets=mode, adam_epsilon=1.0
+            for reward in ("none", "direct"):  # direct: the compiled VAE decoder's gradient reaches the student
+                out = tmp_path / f"{mode}_{reward}"
+                trainer = Trainer(
+                    tiny_config(world, out, reward_mode=reward, max_train_steps=2, compile_unets=mode, adam_epsilon=1.0)
                 )
-            )
-            trainer.train()
-            with open(tmp_path / mode / "logs.csv") as f:
-                losses = torch.tensor([float(r["loss"]) for r in csv.DictReader(f)])
-            runs[mode] = losses, weights(trainer.accelerator.unwrap_model(trainer.student))
-    for mode in compiled:
-        torch.testing.assert_close(runs[mode][0], runs["none"][0], rtol=1e-4, atol=1e-6, msg=mode)
-        for k, v in runs["none"][1].items():
-            torch.testing.assert_close(runs[mode][1][k], v, rtol=1e-4, atol=1e-5, msg=f"{mode}: {k}")
+                trainer.train()
+                with open(out / "logs.csv") as f:
+                    losses = torch.tensor([float(r["loss"]) for r in csv.DictReader(f)])
+                runs[mode, reward] = losses, weights(trainer.accelerator.unwrap_model(trainer.student))
+    for (mode, reward), (losses, student) in runs.items():
+        eager_losses, eager_student = runs["none", reward]
+        torch.testing.assert_close(losses, eager_losses, rtol=1e-4, atol=1e-6, msg=f"{mode}, reward {reward}")
+        for k, v in eager_student.items():
+            torch.testing.assert_close(student[k], v, rtol=1e-4, atol=1e-5, msg=f"{mode}, reward {reward}: {k}")
 
 
 def test_a_nonfinite_loss_skips_the_update_and_is_counted(world, tmp_path):

@@ -218,8 +218,11 @@ class Trainer:
                 unets = [m for m in unets if not any(p.requires_grad for p in m.parameters())]
             if config.compile_memory_budget is not None:  # process-wide: read when the student's graph compiles
                 torch._functorch.config.activation_memory_budget = config.compile_memory_budget
-            # and the VAE encoder, which encodes the batch in every step (frozen, forward only)
-            for module in (*unets, self.teacher.vae.encoder):
+            # and the VAE encoder, which encodes the batch in every step (frozen, forward only); with a reward,
+            # the VAE decoder too (frozen: the LRM update decodes its candidates, the direct reward
+            # differentiates through it to the student's prediction)
+            vae = self.teacher.vae
+            for module in (*unets, vae.encoder, *((vae.decoder,) if config.reward_mode != "none" else ())):
                 module.compile()
             if config.compile_unets == "student_blocks":
                 compile_blocks(student)
