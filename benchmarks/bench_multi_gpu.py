@@ -67,7 +67,7 @@ def run(args):
         dataset,
         settings,
         device,
-        args.reward == "on",
+        "lrm" if args.reward == "on" else None,
         expert,
         tempfile.mkdtemp(prefix="rglcd_bench_multi_gpu_"),
         args.variant,

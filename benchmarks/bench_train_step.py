@@ -20,16 +20,16 @@ images/s, peak GPU memory since the provider was built):
                       student's blocks one by one), compile_budget ("all" with compile_memory_budget 0.5): the
                       compile variants run after every other provider, reward off unless --compile-reward
                       says otherwise.
-Reward branch: "off" (plain LCD) and "on": the latent-proxy reward (RG-LCD's LRM variant): reward of the
-one-step prediction by the LRM, then the LRM update (A: decode the {prediction, target, real} latents; B:
-decode {prediction, target}, the real candidate is the batch's images; score them with the expert, a
-ViT-L/14-size CLIP with random weights, pairwise KL, the LRM's own AdamW). For the reference it is written
-out with plain torch ops.
+Reward branch (--reward: off, lrm (= on), direct; both = off and lrm; all): "off" (plain LCD); "direct": the
+expert's reward of the decoded one-step prediction, differentiated through the VAE decoder; "lrm" (on): the
+latent-proxy reward (RG-LCD's LRM variant): reward of the one-step prediction by the LRM, then the LRM update
+(decode the {prediction, target, real} latents, score them with the expert, a ViT-L/14-size CLIP with random
+weights, pairwise KL, the LRM's own AdamW). For the reference both are written out with plain torch ops.
 Also: a spot check that both providers' distillation losses (and student gradients) agree on the same
 inputs and draws (fp32, small UNets; also with channels_last UNets), and the two losses at full scale on
 one batch.
 
-    python benchmarks/bench_train_step.py [--steps 10] [--warmup 3] [--reward both|on|off] [--out FILE]
+    python benchmarks/bench_train_step.py [--steps 10] [--warmup 3] [--reward off|lrm|direct|both|all] [--out FILE]
            [--providers reference,rglcd_fast,rglcd_fast_cl,...] [--variant-steps N] [--back-to-back N]
     python benchmarks/bench_train_step.py --small      # CPU smoke run: tiny configs, 2 steps
 """
@@ -59,7 +59,13 @@ from train_step_providers import (  # noqa: E402
 )
 from train_step_report import PROVIDER_NAMES, Report  # noqa: E402
 
-ONLY_REWARD = {"rglcd_fast_decode_one_call": True, "rglcd_fast_bf16_target": False, "rglcd_fast_nockpt": False}
+ONLY_REWARD = {"rglcd_fast_decode_one_call": "lrm", "rglcd_fast_bf16_target": None, "rglcd_fast_nockpt": None}
+# --reward / --compile-reward: the reward branches to run (None: off; "on" and "both" name the LRM branch)
+BRANCHES = {
+    "off": [None], "on": ["lrm"], "lrm": ["lrm"], "direct": ["direct"], "both": [None, "lrm"],
+    "all": [None, "lrm", "direct"],
+}  # fmt: skip
+LABELS = {None: "off", "lrm": "on (LRM)", "direct": "on (direct)"}
 
 
 def main():
@@ -92,10 +98,10 @@ def main():
         default="reference,rglcd_fast,reference_noencode",
         help="comma list of: " + ", ".join(PROVIDER_NAMES) + " (compile variants run last)",
     )
-    parser.add_argument("--reward", choices=("both", "on", "off"), default="both")
+    parser.add_argument("--reward", choices=sorted(BRANCHES), default="both")
     parser.add_argument(
         "--compile-reward",
-        choices=("both", "on", "off"),
+        choices=sorted(BRANCHES),
         default="off",
         help="reward branches of the compile variant (default off)",
     )
@@ -152,19 +158,18 @@ def main():
     dataset = RandomImages(2 * args.batch, args.resolution)
     print(f"teacher parts built in {time.perf_counter() - t0:.1f} s", flush=True)
     expert = None
-    branches = {"both": [False, True], "off": [False], "on": [True]}
     # the order of the runs: every branch's providers, then the compile variant (its compilation is long)
     runs = [
         (name, reward)
-        for reward in branches[args.reward]
+        for reward in BRANCHES[args.reward]
         for name in providers
         if "compile" not in name and ONLY_REWARD.get(name, reward) == reward
     ]
-    runs += [(name, reward) for reward in branches[args.compile_reward] for name in providers if "compile" in name]
+    runs += [(name, reward) for reward in BRANCHES[args.compile_reward] for name in providers if "compile" in name]
     output_dir = tempfile.mkdtemp(prefix="rglcd_bench_train_")
     base_ms = {}
     for name, reward in runs:
-        label = "on (LRM)" if reward else "off"
+        label = LABELS[reward]
         if reward and expert is None:
             expert = build_expert(small, device, torch.bfloat16, parts["tokenizer"])
         main_row = name in ("reference", "rglcd_fast", "reference_noencode")
@@ -207,7 +212,7 @@ def main():
         if name == "reference":
             base_ms[reward] = ms
         print(
-            f"{PROVIDER_NAMES[name]:58s} reward {label:8s} {ms:8.1f} ms/step  "
+            f"{PROVIDER_NAMES[name]:58s} reward {label:11s} {ms:8.1f} ms/step  "
             f"back-to-back {'–' if pipelined is None else f'{pipelined:.1f}':>7}  peak {peak or 0:5.1f} GiB  "
             f"first step {first_s:6.1f} s "
             f"loss {first_loss:.6g}  (built in {built:.0f} s)",

@@ -56,7 +56,8 @@ def pairwise_kl_unfused(scores, expert_logits):
 
 
 class ReferenceProvider:
-    """Provider A: the LCD script's training step (and, reward on, the RG-LCD LRM branch unfused)."""
+    """Provider A: the LCD script's training step (and with a reward the RG-LCD branch unfused: reward "lrm",
+    the latent reward model's score and its update; "direct", the expert's score of the decoded prediction)."""
 
     def __init__(self, parts, dataset, args, device, reward, expert=None, encode_in_step=True):
         from accelerate import Accelerator
@@ -108,7 +109,7 @@ class ReferenceProvider:
                     self._encode_text(batch["caption"]),
                     list(batch["caption"]),
                 )
-        if reward:
+        if reward == "lrm":
             self.lrm = make_lrm(Teacher(folder="", **parts), LRM_WIDTHS, LRM_EMBED_DIM)
             self.lrm_optimizer = torch.optim.AdamW(self.lrm.parameters(), lr=LRM_LR, weight_decay=WEIGHT_DECAY)
 
@@ -172,12 +173,17 @@ class ReferenceProvider:
             else:
                 latents, prompt_embeds, text = self.fixed
             loss, model_pred, target = self.distill_loss(latents, prompt_embeds, mark=tl.mark)
-            if self.reward:  # reward of the one-step prediction by the LRM (its weights not trained by it)
+            if self.reward == "lrm":  # reward of the one-step prediction by the LRM (its weights not trained by it)
                 self.lrm.requires_grad_(False)
                 with acc.autocast():
                     ids = self.lrm.tokenize(text)
                     reward = lrm_scores_unfused(self.lrm, model_pred / scale, lrm_text_features(self.lrm, ids), 1.0)
                 self.lrm.requires_grad_(True)
+                loss = loss + 1.0 * -reward.float().mean()
+            elif self.reward == "direct":  # the expert's cosine of the decoded prediction, through the decoder
+                tl.mark("direct reward: decode + expert")
+                with acc.autocast():
+                    reward = self.expert_cosine(self.decode(model_pred / scale), text)
                 loss = loss + 1.0 * -reward.float().mean()
             tl.mark("backward")
             acc.backward(loss)
@@ -189,7 +195,7 @@ class ReferenceProvider:
             tl.mark("lr sched + zero_grad")
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        if self.reward:
+        if self.reward == "lrm":
             self.lrm_update(model_pred, target, latents, text, scale)
         if acc.sync_gradients:
             tl.mark("EMA")
@@ -197,13 +203,23 @@ class ReferenceProvider:
         logs = {"loss": loss.detach().item(), "lr": self.lr_scheduler.get_last_lr()[0]}  # the script logs each step
         return logs
 
+    def decode(self, latents):
+        vae = self.parts["vae"]
+        return (vae.decode(latents.to(vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
+
+    def expert_cosine(self, images, text):
+        """The expert's cosine of images and text, [B] (the official code's scale-free CLIP reward)."""
+        u = self.expert.image_features(images).float()
+        v = self.expert.text_features(text).float()
+        return (u / u.norm(dim=-1, keepdim=True) * (v / v.norm(dim=-1, keepdim=True))).sum(dim=-1)
+
     def lrm_update(self, model_pred, target, latents, text, scale):
         """The LRM update, plain torch: decode the candidates, expert logits, LRM logits, pairwise KL, AdamW."""
-        tl, vae, expert, lrm = self.timeline, self.parts["vae"], self.expert, self.lrm
+        tl, expert, lrm = self.timeline, self.expert, self.lrm
         candidates = [c.detach().float() for c in (model_pred, target, latents)]
         tl.mark("LRM update: decode candidates")
         with torch.no_grad():
-            images = [(vae.decode((c / scale).to(vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1) for c in candidates]
+            images = [self.decode(c / scale) for c in candidates]
             tl.mark("LRM update: expert scoring")
             v = expert.text_features(text).float()
             v = v / v.norm(dim=-1, keepdim=True)
@@ -266,7 +282,7 @@ class TrainerProvider:
             teacher="sd21-random-in-memory",
             mixed_precision="bf16",
             train_batch_size=args.batch,
-            reward_mode="lrm" if reward else "none",
+            reward_mode=reward or "none",
             reward_model="clip",
             gradient_checkpointing=True,
             validation_steps=0,
@@ -316,8 +332,14 @@ class TrainerProvider:
         add(tr.target.register_forward_hook(pre("loss (+ reward fwd, when on)")))
         add(student.conv_in.weight.register_post_accumulate_grad_hook(pre("clip grad norm")))
         add(tr.optimizer.optimizer.register_step_pre_hook(pre("AdamW")))
-        add(tr.optimizer.optimizer.register_step_post_hook(pre("lr sched + zero_grad" if self.reward else "EMA")))
-        if self.reward:
+        add(
+            tr.optimizer.optimizer.register_step_post_hook(
+                pre("lr sched + zero_grad" if self.reward == "lrm" else "EMA")
+            )
+        )
+        if self.reward == "direct":
+            add(tr.teacher.vae.decoder.register_forward_pre_hook(pre("direct reward: decode + expert")))
+        if self.reward == "lrm":
             g = tr.guidance
             add(tr.teacher.vae.decoder.register_forward_pre_hook(pre("LRM update: decode candidates")))
             add(g.expert.register_forward_pre_hook(pre("LRM update: expert scoring")))
