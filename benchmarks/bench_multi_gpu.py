@@ -1,16 +1,19 @@
 """GPU benchmark: data-parallel RG-LCD training on one and several GPUs of one host (accelerate, NCCL).
 
-Each process builds the SD2.1-architecture teacher with random weights (the configs and seeds of
-bench_train_step.py, so every rank starts from the same weights), then times Trainer.train_step (the
-train-step benchmark's provider B: 768 px, batch 8 per GPU, bf16 mixed precision, gradient
-checkpointing; --variant: one of its B variants instead, e.g. rglcd_fast_compile_blocks), reward branch
-off (LCD) or on (LRM). After the timed steps every rank's student and target weights are compared
-(per-tensor float64 sums and sums of squares, gathered): ranks in sync or the run fails. Rank 0 appends
-one JSON line to --json; --report turns the lines into the results table, with the scaling efficiency
-(N-GPU images/s ÷ (N × 1-GPU images/s)) and, with --digits, the images/s of digits-world runs of
-`rglcd-fast train` read from their logs.csv.
+Each process builds the SD2.1-architecture teacher (--arch sdxl: SDXL's, 1024 px) with random weights (the
+configs and seeds of bench_train_step.py, so every rank starts from the same weights), then times
+Trainer.train_step (the train-step benchmark's provider B: 768 px, batch 8 per GPU, bf16 mixed precision,
+gradient checkpointing; --variant: one of its B variants instead, e.g. rglcd_fast_compile_blocks, or
+rglcd_fast_fsdp: the full student and its target sharded with FSDP2), reward branch off (LCD) or on (LRM).
+After the timed steps every rank's student and target weights are compared (per-tensor float64 sums and
+sums of squares, gathered; FSDP: the LRM's only, the shards differ by rank): ranks in sync or the run
+fails. Rank 0 appends one JSON line to --json; --report turns the lines into the results table, with the
+scaling efficiency against the fewest GPUs measured (N-GPU images/s ÷ (N / M × M-GPU images/s)) and, with
+--digits, the images/s of digits-world runs of `rglcd-fast train` read from their logs.csv.
 
     accelerate launch --num_processes 2 --multi_gpu benchmarks/bench_multi_gpu.py --reward off --json runs.jsonl
+    accelerate launch --num_processes 2 --multi_gpu benchmarks/bench_multi_gpu.py --arch sdxl \\
+        --variant rglcd_fast_fsdp --batch 4 --json runs.jsonl
     python benchmarks/bench_multi_gpu.py --report runs.jsonl --digits 1:DIR 2:DIR --out results/multi_gpu_<card>.md
     torchrun --nproc_per_node 2 benchmarks/bench_multi_gpu.py --small --json /tmp/runs.jsonl   # CPU (gloo) smoke run
 `bash scripts/gpu_check.sh multi_gpu` runs the whole set on a machine of several GPUs.
@@ -30,10 +33,15 @@ import types
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.join(HERE, "..")]
+sys.path[:0] = [HERE, os.path.join(HERE, ".."), os.path.join(HERE, "..", "tests")]
 
-import bench_train_step as bench  # noqa: E402  (model configs, random data, the step timer)
 from report import commit_id  # noqa: E402
+from train_step_harness import synchronize, time_steps  # noqa: E402
+from train_step_models import RandomImages, build_expert, build_sdxl_teacher_parts, build_teacher_parts  # noqa: E402
+from train_step_providers import TRAINER_VARIANTS, TrainerProvider  # noqa: E402
+from train_step_report import PROVIDER_NAMES  # noqa: E402
+
+ARCH_NAMES = {"sd21": "SD2.1", "sdxl": "SDXL"}
 
 
 def fingerprint(modules):
@@ -57,12 +65,13 @@ def run(args):
     else:
         raise SystemExit("no CUDA device: run with --small for the CPU smoke run")
     t0 = time.perf_counter()
-    parts = bench.build_teacher_parts(args.small, device, torch.bfloat16, "epsilon")
-    expert = bench.build_expert(args.small, device, torch.bfloat16, parts["tokenizer"]) if args.reward == "on" else None
+    build = build_sdxl_teacher_parts if args.arch == "sdxl" else build_teacher_parts
+    parts = build(args.small, device, torch.bfloat16, "epsilon")
+    expert = build_expert(args.small, device, torch.bfloat16, parts["tokenizer"]) if args.reward == "on" else None
     world = int(os.environ.get("WORLD_SIZE", 1))
-    dataset = bench.RandomImages(2 * args.batch * world, args.resolution)
+    dataset = RandomImages(2 * args.batch * world, args.resolution)
     settings = types.SimpleNamespace(batch=args.batch, resolution=args.resolution)
-    provider = bench.TrainerProvider(
+    provider = TrainerProvider(
         parts,
         dataset,
         settings,
@@ -91,24 +100,28 @@ def run(args):
     start = time.perf_counter()
     for _ in range(args.warmup):
         provider.step()
-    bench.synchronize(device)
+    synchronize(device)
     warmup_s = time.perf_counter() - start
     warmup_peak = peak_gib()
-    times, _, _, _ = bench.time_steps(provider.step, device, 1, args.steps)
+    times, _, _, _ = time_steps(provider.step, device, 1, args.steps)
     steady_peak = peak_gib()
 
     student = acc.unwrap_model(trainer.student)
-    modules = [student] + ([trainer.target] if trainer.target is not None else [])
+    # FSDP: every rank holds its own shard of the student and target, so only the replicated LRM compares
+    modules = [] if trainer.config.fsdp else [student] + ([trainer.target] if trainer.target is not None else [])
     if trainer.guidance is not None and trainer.guidance.lrm is not None:
         modules.append(trainer.guidance.lrm)
-    prints = acc.gather(fingerprint(modules)[None].to(device))
-    in_sync = all(torch.equal(prints[0], p) for p in prints[1:])
+    in_sync = None
+    if modules:
+        prints = acc.gather(fingerprint(modules)[None].to(device))
+        in_sync = all(torch.equal(prints[0], p) for p in prints[1:])
     # every rank's step times: the slowest rank's median sets the pace (the all-reduce waits for it)
     medians = acc.gather(torch.tensor([statistics.median(times)], device=device))
     ms = medians.max().item()
     if acc.is_main_process:
         row = dict(
             world=world,
+            arch=args.arch,
             reward=args.reward,
             variant=args.variant,
             small=args.small,
@@ -134,7 +147,7 @@ def run(args):
             with open(args.json, "a") as f:
                 f.write(json.dumps(row) + "\n")
     trainer.finish()
-    if not in_sync:
+    if in_sync is False:
         raise SystemExit("ranks out of sync: their student / target / LRM weights differ after the timed steps")
 
 
@@ -158,38 +171,43 @@ def report(args):
         f"# Multi-GPU training: {r0['card']}",
         "",
         f"torch {r0['torch']}; commit {commit}; {datetime.date.today().isoformat()}; "
-        f"backend {rows[-1]['backend']}, one process per GPU (accelerate launch), DDP. Data parallel: batch "
-        f"{r0['batch_per_gpu']} per GPU at {r0['resolution']} px, so N GPUs train N× the images a step. "
-        f"{'Tiny configs (smoke run)' if r0['small'] else 'SD2.1 architecture with random weights'}, "
+        f"backend {rows[-1]['backend']}, one process per GPU (accelerate launch), DDP (fsdp rows: FSDP2). Data "
+        f"parallel: each GPU its own batch (the arch column's), so N GPUs train N× the images a step. "
+        f"{'Tiny configs (smoke run)' if r0['small'] else 'SD2.1 or SDXL architecture with random weights'}, "
         "bf16 mixed precision, gradient checkpointing, "
         "Trainer.train_step (bench_train_step.py's provider B). ms/step: the slowest rank's median over n "
         "steps after warm-up, each from a synchronised device to a synchronised device. Peak memory: "
         "torch.cuda.max_memory_allocated, the largest rank's, over the warm-up steps (DDP rebuilds its "
         "buckets after the first) and over the timed steps. Scaling "
-        "efficiency: N-GPU images/s ÷ (N × 1-GPU images/s). In sync: every rank's student, EMA target "
-        "and LRM weights compared after the timed steps.",
+        "efficiency: N-GPU images/s ÷ (N / M × M-GPU images/s), M the fewest GPUs of that row group (1, or "
+        "for a student that fits only sharded, 2). In sync: every rank's student, EMA target and LRM "
+        "weights compared after the timed steps (FSDP: the LRM only; the student's shards differ by rank).",
         "",
-        "| trainer | reward branch | GPUs | ms/step (min–max, n) | images/s | scaling efficiency | "
-        "peak GiB / GPU: warm-up, timed steps | "
-        "in sync |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arch | trainer | reward branch | GPUs | ms/step (min–max, n) | images/s | scaling efficiency | "
+        "peak GiB / GPU: warm-up, timed steps | in sync |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         r.setdefault("variant", "rglcd_fast")  # rows written before --variant existed
-    for variant in dict.fromkeys(r["variant"] for r in rows):
+        r.setdefault("arch", "sd21")  # and before --arch
+    for arch, variant in dict.fromkeys((r["arch"], r["variant"]) for r in rows):
         for reward in ("off", "on"):
             runs = sorted(
-                (r for r in rows if r["reward"] == reward and r["variant"] == variant), key=lambda r: r["world"]
+                (r for r in rows if (r["arch"], r["variant"], r["reward"]) == (arch, variant, reward)),
+                key=lambda r: r["world"],
             )
-            one = next((r["images_per_s"] for r in runs if r["world"] == 1), None)
+            base = runs[0] if runs else None  # the fewest GPUs
             for r in runs:
-                eff = f"{r['images_per_s'] / (r['world'] * one):.1%}" if one and r["world"] > 1 else "–"
+                expected = r["world"] / base["world"] * base["images_per_s"]
+                eff = f"{r['images_per_s'] / expected:.1%}" if r["world"] > base["world"] else "–"
                 label = "on (LRM)" if reward == "on" else "off"
+                sync = {True: "yes", False: "NO", None: "– (sharded)"}[r["in_sync"]]
                 lines.append(
-                    f"| {bench.PROVIDER_NAMES[variant]} | {label} | {r['world']} | "
+                    f"| {ARCH_NAMES[arch]}, {r['resolution']} px, batch {r['batch_per_gpu']} / GPU | "
+                    f"{PROVIDER_NAMES[variant]} | {label} | {r['world']} | "
                     f"{r['ms']:.1f} ({r['lo']:.1f}–{r['hi']:.1f}, n={r['n']}) | {r['images_per_s']:.2f} | "
                     f"{eff} | {r['warmup_peak_gib']:.1f}, {r['peak_gib']:.1f} | "
-                    f"{'yes' if r['in_sync'] else 'NO'} |"
+                    f"{sync} |"
                 )
     if args.digits:
         runs = []
@@ -218,17 +236,18 @@ def report(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=sorted(ARCH_NAMES), default="sd21", help="the teacher's architecture")
     parser.add_argument("--reward", choices=("off", "on"), default="off")
     parser.add_argument(
         "--variant",
-        choices=sorted(bench.TRAINER_VARIANTS),
+        choices=sorted(TRAINER_VARIANTS),
         default="rglcd_fast",
         help="the trainer's settings (bench_train_step.py's B variants; default: its defaults)",
     )
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10; --small: 2)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps, >= 1 (default 3; --small: 1)")
     parser.add_argument("--batch", type=int, default=None, help="per GPU (default 8; --small: 2)")
-    parser.add_argument("--resolution", type=int, default=None, help="default 768 (--small: 32)")
+    parser.add_argument("--resolution", type=int, default=None, help="default 768, SDXL 1024 (--small: 32)")
     parser.add_argument("--small", action="store_true", help="tiny configs, CPU or GPU: a quick smoke run")
     parser.add_argument("--json", default=None, help="append this run's row here (rank 0)")
     parser.add_argument("--report", default=None, help="JSON lines of runs: write the table instead of running")
@@ -246,7 +265,7 @@ def main():
     args.steps = args.steps or (2 if args.small else 10)
     args.warmup = max(1, args.warmup or (1 if args.small else 3))
     args.batch = args.batch or (2 if args.small else 8)
-    args.resolution = args.resolution or (32 if args.small else 768)
+    args.resolution = args.resolution or (32 if args.small else 1024 if args.arch == "sdxl" else 768)
     run(args)
 
 

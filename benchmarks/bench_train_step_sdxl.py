@@ -30,44 +30,9 @@ sys.path[:0] = [os.path.join(HERE, ".."), os.path.join(HERE, "..", "tests")]
 import lcd_script  # noqa: E402  (tests/ is on the path only now)
 from report import commit_id  # noqa: E402
 from train_step_harness import synchronize, time_steps  # noqa: E402
-from train_step_models import HUBER_C, MAX_GRAD_NORM, make_scheduler  # noqa: E402
+from train_step_models import HUBER_C, MAX_GRAD_NORM, make_scheduler, sdxl_unet_config  # noqa: E402
 
 LORA_LR = 1e-4
-
-
-def sdxl_unet_config(small):
-    """stabilityai/stable-diffusion-xl-base-1.0's UNet config (small: a tiny UNet of the same kind)."""
-    if small:
-        return dict(
-            sample_size=8,
-            block_out_channels=(32, 64),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            layers_per_block=1,
-            transformer_layers_per_block=(1, 1),
-            attention_head_dim=(2, 4),
-            cross_attention_dim=64,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=6 * 8 + 32,
-            use_linear_projection=True,
-            norm_num_groups=8,
-        )
-    return dict(
-        sample_size=128,
-        block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=2,
-        transformer_layers_per_block=(1, 2, 10),
-        attention_head_dim=(5, 10, 20),
-        cross_attention_dim=2048,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-        use_linear_projection=True,
-        norm_num_groups=32,
-    )
 
 
 def build_lora_unet(small, device, dtype, rank):

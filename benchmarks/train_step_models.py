@@ -174,6 +174,58 @@ def expert_config(small):
     )
 
 
+def sdxl_unet_config(small):
+    """stabilityai/stable-diffusion-xl-base-1.0's UNet config (small: a tiny UNet of the same kind)."""
+    if small:
+        return dict(
+            sample_size=8,
+            block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            layers_per_block=1,
+            transformer_layers_per_block=(1, 1),
+            attention_head_dim=(2, 4),
+            cross_attention_dim=64,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+            use_linear_projection=True,
+            norm_num_groups=8,
+        )
+    return dict(
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+        use_linear_projection=True,
+        norm_num_groups=32,
+    )
+
+
+def sdxl_text_configs(small):
+    """SDXL's two text encoders: CLIP ViT-L/14's text tower, and OpenCLIP bigG/14's with its projection (small:
+    tiny ones whose widths add up to the tiny SDXL UNet's cross-attention width)."""
+    from transformers import CLIPTextConfig
+
+    ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, vocab_size=49408, max_position_embeddings=77)
+    if small:
+        clip_l = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+        big_g = dict(clip_l, projection_dim=32)
+    else:
+        clip_l = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                      hidden_act="quick_gelu")  # fmt: skip
+        big_g = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                     hidden_act="gelu", projection_dim=1280)  # fmt: skip
+    return CLIPTextConfig(**ids, **clip_l), CLIPTextConfig(**ids, **big_g)
+
+
 def make_tokenizer():
     """A local character-level CLIP tokenizer (tests/tiny_pipeline.py) with model_max_length 77."""
     from tiny_pipeline import tiny_tokenizer
@@ -217,6 +269,30 @@ def build_teacher_parts(small, device, dtype, prediction_type):
         vae=frozen(vae, device, dtype),
         text_encoder=frozen(text_encoder, device, dtype),
         tokenizer=make_tokenizer(),
+        noise_scheduler=make_scheduler(prediction_type),
+    )
+
+
+def build_sdxl_teacher_parts(small, device, dtype, prediction_type):
+    """build_teacher_parts for an SDXL-architecture teacher: the UNet and both text encoders in dtype, the VAE
+    in float32 (as the trainer keeps SDXL's), one local tokenizer for both encoders."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    clip_l, big_g = sdxl_text_configs(small)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**sdxl_unet_config(small))
+        vae = AutoencoderKL(**dict(vae_config(small), scaling_factor=0.13025, force_upcast=True))
+        text_encoder, text_encoder_2 = CLIPTextModel(clip_l), CLIPTextModelWithProjection(big_g)
+    tokenizer = make_tokenizer()
+    return dict(
+        unet=frozen(unet, device, dtype),
+        vae=frozen(vae, device, torch.float32),
+        text_encoder=frozen(text_encoder, device, dtype),
+        text_encoder_2=frozen(text_encoder_2, device, dtype),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
         noise_scheduler=make_scheduler(prediction_type),
     )
 

@@ -265,6 +265,8 @@ TRAINER_VARIANTS = {
     "rglcd_fast_compile_frozen": {"compile_unets": "frozen"},
     "rglcd_fast_compile_blocks": {"compile_unets": "student_blocks"},
     "rglcd_fast_compile_budget": {"compile_unets": "all", "compile_memory_budget": 0.5},
+    "rglcd_fast_fsdp": {"fsdp": True},  # several processes: the full student and its target sharded (FSDP2)
+    "rglcd_fast_fsdp_shard_teacher": {"fsdp": True, "fsdp_shard_teacher": True},
 }
 
 
@@ -297,6 +299,8 @@ class TrainerProvider:
             learning_rate=LR,
             lrm_learning_rate=LRM_LR,
         )
+        if "text_encoder_2" in parts:  # SDXL: the random images carry no original sizes or crops
+            settings["use_fix_crop_and_size"] = True
         config = make_config(**{**settings, **overrides})
         self.parts = parts
         teacher = Teacher(folder="", **parts)

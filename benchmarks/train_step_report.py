@@ -21,6 +21,8 @@ PROVIDER_NAMES = {
     "rglcd_fast_compile_frozen": "B, compile_unets=frozen",
     "rglcd_fast_compile_blocks": "B, compile_unets=student_blocks",
     "rglcd_fast_compile_budget": "B, compile_unets=all, compile_memory_budget=0.5",
+    "rglcd_fast_fsdp": "B, fsdp (student and target sharded, teacher replicated)",
+    "rglcd_fast_fsdp_shard_teacher": "B, fsdp, teacher sharded too",
 }
 # variants measured in one reward branch only: the LRM's decode (on); the target's dtype and checkpointing
 # (off: their effect does not depend on the branch)

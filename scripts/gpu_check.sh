@@ -87,7 +87,7 @@ if [[ " $stages " == *" train_sdxl "* ]]; then  # the LCM-LoRA step at SDXL scal
     | tee "$OUT/train_step_sdxl.log" | tail -10
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
-if [[ " $stages " == *" multi_gpu "* ]]; then  # MULTI_GPU_PARTS: any of sd21 digits pytest (default all); MULTI_GPU_ARGS,
+if [[ " $stages " == *" multi_gpu "* ]]; then  # MULTI_GPU_PARTS: any of sd21 fsdp_sdxl digits pytest (default all); MULTI_GPU_ARGS,
   # MULTI_GPU_REWARD and MULTI_GPU_COUNTS (GPUs a run, default "1 N") narrow the sd21 runs
   gpus=$(nvidia-smi -L | wc -l)
   launch() {  # launch N ARGS...: one process per GPU on the first N GPUs
@@ -95,7 +95,7 @@ if [[ " $stages " == *" multi_gpu "* ]]; then  # MULTI_GPU_PARTS: any of sd21 di
     accelerate launch --num_processes "$n" --num_machines 1 $([ "$n" -gt 1 ] && echo --multi_gpu) \
       --mixed_precision bf16 --dynamo_backend no "$@"
   }
-  parts=${MULTI_GPU_PARTS:-sd21 digits pytest}
+  parts=${MULTI_GPU_PARTS:-sd21 fsdp_sdxl digits pytest}
   if [[ " $parts " == *" sd21 "* ]]; then
     for reward in ${MULTI_GPU_REWARD:-off on}; do
       for n in ${MULTI_GPU_COUNTS:-1 $gpus}; do  # e.g. one count a call for a compile variant (minutes each)
@@ -103,6 +103,14 @@ if [[ " $stages " == *" multi_gpu "* ]]; then  # MULTI_GPU_PARTS: any of sd21 di
           ${MULTI_GPU_ARGS:-} > "$OUT/sd21_reward_${reward}_${n}gpu.log" 2>&1 || { status=1; tail -20 "$OUT/sd21_reward_${reward}_${n}gpu.log"; }
         tail -1 "$OUT/sd21_reward_${reward}_${n}gpu.log"
       done
+    done
+  fi
+  if [[ " $parts " == *" fsdp_sdxl "* ]]; then  # the full SDXL student sharded (FSDP2) on 2 and on all GPUs
+    for n in $(printf '%s\n' 2 "$gpus" | sort -nu); do  # (one 80 GB GPU does not hold it with AdamW)
+      launch "$n" benchmarks/bench_multi_gpu.py --arch sdxl --variant rglcd_fast_fsdp --batch "${FSDP_SDXL_BATCH:-4}" \
+        --json "$OUT/multi_gpu.jsonl" ${FSDP_SDXL_ARGS:-} > "$OUT/sdxl_fsdp_${n}gpu.log" 2>&1 \
+        || { status=1; tail -20 "$OUT/sdxl_fsdp_${n}gpu.log"; }
+      tail -1 "$OUT/sdxl_fsdp_${n}gpu.log"
     done
   fi
   digits=()
@@ -122,8 +130,8 @@ if [[ " $stages " == *" multi_gpu "* ]]; then  # MULTI_GPU_PARTS: any of sd21 di
     done
     echo "resumed run: steps $(cut -d, -f1 /tmp/digits_${gpus}gpu/logs.csv | tr '\n' ' ')"
   fi
-  if [[ " $parts " == *" pytest "* ]]; then  # NCCL: in sync, bitwise resume
-    python3 -m pytest -q tests/test_train_trainer.py -k two_processes -p no:cacheprovider \
+  if [[ " $parts " == *" pytest "* ]]; then  # NCCL: in sync, bitwise resume (DDP, and the FSDP student)
+    python3 -m pytest -q tests/test_train_trainer.py -k "two_processes or two_ranks" -p no:cacheprovider \
       > "$OUT/two_ranks_nccl.log" 2>&1 || status=1
     echo "two-rank trainer test (NCCL): $(tail -1 "$OUT/two_ranks_nccl.log")"
   fi
