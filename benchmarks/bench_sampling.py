@@ -35,7 +35,7 @@ sys.path[:0] = [HERE, os.path.join(HERE, "..", "tests")]
 
 from report import commit_id  # noqa: E402
 
-ARCHS = {"sd15": dict(name="SD1.5", size=512, batches="1,4"), "sdxl": dict(name="SDXL", size=1024, batches="1")}
+ARCHS = {"sd15": dict(name="SD1.5", batches="1,4"), "sdxl": dict(name="SDXL", batches="1")}  # 512 px, 1024 px
 PROMPT = "a photo of a cat sitting on a wooden bench"
 
 
@@ -63,84 +63,56 @@ def timed(fn, device, runs, warmup=2):
     return first, statistics.median(times)
 
 
-def clip_config(small, vocab_size, **overrides):
-    from transformers import CLIPTextConfig
-
+def sd15_unet_config(small):
+    """runwayml/stable-diffusion-v1-5's UNet config (small: a tiny one), plus an LCM's guidance embedding."""
     if small:
-        size = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
-    else:  # CLIP ViT-L/14's text tower (SD1.5, and SDXL's first encoder)
-        size = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
-    return CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=77, **{**size, **overrides})
+        size = dict(
+            sample_size=16,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            norm_num_groups=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+        )
+    else:
+        size = dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768)
+    return dict(size, attention_head_dim=8, time_cond_proj_dim=256)
 
 
 def make_sampler(arch, small, device, dtype):
-    """SD1.5- or SDXL-architecture components with random weights (configs only, no downloads)."""
+    """SD1.5- or SDXL-architecture components with random weights (configs only, no downloads): the LCM UNet
+    (SDXL: with LCM-SDXL's guidance embedding), the VAE (SDXL's in float32, as LCMSampler.from_pretrained
+    loads it), the text encoder(s)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from tiny_pipeline import tiny_tokenizer
+    from train_step_models import (
+        big_g_text_config,
+        clip_l_text_config,
+        make_tokenizer,
+        sdxl_unet_config,
+        sdxl_vae_config,
+        vae_config,
+    )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from rglcd_fast.sample import LCMSampler
     from rglcd_fast.schedulers import FusedLCMScheduler
 
     torch.manual_seed(0)
-    tokenizer, vocab_size = tiny_tokenizer(os.path.join("/tmp", "rglcd_bench_tokenizer"))
-    tokenizer.model_max_length = 77
-    size = 64 if small else ARCHS[arch]["size"]
-    xl = arch == "sdxl"
-    unet_size = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8) if small else {}
-    if not xl:
-        unet = UNet2DConditionModel(
-            sample_size=size // 8,
-            cross_attention_dim=32 if small else 768,
-            attention_head_dim=8,
-            time_cond_proj_dim=256,
-            **(
-                dict(
-                    unet_size,
-                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                )
-                if small
-                else dict(block_out_channels=(320, 640, 1280, 1280))
-            ),  # fmt: skip
-        )
+    tokenizer = make_tokenizer()
+    if arch == "sdxl":
+        unet = UNet2DConditionModel(**sdxl_unet_config(small), time_cond_proj_dim=256)
+        vae = AutoencoderKL(**sdxl_vae_config(small)).to(device, torch.float32)
+        text_encoder_2 = CLIPTextModelWithProjection(big_g_text_config(small)).to(device, dtype).eval()
+        extra = dict(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer)
+    else:
+        unet = UNet2DConditionModel(**sd15_unet_config(small))
+        vae = AutoencoderKL(**vae_config(small)).to(device, dtype)
         extra = {}
-    else:  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, plus LCM-SDXL's guidance embedding
-        unet = UNet2DConditionModel(
-            sample_size=size // 8,
-            cross_attention_dim=64 if small else 2048,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D") + (() if small else ("CrossAttnDownBlock2D",)),
-            up_block_types=(() if small else ("CrossAttnUpBlock2D",)) + ("CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 1) if small else (1, 2, 10),
-            attention_head_dim=(2, 4) if small else (5, 10, 20),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8 if small else 256,
-            projection_class_embeddings_input_dim=6 * 8 + 32 if small else 2816,
-            time_cond_proj_dim=256,
-            **(unet_size if small else dict(block_out_channels=(320, 640, 1280))),
-        )
-        # the OpenCLIP bigG/14 text tower with its projection
-        big_g = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20)
-        config = clip_config(small, vocab_size, projection_dim=32 if small else 1280, hidden_act="gelu",
-                             **({} if small else big_g))  # fmt: skip
-        extra = dict(text_encoder_2=CLIPTextModelWithProjection(config).to(device, dtype).eval(), tokenizer_2=tokenizer)
-    vae = AutoencoderKL(
-        block_out_channels=(32, 32, 32, 32) if small else (128, 256, 512, 512),
-        latent_channels=4,
-        layers_per_block=1 if small else 2,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=32,
-        sample_size=size,
-        force_upcast=xl,  # SDXL decodes in float32
-        scaling_factor=0.13025 if xl else 0.18215,
-    )
-    vae_dtype = torch.float32 if xl else dtype  # as LCMSampler.from_pretrained loads it
     return LCMSampler(
         unet=unet.to(device, dtype).eval(),
-        vae=vae.to(device, vae_dtype).eval(),
-        text_encoder=CLIPTextModel(clip_config(small, vocab_size)).to(device, dtype).eval(),
+        vae=vae.eval(),
+        text_encoder=CLIPTextModel(clip_l_text_config(small)).to(device, dtype).eval(),
         tokenizer=tokenizer,
         scheduler=FusedLCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
         device=device,

@@ -94,6 +94,11 @@ def vae_config(small):
     )
 
 
+def sdxl_vae_config(small):
+    """SDXL's VAE: SD's architecture, its own latent scale, decoded in float32 (force_upcast)."""
+    return dict(vae_config(small), scaling_factor=0.13025, force_upcast=True)
+
+
 def text_config(small):
     from transformers import CLIPTextConfig
 
@@ -209,21 +214,31 @@ def sdxl_unet_config(small):
     )
 
 
-def sdxl_text_configs(small):
-    """SDXL's two text encoders: CLIP ViT-L/14's text tower, and OpenCLIP bigG/14's with its projection (small:
-    tiny ones whose widths add up to the tiny SDXL UNet's cross-attention width)."""
+def clip_l_text_config(small):
+    """CLIP ViT-L/14's text tower: SD1.5's text encoder and SDXL's first (small: a tiny one)."""
     from transformers import CLIPTextConfig
 
-    ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, vocab_size=49408, max_position_embeddings=77)
     if small:
-        clip_l = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-        big_g = dict(clip_l, projection_dim=32)
+        size = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
     else:
-        clip_l = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                      hidden_act="quick_gelu")  # fmt: skip
-        big_g = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                     hidden_act="gelu", projection_dim=1280)  # fmt: skip
-    return CLIPTextConfig(**ids, **clip_l), CLIPTextConfig(**ids, **big_g)
+        size = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                    hidden_act="quick_gelu")  # fmt: skip
+    return CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, vocab_size=49408, max_position_embeddings=77,
+                          **size)  # fmt: skip
+
+
+def big_g_text_config(small):
+    """OpenCLIP bigG/14's text tower with its projection: SDXL's second text encoder (small: a tiny one, whose
+    width and clip_l_text_config's add up to the tiny SDXL UNet's cross-attention width)."""
+    from transformers import CLIPTextConfig
+
+    if small:
+        size = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
+    else:
+        size = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                    hidden_act="gelu", projection_dim=1280)  # fmt: skip
+    return CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, vocab_size=49408, max_position_embeddings=77,
+                          **size)  # fmt: skip
 
 
 def make_tokenizer():
@@ -280,11 +295,11 @@ def build_sdxl_teacher_parts(small, device, dtype, prediction_type):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
-    clip_l, big_g = sdxl_text_configs(small)
     with torch.device(device):
         unet = UNet2DConditionModel(**sdxl_unet_config(small))
-        vae = AutoencoderKL(**dict(vae_config(small), scaling_factor=0.13025, force_upcast=True))
-        text_encoder, text_encoder_2 = CLIPTextModel(clip_l), CLIPTextModelWithProjection(big_g)
+        vae = AutoencoderKL(**sdxl_vae_config(small))
+        text_encoder = CLIPTextModel(clip_l_text_config(small))
+        text_encoder_2 = CLIPTextModelWithProjection(big_g_text_config(small))
     tokenizer = make_tokenizer()
     return dict(
         unet=frozen(unet, device, dtype),
