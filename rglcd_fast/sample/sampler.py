@@ -200,7 +200,7 @@ class LCMSampler:
     def decode_bytes(self, denoised: torch.Tensor) -> torch.Tensor:
         """The VAE's images as 8-bit RGB [B, H, W, 3] on the device, rounded as diffusers' image processor does."""
         images = self.vae.decode((denoised / self.vae.config.scaling_factor).to(self.vae.dtype), return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        return (images.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
     @torch.no_grad()
     def decode(self, denoised: torch.Tensor) -> list[Image.Image]:
