@@ -82,6 +82,11 @@ class FusedLCMScheduler(_FusedStepMixin, LCMScheduler):
         )
         self._rglcd_prev_timesteps = {}
 
+    def restart(self) -> None:
+        """Starts the schedule over: the next step() is its first. set_timesteps does it too, but rebuilds the
+        timesteps on the device; this keeps them (a captured CUDA graph reads those tensors)."""
+        self._step_index = None
+
     def _prev_timesteps_on(self, device: torch.device) -> list:
         """For each step index but the last, the schedule's next timestep as a [1] tensor on `device`,
         built once per set_timesteps."""

@@ -152,6 +152,20 @@ def test_cli_sample_writes_a_grid(lcm_folder, tmp_path, capsys):
     assert "model: no such folder" in capsys.readouterr().err
 
 
+def test_a_sampling_run_repeats(lcm_folder):
+    """The function a CUDA graph captures runs twice (the warm-up, then the capture): each run starts the schedule
+    from its first step (FusedLCMScheduler.restart), so a second run equals the first. (Without it the second
+    run stepped on from the end of the schedule and the captured latents were off by ~45.)"""
+    sampler = LCMSampler.from_pretrained(lcm_folder, device="cpu")
+    generator = torch.Generator()
+    run = sampler._sampling_run(sampler.token_ids(["a digit seven"]), 16, 16, 4, 8.0, generator, decode=False)
+    with torch.no_grad():
+        first = run()
+        generator.manual_seed(generator.initial_seed())
+        torch.testing.assert_close(run(), first, rtol=0, atol=0)
+    torch.testing.assert_close(sampler.latents("a digit seven", steps=4, seed=generator.initial_seed()), first)
+
+
 @pytest.mark.skipif(not CUDA_GRAPHS, reason="CUDA graphs need CUDA and its caching allocator")
 @pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
 def test_cuda_graph_equals_eager(lcm_folder, xl_folders, xl):

@@ -186,8 +186,10 @@ class LCMSampler:
         return guidance_scale_embedding(w, embedding_dim=dim).to(self.device, self.dtype)
 
     def denoise(self, conditioning: Conditioning, latents, w_embedding, generator, progress=None):
-        """The LCM loop over the scheduler's timesteps (set_timesteps first): a UNet call and a fused step
-        per timestep; returns the last denoised latents. Nothing in it copies between host and device."""
+        """The LCM loop over the scheduler's timesteps (set_timesteps first), from the first step: a UNet call
+        and a fused step per timestep; returns the last denoised latents. Nothing in it copies between host
+        and device."""
+        self.scheduler.restart()
         denoised = latents
         unet_kwargs = conditioning.unet_kwargs()
         for t in self.scheduler.timesteps:
@@ -250,9 +252,7 @@ class LCMSampler:
         ids = self.token_ids(prompts)
         if not cuda_graph:
             generator = torch.Generator(self.device).manual_seed(seed)
-            sample = self._sampling_run(ids, height, width, steps, guidance_scale, generator, decode, progress)
-            self.scheduler.set_timesteps(steps, device=self.device)
-            return sample()
+            return self._sampling_run(ids, height, width, steps, guidance_scale, generator, decode, progress)()
         graph = self._graph_for(ids, height, width, steps, guidance_scale, decode)
         for static, new in zip(graph.token_ids, ids):
             static.copy_(new)
@@ -264,11 +264,12 @@ class LCMSampler:
 
     def _sampling_run(self, ids, height, width, steps, guidance_scale, generator, decode, progress=None):
         """The run from token ids to denoised latents (decode: to the images' bytes) as a function of no
-        arguments, with its constants (size ids, guidance embedding) made now, outside any capture. Each run
-        needs the scheduler's timesteps set just before (set_timesteps restarts its step count)."""
+        arguments, with its constants (size ids, guidance embedding, the scheduler's timesteps) made now,
+        outside any capture; it can run any number of times."""
         batch = ids[0].shape[0]
         time_ids = self.time_ids(batch, height, width)
         w_embedding = self._guidance(guidance_scale, batch)
+        self.scheduler.set_timesteps(steps, device=self.device)
 
         def sample():
             conditioning = self.encode(ids, time_ids)
@@ -276,7 +277,7 @@ class LCMSampler:
             denoised = self.denoise(conditioning, latents, w_embedding, generator, progress)
             return self.decode_bytes(denoised) if decode else denoised
 
-        sample.constants = (time_ids, w_embedding)
+        sample.constants = (time_ids, w_embedding, self.scheduler.timesteps)
         return sample
 
     def _graph_for(self, ids, height, width, steps, guidance_scale, decode) -> _Graph:
@@ -291,16 +292,13 @@ class LCMSampler:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up outside the graph: lazy initialisation, compilation
-                self.scheduler.set_timesteps(steps, device=self.device)
                 sample()
             torch.cuda.current_stream().wait_stream(side)
-            self.scheduler.set_timesteps(steps, device=self.device)  # the graph reads these timesteps
             graph = torch.cuda.CUDAGraph()
             graph.register_generator_state(generator)
             with torch.cuda.graph(graph):
                 output = sample()
-            constants = (*sample.constants, self.scheduler.timesteps)
-            self._graphs[key] = _Graph(graph, static_ids, generator, output, constants)
+            self._graphs[key] = _Graph(graph, static_ids, generator, output, sample.constants)
         return self._graphs[key]
 
 
