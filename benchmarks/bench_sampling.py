@@ -34,14 +34,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..", "tests")]
 
 from report import commit_id  # noqa: E402
+from train_step_harness import synchronize  # noqa: E402
 
 ARCHS = {"sd15": dict(name="SD1.5", batches="1,4"), "sdxl": dict(name="SDXL", batches="1")}  # 512 px, 1024 px
 PROMPT = "a photo of a cat sitting on a wooden bench"
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed(fn, device, runs, warmup=2):

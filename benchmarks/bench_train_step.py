@@ -48,6 +48,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, ".."), os.path.join(HERE, "..", "tests")]
 
 # the pieces (tests/ and the repository are on the path only now)
+from helpers import no_tf32  # noqa: E402
 from train_step_harness import breakdown, time_steps  # noqa: E402
 from train_step_models import RandomImages, build_expert, build_teacher_parts  # noqa: E402
 from train_step_providers import (  # noqa: E402
@@ -140,15 +141,12 @@ def main():
     print(f"{report.card}; torch {torch.__version__}; commit {report.commit}; writing {out}", flush=True)
 
     if not args.no_check:
-        tf32 = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = False  # a float32 comparison: no TF32 convolutions
         try:
-            line = spot_check_small(device, args.prediction_type)
+            with no_tf32():  # a float32 comparison
+                line = spot_check_small(device, args.prediction_type)
         except Exception as e:  # report and go on to the timings
             traceback.print_exc()
             line = f"small fp32 check failed: {type(e).__name__}: {e}"
-        finally:
-            torch.backends.cudnn.allow_tf32 = tf32
         print("check:", line, flush=True)
         report.checks.append(line)
         report.write()

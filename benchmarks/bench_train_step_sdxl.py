@@ -28,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, ".."), os.path.join(HERE, "..", "tests")]
 
 import lcd_script  # noqa: E402  (tests/ is on the path only now)
+from helpers import no_tf32  # noqa: E402
 from report import commit_id  # noqa: E402
 from train_step_harness import synchronize, time_steps  # noqa: E402
 from train_step_models import HUBER_C, MAX_GRAD_NORM, make_scheduler, sdxl_unet_config  # noqa: E402
@@ -176,13 +177,8 @@ def main():
     steps, warmup = args.steps or (2 if small else 10), args.warmup or (1 if small else 3)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16
-    # a float32 comparison: no TF32 matmuls or convolutions (cuDNN's default), whose rounding differs by kernel
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
+    with no_tf32():  # a float32 comparison: no TF32 (cuDNN's default), whose rounding differs by kernel
         check = spot_check(device)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     print("check:", check)
     rows = []
     for name in ("script", "rglcd_fast"):

@@ -99,34 +99,24 @@ def sdxl_vae_config(small):
     return dict(vae_config(small), scaling_factor=0.13025, force_upcast=True)
 
 
-def text_config(small):
+def clip_text_config(**size):
+    """A CLIP text tower's config over the local tokenizer's ids (<|startoftext|> 0, <|endoftext|> 1, also the
+    pad token) and CLIP's 49408-token vocabulary, 77 positions."""
     from transformers import CLIPTextConfig
 
-    # token ids of the local tokenizer: <|startoftext|> 0, <|endoftext|> 1 (also the pad token)
-    ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, vocab_size=49408, max_position_embeddings=77,
+                          **size)  # fmt: skip
+
+
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
+def text_config(small):
     if small:
-        return CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-            **ids,
-        )
+        return clip_text_config(**TINY_TEXT, hidden_act="gelu")
     # stabilityai/stable-diffusion-2-1 text_encoder/config.json (OpenCLIP ViT-H/14 text tower, 23 layers)
-    return CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=23,
-        num_attention_heads=16,
-        max_position_embeddings=77,
-        hidden_act="gelu",
-        projection_dim=512,
-        **ids,
-    )
+    return clip_text_config(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                            hidden_act="gelu", projection_dim=512)  # fmt: skip
 
 
 def expert_config(small):
@@ -216,29 +206,19 @@ def sdxl_unet_config(small):
 
 def clip_l_text_config(small):
     """CLIP ViT-L/14's text tower: SD1.5's text encoder and SDXL's first (small: a tiny one)."""
-    from transformers import CLIPTextConfig
-
     if small:
-        size = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    else:
-        size = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                    hidden_act="quick_gelu")  # fmt: skip
-    return CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, vocab_size=49408, max_position_embeddings=77,
-                          **size)  # fmt: skip
+        return clip_text_config(**TINY_TEXT)
+    return clip_text_config(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            hidden_act="quick_gelu")  # fmt: skip
 
 
 def big_g_text_config(small):
     """OpenCLIP bigG/14's text tower with its projection: SDXL's second text encoder (small: a tiny one, whose
     width and clip_l_text_config's add up to the tiny SDXL UNet's cross-attention width)."""
-    from transformers import CLIPTextConfig
-
     if small:
-        size = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
-    else:
-        size = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                    hidden_act="gelu", projection_dim=1280)  # fmt: skip
-    return CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, vocab_size=49408, max_position_embeddings=77,
-                          **size)  # fmt: skip
+        return clip_text_config(**TINY_TEXT, projection_dim=32)
+    return clip_text_config(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                            hidden_act="gelu", projection_dim=1280)  # fmt: skip
 
 
 def make_tokenizer():

@@ -6,6 +6,7 @@ run once on the inputs as given (PyTorch's answer in that dtype) and once on the
 float64 (the exact answer); the op may be off the exact answer by at most twice PyTorch's own error
 plus one unit of the dtype's precision."""
 
+import contextlib
 import os
 
 import torch
@@ -147,3 +148,15 @@ def check_against_reference(op, reference, args, grad_argnums=(), seed=0):
         assert g_ours.dtype == args[i].dtype, f"grad of argument {i}: dtype {g_ours.dtype}"
         assert_close(g_ours, g_lowp, g_exact, f"grad of argument {i}")
     return ours
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """Float32 matmuls and convolutions without TF32 (cuDNN's default is TF32, whose rounding differs
+    between eager and compiled kernels)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -2,7 +2,6 @@
 mode and LoRA, exact resume, non-finite loss handling, the outputs diffusers and our sampler load, the
 config file and command line, and two processes (gloo)."""
 
-import contextlib
 import csv
 import json
 import math
@@ -13,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from helpers import no_tf32
 from PIL import Image
 from tiny_pipeline import assert_sdxl_sampler_matches_pipeline, save_tiny_pipeline, save_tiny_world, tiny_config
 
@@ -278,18 +278,6 @@ def test_logs_of_a_resumed_run_drop_later_rows_and_a_torn_line(tmp_path):
     log = CsvLog(str(path), ("step", "loss"), resume_step=2)
     log.write({"step": 3, "loss": 0.75})
     assert path.read_text().splitlines() == ["step,loss", "1,0.5", "2,0.25", "3,0.75"]
-
-
-@contextlib.contextmanager
-def no_tf32():
-    """Float32 matmuls and convolutions without TF32 (cuDNN's default is TF32, whose rounding differs
-    between eager and compiled kernels)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def test_compiled_training_matches_eager(world, tmp_path):

@@ -252,7 +252,8 @@ class LCMSampler:
         ids = self.token_ids(prompts)
         if not cuda_graph:
             generator = torch.Generator(self.device).manual_seed(seed)
-            return self._sampling_run(ids, height, width, steps, guidance_scale, generator, decode, progress)()
+            sample, _ = self._sampling_run(ids, height, width, steps, guidance_scale, generator, decode, progress)
+            return sample()
         graph = self._graph_for(ids, height, width, steps, guidance_scale, decode)
         for static, new in zip(graph.token_ids, ids):
             static.copy_(new)
@@ -263,9 +264,9 @@ class LCMSampler:
         return graph.output.clone()
 
     def _sampling_run(self, ids, height, width, steps, guidance_scale, generator, decode, progress=None):
-        """The run from token ids to denoised latents (decode: to the images' bytes) as a function of no
-        arguments, with its constants (size ids, guidance embedding, the scheduler's timesteps) made now,
-        outside any capture; it can run any number of times."""
+        """(the run from token ids to denoised latents (decode: to the images' bytes) as a function of no
+        arguments, which can run any number of times; its constants: the size ids, guidance embedding and the
+        scheduler's timesteps, made now, outside any capture)."""
         batch = ids[0].shape[0]
         time_ids = self.time_ids(batch, height, width)
         w_embedding = self._guidance(guidance_scale, batch)
@@ -277,8 +278,7 @@ class LCMSampler:
             denoised = self.denoise(conditioning, latents, w_embedding, generator, progress)
             return self.decode_bytes(denoised) if decode else denoised
 
-        sample.constants = (time_ids, w_embedding, self.scheduler.timesteps)
-        return sample
+        return sample, (time_ids, w_embedding, self.scheduler.timesteps)
 
     def _graph_for(self, ids, height, width, steps, guidance_scale, decode) -> _Graph:
         """The captured run for this (token shapes, size, steps, guidance, decode), captured on first use. It
@@ -288,7 +288,7 @@ class LCMSampler:
         if key not in self._graphs:
             static_ids = [i.clone() for i in ids]
             generator = torch.Generator(self.device)
-            sample = self._sampling_run(static_ids, height, width, steps, guidance_scale, generator, decode)
+            sample, constants = self._sampling_run(static_ids, height, width, steps, guidance_scale, generator, decode)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up outside the graph: lazy initialisation, compilation
@@ -298,7 +298,7 @@ class LCMSampler:
             graph.register_generator_state(generator)
             with torch.cuda.graph(graph):
                 output = sample()
-            self._graphs[key] = _Graph(graph, static_ids, generator, output, sample.constants)
+            self._graphs[key] = _Graph(graph, static_ids, generator, output, constants)
         return self._graphs[key]
 
 
