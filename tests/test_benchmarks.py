@@ -11,7 +11,12 @@ import pytest
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
 # the scripts (the op families' bench_<family>.py are pytest-benchmark modules that bench_ops.py reads)
-SCRIPTS = [p for p in sorted(glob.glob(os.path.join(BENCHMARKS, "bench_*.py"))) if "__main__" in open(p).read()]
+SCRIPTS = [
+    p
+    for pattern in ("bench_*.py", "profile_*.py")
+    for p in sorted(glob.glob(os.path.join(BENCHMARKS, pattern)))
+    if "__main__" in open(p).read()
+]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline
-from helpers import CUDA_GRAPHS
+from helpers import CUDA_GRAPHS, no_tf32
 from PIL import Image
 from tiny_pipeline import assert_sdxl_sampler_matches_pipeline, save_tiny_lcm_lora, save_tiny_pipeline
 
@@ -200,13 +200,20 @@ def test_compiled_sampler_equals_eager(lcm_folder):
 @pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
 def test_compiled_cuda_graph_sampling_equals_eager(lcm_folder, xl_folders, xl):
     """Compiled modules captured with the whole run (text encoders to the images' bytes) sample what the eager
-    run samples, latents within the compiled tolerance and images within one level."""
+    run samples: compiled = eager within the compiled tolerance, and the graph's replay = the compiled modules
+    run eagerly. Without TF32: cuDNN's default TF32 convolutions pick other algorithms in compiled code, and
+    their rounding, not the compilation, would set the difference (1.6e-4 of the latents' range, measured)."""
     sampler = LCMSampler.from_pretrained(xl_folders[0] if xl else lcm_folder, device="cuda", dtype=torch.float32)
     prompts = ["a digit seven", "a digit one"]
-    eager = {seed: (sampler.latents(prompts, seed=seed), sampler(prompts, seed=seed)) for seed in (0, 5)}
-    sampler.compile()
-    for seed, (latents, images) in eager.items():
-        torch.testing.assert_close(sampler.latents(prompts, seed=seed, cuda_graph=True), latents, rtol=1e-4, atol=1e-4)
-        for ours, theirs in zip(sampler(prompts, seed=seed, cuda_graph=True), images):
-            assert level_difference(ours, theirs) <= 1
+    with no_tf32():
+        eager = {seed: (sampler.latents(prompts, seed=seed), sampler(prompts, seed=seed)) for seed in (0, 5)}
+        sampler.compile()
+        for seed, (latents, images) in eager.items():
+            compiled = sampler.latents(prompts, seed=seed)
+            torch.testing.assert_close(
+                sampler.latents(prompts, seed=seed, cuda_graph=True), compiled, rtol=1e-5, atol=1e-5
+            )
+            torch.testing.assert_close(compiled, latents, rtol=1e-4, atol=1e-4)
+            for ours, theirs in zip(sampler(prompts, seed=seed, cuda_graph=True), images):
+                assert level_difference(ours, theirs) <= 1
     assert len(sampler._graphs) == 2  # one for the latents, one for the images
