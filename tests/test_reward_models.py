@@ -163,12 +163,12 @@ class FakeOpenClip(torch.nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(4)
-        self.image = torch.nn.Linear(3 * 16 * 16, 8)
+        self.visual = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 8))
         self.text = torch.nn.Embedding(64, 8)
         self.logit_scale = torch.nn.Parameter(torch.tensor(4.6052))
 
     def encode_image(self, x):
-        return self.image(x.flatten(1))
+        return self.visual(x)
 
     def encode_text(self, tokens):
         return self.text(tokens).mean(1)
@@ -194,16 +194,18 @@ def test_hpsv2_units_are_the_official_ones():
 
 
 class FakeImageRewardModel(torch.nn.Module):
-    """ImageReward's interface (blip.tokenizer, score_gard) with a raw reward of 2·mean(normalised pixels) + 1."""
+    """ImageReward's interface (blip.tokenizer, blip.visual_encoder, score_gard) with a raw reward of
+    2·mean(normalised pixels) + 1."""
 
     def __init__(self, tokenizer):
         super().__init__()
         self.blip = torch.nn.Module()
         self.blip.tokenizer = tokenizer
+        self.blip.visual_encoder = torch.nn.Identity()
         self.weight = torch.nn.Parameter(torch.ones(()))
 
     def score_gard(self, input_ids, attention_mask, image):
-        return (self.weight * image.mean(dim=(1, 2, 3)) * 2 + 1)[:, None]
+        return (self.weight * self.blip.visual_encoder(image).mean(dim=(1, 2, 3)) * 2 + 1)[:, None]
 
 
 def test_imagereward_is_clipped_at_2_and_takes_the_lrm_scale(clip_folder):
@@ -235,6 +237,39 @@ def test_weighted_expert_is_hpsv2_plus_a_tenth_of_imagereward(clip_folder):
     torch.testing.assert_close(logits, hps.logits(x, PROMPTS) + 0.1 * ir.logits(x, PROMPTS))
     with pytest.raises(ValueError, match="weights"):
         WeightedReward([hps], (1.0, 0.1))
+
+
+def test_compiled_image_encoders_score_as_eager(clip_folder):
+    """image_encoders(): the modules the trainer compiles. Compiled in place, each adapter's reward, logits and
+    gradient in the images stay eager's (CLIP from transformers; HPSv2 and ImageReward through the weighted
+    expert, on stand-ins with their module layout)."""
+    tokenizer = tiny_tokenizer(os.path.join(clip_folder, "ir_tokenizer3"))[0]
+    experts = {
+        "clip": ClipScore.from_pretrained(clip_folder),
+        "weighted": WeightedReward(
+            [
+                HPSv2(FakeOpenClip(), fake_open_clip_tokenizer, image_size=16),
+                ImageReward(FakeImageRewardModel(tokenizer)),
+            ],
+            (1.0, 0.1),
+        ),
+    }
+    assert len(experts["weighted"].image_encoders()) == 2
+    for name, rm in experts.items():
+        x = images(h=32, w=32)
+
+        def scored():
+            pixels = x.clone().requires_grad_(True)
+            reward, logits = rm.reward_and_logits(pixels, PROMPTS)
+            reward.sum().backward()
+            return reward.detach(), logits.detach(), pixels.grad
+
+        eager = scored()
+        for module in rm.image_encoders():
+            module.compile()
+        for ours, theirs in zip(scored(), eager):
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6, msg=name)
+        assert all(module._compiled_call_impl is not None for module in rm.image_encoders())
 
 
 def test_preprocess_non_square():

@@ -281,7 +281,8 @@ def test_logs_of_a_resumed_run_drop_later_rows_and_a_torn_line(tmp_path):
 
 
 def test_compiled_training_matches_eager(world, tmp_path):
-    """compile_unets: the compiled UNets, student blocks and VAE encoder (and decoder, with the direct reward)
+    """compile_unets: the compiled UNets, student blocks and VAE encoder (with the direct reward also the VAE
+    decoder and the expert's image encoder, which the reward's gradient goes through)
     give eager's losses and weights up to float32 rounding; "student_blocks" everywhere, and on CUDA "all"
     (the whole student's backward compiled): torch 2.13's CPU inductor backward of the whole
     UNet2DConditionModel gives wrong gradients (scripts/inductor_cpu_unet_grad.py reproduces it), so "all" is
@@ -299,6 +300,9 @@ def test_compiled_training_matches_eager(world, tmp_path):
                 trainer = Trainer(
                     tiny_config(world, out, reward_mode=reward, max_train_steps=2, compile_unets=mode, adam_epsilon=1.0)
                 )
+                if reward != "none":  # the expert's image encoders are compiled with the decoder
+                    encoders = trainer.guidance.expert.image_encoders()
+                    assert all((m._compiled_call_impl is not None) == (mode != "none") for m in encoders)
                 trainer.train()
                 with open(out / "logs.csv") as f:
                     losses = torch.tensor([float(r["loss"]) for r in csv.DictReader(f)])

@@ -79,6 +79,10 @@ class RewardModel(torch.nn.Module):
         """(reward [B], logits [B]), both float32."""
         raise NotImplementedError
 
+    def image_encoders(self) -> list:
+        """The modules that encode the images (most of an expert's time: what the trainer compiles)."""
+        raise NotImplementedError(f"{type(self).__name__}: name its image encoder modules")
+
     def reward(self, images: torch.Tensor, prompts) -> torch.Tensor:
         return self.reward_and_logits(images, prompts)[0]
 

@@ -101,6 +101,9 @@ class _CLIPReward(RewardModel):
     def clip_logit_scale(self):
         return self.model.logit_scale.detach().float().exp()
 
+    def image_encoders(self):
+        return [self.model.vision_model]
+
 
 class ClipScore(_CLIPReward):
     """CLIP score: reward = cos(image, text) in [-1, 1]; logits = exp(CLIP's logit_scale)·cos. The cosine
@@ -338,6 +341,9 @@ class HPSv2(RewardModel):
         cos = reward_head(u, v, 1.0)
         return cos, cos * self.model.logit_scale.detach().float().exp()
 
+    def image_encoders(self):
+        return [self.model.visual]
+
 
 class ImageReward(RewardModel):
     """ImageReward via the optional ``image-reward`` package: ``from_pretrained(checkpoint, med_config=)``
@@ -395,6 +401,9 @@ class ImageReward(RewardModel):
         r = -torch.relu(self.clip_at - r)  # the official -relu(-r + 2): NaN stays NaN
         return r, r
 
+    def image_encoders(self):
+        return [self.model.blip.visual_encoder]
+
 
 class WeightedReward(RewardModel):
     """A weighted sum of experts: reward = Σ w·reward_k, logits = Σ w·logits_k. The official weighted expert
@@ -418,6 +427,9 @@ class WeightedReward(RewardModel):
         reward = sum(w * r for w, (r, _) in zip(self.weights, pairs))
         logits = sum(w * lg for w, (_, lg) in zip(self.weights, pairs))
         return reward, logits
+
+    def image_encoders(self):
+        return [module for expert in self.experts for module in expert.image_encoders()]
 
     @classmethod
     def hpsv2_imagereward(cls, folder, device=None, dtype=None, weights=(1.0, 0.1)):

@@ -207,6 +207,12 @@ class Trainer:
             self.optimizer, self.lr_scheduler = acc.prepare(optimizer, lr_scheduler)
         else:
             self.student, self.optimizer, self.lr_scheduler = acc.prepare(student, optimizer, lr_scheduler)
+        self._expert = reward_model
+        step_settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(DistillationConfig)}
+        self.distill = DistillationStep(
+            self.teacher.noise_scheduler, DistillationConfig(**step_settings), device=self.device
+        )
+        self.guidance = self._make_reward_guidance()
         if config.compile_unets != "none":
             # in place (Module.compile: same module, same state dict); each UNet compiles on its first call
             # (the student with gradient checkpointing: dynamo traces non-reentrant checkpoints). Under DDP the
@@ -219,20 +225,14 @@ class Trainer:
             if config.compile_memory_budget is not None:  # process-wide: read when the student's graph compiles
                 torch._functorch.config.activation_memory_budget = config.compile_memory_budget
             # and the VAE encoder, which encodes the batch in every step (frozen, forward only); with a reward,
-            # the VAE decoder too (frozen: the LRM update decodes its candidates, the direct reward
-            # differentiates through it to the student's prediction)
+            # the VAE decoder and the expert's image encoders too (frozen: the LRM update decodes and scores its
+            # candidates, the direct reward differentiates through both to the student's prediction)
             vae = self.teacher.vae
-            for module in (*unets, vae.encoder, *((vae.decoder,) if config.reward_mode != "none" else ())):
+            rewarded = (vae.decoder, *self.guidance.expert.image_encoders()) if self.guidance is not None else ()
+            for module in (*unets, vae.encoder, *rewarded):
                 module.compile()
             if config.compile_unets == "student_blocks":
                 compile_blocks(student)
-
-        self._expert = reward_model
-        step_settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(DistillationConfig)}
-        self.distill = DistillationStep(
-            self.teacher.noise_scheduler, DistillationConfig(**step_settings), device=self.device
-        )
-        self.guidance = self._make_reward_guidance()
 
         self.resolution = config.resolution or self.teacher.default_resolution
         dataset = dataset if dataset is not None else training_dataset(config, self.resolution)

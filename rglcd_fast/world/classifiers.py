@@ -134,6 +134,9 @@ class DigitReward(RewardModel):
         probability = class_logits.softmax(dim=1).gather(1, targets[:, None])[:, 0]
         return probability, logits
 
+    def image_encoders(self):
+        return [self.classifier]
+
 
 def main(argv=None) -> int:
     folder = (argv or sys.argv[1:] or [WEIGHTS_DIR])[0]
