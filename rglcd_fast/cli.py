@@ -62,7 +62,7 @@ def _pretrain_lrm(args) -> int:
 
     trainer = LRMPretrainer(config_from_args(args, LRMPretrainConfig))
     outputs = trainer.train()
-    trainer.accelerator.end_training()
+    trainer.finish()
     if trainer.accelerator.is_main_process:
         print(f"latent reward model: {outputs['lrm']} (train with it: rglcd-fast train --lrm-path {outputs['lrm']})")
         print(f"logs: {outputs['logs']}")

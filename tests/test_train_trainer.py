@@ -636,7 +636,7 @@ lrm = torch.cat([p.detach().flatten() for p in trainer.guidance.lrm.parameters()
 assert torch.equal(*trainer.accelerator.gather(lrm[None])), "LRM out of sync"
 if trainer.accelerator.is_main_process:
     torch.save(state, {out!r} + "/final-" + sys.argv[2] + ("-resumed" if resume else "") + ".pt")
-trainer.finish()  # destroys the process group: exiting with it alive can abort in gloo's teardown
+trainer.finish()  # a barrier, then the process group destroyed: exiting with it alive can abort in gloo's teardown
 """
 
 

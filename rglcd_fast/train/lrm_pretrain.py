@@ -197,6 +197,12 @@ class LRMPretrainer:
         self.step += 1
         return metrics
 
+    def finish(self) -> None:
+        """Close the trackers and the process group: call once, after train()."""
+        from .trainer import end_training
+
+        end_training(self.accelerator)
+
     def train(self) -> dict:
         """Runs to max_train_steps (resuming when asked); returns {"lrm": folder, "logs": logs.csv}."""
         from .trainer import CsvLog

@@ -77,6 +77,17 @@ def make_accelerator(config, **kwargs):
     )
 
 
+def end_training(accelerator) -> None:
+    """Close the trackers and the process group at the end of a run, after a barrier. gloo's worker threads
+    drop each finished collective's tensors themselves, taking the GIL where Python owns one; a worker still
+    waiting for the GIL when the interpreter shuts down is ended with pthread_exit, which unwinds through
+    gloo's thread and aborts the process ("terminate called without an active exception": the 2-rank test's
+    rare abort). Waiting in the barrier releases the GIL, so those drops finish before the process exits."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    accelerator.end_training()
+
+
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written; the previous one is intact."""
 
@@ -501,7 +512,7 @@ class Trainer:
 
     def finish(self) -> None:
         """Close the trackers (TensorBoard) and the process group: call once, after train()."""
-        self.accelerator.end_training()
+        end_training(self.accelerator)
 
     def _log_row(self, window, seconds, images_per_step) -> dict:
         def mean(name):
