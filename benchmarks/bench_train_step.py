@@ -17,7 +17,8 @@ images/s, peak GPU memory since the provider was built):
                       decode_one_call (prediction and target in one VAE call; reward on only), compile and
                       compile_cl (compile_unets="all", without / with channels_last), compile_frozen (the
                       teacher and target UNets and the VAE encoder), compile_blocks ("student_blocks": frozen plus the
-                      student's blocks one by one), compile_budget ("all" with compile_memory_budget 0.5): the
+                      student's blocks one by one), compile_blocks_decode_one_call (both: reward on only),
+                      compile_budget ("all" with compile_memory_budget 0.5): the
                       compile variants run after every other provider, reward off unless --compile-reward
                       says otherwise.
 Reward branch (--reward: off, lrm (= on), direct; both = off and lrm; all): "off" (plain LCD); "direct": the
@@ -60,7 +61,12 @@ from train_step_providers import (  # noqa: E402
 )
 from train_step_report import PROVIDER_NAMES, Report  # noqa: E402
 
-ONLY_REWARD = {"rglcd_fast_decode_one_call": "lrm", "rglcd_fast_bf16_target": None, "rglcd_fast_nockpt": None}
+ONLY_REWARD = {
+    "rglcd_fast_decode_one_call": "lrm",
+    "rglcd_fast_compile_blocks_decode_one_call": "lrm",
+    "rglcd_fast_bf16_target": None,
+    "rglcd_fast_nockpt": None,
+}
 # --reward / --compile-reward: the reward branches to run (None: off; "on" and "both" name the LRM branch)
 BRANCHES = {
     "off": [None], "on": ["lrm"], "lrm": ["lrm"], "direct": ["direct"], "both": [None, "lrm"],
@@ -163,7 +169,12 @@ def main():
         for name in providers
         if "compile" not in name and ONLY_REWARD.get(name, reward) == reward
     ]
-    runs += [(name, reward) for reward in BRANCHES[args.compile_reward] for name in providers if "compile" in name]
+    runs += [
+        (name, reward)
+        for reward in BRANCHES[args.compile_reward]
+        for name in providers
+        if "compile" in name and ONLY_REWARD.get(name, reward) == reward
+    ]
     output_dir = tempfile.mkdtemp(prefix="rglcd_bench_train_")
     base_ms = {}
     for name, reward in runs:
