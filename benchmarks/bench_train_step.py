@@ -61,6 +61,8 @@ from train_step_providers import (  # noqa: E402
 )
 from train_step_report import PROVIDER_NAMES, Report  # noqa: E402
 
+# variants measured in one reward branch only: the LRM update's decode (on); the target's dtype and
+# checkpointing (off: their effect does not depend on the branch)
 ONLY_REWARD = {
     "rglcd_fast_decode_one_call": "lrm",
     "rglcd_fast_compile_blocks_decode_one_call": "lrm",
@@ -162,18 +164,13 @@ def main():
     dataset = RandomImages(2 * args.batch, args.resolution)
     print(f"teacher parts built in {time.perf_counter() - t0:.1f} s", flush=True)
     expert = None
-    # the order of the runs: every branch's providers, then the compile variant (its compilation is long)
+    # the order of the runs: every branch's providers, then the compile variants (their compilation is long)
     runs = [
         (name, reward)
-        for reward in BRANCHES[args.reward]
+        for compiled in (False, True)
+        for reward in BRANCHES[args.compile_reward if compiled else args.reward]
         for name in providers
-        if "compile" not in name and ONLY_REWARD.get(name, reward) == reward
-    ]
-    runs += [
-        (name, reward)
-        for reward in BRANCHES[args.compile_reward]
-        for name in providers
-        if "compile" in name and ONLY_REWARD.get(name, reward) == reward
+        if ("compile" in name) == compiled and ONLY_REWARD.get(name, reward) == reward
     ]
     output_dir = tempfile.mkdtemp(prefix="rglcd_bench_train_")
     base_ms = {}

@@ -25,8 +25,6 @@ PROVIDER_NAMES = {
     "rglcd_fast_fsdp": "B, fsdp (student and target sharded, teacher replicated)",
     "rglcd_fast_fsdp_shard_teacher": "B, fsdp, teacher sharded too",
 }
-# variants measured in one reward branch only: the LRM's decode (on); the target's dtype and checkpointing
-# (off: their effect does not depend on the branch)
 
 
 class Report:

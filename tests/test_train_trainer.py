@@ -282,12 +282,12 @@ def test_logs_of_a_resumed_run_drop_later_rows_and_a_torn_line(tmp_path):
 
 def test_compiled_training_matches_eager(world, tmp_path):
     """compile_unets: the compiled UNets, student blocks and VAE encoder (with the direct reward also the VAE
-    decoder and the expert's image encoder, which the reward's gradient goes through)
-    give eager's losses and weights up to float32 rounding; "student_blocks" everywhere, and on CUDA "all"
-    (the whole student's backward compiled): torch 2.13's CPU inductor backward of the whole
-    UNet2DConditionModel gives wrong gradients (scripts/inductor_cpu_unet_grad.py reproduces it), so "all" is
-    refused on the CPU. AdamW's epsilon is large here so that its update is smooth in the gradient (with a
-    small one the first update is lr·sign(g), and rounding flips the sign of tiny g)."""
+    decoder and the expert's image encoder, which the reward's gradient goes through) give eager's losses and
+    weights up to float32 rounding; "student_blocks" everywhere, and on CUDA "all" (the whole student's
+    backward compiled): torch 2.13's CPU inductor backward of the whole UNet2DConditionModel gives wrong
+    gradients (scripts/inductor_cpu_unet_grad.py reproduces it), so "all" is refused on the CPU. AdamW's epsilon
+    is large here so that its update is smooth in the gradient (with a small one the first update is lr·sign(g),
+    and rounding flips the sign of tiny g)."""
     compiled = ("student_blocks", "all") if torch.cuda.is_available() else ("student_blocks",)
     if "all" not in compiled:
         with pytest.raises(ValueError, match="compile_unets"):

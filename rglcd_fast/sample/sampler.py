@@ -264,9 +264,9 @@ class LCMSampler:
         return graph.output.clone()
 
     def _sampling_run(self, ids, height, width, steps, guidance_scale, generator, decode, progress=None):
-        """(the run from token ids to denoised latents (decode: to the images' bytes) as a function of no
-        arguments, which can run any number of times; its constants: the size ids, guidance embedding and the
-        scheduler's timesteps, made now, outside any capture)."""
+        """Returns (run, constants): the run from token ids to denoised latents (decode: to the images' bytes) as
+        a function of no arguments, which can run any number of times, and the tensors it reads that are made
+        now, outside any capture (the size ids, the guidance embedding, the scheduler's timesteps)."""
         batch = ids[0].shape[0]
         time_ids = self.time_ids(batch, height, width)
         w_embedding = self._guidance(guidance_scale, batch)

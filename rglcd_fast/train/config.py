@@ -129,7 +129,7 @@ class TrainConfig:
     # ---- speed and memory (none changes the math; benchmarks/results/train_step_<card>.md measures each)
     channels_last: bool = False  # CUDA: UNets and VAE in NHWC (eager: slower, torch's CUDA GroupNorm is NCHW-only)
     # torch.compile: "frozen" the teacher and EMA target UNets and the VAE encoder (forward only), and with a
-    # reward the VAE decoder;
+    # reward the VAE decoder and the expert's image encoders;
     # "student_blocks" also the student's resnet and transformer blocks one by one (inside gradient checkpointing);
     # "all" the whole student instead; each compiles on its first call. compile_memory_budget: AOTAutograd's
     # activation memory budget for the compiled student (0 < b <= 1; lower recomputes more in the backward; None:
