@@ -265,6 +265,7 @@ TRAINER_VARIANTS = {
     "rglcd_fast_compile_frozen": {"compile_unets": "frozen"},
     "rglcd_fast_compile_blocks": {"compile_unets": "student_blocks"},
     "rglcd_fast_compile_blocks_decode_one_call": {"compile_unets": "student_blocks", "vae_decode_batch_size": "2batch"},
+    "rglcd_fast_compile_blocks_cl": {"compile_unets": "student_blocks", "channels_last": True},
     "rglcd_fast_compile_budget": {"compile_unets": "all", "compile_memory_budget": 0.5},
     "rglcd_fast_fsdp": {"fsdp": True},  # several processes: the full student and its target sharded (FSDP2)
     "rglcd_fast_fsdp_shard_teacher": {"fsdp": True, "fsdp_shard_teacher": True},
