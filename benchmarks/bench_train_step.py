@@ -212,7 +212,7 @@ def main():
             if provider is not None:
                 provider.free()
             del provider
-            restore_parts(parts)
+            restore_parts(parts, expert)
             continue
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
         ms = report.row(name, label, times, peak, base_ms.get(reward), first_s, first_loss, pipelined)
@@ -244,7 +244,7 @@ def main():
             report.write()
         provider.free()
         del provider
-        restore_parts(parts)
+        restore_parts(parts, expert)
     print(f"wrote {out}")
 
 

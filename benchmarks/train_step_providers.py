@@ -326,6 +326,28 @@ class TrainerProvider:
         def pre(label):
             return lambda *_: tl.mark(label)
 
+        def on_call(module, before=None, after=None):
+            """Marks before / after a module's calls. A compiled module runs its hooks inside the compiled
+            code, where no CUDA event is recorded: its compiled call is wrapped instead (restored by free)."""
+            compiled = module._compiled_call_impl
+            if compiled is None:
+                if before:
+                    add(module.register_forward_pre_hook(pre(before)))
+                if after:
+                    add(module.register_forward_hook(pre(after)))
+                return
+
+            def marked(*args, **kwargs):
+                if before:
+                    tl.mark(before)
+                out = compiled(*args, **kwargs)
+                if after:
+                    tl.mark(after)
+                return out
+
+            module._compiled_call_impl = marked
+            add(Restore(module, compiled))
+
         def student_out(module, args, out):
             if out.sample.requires_grad:
                 out.sample.register_hook(lambda grad: tl.mark("backward"))
@@ -333,9 +355,8 @@ class TrainerProvider:
         add(tr.teacher.text_encoder.register_forward_pre_hook(pre("text encode")))
         add(student.register_forward_pre_hook(pre("student fwd")))
         add(student.register_forward_hook(student_out))
-        add(tr.teacher.unet.register_forward_pre_hook(pre("teacher cond + uncond (+ CFG, DDIM step)")))
-        add(tr.target.register_forward_pre_hook(pre("target (+ consistency output)")))
-        add(tr.target.register_forward_hook(pre("loss (+ reward fwd, when on)")))
+        on_call(tr.teacher.unet, before="teacher cond + uncond (+ CFG, DDIM step)")
+        on_call(tr.target, before="target (+ consistency output)", after="loss (+ reward fwd, when on)")
         add(student.conv_in.weight.register_post_accumulate_grad_hook(pre("clip grad norm")))
         add(tr.optimizer.optimizer.register_step_pre_hook(pre("AdamW")))
         add(
@@ -344,12 +365,12 @@ class TrainerProvider:
             )
         )
         if self.reward == "direct":
-            add(tr.teacher.vae.decoder.register_forward_pre_hook(pre("direct reward: decode + expert")))
+            on_call(tr.teacher.vae.decoder, before="direct reward: decode + expert")
         if self.reward == "lrm":
             g = tr.guidance
-            add(tr.teacher.vae.decoder.register_forward_pre_hook(pre("LRM update: decode candidates")))
-            add(g.expert.register_forward_pre_hook(pre("LRM update: expert scoring")))
-            add(g.expert.model.vision_model.register_forward_pre_hook(pre("LRM update: expert scoring")))
+            on_call(tr.teacher.vae.decoder, before="LRM update: decode candidates")
+            on_call(g.expert, before="LRM update: expert scoring")
+            on_call(g.expert.model.vision_model, before="LRM update: expert scoring")
 
             def lrm_pre(*_):
                 if tl.seen("LRM update: expert scoring"):
@@ -373,13 +394,27 @@ class TrainerProvider:
         del self.trainer, self.batches
 
 
-def restore_parts(parts):
-    """The trainer converts (channels_last) and compiles the shared teacher parts in place: undo, so that
-    the next provider (A included) finds them as built."""
+class Restore:
+    """A hook-like handle that puts a module's compiled call back."""
+
+    def __init__(self, module, compiled):
+        self.module, self.compiled = module, compiled
+
+    def remove(self):
+        self.module._compiled_call_impl = self.compiled
+
+
+def restore_parts(parts, expert=None):
+    """The trainer converts (channels_last) and compiles the shared teacher parts and the expert in place:
+    undo, so that the next provider (A included) finds them as built. Dynamo's compiled code goes too: its
+    guards do not check parameter strides (the VAE encoder compiled for NCHW weights, kept, failed inductor's
+    stride assertion on the next provider's channels_last weights)."""
     for module in (parts["unet"], parts["vae"]):
         module.to(memory_format=torch.contiguous_format)
-        module._compiled_call_impl = None
-    parts["vae"].encoder._compiled_call_impl = None
+    for module in (parts["unet"], parts["vae"], expert):
+        for m in module.modules() if module is not None else ():
+            m._compiled_call_impl = None
+    torch._dynamo.reset()
     torch._functorch.config.activation_memory_budget = 1.0  # compile_memory_budget sets it process-wide
 
 
