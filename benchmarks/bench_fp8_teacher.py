@@ -54,8 +54,14 @@ def float8_teacher(unet):
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
     unet = copy.deepcopy(unet)
-    quantize_(unet, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    # set_inductor_config=False: torchao's default turns on process-wide inductor settings (coordinate-descent
+    # tuning) that would also slow the bf16 teacher's compilation
+    quantize_(unet, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False))
     return unet
+
+
+def cell(value, spec=".1f"):
+    return "–" if value is None else format(value, spec)
 
 
 def median_ms(fn, steps, warmup=2):
@@ -114,6 +120,52 @@ def main():
         return result
 
     losses, target_err = {k: [] for k in teachers}, {k: [] for k in teachers}
+    timings, compile_s = {}, {}
+
+    def report():
+        """The report so far, written to --out after each stage (a device call may end before the last)."""
+        lines = [
+            f"# The teacher in float8: {card}",
+            "",
+            f"torch {torch.__version__}, torchao {__import__('torchao').__version__}, commit {commit_id()}; SD2.1 "
+            f"architecture (random weights), {args.resolution} px, batch {args.batch}, Huber c = {HUBER_C}, the "
+            "trainer's bf16 autocast for the student and the target (float32 weights). The teacher's cond + uncond "
+            "pass in float32 (autocast and TF32 off), bfloat16 (today's), or float8 (torchao "
+            "Float8DynamicActivationFloat8WeightConfig, per-row scales, on its Linear layers; convolutions bf16).",
+            "",
+            "## Loss against the float32 teacher (same latents, prompts and draws)",
+            "",
+            "| batch | loss, fp32 teacher | bf16: loss − fp32's | fp8: loss − fp32's | target rel. error bf16 | fp8 |",
+            "|---|---|---|---|---|---|",
+        ]
+        for i, reference in enumerate(losses["fp32"]):
+            lines.append(
+                f"| {i} | {reference:.6g} | {losses['bf16'][i] - reference:+.3e} | {losses['fp8'][i] - reference:+.3e} "
+                f"| {target_err['bf16'][i]:.2e} | {target_err['fp8'][i]:.2e} |"
+            )
+        bf16_err = statistics.mean(abs(a - b) for a, b in zip(losses["bf16"], losses["fp32"]))
+        fp8_err = statistics.mean(abs(a - b) for a, b in zip(losses["fp8"], losses["fp32"]))
+        verdict = (
+            "stays within bf16's rounding error" if fp8_err <= bf16_err else "exceeds bf16's rounding error: not kept"
+        )
+        lines += [
+            "",
+            f"Mean |loss − fp32's|: bf16 {bf16_err:.3e}, fp8 {fp8_err:.3e} → **fp8 {verdict}**",
+            "",
+            "## Distillation step, forward + backward (no optimiser), median ms",
+            "",
+            "| teacher | eager | compiled teacher | compile s |",
+            "|---|---|---|---|",
+        ]
+        for k in ("bf16", "fp8"):
+            eager, compiled = cell(timings.get((k, "eager"))), cell(timings.get((k, "compiled")))
+            lines.append(f"| {k} | {eager} | {compiled} | {cell(compile_s.get(k), '.0f')} |")
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        lines += ["", f"Peak memory (all three teachers, student, target): {peak:.1f} GiB.", ""]
+        with open(out, "w") as f:
+            f.write("\n".join(lines))
+        return "\n".join(lines)
+
     with no_tf32():
         for seed in range(args.batches):
             results = {k: run(unet, seed) for k, unet in teachers.items()}
@@ -121,64 +173,22 @@ def main():
             for k, r in results.items():
                 losses[k].append(r.distill_loss.item())
                 target_err[k].append(((r.target.float() - reference).norm() / reference.norm()).item())
-    bf16_err = [abs(a - b) for a, b in zip(losses["bf16"], losses["fp32"])]
-    fp8_err = [abs(a - b) for a, b in zip(losses["fp8"], losses["fp32"])]
-    keep = statistics.mean(fp8_err) <= statistics.mean(bf16_err)
-
-    timings = {}
+            print(f"batch {seed}: losses " + ", ".join(f"{k} {v[-1]:.6g}" for k, v in losses.items()), flush=True)
+    report()
     for k in ("bf16", "fp8"):
         timings[(k, "eager")] = median_ms(lambda: run(teachers[k], 0, backward=True), args.steps)
-    compile_s = {}
-    if not args.no_compile:
-        for k in ("bf16", "fp8"):
-            teachers[k].compile()
-            t0 = time.perf_counter()
-            run(teachers[k], 0, backward=True)
-            torch.cuda.synchronize()
-            compile_s[k] = time.perf_counter() - t0
-            timings[(k, "compiled")] = median_ms(lambda: run(teachers[k], 0, backward=True), args.steps)
-    peak = torch.cuda.max_memory_allocated() / 2**30
-
-    lines = [
-        f"# The teacher in float8: {card}",
-        "",
-        f"torch {torch.__version__}, torchao {__import__('torchao').__version__}, commit {commit_id()}; SD2.1 "
-        f"architecture (random weights), {args.resolution} px, batch {args.batch}, Huber c = {HUBER_C}, the "
-        "trainer's bf16 autocast for the student and the target (float32 weights). The teacher's cond + uncond "
-        "pass in float32 (autocast and TF32 off), bfloat16 (today's), or float8 (torchao "
-        "Float8DynamicActivationFloat8WeightConfig, per-row scales, on its Linear layers; convolutions bf16).",
-        "",
-        "## Loss against the float32 teacher (same latents, prompts and draws)",
-        "",
-        "| batch | loss, fp32 teacher | bf16: loss − fp32's | fp8: loss − fp32's | target rel. error bf16 | fp8 |",
-        "|---|---|---|---|---|---|",
-    ]
-    for i in range(args.batches):
-        lines.append(
-            f"| {i} | {losses['fp32'][i]:.6g} | {losses['bf16'][i] - losses['fp32'][i]:+.3e} | "
-            f"{losses['fp8'][i] - losses['fp32'][i]:+.3e} | {target_err['bf16'][i]:.2e} | {target_err['fp8'][i]:.2e} |"
-        )
-    lines += [
-        "",
-        f"Mean |loss − fp32's|: bf16 {statistics.mean(bf16_err):.3e}, fp8 {statistics.mean(fp8_err):.3e} → "
-        + ("**fp8 stays within bf16's rounding error**" if keep else "**fp8 exceeds bf16's rounding error: not kept**"),
-        "",
-        "## Distillation step, forward + backward (no optimiser), median ms",
-        "",
-        "| teacher | eager | compiled teacher | compile s |",
-        "|---|---|---|---|",
-    ]
-    for k in ("bf16", "fp8"):
-        compiled = timings.get((k, "compiled"))
-        lines.append(
-            f"| {k} | {timings[(k, 'eager')]:.1f} | {'–' if compiled is None else f'{compiled:.1f}'} | "
-            f"{compile_s.get(k, float('nan')):.0f} |"
-        )
-    lines += ["", f"Peak memory (all three teachers, student, target): {peak:.1f} GiB.", ""]
-    text_out = "\n".join(lines)
-    print(text_out)
-    with open(out, "w") as f:
-        f.write(text_out)
+        print(f"{k} eager: {timings[(k, 'eager')]:.1f} ms", flush=True)
+        report()
+    for k in () if args.no_compile else ("bf16", "fp8"):
+        teachers[k].compile()
+        t0 = time.perf_counter()
+        run(teachers[k], 0, backward=True)
+        torch.cuda.synchronize()
+        compile_s[k] = time.perf_counter() - t0
+        timings[(k, "compiled")] = median_ms(lambda: run(teachers[k], 0, backward=True), args.steps)
+        print(f"{k} compiled: {timings[(k, 'compiled')]:.1f} ms (compiled in {compile_s[k]:.0f} s)", flush=True)
+        report()
+    print(report())
     print(f"wrote {out}")
 
 
