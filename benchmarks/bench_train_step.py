@@ -14,7 +14,7 @@ images/s, peak GPU memory since the provider was built):
   rglcd_fast          rglcd_fast.train.Trainer.train_step on an in-memory Teacher and data set, its defaults.
   rglcd_fast_<variant> the same with settings changed (TRAINER_VARIANTS): cl (channels_last=True),
                       bf16_target (the EMA target stored in bf16), nockpt (no gradient checkpointing),
-                      decode_one_call (prediction and target in one VAE call; reward on only), compile and
+                      decode_one_call (the LRM update's three candidates in one VAE call; reward on only), compile and
                       compile_cl (compile_unets="all", without / with channels_last), compile_frozen (the
                       teacher and target UNets and the VAE encoder), compile_blocks ("student_blocks": frozen plus the
                       student's blocks one by one), compile_blocks_decode_one_call (both: reward on only),

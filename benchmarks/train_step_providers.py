@@ -259,12 +259,12 @@ TRAINER_VARIANTS = {
     "rglcd_fast_cl": {"channels_last": True},
     "rglcd_fast_bf16_target": {"bf16_target": True},
     "rglcd_fast_nockpt": {"gradient_checkpointing": False},
-    "rglcd_fast_decode_one_call": {"vae_decode_batch_size": "2batch"},
+    "rglcd_fast_decode_one_call": {"vae_decode_batch_size": "all"},
     "rglcd_fast_compile": {"compile_unets": "all"},
     "rglcd_fast_compile_cl": {"compile_unets": "all", "channels_last": True},
     "rglcd_fast_compile_frozen": {"compile_unets": "frozen"},
     "rglcd_fast_compile_blocks": {"compile_unets": "student_blocks"},
-    "rglcd_fast_compile_blocks_decode_one_call": {"compile_unets": "student_blocks", "vae_decode_batch_size": "2batch"},
+    "rglcd_fast_compile_blocks_decode_one_call": {"compile_unets": "student_blocks", "vae_decode_batch_size": "all"},
     "rglcd_fast_compile_blocks_cl": {"compile_unets": "student_blocks", "channels_last": True},
     "rglcd_fast_compile_budget": {"compile_unets": "all", "compile_memory_budget": 0.5},
     "rglcd_fast_fsdp": {"fsdp": True},  # several processes: the full student and its target sharded (FSDP2)
@@ -280,8 +280,8 @@ class TrainerProvider:
 
         overrides = dict(TRAINER_VARIANTS[variant])
         bf16_target = overrides.pop("bf16_target", False)
-        if overrides.get("vae_decode_batch_size") == "2batch":  # prediction and target in one call
-            overrides["vae_decode_batch_size"] = 2 * args.batch
+        if overrides.get("vae_decode_batch_size") == "all":  # the LRM update's three candidates in one call
+            overrides["vae_decode_batch_size"] = 3 * args.batch
         settings = dict(
             teacher="sd21-random-in-memory",
             mixed_precision="bf16",

@@ -15,7 +15,7 @@ PROVIDER_NAMES = {
     "rglcd_fast_cl": "B, channels_last=True",
     "rglcd_fast_bf16_target": "B, EMA target stored in bf16 (not adopted)",
     "rglcd_fast_nockpt": "B, gradient_checkpointing=False",
-    "rglcd_fast_decode_one_call": "B, vae_decode_batch_size=2·batch (one decode call)",
+    "rglcd_fast_decode_one_call": "B, vae_decode_batch_size=3·batch (one decode call)",
     "rglcd_fast_compile": "B, compile_unets=all",
     "rglcd_fast_compile_cl": "B, compile_unets=all, channels_last=True",
     "rglcd_fast_compile_frozen": "B, compile_unets=frozen",
