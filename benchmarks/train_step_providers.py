@@ -23,6 +23,8 @@ from train_step_models import (
     unet_config,
 )
 
+from rglcd_fast.upsample import fold_upsamplers
+
 
 def script_update_ema(target_params, source_params, rate=0.99):
     """The script's update_ema."""
@@ -266,6 +268,7 @@ TRAINER_VARIANTS = {
     "rglcd_fast_compile_blocks": {"compile_unets": "student_blocks"},
     "rglcd_fast_compile_blocks_decode_one_call": {"compile_unets": "student_blocks", "vae_decode_batch_size": "all"},
     "rglcd_fast_compile_blocks_cl": {"compile_unets": "student_blocks", "channels_last": True},
+    "rglcd_fast_compile_blocks_fold": {"compile_unets": "student_blocks", "fold_vae_upsamplers": True},
     "rglcd_fast_compile_budget": {"compile_unets": "all", "compile_memory_budget": 0.5},
     "rglcd_fast_fsdp": {"fsdp": True},  # several processes: the full student and its target sharded (FSDP2)
     "rglcd_fast_fsdp_shard_teacher": {"fsdp": True, "fsdp_shard_teacher": True},
@@ -280,6 +283,7 @@ class TrainerProvider:
 
         overrides = dict(TRAINER_VARIANTS[variant])
         bf16_target = overrides.pop("bf16_target", False)
+        fold = overrides.pop("fold_vae_upsamplers", False)
         if overrides.get("vae_decode_batch_size") == "all":  # the LRM update's three candidates in one call
             overrides["vae_decode_batch_size"] = 3 * args.batch
         settings = dict(
@@ -309,6 +313,8 @@ class TrainerProvider:
         self.trainer = Trainer(config, teacher=teacher, dataset=dataset, reward_model=expert if reward else None)
         if bf16_target:
             self.trainer.target.to(torch.bfloat16)
+        if fold:  # compiled lazily: the decoder's first call traces the folded upsamplers
+            fold_upsamplers(self.trainer.teacher.vae.decoder)
         self.batches = self.trainer.loader.infinite()
         self.device, self.reward = device, reward
         self.timeline = Timeline(device)
@@ -414,6 +420,7 @@ def restore_parts(parts, expert=None):
     for module in (parts["unet"], parts["vae"], expert):
         for m in module.modules() if module is not None else ():
             m._compiled_call_impl = None
+            m.__dict__.pop("forward", None)  # fold_upsamplers' instance-level forward
     torch._dynamo.reset()
     torch._functorch.config.activation_memory_budget = 1.0  # compile_memory_budget sets it process-wide
 

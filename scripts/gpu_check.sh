@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (device tool): build rglcd_fast from source, run the whole test suite
 # (CUDA cases included), the op tests under compute-sanitizer, and the op benchmark.
-#   device run:  bash scripts/gpu_check.sh [tests|fuzz|sanitizer|bench|sampling|sampling_sdxl|train|train_sdxl|fp8_teacher|multi_gpu|two_ranks|all]...
+#   device run:  bash scripts/gpu_check.sh [tests|fuzz|sanitizer|bench|sampling|sampling_sdxl|train|train_sdxl|vae_decode|fp8_teacher|multi_gpu|two_ranks|all]...
 #   (carry .whl, an ignored folder holding the diffusers and importlib_metadata wheels: see scripts/device_env.sh)
 # Logs and benchmark tables go to $OUT (the device tool brings them back; commit the tables under
 # benchmarks/results/ as ops_<card>.md, sampling_<card>.md and train_step_<card>.md). RGLCD_COMMIT names the
@@ -80,6 +80,10 @@ if run_stage sampling_sdxl; then  # SDXL architecture, 1024 px, batch 1
 fi
 if [[ " $stages " == *" train "* ]]; then  # TRAIN_ARGS: e.g. "--reward off --steps 20"
   python3 benchmarks/bench_train_step.py --out "$OUT/train_step.md" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_step.log" | tail -40
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+if [[ " $stages " == *" vae_decode "* ]]; then  # the VAE decode, upsamplers folded or not (VAE_ARGS: e.g. --arch sdxl)
+  python3 benchmarks/bench_vae_decode.py --out "$OUT/vae_decode.md" ${VAE_ARGS:-} 2>&1 | tee "$OUT/vae_decode.log" | tail -14
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 if [[ " $stages " == *" fp8_teacher "* ]]; then  # the teacher in float8 (torchao: its wheel carried in .whl)
