@@ -70,17 +70,13 @@ def test_compiled_matches_eager():
 
 
 def tiny_vae():
+    """The digits world's VAE architecture (two upsamplers), random weights."""
     from diffusers import AutoencoderKL
 
+    from rglcd_fast.world.teacher import VAE_CONFIG
+
     torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=(8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-    ).eval()
+    return AutoencoderKL(**VAE_CONFIG).eval()
 
 
 def test_vae_decoder_folded_decodes_the_same_and_trains_the_same():
