@@ -117,6 +117,7 @@ def lcd_step(
     None: the script's own draws from the global RNGs (index and noise on the device, w on the host).
     mark(phase) is called as each phase starts. Returns (loss, model_pred, target)."""
     mark = mark or (lambda phase: None)
+    work = torch.promote_types(latents.dtype, torch.float32)  # the script's .float(); float64 in exact runs
     cond_kwargs, uncond_kwargs = {}, {}
     if added is not None:
         cond_kwargs = {"added_cond_kwargs": added}
@@ -160,7 +161,7 @@ def lcd_step(
     w = w.reshape(bsz, 1, 1, 1).to(latents.device, latents.dtype)
     mark("student fwd")
     noise_pred = student(
-        noisy, start_timesteps, timestep_cond=w_embedding, encoder_hidden_states=embeds.float(), **cond_kwargs
+        noisy, start_timesteps, timestep_cond=w_embedding, encoder_hidden_states=embeds.to(work), **cond_kwargs
     ).sample
     pred_x_0 = get_predicted_original_sample(noise_pred, start_timesteps, noisy, *schedules)
     model_pred = c_skip_start * noisy + c_out_start * pred_x_0
@@ -183,17 +184,17 @@ def lcd_step(
     with torch.no_grad():
         with target_autocast():
             target_pred = target_unet(
-                x_prev.float(),
+                x_prev.to(work),
                 timesteps,
                 timestep_cond=w_embedding,
-                encoder_hidden_states=embeds.float(),
+                encoder_hidden_states=embeds.to(work),
                 **cond_kwargs,
             ).sample
         target_x0 = get_predicted_original_sample(target_pred, timesteps, x_prev, *schedules)
         target = c_skip * x_prev + c_out * target_x0
     mark("loss (+ reward fwd, when on)")
     huber_c = config.huber_c
-    loss = torch.mean(torch.sqrt((model_pred.float() - target.float()) ** 2 + huber_c**2) - huber_c)
+    loss = torch.mean(torch.sqrt((model_pred.to(work) - target.to(work)) ** 2 + huber_c**2) - huber_c)
     if reward_fn is not None:
         loss = loss + config.reward_scale * -reward_fn(model_pred).mean()
     return loss, model_pred, target

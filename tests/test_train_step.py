@@ -55,15 +55,33 @@ def assert_step_equals_the_script(with_reward, xl=False, prediction_type="epsilo
         added if xl else None,
     )
     theirs = torch.autograd.grad(loss, list(student.parameters()))
+    # the exact gradients: the script's math in float64 on the same inputs and draws (drawn in float32)
+    models64 = [copy.deepcopy(m).double() for m in (student, teacher, target_unet)]
+    loss64, _, _ = lcd_script.lcd_step(
+        *models64,
+        latents.double(),
+        embeds.double(),
+        uncond.double(),
+        scheduler,
+        solver,
+        config,
+        torch.Generator().manual_seed(7),
+        reward_fn,
+        {k: v.double() for k, v in added.items()} if xl else None,
+    )
+    exact = torch.autograd.grad(loss64, list(models64[0].parameters()))
     # the script's x_prev is float64 (its numpy ᾱ_prev table), as ours: float32-level agreement
     torch.testing.assert_close(out.target, target.float(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.model_pred, model_pred, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.loss, loss, rtol=1e-4, atol=1e-6)
     assert (out.reward_loss is not None) == with_reward
-    # Huber's derivative d/sqrt(d² + c²) with c = 0.001 turns float32 rounding of d into larger relative
-    # changes near d = 0: compare each parameter's gradient as a whole, ‖ours - eager‖ / ‖eager‖
-    for a, b in zip(ours, theirs):
-        assert (a - b).norm() <= 1e-4 * b.norm() + 1e-7
+    # Huber's derivative d/sqrt(d² + c²) with c = 0.001 turns float32 rounding of d (~1e-7 of |d| ~ 0.1) into
+    # relative changes of ~1e-4 near d = 0, the script's own as much (measured up to 4e-4 between the two, on
+    # an AMD EPYC's kernels): each parameter's gradient, as a whole, off the exact (float64) one by at most
+    # twice the script's float32 error, or that 1e-4 of its size
+    for name, a, b, e in zip(dict(student.named_parameters()), ours, theirs, exact):
+        ours_error, script_error = (a.double() - e).norm(), (b.double() - e).norm()
+        assert ours_error <= 2 * script_error + 1e-4 * e.norm() + 1e-9, (name, ours_error, script_error)
 
 
 @pytest.mark.parametrize("with_reward", [False, True])
