@@ -20,7 +20,6 @@ import copy
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -29,6 +28,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 from helpers import no_tf32  # noqa: E402
+from train_step_harness import timed  # noqa: E402
 from train_step_models import HUBER_C, TIME_COND_PROJ_DIM, build_teacher_parts  # noqa: E402
 
 from rglcd_fast.cli import commit_id  # noqa: E402
@@ -62,19 +62,6 @@ def float8_teacher(unet):
 
 def cell(value, spec=".1f"):
     return "–" if value is None else format(value, spec)
-
-
-def median_ms(fn, steps, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def main():
@@ -176,16 +163,12 @@ def main():
             print(f"batch {seed}: losses " + ", ".join(f"{k} {v[-1]:.6g}" for k, v in losses.items()), flush=True)
     report()
     for k in ("bf16", "fp8"):
-        timings[(k, "eager")] = median_ms(lambda: run(teachers[k], 0, backward=True), args.steps)
+        _, timings[(k, "eager")] = timed(lambda: run(teachers[k], 0, backward=True), device, args.steps, warmup=1)
         print(f"{k} eager: {timings[(k, 'eager')]:.1f} ms", flush=True)
         report()
     for k in () if args.no_compile else ("bf16", "fp8"):
         teachers[k].compile()
-        t0 = time.perf_counter()
-        run(teachers[k], 0, backward=True)
-        torch.cuda.synchronize()
-        compile_s[k] = time.perf_counter() - t0
-        timings[(k, "compiled")] = median_ms(lambda: run(teachers[k], 0, backward=True), args.steps)
+        compile_s[k], timings[(k, "compiled")] = timed(lambda: run(teachers[k], 0, backward=True), device, args.steps)
         print(f"{k} compiled: {timings[(k, 'compiled')]:.1f} ms (compiled in {compile_s[k]:.0f} s)", flush=True)
         report()
     print(report())

@@ -24,9 +24,7 @@ latents from diffusers eager's for the same seed. Rows are written as they come 
 import argparse
 import datetime
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -34,29 +32,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..", "tests")]
 
 from report import commit_id  # noqa: E402
-from train_step_harness import synchronize  # noqa: E402
+from train_step_harness import timed  # noqa: E402
 
 ARCHS = {"sd15": dict(name="SD1.5", batches="1,4"), "sdxl": dict(name="SDXL", batches="1")}  # 512 px, 1024 px
 PROMPT = "a photo of a cat sitting on a wooden bench"
-
-
-def timed(fn, device, runs, warmup=2):
-    """(seconds of the first call, median ms of runs calls after warmup more)."""
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    first = time.perf_counter() - start
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return first, statistics.median(times)
 
 
 def sd15_unet_config(small):

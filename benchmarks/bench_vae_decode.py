@@ -12,9 +12,7 @@ unfolded decode; and, in float32 with TF32 off, the folded decode against the un
 import argparse
 import copy
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -22,26 +20,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..", "tests")]
 
 from helpers import no_tf32  # noqa: E402
+from train_step_harness import timed  # noqa: E402
 from train_step_models import sdxl_vae_config, vae_config  # noqa: E402
 
 from rglcd_fast.cli import commit_id  # noqa: E402
 from rglcd_fast.upsample import fold_upsamplers  # noqa: E402
-
-
-def timed(fn, steps):
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    first = time.perf_counter() - t0
-    fn()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), first
 
 
 def main():
@@ -92,7 +75,7 @@ def main():
                 if compiled:
                     model.decoder.compile()
                 with torch.no_grad():
-                    ms, first = timed(lambda: model.decode(z).sample, args.steps)
+                    first, ms = timed(lambda: model.decode(z).sample, device, args.steps, warmup=1)
                     image = model.decode(z).sample.float()
                 reference = image if reference is None else reference
                 diff = (image - reference).abs().max().item()

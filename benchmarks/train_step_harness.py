@@ -56,26 +56,39 @@ def step_loss(result):
     return float(result[0]["loss"])
 
 
+def wall_times(fn, device, warmup, runs):
+    """fn's first call: its result and wall time in s (torch.compile compiles there); then, after warmup - 1
+    more calls, the wall time in ms of each of `runs` calls, each from a synchronised device to a
+    synchronised device."""
+    synchronize(device)
+    start = time.perf_counter()
+    first = fn()
+    synchronize(device)
+    first_s = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return first, first_s, times
+
+
+def timed(fn, device, runs, warmup=2):
+    """(seconds of the first call, median ms of runs calls after warmup more)."""
+    _, first_s, times = wall_times(fn, device, warmup + 1, runs)
+    return first_s, statistics.median(times)
+
+
 def time_steps(step, device, warmup, steps, back_to_back=0):
     """Per-step wall times (each from a synchronised device to a synchronised device) after `warmup`
     steps; also the first step's wall time (torch.compile compiles there) and loss (every provider
     starts from the same weights, data order and draws), and, when back_to_back, the mean time of that
     many steps issued without a synchronisation between them (what a training loop sees)."""
-    synchronize(device)
-    start = time.perf_counter()
-    first = step()
-    synchronize(device)
-    first_s = time.perf_counter() - start
-    first_loss = step_loss(first)
-    for _ in range(warmup - 1):
-        step()
-    synchronize(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
+    first, first_s, times = wall_times(step, device, warmup, steps)
     pipelined = None
     if back_to_back:
         start = time.perf_counter()
@@ -83,7 +96,7 @@ def time_steps(step, device, warmup, steps, back_to_back=0):
             step()
         synchronize(device)
         pipelined = (time.perf_counter() - start) * 1e3 / back_to_back
-    return times, first_s, first_loss, pipelined
+    return times, first_s, step_loss(first), pipelined
 
 
 def breakdown(step, timeline, device, runs):

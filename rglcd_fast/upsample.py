@@ -44,10 +44,11 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return F.conv_transpose2d(x, kernel, bias, stride=2, padding=1)
 
 
-def _foldable(module) -> bool:
-    """An Upsample2D that interpolates (nearest, ×2) and then applies a plain 3×3 / padding 1 convolution."""
+def _foldable_conv(module) -> torch.nn.Conv2d | None:
+    """The convolution of an Upsample2D that interpolates (nearest, ×2) and then applies a plain 3×3 /
+    padding 1 convolution; None for any other."""
     conv = module.conv if module.name == "conv" else module.Conv2d_0
-    return (
+    foldable = (
         module.interpolate
         and module.use_conv
         and not module.use_conv_transpose
@@ -60,17 +61,18 @@ def _foldable(module) -> bool:
         and conv.groups == 1
         and conv.padding_mode == "zeros"
     )
+    return conv if foldable else None
 
 
 def _folded_forward(self, hidden_states, output_size=None, *args, **kwargs):
     # the UNets pass output_size for odd latent sizes; only an exact doubling takes the folded path
     # (checked on each call: a convolution wrapped later, e.g. by peft's LoRA, falls back too)
     doubled = output_size is None or tuple(output_size) == tuple(2 * s for s in hidden_states.shape[-2:])
-    if not doubled or args or kwargs or not _foldable(self):
+    conv = _foldable_conv(self) if doubled and not args and not kwargs else None
+    if conv is None:
         return type(self).forward(self, hidden_states, output_size, *args, **kwargs)
     if hidden_states.shape[1] != self.channels:
         raise ValueError(f"hidden_states: expected {self.channels} channels, got {hidden_states.shape[1]}")
-    conv = self.conv if self.name == "conv" else self.Conv2d_0
     return upsample_conv(hidden_states, conv.weight, conv.bias)
 
 
@@ -82,7 +84,7 @@ def fold_upsamplers(model: torch.nn.Module) -> int:
 
     folded = 0
     for module in model.modules():
-        if isinstance(module, Upsample2D) and _foldable(module):
+        if isinstance(module, Upsample2D) and _foldable_conv(module) is not None:
             module.forward = types.MethodType(_folded_forward, module)
             folded += 1
     return folded
