@@ -8,7 +8,6 @@
 
 #include <algorithm>
 #include <limits>
-#include <type_traits>
 
 #include "common.h"
 #include "cpu/loops.h"
@@ -121,9 +120,7 @@ struct CpuBackend {
                                at::Tensor& pred_x0, const ops::GuidedArgs& args) {
     const int64_t n = x.numel(), batch = batch_size(x), per_sample = batch ? n / batch : 1;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rglcd_fast_guided_ddim_step", [&] {
-      // float32 in double: with the guidance scale's amplification (w up to ~15 on an output of 1e4) float32
-      // coefficients and branches left ~20 ulps of error where PyTorch's op-by-op float32 made ~6 (a fuzz case)
-      using acc_t = std::conditional_t<std::is_same_v<scalar_t, float>, double, at::opmath_type<scalar_t>>;
+      using acc_t = guided_acc_t<scalar_t>;
       const auto coeff = guided_coefficients<acc_t>(args, batch);
       const auto w = guidance_values<acc_t>(args.guidance_scale, batch);
       const scalar_t* cp = mc.const_data_ptr<scalar_t>();
@@ -155,7 +152,7 @@ struct CpuBackend {
     const int64_t n = like.numel(), batch = batch_size(like), per_sample = batch ? n / batch : 1;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "rglcd_fast_guided_ddim_step_bwd",
                                     [&] {
-                                      using acc_t = at::opmath_type<scalar_t>;
+                                      using acc_t = guided_acc_t<scalar_t>;
                                       const auto coeff = guided_coefficients<acc_t>(args, batch);
                                       const auto w = guidance_values<acc_t>(args.guidance_scale, batch);
                                       const scalar_t* gp = gprev.defined() ? gprev.const_data_ptr<scalar_t>() : nullptr;

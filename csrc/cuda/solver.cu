@@ -113,9 +113,9 @@ template <typename scalar_t, int VEC, PredictionType kType>
 __global__ void guided_ddim_step_kernel(const scalar_t* __restrict__ cond, const scalar_t* __restrict__ uncond,
                                         const scalar_t* __restrict__ x, scalar_t* __restrict__ x_prev,
                                         scalar_t* __restrict__ pred_x0, int64_t n, int64_t per_sample,
-                                        StepSchedule<at::opmath_type<scalar_t>> schedule,
-                                        PerSample<at::opmath_type<scalar_t>> guidance) {
-  using acc_t = at::opmath_type<scalar_t>;
+                                        StepSchedule<guided_acc_t<scalar_t>> schedule,
+                                        PerSample<guided_acc_t<scalar_t>> guidance) {
+  using acc_t = guided_acc_t<scalar_t>;
   const int64_t i = flat_index(VEC);
   if (i >= n) return;
   const int64_t b = i / per_sample;
@@ -145,9 +145,9 @@ __global__ void guided_ddim_step_backward_kernel(const scalar_t* __restrict__ gr
                                                  const scalar_t* __restrict__ grad_x0, scalar_t* __restrict__ grad_c,
                                                  scalar_t* __restrict__ grad_u, scalar_t* __restrict__ grad_x,
                                                  int64_t n, int64_t per_sample,
-                                                 StepSchedule<at::opmath_type<scalar_t>> schedule,
-                                                 PerSample<at::opmath_type<scalar_t>> guidance, PredictionType type) {
-  using acc_t = at::opmath_type<scalar_t>;
+                                                 StepSchedule<guided_acc_t<scalar_t>> schedule,
+                                                 PerSample<guided_acc_t<scalar_t>> guidance, PredictionType type) {
+  using acc_t = guided_acc_t<scalar_t>;
   const int64_t i = flat_index(VEC);
   if (i >= n) return;
   const int64_t b = i / per_sample;
@@ -443,7 +443,7 @@ struct CudaBackend {
                                at::Tensor& pred_x0, const ops::GuidedArgs& args) {
     const int64_t n = x.numel(), batch = batch_size(x), per_sample = batch ? n / batch : 1;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rglcd_fast_guided_ddim_step_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+      using acc_t = guided_acc_t<scalar_t>;
       const GuidedTensors guided(args, batch, c10::CppTypeToScalarType<acc_t>::value);
       if (n == 0) return;
       const scalar_t *cp = mc.const_data_ptr<scalar_t>(), *up = mu.const_data_ptr<scalar_t>(),
@@ -468,7 +468,7 @@ struct CudaBackend {
     const int64_t n = like.numel(), batch = batch_size(like), per_sample = batch ? n / batch : 1;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(),
                                     "rglcd_fast_guided_ddim_step_bwd_cuda", [&] {
-                                      using acc_t = at::opmath_type<scalar_t>;
+                                      using acc_t = guided_acc_t<scalar_t>;
                                       const GuidedTensors guided(args, batch, c10::CppTypeToScalarType<acc_t>::value);
                                       if (n == 0 || !(mask[0] || mask[1] || mask[2])) return;
                                       const scalar_t* gp = gprev.defined() ? gprev.const_data_ptr<scalar_t>() : nullptr;

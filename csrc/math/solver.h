@@ -14,6 +14,12 @@ RGLCD_HD acc_t alpha_bar_prev(const acc_t* table, int64_t prev, acc_t final_alph
   return prev >= 0 ? table[prev] : final_alpha_cumprod;
 }
 
+// The guided step's working type, forward and backward on every backend: float32 inputs in double. The guidance
+// amplifies (w up to ~15 on outputs up to 1e4) and x_prev = sqrt(ᾱ_prev)·x0 + sqrt(1 - ᾱ_prev)·ε cancels: in float32
+// one ulp of x0 became ~23 ulps of x_prev in a fuzz case where PyTorch's op-by-op float32 happened to make ~6.
+template <typename scalar_t>
+using guided_acc_t = std::conditional_t<std::is_same_v<scalar_t, float>, double, at::opmath_type<scalar_t>>;
+
 // Classifier-free guidance in the LCM paper's form, c + w (c - u). The solver step guides x0 and ε as the LCD
 // script does (the same as mapping the guided output, in exact arithmetic; the backward uses that).
 template <typename acc_t>
