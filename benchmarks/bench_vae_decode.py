@@ -7,6 +7,7 @@ a synchronised device; the first call's time (compilation) apart; the largest di
 unfolded decode; and, in float32 with TF32 off, the folded decode against the unfolded one.
 
     python benchmarks/bench_vae_decode.py [--arch sd21|sdxl] [--batch 8] [--resolution 768] [--steps 10]
+           [--cudnn-benchmark]
 """
 
 import argparse
@@ -34,6 +35,9 @@ def main():
     parser.add_argument("--resolution", type=int, default=None, help="default 768 (sd21), 1024 (sdxl)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument(
+        "--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark: cuDNN times its algorithms"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -45,6 +49,7 @@ def main():
     resolution = args.resolution or (1024 if sdxl else 768)
     dtype = torch.float32 if sdxl else torch.bfloat16
     device = torch.device("cuda")
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     card = torch.cuda.get_device_name()
     out = args.out or os.path.join(
         HERE, "results", f"vae_decode_{args.arch}_{card.replace('NVIDIA ', '').split()[0]}.md"
@@ -92,7 +97,8 @@ def main():
         f"# VAE decode: {card}",
         "",
         f"torch {torch.__version__}, commit {commit_id()}; {args.arch} VAE architecture (random weights), "
-        f"{resolution} px, batch {batch}, {str(dtype).replace('torch.', '')}; median of {args.steps} decodes. "
+        f"{resolution} px, batch {batch}, {str(dtype).replace('torch.', '')}; median of {args.steps} decodes; "
+        f"cudnn.benchmark {args.cudnn_benchmark}. "
         f"Folded = rglcd_fast.upsample.fold_upsamplers on the decoder. Float32 (TF32 off): the folded decode "
         f"differs from diffusers' by at most {exact:.3g}.",
         "",
