@@ -71,7 +71,8 @@ def kernel_us(fn, iters=20):
 
 def graph_us(fn, calls=20):
     """Per-call time of fn inside a replayed CUDA graph of `calls` calls (captured after a warm-up on a side
-    stream, as torch.cuda.graphs' docs do); NaN where fn cannot be captured (the reason is printed)."""
+    stream, as torch.cuda.graphs' docs do; the generators fn draws from, its attribute `generators`, registered
+    with the graph); NaN where fn cannot be captured (the reason is printed)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     try:
@@ -80,6 +81,8 @@ def graph_us(fn, calls=20):
                 fn()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        for generator in getattr(fn, "generators", ()):
+            graph.register_generator_state(generator)
         with torch.cuda.graph(graph):
             for _ in range(calls):
                 fn()
@@ -141,6 +144,7 @@ def main():
     for family in args.families.split(","):
         module = __import__(f"bench_{family}")
         for case in module.gpu_cases(quick=args.quick, dtypes=dtypes):
+            torch._dynamo.reset()  # each case's compile row one fresh graph (not an 8-deep recompile cache)
             timings = {}
             for provider in PROVIDERS:
                 fn = case.make(provider)

@@ -109,6 +109,7 @@ def _scheduler_lcm_step(m, x, fused):
         scheduler._step_index = 0
         return scheduler.step(m, t, x, generator=generator, return_dict=False)
 
+    run.generators = (generator,)  # bench_ops.graph_us registers it with the CUDA graph it captures
     return run
 
 

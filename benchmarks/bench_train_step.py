@@ -20,8 +20,7 @@ images/s, peak GPU memory since the provider was built):
                       student's blocks one by one), compile_blocks_decode_one_call (both: reward on only),
                       compile_blocks_cl (student_blocks with channels_last: the VAE and UNets in NHWC),
                       compile_blocks_fold (student_blocks, the VAE decoder's upsamplers folded:
-                      rglcd_fast.upsample.fold_upsamplers), compile_blocks_fold_cudnn (the same with
-                      cudnn_benchmark: cuDNN times its convolution algorithms),
+                      rglcd_fast.upsample.fold_upsamplers),
                       compile_budget ("all" with compile_memory_budget 0.5): the
                       compile variants run after every other provider, reward off unless --compile-reward
                       says otherwise.

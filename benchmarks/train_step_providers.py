@@ -269,11 +269,6 @@ TRAINER_VARIANTS = {
     "rglcd_fast_compile_blocks_decode_one_call": {"compile_unets": "student_blocks", "vae_decode_batch_size": "all"},
     "rglcd_fast_compile_blocks_cl": {"compile_unets": "student_blocks", "channels_last": True},
     "rglcd_fast_compile_blocks_fold": {"compile_unets": "student_blocks", "fold_vae_upsamplers": True},
-    "rglcd_fast_compile_blocks_fold_cudnn": {
-        "compile_unets": "student_blocks",
-        "fold_vae_upsamplers": True,
-        "cudnn_benchmark": True,
-    },
     "rglcd_fast_compile_budget": {"compile_unets": "all", "compile_memory_budget": 0.5},
     "rglcd_fast_fsdp": {"fsdp": True},  # several processes: the full student and its target sharded (FSDP2)
     "rglcd_fast_fsdp_shard_teacher": {"fsdp": True, "fsdp_shard_teacher": True},
@@ -428,7 +423,6 @@ def restore_parts(parts, expert=None):
             m.__dict__.pop("forward", None)  # fold_upsamplers' instance-level forward
     torch._dynamo.reset()
     torch._functorch.config.activation_memory_budget = 1.0  # compile_memory_budget sets it process-wide
-    torch.backends.cudnn.benchmark = False  # as cudnn_benchmark does
 
 
 # ---- checks ---------------------------------------------------------------------------------------------

@@ -392,11 +392,9 @@ def test_config_file_flags_and_errors(tmp_path):
             "frozen",
             "--compile-memory-budget",
             "0.5",
-            "--cudnn-benchmark",
         ]
     )
     config = config_from_args(args)
-    assert config.cudnn_benchmark
     assert (config.max_train_steps, config.reward_mode, config.lrm_widths) == (7, "none", (16, 32))
     assert config.use_lora and config.learning_rate == 1e-4 and config.resume_from_checkpoint == "latest"
     assert (config.compile_unets, config.compile_memory_budget) == ("frozen", 0.5)
@@ -569,14 +567,6 @@ def test_the_cli_trains_an_sdxl_lcm_lora(xl_world, tmp_path):
     assert os.path.isfile(tmp_path / "out" / "lora" / "pytorch_lora_weights.safetensors")
     with open(tmp_path / "out" / "pipeline" / "model_index.json") as f:
         assert json.load(f)["_class_name"] == "StableDiffusionXLPipeline"
-
-
-def test_cudnn_benchmark_is_turned_on_only_when_asked(world, tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    Trainer(tiny_config(world, tmp_path / "default"))
-    assert not torch.backends.cudnn.benchmark
-    Trainer(tiny_config(world, tmp_path / "on", cudnn_benchmark=True))
-    assert torch.backends.cudnn.benchmark
 
 
 def test_fsdp_needs_several_processes(world, tmp_path):

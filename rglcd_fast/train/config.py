@@ -85,10 +85,6 @@ class TrainConfig:
     # no, fp16 or bf16; None: accelerate's setting (`accelerate launch --mixed_precision`, `accelerate config`), else no
     mixed_precision: Optional[str] = None
     allow_tf32: bool = False  # TF32 matmuls and convolutions on Ampere and newer (as the scripts' --allow_tf32)
-    # cuDNN times the convolution algorithms for the run's shapes and keeps the fastest (torch.backends.cudnn.
-    # benchmark): the first steps are slower; the choice can differ between processes (a resumed run is then
-    # not bitwise the uninterrupted one)
-    cudnn_benchmark: bool = False
     seed: int = 0
     # ---- reward guidance (docs/design.md §1 steps 8-9)
     reward_mode: str = "lrm"  # lrm (latent proxy), direct (decode and score), none (plain LCD)

@@ -165,8 +165,6 @@ class Trainer:
         self.weight_dtype = weight_dtype(acc)
         if config.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        if config.cudnn_benchmark:
-            torch.backends.cudnn.benchmark = True
 
         # models (docs/design.md §1): frozen teacher parts, trainable student, EMA target
         self.teacher = teacher or Teacher.from_pretrained(config.teacher, self.device, self.weight_dtype, config.vae)
