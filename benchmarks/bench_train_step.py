@@ -19,8 +19,6 @@ images/s, peak GPU memory since the provider was built):
                       teacher and target UNets and the VAE encoder), compile_blocks ("student_blocks": frozen plus the
                       student's blocks one by one), compile_blocks_decode_one_call (both: reward on only),
                       compile_blocks_cl (student_blocks with channels_last: the VAE and UNets in NHWC),
-                      compile_blocks_fold (student_blocks, the VAE decoder's upsamplers folded:
-                      rglcd_fast.upsample.fold_upsamplers),
                       compile_budget ("all" with compile_memory_budget 0.5): the
                       compile variants run after every other provider, reward off unless --compile-reward
                       says otherwise.

@@ -23,8 +23,6 @@ from train_step_models import (
     unet_config,
 )
 
-from rglcd_fast.upsample import fold_upsamplers
-
 
 def script_update_ema(target_params, source_params, rate=0.99):
     """The script's update_ema."""
@@ -268,7 +266,6 @@ TRAINER_VARIANTS = {
     "rglcd_fast_compile_blocks": {"compile_unets": "student_blocks"},
     "rglcd_fast_compile_blocks_decode_one_call": {"compile_unets": "student_blocks", "vae_decode_batch_size": "all"},
     "rglcd_fast_compile_blocks_cl": {"compile_unets": "student_blocks", "channels_last": True},
-    "rglcd_fast_compile_blocks_fold": {"compile_unets": "student_blocks", "fold_vae_upsamplers": True},
     "rglcd_fast_compile_budget": {"compile_unets": "all", "compile_memory_budget": 0.5},
     "rglcd_fast_fsdp": {"fsdp": True},  # several processes: the full student and its target sharded (FSDP2)
     "rglcd_fast_fsdp_shard_teacher": {"fsdp": True, "fsdp_shard_teacher": True},
@@ -283,7 +280,6 @@ class TrainerProvider:
 
         overrides = dict(TRAINER_VARIANTS[variant])
         bf16_target = overrides.pop("bf16_target", False)
-        fold = overrides.pop("fold_vae_upsamplers", False)
         if overrides.get("vae_decode_batch_size") == "all":  # the LRM update's three candidates in one call
             overrides["vae_decode_batch_size"] = 3 * args.batch
         settings = dict(
@@ -313,8 +309,6 @@ class TrainerProvider:
         self.trainer = Trainer(config, teacher=teacher, dataset=dataset, reward_model=expert if reward else None)
         if bf16_target:
             self.trainer.target.to(torch.bfloat16)
-        if fold:  # compiled lazily: the decoder's first call traces the folded upsamplers
-            fold_upsamplers(self.trainer.teacher.vae.decoder)
         self.batches = self.trainer.loader.infinite()
         self.device, self.reward = device, reward
         self.timeline = Timeline(device)
@@ -411,7 +405,8 @@ class Restore:
 
 
 def restore_parts(parts, expert=None):
-    """The trainer converts (channels_last) and compiles the shared teacher parts and the expert in place:
+    """The trainer converts (channels_last), folds (the VAE decoder's upsamplers, with a reward on CUDA) and
+    compiles the shared teacher parts and the expert in place:
     undo, so that the next provider (A included) finds them as built. Dynamo's compiled code goes too: its
     guards do not check parameter strides (the VAE encoder compiled for NCHW weights, kept, failed inductor's
     stride assertion on the next provider's channels_last weights)."""

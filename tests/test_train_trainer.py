@@ -569,6 +569,17 @@ def test_the_cli_trains_an_sdxl_lcm_lora(xl_world, tmp_path):
         assert json.load(f)["_class_name"] == "StableDiffusionXLPipeline"
 
 
+@pytest.mark.parametrize("mode", ["none", "lrm"])
+def test_the_decoder_upsamplers_are_folded_where_a_reward_decodes_on_cuda(world, tmp_path, mode):
+    from diffusers.models.upsampling import Upsample2D
+
+    trainer = Trainer(tiny_config(world, tmp_path, reward_mode=mode))
+    upsamplers = [m for m in trainer.teacher.vae.decoder.modules() if isinstance(m, Upsample2D)]
+    assert upsamplers
+    folded = mode != "none" and trainer.device.type == "cuda"
+    assert all(("forward" in m.__dict__) == folded for m in upsamplers)  # fold_upsamplers' instance forward
+
+
 def test_fsdp_needs_several_processes(world, tmp_path):
     with pytest.raises(ValueError, match="fsdp: shards over several processes"):
         Trainer(tiny_config(world, tmp_path, fsdp=True))

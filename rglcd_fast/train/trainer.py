@@ -15,6 +15,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from ..upsample import fold_upsamplers
 from .checkpoint import (
     capture_rng_state,
     latest_checkpoint,
@@ -224,6 +225,10 @@ class Trainer:
             self.teacher.noise_scheduler, DistillationConfig(**step_settings), device=self.device
         )
         self.guidance = self._make_reward_guidance()
+        if self.guidance is not None and self.device.type == "cuda":
+            # the reward decodes every step: each decoder upsampler as one transposed convolution (same sums;
+            # rglcd_fast.upsample). SD2.1 VAE, 768 px, batch 8, bf16, H200: −7% a decode eager, −8% compiled
+            fold_upsamplers(self.teacher.vae.decoder)
         if config.compile_unets != "none":
             # in place (Module.compile: same module, same state dict); each UNet compiles on its first call
             # (the student with gradient checkpointing: dynamo traces non-reentrant checkpoints). Under DDP the
@@ -240,8 +245,8 @@ class Trainer:
             # candidates, the direct reward differentiates through both to the student's prediction)
             vae = self.teacher.vae
             rewarded = (vae.decoder, *self.guidance.expert.image_encoders()) if self.guidance is not None else ()
-            for module in (*unets, vae.encoder, *rewarded):
-                module.compile()
+            for module in (*unets, vae.encoder, *rewarded):  # static shapes: a graph per shape, never a symbolic
+                module.compile(dynamic=False)  # one (inductor's CPU dynamic-shape graphs can fail to compile)
             if config.compile_unets == "student_blocks":
                 compile_blocks(student)
 
