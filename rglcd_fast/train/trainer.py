@@ -245,8 +245,10 @@ class Trainer:
             # candidates, the direct reward differentiates through both to the student's prediction)
             vae = self.teacher.vae
             rewarded = (vae.decoder, *self.guidance.expert.image_encoders()) if self.guidance is not None else ()
-            for module in (*unets, vae.encoder, *rewarded):  # static shapes: a graph per shape, never a symbolic
-                module.compile(dynamic=False)  # one (inductor's CPU dynamic-shape graphs can fail to compile)
+            # static shapes, as compile_blocks: a graph per shape, never a symbolic one (after other compiles in
+            # the process, inductor's CPU graph with symbolic shapes of the tiny test world failed to compile)
+            for module in (*unets, vae.encoder, *rewarded):
+                module.compile(dynamic=False)
             if config.compile_unets == "student_blocks":
                 compile_blocks(student)
 
