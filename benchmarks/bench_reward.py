@@ -3,7 +3,7 @@ logits S = reward_head(image features [3, B, 1024], text features [B, 1024], log
 pairwise KL against random expert logits over the 3 candidates, gradients to both feature tensors
 and the logit scale. CPU: pytest-benchmark, eager reference vs rglcd_fast at 3×16×1024
 (`pytest benchmarks --benchmark-only`). GPU: gpu_cases() for bench_ops.py (eager, torch.compile of
-the reference, rglcd_fast) at 3×16×1024 and 3×256×1024, the ANCHORS.md shapes."""
+the reference, rglcd_fast) at 3×16×1024 and 3×256×1024 (K candidates × batch × embedding width)."""
 
 import pytest
 import torch

@@ -9,8 +9,8 @@ images/s, peak GPU memory since the provider was built):
                       Huber loss, student fp32 under accelerate bf16 autocast with gradient checkpointing,
                       torch.optim.AdamW (not fused), clip 1.0, fp32 target UNet, the script's update_ema loop.
   reference_noencode  the same step on latents and prompt embeddings encoded once before timing (no data
-                      loading, no VAE or text encoder in the step): what the ANCHORS.md figure (465 ms =
-                      student + teacher + target + backward + AdamW + EMA) covers.
+                      loading, no VAE or text encoder in the step): the scope of a step timed as
+                      student + teacher + target + backward + AdamW + EMA.
   rglcd_fast          rglcd_fast.train.Trainer.train_step on an in-memory Teacher and data set, its defaults.
   rglcd_fast_<variant> the same with settings changed (TRAINER_VARIANTS): cl (channels_last=True),
                       bf16_target (the EMA target stored in bf16), nockpt (no gradient checkpointing),

@@ -5,7 +5,7 @@ from typing import Callable
 
 import torch
 
-# Latent shapes of the ANCHORS runs: SD1.5 at 512 px, SD2.1 at 768 px (batch 16), SDXL at 1024 px (batch 64).
+# Latent shapes of the GPU tables: SD1.5 at 512 px, SD2.1 at 768 px (batch 16), SDXL at 1024 px (batch 64).
 LATENT_SHAPES = {"SD1.5-512 B16": (16, 4, 64, 64), "SD2.1-768 B16": (16, 4, 96, 96), "SDXL-1024 B64": (64, 4, 128, 128)}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
