@@ -425,6 +425,8 @@ class Trainer:
                 acc.backward(out.loss)
                 if acc.sync_gradients:
                     norm = acc.clip_grad_norm_(self.student.parameters(), config.max_grad_norm)
+                    if hasattr(norm, "full_tensor"):  # FSDP2's norm of sharded gradients is a DTensor, and in
+                        norm = norm.full_tensor()  # torch 2.11 the all-reduce below has no sharding rule for one
                     bad = bad | ~torch.isfinite(norm)
                     if acc.num_processes > 1:  # every rank skips together
                         bad = acc.reduce(bad.float(), reduction="sum") > 0
