@@ -19,6 +19,8 @@ images/s, peak GPU memory since the provider was built):
                       teacher and target UNets and the VAE encoder), compile_blocks ("student_blocks": frozen plus the
                       student's blocks one by one), compile_blocks_decode_one_call (both: reward on only),
                       compile_blocks_cl (student_blocks with channels_last: the VAE and UNets in NHWC),
+                      compile_blocks_lrm (student_blocks with the LRM's image and text towers compiled, forward
+                      and backward: reward on only),
                       compile_budget ("all" with compile_memory_budget 0.5): the
                       compile variants run after every other provider, reward off unless --compile-reward
                       says otherwise.
@@ -67,6 +69,7 @@ from train_step_report import PROVIDER_NAMES, Report  # noqa: E402
 ONLY_REWARD = {
     "rglcd_fast_decode_one_call": "lrm",
     "rglcd_fast_compile_blocks_decode_one_call": "lrm",
+    "rglcd_fast_compile_blocks_lrm": "lrm",
     "rglcd_fast_bf16_target": None,
     "rglcd_fast_nockpt": None,
 }

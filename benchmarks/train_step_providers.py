@@ -253,7 +253,8 @@ class ReferenceProvider:
 # ---- provider B: rglcd_fast's trainer -----------------------------------------------------------------
 
 # B's variants: TrainConfig overrides (on top of the settings below) and, for what no setting covers, a
-# change made to the built trainer ("bf16_target": the EMA target stored in bf16, measured, not adopted).
+# change made to the built trainer ("bf16_target": the EMA target stored in bf16, measured, not adopted;
+# "compile_lrm": the LRM's image and text towers compiled, forward and backward, to measure before adopting).
 TRAINER_VARIANTS = {
     "rglcd_fast": {},
     "rglcd_fast_cl": {"channels_last": True},
@@ -266,6 +267,7 @@ TRAINER_VARIANTS = {
     "rglcd_fast_compile_blocks": {"compile_unets": "student_blocks"},
     "rglcd_fast_compile_blocks_decode_one_call": {"compile_unets": "student_blocks", "vae_decode_batch_size": "all"},
     "rglcd_fast_compile_blocks_cl": {"compile_unets": "student_blocks", "channels_last": True},
+    "rglcd_fast_compile_blocks_lrm": {"compile_unets": "student_blocks", "compile_lrm": True},
     "rglcd_fast_compile_budget": {"compile_unets": "all", "compile_memory_budget": 0.5},
     "rglcd_fast_fsdp": {"fsdp": True},  # several processes: the full student and its target sharded (FSDP2)
     "rglcd_fast_fsdp_shard_teacher": {"fsdp": True, "fsdp_shard_teacher": True},
@@ -280,6 +282,7 @@ class TrainerProvider:
 
         overrides = dict(TRAINER_VARIANTS[variant])
         bf16_target = overrides.pop("bf16_target", False)
+        compile_lrm = overrides.pop("compile_lrm", False)
         if overrides.get("vae_decode_batch_size") == "all":  # the LRM update's three candidates in one call
             overrides["vae_decode_batch_size"] = 3 * args.batch
         settings = dict(
@@ -309,6 +312,10 @@ class TrainerProvider:
         self.trainer = Trainer(config, teacher=teacher, dataset=dataset, reward_model=expert if reward else None)
         if bf16_target:
             self.trainer.target.to(torch.bfloat16)
+        if compile_lrm and self.trainer.guidance.lrm_optimizer is not None:  # static shapes, as the trainer's
+            lrm = self.trainer.guidance.lrm
+            for tower in (lrm.image_encoder, lrm.text_model):
+                tower.compile(dynamic=False)
         self.batches = self.trainer.loader.infinite()
         self.device, self.reward = device, reward
         self.timeline = Timeline(device)

@@ -22,6 +22,7 @@ PROVIDER_NAMES = {
     "rglcd_fast_compile_blocks": "B, compile_unets=student_blocks",
     "rglcd_fast_compile_blocks_decode_one_call": "B, compile_unets=student_blocks, one decode call",
     "rglcd_fast_compile_blocks_cl": "B, compile_unets=student_blocks, channels_last=True",
+    "rglcd_fast_compile_blocks_lrm": "B, compile_unets=student_blocks, the LRM's towers compiled",
     "rglcd_fast_compile_budget": "B, compile_unets=all, compile_memory_budget=0.5",
     "rglcd_fast_fsdp": "B, fsdp (student and target sharded, teacher replicated)",
     "rglcd_fast_fsdp_shard_teacher": "B, fsdp, teacher sharded too",
