@@ -312,7 +312,7 @@ class TrainerProvider:
         self.trainer = Trainer(config, teacher=teacher, dataset=dataset, reward_model=expert if reward else None)
         if bf16_target:
             self.trainer.target.to(torch.bfloat16)
-        if compile_lrm and self.trainer.guidance.lrm_optimizer is not None:  # static shapes, as the trainer's
+        if compile_lrm:  # static shapes, as the trainer's compiled modules
             lrm = self.trainer.guidance.lrm
             for tower in (lrm.image_encoder, lrm.text_model):
                 tower.compile(dynamic=False)

@@ -47,23 +47,21 @@ def test_float64_gradcheck_and_exactness():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_edge_cases(device):
-    # float32 exactness of the fold: without TF32 (cuDNN's default on CUDA rounds inputs and weights to
-    # 10-bit mantissas, far beyond assert_tight)
-    with no_tf32():
-        weight = torch.randn(4, 3, 3, 3, device=device)
-        empty = torch.randn(0, 3, 5, 5, device=device)
-        assert upsample_conv(empty, weight).shape == (0, 4, 10, 10)
-        one_pixel = torch.randn(2, 3, 1, 1, device=device)
+    weight = torch.randn(4, 3, 3, 3, device=device)
+    empty = torch.randn(0, 3, 5, 5, device=device)
+    assert upsample_conv(empty, weight).shape == (0, 4, 10, 10)
+    one_pixel = torch.randn(2, 3, 1, 1, device=device)
+    with no_tf32():  # float32 exactness (cuDNN's default TF32 on CUDA rounds to 10-bit mantissas)
         assert_tight(upsample_conv(one_pixel, weight), interpolate_then_conv(one_pixel, weight, None), "1x1 input")
-        # NaN and Inf propagate to the same outputs. (Where an Inf meets taps of both signs the original sums
-        # inf·w1 + inf·w2 = NaN, the folded kernel inf·(w1 + w2) = ±inf: non-finite either way.)
-        x = torch.randn(1, 3, 4, 4, device=device)
-        x[0, 1, 2, 3] = float("nan")
-        ours, theirs = upsample_conv(x, weight), interpolate_then_conv(x, weight, None)
-        assert torch.equal(ours.isnan(), theirs.isnan()) and ours.isnan().any()
-        x[0, 2, 0, 0] = float("inf")
-        ours, theirs = upsample_conv(x, weight), interpolate_then_conv(x, weight, None)
-        assert torch.equal(ours.isfinite(), theirs.isfinite())
+    # NaN and Inf propagate to the same outputs. (Where an Inf meets taps of both signs the original sums
+    # inf·w1 + inf·w2 = NaN, the folded kernel inf·(w1 + w2) = ±inf: non-finite either way.)
+    x = torch.randn(1, 3, 4, 4, device=device)
+    x[0, 1, 2, 3] = float("nan")
+    ours, theirs = upsample_conv(x, weight), interpolate_then_conv(x, weight, None)
+    assert torch.equal(ours.isnan(), theirs.isnan()) and ours.isnan().any()
+    x[0, 2, 0, 0] = float("inf")
+    ours, theirs = upsample_conv(x, weight), interpolate_then_conv(x, weight, None)
+    assert torch.equal(ours.isfinite(), theirs.isfinite())
 
 
 def test_bad_input_names_the_argument():
