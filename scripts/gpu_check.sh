@@ -11,7 +11,8 @@
 # named: "all" leaves them out, and so "two_ranks" (the 2-rank gloo test in a loop on the CPUs, beside the rest).
 # Run serially the whole test suite does not fit one call's 10 minutes (46% of it in 500 s on an H100); the
 # tests stage runs pytest-xdist workers. Where that does not fit either, split it with PYTEST_ARGS, e.g.
-# "tests/test_[a-r]*.py" in one call and "tests/test_[s-z]*.py" (RGLCD_SKIP_BUILD=1, the machine warm) in the next.
+# "tests/test_[a-r]*.py" in one call and "tests/test_[s-z]*.py" (RGLCD_SKIP_BUILD=1, the machine warm) in the next,
+# or copy the cut-off call's tests.log into the tree and name it in TESTS_AFTER: the next call runs what it did not pass.
 set -uo pipefail
 OUT=${OUT:-/tmp/rglcd_out}
 mkdir -p "$OUT"
@@ -51,10 +52,22 @@ if run_stage tests; then  # PYTEST_ARGS: what to run (default: all of tests/)
   # The whole suite takes longer than one device call serially: TEST_WORKERS pytest-xdist workers share the
   # GPU, and each test's outcome is written to tests.log as it ends (-v), so a call cut off by its time
   # limit still names what passed and what failed; a test hung past TEST_TIMEOUT s fails with its stack.
+  # Each worker gets its share of the CPU threads (torch takes all cores per process otherwise), and idle workers
+  # steal queued tests from one held by a long test.
   parallel=()
-  python3 -c "import xdist" 2>/dev/null && parallel+=(-n "${TEST_WORKERS:-8}")
+  workers=${TEST_WORKERS:-8}
+  python3 -c "import xdist" 2>/dev/null && parallel+=(-n "$workers" --dist worksteal) \
+    && export OMP_NUM_THREADS=$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 ))
   python3 -c "import pytest_timeout" 2>/dev/null && parallel+=(--timeout "${TEST_TIMEOUT:-400}")
-  python3 -m pytest -v -rfEs --tb=short "${parallel[@]}" ${PYTEST_ARGS:-tests} "${absent[@]}" > "$OUT/tests.log" 2>&1
+  selection=(${PYTEST_ARGS:-tests})
+  if [ -n "${TESTS_AFTER:-}" ]; then  # a cut-off call's tests.log, copied into the tree: run what it did not pass
+    python3 -m pytest --collect-only -q ${PYTEST_ARGS:-tests} 2>/dev/null | grep "^tests/.*::" | sort -u > "$OUT/collected.txt"
+    sed -nE 's/.*(PASSED|SKIPPED|XFAIL|XPASS) (tests\/.*[^ ]) *$/\2/p' "$TESTS_AFTER" | sort -u \
+      | comm -23 "$OUT/collected.txt" - > "$OUT/unfinished.txt"
+    mapfile -t selection < "$OUT/unfinished.txt"
+    echo "TESTS_AFTER: ${#selection[@]} tests not passed in $TESTS_AFTER"
+  fi
+  python3 -m pytest -v -rfEs --tb=short "${parallel[@]}" "${selection[@]}" "${absent[@]}" > "$OUT/tests.log" 2>&1
   [ $? -eq 0 ] || status=1
   grep -E "(FAILED|ERROR) " "$OUT/tests.log" | sed 's/^\[gw[0-9]*\] *\[ *[0-9]*%\] *//' | sort -u | head -30
   tail -3 "$OUT/tests.log"

@@ -37,9 +37,9 @@ def assert_lora_loaded(loaded_unet, student):
     """Every adapter of the trained student, with its weights, in a UNet that load_lora_weights filled."""
     from peft.utils import get_peft_model_state_dict
 
-    trained = get_peft_model_state_dict(student)
+    trained = {k: v.cpu() for k, v in get_peft_model_state_dict(student).items()}
     loaded = {
-        k.replace(".default_0", ""): v
+        k.replace(".default_0", ""): v.cpu()
         for k, v in get_peft_model_state_dict(loaded_unet, adapter_name="default_0").items()
     }
     assert loaded.keys() == trained.keys()
