@@ -54,10 +54,10 @@ if run_stage tests; then  # PYTEST_ARGS: what to run (default: all of tests/)
   # limit still names what passed and what failed; a test hung past TEST_TIMEOUT s fails with its stack.
   # Each worker gets its share of the CPU threads (torch takes all cores per process otherwise), and idle workers
   # steal queued tests from one held by a long test.
-  parallel=()
+  parallel=() threads=()
   workers=${TEST_WORKERS:-8}
   python3 -c "import xdist" 2>/dev/null && parallel+=(-n "$workers" --dist worksteal) \
-    && export OMP_NUM_THREADS=$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 ))
+    && threads=(env OMP_NUM_THREADS=$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 )))
   python3 -c "import pytest_timeout" 2>/dev/null && parallel+=(--timeout "${TEST_TIMEOUT:-400}")
   selection=(${PYTEST_ARGS:-tests})
   if [ -n "${TESTS_AFTER:-}" ]; then  # a cut-off call's tests.log, copied into the tree: run what it did not pass
@@ -67,7 +67,7 @@ if run_stage tests; then  # PYTEST_ARGS: what to run (default: all of tests/)
     mapfile -t selection < "$OUT/unfinished.txt"
     echo "TESTS_AFTER: ${#selection[@]} tests not passed in $TESTS_AFTER"
   fi
-  python3 -m pytest -v -rfEs --tb=short "${parallel[@]}" "${selection[@]}" "${absent[@]}" > "$OUT/tests.log" 2>&1
+  "${threads[@]}" python3 -m pytest -v -rfEs --tb=short "${parallel[@]}" "${selection[@]}" "${absent[@]}" > "$OUT/tests.log" 2>&1
   [ $? -eq 0 ] || status=1
   grep -E "(FAILED|ERROR) " "$OUT/tests.log" | sed 's/^\[gw[0-9]*\] *\[ *[0-9]*%\] *//' | sort -u | head -30
   tail -3 "$OUT/tests.log"
