@@ -71,8 +71,17 @@ def gpu_cases(quick, dtypes):
                 return run
 
             def bwd(provider, m=m, x=x, t=t, y=y, ac=ac):
-                out = loss_fn(provider)(m, x, t, y, ac)[0]
-                return lambda: torch.autograd.grad(out, m, retain_graph=True)
+                # The forward is built once per stream: autograd runs a node's backward on the stream its
+                # forward ran on, and a graph captured on a side stream cannot launch on another one.
+                loss, built = loss_fn(provider), {}
+
+                def run():
+                    stream = torch.cuda.current_stream()
+                    if built.get("stream") != stream:
+                        built.update(stream=stream, out=loss(m, x, t, y, ac)[0])
+                    return torch.autograd.grad(built["out"], m, retain_graph=True)
+
+                return run
 
             def output(provider, m=m, x=x, t=t, ac=ac):
                 f = output_fn(provider)

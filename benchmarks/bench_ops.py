@@ -70,8 +70,8 @@ def kernel_us(fn, iters=20):
 
 
 def graph_us(fn, calls=20):
-    """Per-call time of fn inside a replayed CUDA graph of `calls` calls (captured after a warm-up on a side
-    stream, as torch.cuda.graphs' docs do; the generators fn draws from, its attribute `generators`, registered
+    """Per-call time of fn inside a replayed CUDA graph of `calls` calls (captured on the side stream it warmed
+    up on, as torch.cuda.graphs' docs do; the generators fn draws from, its attribute `generators`, registered
     with the graph); NaN where fn cannot be captured (the reason is printed)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -83,7 +83,7 @@ def graph_us(fn, calls=20):
         graph = torch.cuda.CUDAGraph()
         for generator in getattr(fn, "generators", ()):
             graph.register_generator_state(generator)
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=side):
             for _ in range(calls):
                 fn()
     except RuntimeError as error:
