@@ -96,7 +96,7 @@ def pair(fused_cls, diffusers_cls, config, device="cpu", **set_timesteps):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
-    "prediction_type,limit,set_alpha_to_one", itertools.product(PREDICTION_TYPES, LIMITS, [True, False])
+    "prediction_type,limit,set_alpha_to_one", list(itertools.product(PREDICTION_TYPES, LIMITS, [True, False]))
 )
 def test_lcm_matches_diffusers(prediction_type, limit, set_alpha_to_one, device):
     config = dict(SD_SCHEDULE, prediction_type=prediction_type, set_alpha_to_one=set_alpha_to_one, **LIMITS[limit])
@@ -142,7 +142,8 @@ def test_lcm_generator_forms(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
-    "prediction_type,limit,eta,use_clipped", itertools.product(PREDICTION_TYPES, LIMITS, [0.0, 0.5], [False, True])
+    "prediction_type,limit,eta,use_clipped",
+    list(itertools.product(PREDICTION_TYPES, LIMITS, [0.0, 0.5], [False, True])),
 )
 def test_ddim_matches_diffusers(prediction_type, limit, eta, use_clipped, device):
     config = dict(SD_SCHEDULE, prediction_type=prediction_type, set_alpha_to_one=not use_clipped, **LIMITS[limit])
