@@ -61,7 +61,7 @@ if run_stage tests; then  # PYTEST_ARGS: what to run (default: all of tests/)
   python3 -c "import pytest_timeout" 2>/dev/null && parallel+=(--timeout "${TEST_TIMEOUT:-400}")
   selection=(${PYTEST_ARGS:-tests})
   if [ -n "${TESTS_AFTER:-}" ]; then  # a cut-off call's tests.log, copied into the tree: run what it did not pass
-    python3 -m pytest --collect-only -q ${PYTEST_ARGS:-tests} 2>/dev/null | grep "^tests/.*::" | sort -u > "$OUT/collected.txt"
+    python3 -m pytest --collect-only -q "${selection[@]}" 2>/dev/null | grep "^tests/.*::" | sort -u > "$OUT/collected.txt"
     sed -nE 's/.*(PASSED|SKIPPED|XFAIL|XPASS) (tests\/.*[^ ]) *$/\2/p' "$TESTS_AFTER" | sort -u \
       | comm -23 "$OUT/collected.txt" - > "$OUT/unfinished.txt"
     mapfile -t selection < "$OUT/unfinished.txt"

@@ -30,16 +30,16 @@ def weights(module):
 def assert_same(a, b):
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.equal(a[k], b[k]), k
+        assert torch.equal(a[k].cpu(), b[k].cpu()), k  # the trainer's tensors may be on the GPU, a loaded copy not
 
 
 def assert_lora_loaded(loaded_unet, student):
     """Every adapter of the trained student, with its weights, in a UNet that load_lora_weights filled."""
     from peft.utils import get_peft_model_state_dict
 
-    trained = {k: v.cpu() for k, v in get_peft_model_state_dict(student).items()}
+    trained = get_peft_model_state_dict(student)
     loaded = {
-        k.replace(".default_0", ""): v.cpu()
+        k.replace(".default_0", ""): v
         for k, v in get_peft_model_state_dict(loaded_unet, adapter_name="default_0").items()
     }
     assert loaded.keys() == trained.keys()
