@@ -67,12 +67,31 @@ def images(b=2, h=20, w=28, seed=0):
     return torch.rand(b, 3, h, w, generator=g)
 
 
-def official_clip_pixels(x, size):
-    """The official reward functions' CLIP_NORMALIZE(CLIP_RESIZE(x)) on square images: torchvision's
-    Resize(size, BICUBIC) on a tensor (antialias on) and Normalize with OpenAI's mean/std."""
-    x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+def clip_normalize(x):
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD))
     return (x - mean) / std
+
+
+def official_clip_pixels(x, size):
+    """The official reward functions' CLIP_NORMALIZE(CLIP_RESIZE(x)) on square images: torchvision 0.16's
+    Resize(size, BICUBIC) on a tensor (its antialias="warn" default: not antialiased) and Normalize with
+    OpenAI's mean/std."""
+    return clip_normalize(F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=False))
+
+
+def official_hpsv2_pixels(x, size):
+    """The official get_hpsv2_fn's preprocess_val.transforms[2:] (hpsv2 loaded with light_augmentation=True),
+    image by image: ResizeMaxSize(size) (the longest side to size, torchvision 0.16's bicubic tensor resize,
+    F.pad(padding=[left, top, right, bottom], fill=0)) and MaskAwareNormalize (OpenAI's mean/std)."""
+    out = []
+    for img in x:
+        height, width = img.shape[1:]
+        scale = size / float(max(height, width))
+        new_size = tuple(round(dim * scale) for dim in (height, width))
+        img = F.interpolate(img[None], size=new_size, mode="bicubic", align_corners=False, antialias=False)[0]
+        pad_h, pad_w = size - new_size[0], size - new_size[1]
+        out.append(F.pad(img, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)))
+    return clip_normalize(torch.stack(out))
 
 
 @pytest.mark.parametrize("name", ["clip", "pickscore", "aesthetic", "aesthetic_mlp"])
@@ -178,13 +197,15 @@ def fake_open_clip_tokenizer(prompts):
     return torch.tensor([[ord(c) % 64 for c in p.ljust(12)[:12]] for p in prompts])
 
 
-def test_hpsv2_units_are_the_official_ones():
-    """get_hpsv2_fn: reward = (normalised image · normalised text).sum(-1); logits × exp(logit_scale)."""
+@pytest.mark.parametrize("h, w", [(32, 32), (20, 32), (45, 27)])
+def test_hpsv2_units_are_the_official_ones(h, w):
+    """get_hpsv2_fn: reward = (normalised image · normalised text).sum(-1); logits × exp(logit_scale); its
+    images resized on the longest side and padded (non-square ones too)."""
     rm = HPSv2(FakeOpenClip(), fake_open_clip_tokenizer, image_size=16)
-    x = images(h=32, w=32).requires_grad_(True)
+    x = images(h=h, w=w).requires_grad_(True)
     reward, logits = rm.reward_and_logits(x, PROMPTS)
     with torch.no_grad():
-        u = F.normalize(rm.model.encode_image(official_clip_pixels(x, 16)), dim=-1)
+        u = F.normalize(rm.model.encode_image(official_hpsv2_pixels(x, 16)), dim=-1)
         v = F.normalize(rm.model.encode_text(fake_open_clip_tokenizer(PROMPTS)), dim=-1)
         cos = (u * v).sum(-1)
     torch.testing.assert_close(reward, cos, rtol=1e-5, atol=1e-6)
@@ -276,9 +297,20 @@ def test_preprocess_non_square():
     x = torch.rand(1, 3, 30, 60, dtype=torch.float64, requires_grad=True)
     y = preprocess(x, 16, mean=(0.5,) * 3, std=(0.5,) * 3)
     assert y.shape == (1, 3, 16, 16) and y.dtype == torch.float64
-    # shortest side 30 -> 16, long side 60 -> 32, centre crop keeps columns 8..24
-    full = torch.nn.functional.interpolate(x, size=(16, 32), mode="bicubic", antialias=True, align_corners=False)
+    # shortest side 30 -> 16, long side 60 -> 32, centre crop keeps columns 8..24 (no antialiasing: torchvision
+    # 0.16's tensor resize, the official code's)
+    full = torch.nn.functional.interpolate(x, size=(16, 32), mode="bicubic", antialias=False, align_corners=False)
     torch.testing.assert_close(y, (full[..., 8:24] - 0.5) / 0.5)
+    # torchvision's sizes: the long side truncated (30x47 -> 16x25), CenterCrop's offset rounded (round(4.5) = 4)
+    odd = torch.rand(1, 3, 30, 47, dtype=torch.float64)
+    full = torch.nn.functional.interpolate(odd, size=(16, 25), mode="bicubic", antialias=False, align_corners=False)
+    torch.testing.assert_close(preprocess(odd, 16, mean=(0.5,) * 3, std=(0.5,) * 3), (full[..., 4:20] - 0.5) / 0.5)
+    # fit="pad": the longest side to 16 (30x60 -> 8x16), 4 rows of zeros above and below, then normalised
+    padded = preprocess(x, 16, mean=(0.5,) * 3, std=(0.5,) * 3, fit="pad")
+    small = torch.nn.functional.interpolate(x, size=(8, 16), mode="bicubic", antialias=False, align_corners=False)
+    torch.testing.assert_close(padded, (torch.nn.functional.pad(small, (0, 0, 4, 4)) - 0.5) / 0.5)
+    with pytest.raises(ValueError, match="fit"):
+        preprocess(x, 16, fit="stretch")
     assert preprocess(torch.rand(2, 3, 40, 24), (16, 16)).shape == (2, 3, 16, 16)
     y.sum().backward()
     assert x.grad.abs().sum() > 0

@@ -213,12 +213,12 @@ def test_validation_grids_reach_the_tracker_as_images(world, tmp_path, monkeypat
             ["--resolution", "33"],
             "resolution: 33 px does not pass the teacher's VAE and UNet (a multiple of 4 does, e.g. 32)",
         ),
-        (["--train-batch-size", "4", "--lrm-batch-size", "8"], "lrm_batch_size: the LRM update takes its 8 samples"),
         (
             ["--reward-mode", "direct", "--reward-model", "clip", "--reward-model-path", "TEACHER"],
             "reward_model_path: reward model 'clip' needs a transformers CLIP folder",
         ),
         (["--lrm-path", "TEACHER"], "lrm_path: no LRM folder (lrm_config.json)"),
+        (["--pretrained_latent_rm", "TEACHER/model_index.json"], "lrm_path: TEACHER/model_index.json is a file"),
         (["--vae", "TEACHER"], "vae: no diffusers AutoencoderKL folder (config.json)"),
         (["--pretrained_vae_model_name_or_path", "TEACHER"], "vae: no diffusers AutoencoderKL folder (config.json)"),
         (["--lora-rank", "0"], "lora_rank: expected a positive integer, got 0"),
@@ -236,7 +236,7 @@ def test_bad_settings_stop_with_one_line_before_any_model_is_built(world, tmp_pa
 
     monkeypatch.setattr(models.Teacher, "from_pretrained", no_models)
     teacher, data = world
-    flags = [teacher if flag == "TEACHER" else flag for flag in flags]
+    flags, line = [flag.replace("TEACHER", teacher) for flag in flags], line.replace("TEACHER", teacher)
     assert cli.main(["train", "--teacher", teacher, "--data", data, "--output-dir", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"rglcd-fast train: {line}") and len(err.strip().splitlines()) == 1

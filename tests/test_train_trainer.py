@@ -114,7 +114,7 @@ class RecordingExpert(RewardModel):
 def run_lrm_update(world, tmp_path, expert=None, **overrides):
     """One update_lrm of a tiny trainer on 4 samples (n = 2); returns (trainer, inputs, outputs, VAE decode
     batch sizes, the arguments preference_loss received)."""
-    trainer = Trainer(tiny_config(world, tmp_path, lrm_batch_size=2, **overrides))
+    trainer = Trainer(tiny_config(world, tmp_path, **{"lrm_batch_size": 2, **overrides}))
     guidance, vae = trainer.guidance, trainer.teacher.vae
     guidance.expert = expert if expert is not None else RecordingExpert()
     decoded, decode = [], vae.decode
@@ -149,6 +149,19 @@ def test_lrm_update_decodes_every_candidate_the_real_one_too(world, tmp_path):
     torch.testing.assert_close(scored, expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(expert_reward, expected[:2].mean() * 10, atol=1e-5, rtol=1e-4)
     assert run_lrm_update(world, tmp_path / "b", vae_decode_batch_size=6)[3] == [6]  # all in one call
+
+
+def test_lrm_update_takes_at_most_the_batch_and_the_runs_adam_settings(world, tmp_path):
+    """As the official randperm(train_batch_size)[:rm_batch_size]: an lrm_batch_size above the batch takes the
+    whole batch (the default 16 against a batch of 4 here); the LRM's AdamW has the run's betas and epsilon."""
+    trainer, *_, decoded, _ = run_lrm_update(
+        world, tmp_path, lrm_batch_size=16, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6
+    )
+    assert decoded == [4, 4, 4]
+    ((scored, _),) = trainer.guidance.expert.calls
+    assert scored.shape[0] == 12
+    (group,) = trainer.guidance.lrm_optimizer.param_groups
+    assert (group["betas"], group["eps"]) == ((0.8, 0.95), 1e-6)
 
 
 def test_lrm_update_scores_real_pixels_when_asked(world, tmp_path):

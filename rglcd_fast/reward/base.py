@@ -18,26 +18,44 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def preprocess(images: torch.Tensor, size, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, dtype=None) -> torch.Tensor:
-    """CLIP preprocessing with torch ops only: resize the shortest side to ``size`` (bicubic, antialias),
-    centre crop to size×size, normalise with mean/std: torchvision's ``Resize(size, BICUBIC)`` (antialias on,
-    its default for tensors) + ``CenterCrop`` + ``Normalize``, as the official reward functions (on square
-    images, where the crop changes nothing). images [B, 3, H, W] in [0, 1]; size an int or
-    (h, w). Differentiable in the images. Returns [B, 3, h, w] in ``dtype`` (default: the images')."""
+def preprocess(images: torch.Tensor, size, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, dtype=None, fit="crop"):
+    """The official reward functions' image transforms, with torch ops only (differentiable in the images).
+    They run torchvision 0.16 (the official README pins 0.16.2), whose tensor resize does not antialias
+    (``antialias="warn"``: off for tensors, on only from 0.17), so neither does this one.
+
+    fit="crop": ``Resize(size, BICUBIC)`` (the shortest side to ``size``, the other truncated as torchvision)
+    + ``CenterCrop`` + ``Normalize``: the CLIP family and ImageReward (the crop is a no-op on square images).
+    fit="pad": HPSv2's ``ResizeMaxSize(size)`` (the longest side to ``size``, bicubic, zeros padded around to
+    size×size) + ``Normalize``: what the official script's ``preprocess_val.transforms[2:]`` is.
+    images [B, 3, H, W] in [0, 1]; size an int or (h, w) (crop only). Returns [B, 3, h, w] in ``dtype``
+    (default: the images')."""
     if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
         raise ValueError(f"images: expected a float tensor [B, 3, H, W] in [0, 1], got {shape}")
     if not images.is_floating_point():
         raise TypeError(f"images: expected a float tensor in [0, 1], got {images.dtype}")
+    if fit not in ("crop", "pad"):
+        raise ValueError(f"fit: expected 'crop' or 'pad', got {fit!r}")
     out_h, out_w = (size, size) if isinstance(size, int) else tuple(size)
     x = images if images.dtype in (torch.float32, torch.float64) else images.float()
     h, w = x.shape[-2:]
-    scale = max(out_h / h, out_w / w)
-    new_h, new_w = max(out_h, round(h * scale)), max(out_w, round(w * scale))
+    if fit == "pad":
+        if out_h != out_w:
+            raise ValueError(f"size: fit='pad' resizes to a square (an int), got {size}")
+        scale = out_h / max(h, w)
+        new_h, new_w = round(h * scale), round(w * scale)  # Python's round, as ResizeMaxSize
+    elif h / out_h <= w / out_w:  # the shortest side (relative to the output) to its size, as torchvision
+        new_h, new_w = out_h, max(out_w, int(out_h * w / h))
+    else:
+        new_h, new_w = max(out_h, int(out_w * h / w)), out_w
     if (new_h, new_w) != (h, w):
-        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
-    top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
-    x = x[..., top : top + out_h, left : left + out_w]
+        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=False)
+    if fit == "pad":  # left/top get the smaller half, as ResizeMaxSize's F.pad
+        pad_h, pad_w = out_h - new_h, out_w - new_w
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    else:
+        top, left = int(round((new_h - out_h) / 2)), int(round((new_w - out_w) / 2))  # as CenterCrop
+        x = x[..., top : top + out_h, left : left + out_w]
     mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     x = (x - mean_t) / std_t

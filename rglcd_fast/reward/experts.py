@@ -294,10 +294,10 @@ class HPSv2(RewardModel):
     """HPSv2 / HPSv2.1 via open_clip: ``from_pretrained(checkpoint, model_name="ViT-H-14")`` builds the
     open_clip model (no pretrained download) and loads the local checkpoint (HPS_v2*.pt, a state dict or
     {"state_dict": ...}). As the official RG-LCD code: reward = cos(image, text) (HPSv2 reports 100·cos;
-    the official student reward is the plain cosine), logits = exp(logit_scale)·cos. Preprocessing: HPSv2's
-    evaluation transform (bicubic resize of the shortest side to 224 with antialias, centre crop,
-    normalisation): the official script applies part of its hpsv2 install's transform list
-    (``transforms[2:]``), which depends on that version; docs/fidelity.md says more."""
+    the official student reward is the plain cosine), logits = exp(logit_scale)·cos. Preprocessing: the
+    official script's ``preprocess_val.transforms[2:]`` (it loads HPSv2 with ``light_augmentation=True``):
+    ``ResizeMaxSize(224)`` (the longest side to 224, bicubic, zero padding to a square) and normalisation
+    (``preprocess(fit="pad")``)."""
 
     name = "hpsv2"
 
@@ -335,7 +335,7 @@ class HPSv2(RewardModel):
 
     def reward_and_logits(self, images, prompts):
         prompts = self._check_prompts(images, prompts)
-        x = preprocess(images.to(self.device), self.image_size, self.mean, self.std, dtype=self.dtype)
+        x = preprocess(images.to(self.device), self.image_size, self.mean, self.std, dtype=self.dtype, fit="pad")
         u = self.model.encode_image(x).float()
         v = self.model.encode_text(self.tokenizer(prompts).to(self.device)).float()
         cos = reward_head(u, v, 1.0)
@@ -351,7 +351,7 @@ class ImageReward(RewardModel):
     min(r, 2) − 2 of the model's normalised reward r = (raw − mean)/std (clipped at 2; the constant −2 changes
     neither the gradient nor a pairwise softmax); logits = the same, which the LRM update multiplies by the
     LRM's exp(logit_scale) (``logits_use_lrm_scale``). Preprocessing: bicubic resize of the shortest side
-    to 224 (antialias), centre crop, CLIP normalisation, as the official ``rm_preprocess``. Differentiable in
+    to 224, centre crop, CLIP normalisation, as the official ``rm_preprocess``. Differentiable in
     the images (its ``score_gard`` path)."""
 
     name = "imagereward"

@@ -102,7 +102,9 @@ class TrainConfig:
     lrm_unlocked_image_groups: int = 2
     lrm_unlocked_text_layers: Optional[int] = None
     lrm_learning_rate: Optional[float] = None  # None: 3.3e-6 (the official) for a pre-trained LRM, else 1e-5
-    lrm_batch_size: int = 8  # samples of each batch the LRM update uses
+    # samples of each batch the LRM update uses: the official default 16, at most the batch (the official takes
+    # randperm(train_batch_size)[:rm_batch_size])
+    lrm_batch_size: int = 16
     lrm_loss: str = "kl"  # kl (the official "distillation") or ce ("cross_entropy")
     lrm_ce_real_wins: bool = True  # ce: pairs holding the real candidate are labelled "real wins" (official)
     smooth_gt_label: bool = False  # kl: uniform target where the expert prefers a generated sample over the real
@@ -184,11 +186,6 @@ class TrainConfig:
             self.learning_rate = 1e-4 if self.use_lora else 1e-6
         if self.lrm_learning_rate is None:
             self.lrm_learning_rate = 3.3e-6 if self.lrm_path else 1e-5
-        if self.reward_mode == "lrm" and not self.lrm_frozen and self.lrm_batch_size > self.train_batch_size:
-            raise ValueError(
-                f"lrm_batch_size: the LRM update takes its {self.lrm_batch_size} samples from each batch of "
-                f"train_batch_size {self.train_batch_size}: lower --lrm-batch-size"
-            )
         if self.fsdp and self.use_lora:
             raise ValueError(
                 "fsdp: shards a full student; a LoRA student's adapters are small: train it with DDP (fsdp false)"

@@ -251,6 +251,11 @@ def lrm_folder(path: str) -> str:
         from ..world.lrm import LRM_DIR
 
         path = LRM_DIR
+    if os.path.isfile(path):  # e.g. the official code's --pretrained_latent_rm, an open_clip LatentCLIP file
+        raise FileNotFoundError(
+            f"lrm_path: {path} is a file; an LRM is a folder (lrm_config.json + weights) written by "
+            "`rglcd-fast pretrain-lrm` (the official code's open_clip LatentCLIP checkpoints are not read)"
+        )
     if not os.path.isfile(os.path.join(path, "lrm_config.json")):
         raise FileNotFoundError(
             f"lrm_path: no LRM folder (lrm_config.json) at {path} (make one with `rglcd-fast pretrain-lrm`)"
@@ -342,7 +347,7 @@ class RewardGuidance:
         lrm_optimizer=None,
         lrm_loss: str = "kl",
         rm_loss_scale: float = 1.0,
-        lrm_batch_size: int = 8,
+        lrm_batch_size: int = 16,
         reduce_gradients=None,
         decode_batch_size: int | None = None,
         ce_real_wins: bool = True,
@@ -391,7 +396,7 @@ class RewardGuidance:
         for the real candidate only with score_real_pixels. The candidates go through the VAE in calls of
         decode_batch_size samples (default n: one candidate a call; at 768 px one call of 2n was no faster
         and took 7.8 GiB more), and the expert scores all 3·n images in one call (the prompts repeated)."""
-        n = self.lrm_batch_size
+        n = min(self.lrm_batch_size, len(model_pred))  # the official randperm(B)[:rm_batch_size]
         scale = self.teacher.vae.config.scaling_factor
         candidates = [c[:n].detach().float() for c in (model_pred, target, latents)]
         prompts = list(prompts)[:n]

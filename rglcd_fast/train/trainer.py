@@ -78,6 +78,19 @@ def make_accelerator(config, **kwargs):
     )
 
 
+def adamw(params, learning_rate, config) -> torch.optim.AdamW:
+    """The run's AdamW (its betas, epsilon and weight decay), for the student and the LRM alike (as the official
+    code); fused: its found_inf flag skips a non-finite step on the device."""
+    return torch.optim.AdamW(
+        params,
+        lr=learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+        fused=True,
+    )
+
+
 def end_training(accelerator) -> None:
     """Close the trackers and the process group at the end of a run, after a barrier. gloo's worker threads
     drop each finished collective's tensors themselves, taking the GIL where Python owns one; a worker still
@@ -198,14 +211,7 @@ class Trainer:
         learning_rate = config.learning_rate
         if config.scale_lr:  # as the scripts: by the images a step sees
             learning_rate *= config.train_batch_size * config.gradient_accumulation_steps * acc.num_processes
-        optimizer = torch.optim.AdamW(
-            params,
-            lr=learning_rate,
-            betas=(config.adam_beta1, config.adam_beta2),
-            weight_decay=config.adam_weight_decay,
-            eps=config.adam_epsilon,
-            fused=True,
-        )  # found_inf: skips a non-finite step on the device
+        optimizer = adamw(params, learning_rate, config)
         from diffusers.optimization import get_scheduler
 
         lr_scheduler = get_scheduler(
@@ -297,9 +303,7 @@ class Trainer:
             lrm = lrm.to(self.device)
             trainable = [p for p in lrm.parameters() if p.requires_grad]
             if trainable:  # a frozen LRM has no optimiser and no online update
-                optimizer = torch.optim.AdamW(
-                    trainable, lr=config.lrm_learning_rate, weight_decay=config.adam_weight_decay, fused=True
-                )
+                optimizer = adamw(trainable, config.lrm_learning_rate, config)
         reduce = self._mean_over_ranks if self.accelerator.num_processes > 1 else None
         return RewardGuidance(
             config.reward_mode,
