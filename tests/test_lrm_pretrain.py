@@ -3,6 +3,7 @@
 pre-trained LRM, fine-tuned with its first parts frozen or frozen whole."""
 
 import csv
+import math
 import os
 import shutil
 
@@ -169,6 +170,15 @@ def test_pretrain_contrastive_only(world, tmp_path):
     with open(trainer.train()["logs"]) as f:
         rows = list(csv.DictReader(f))
     assert rows[0]["distill_loss"] == "" and rows[0]["loss"] == rows[0]["contrastive_loss"]
+
+
+def test_pretrain_clamps_the_logit_scale_as_open_clip(world, tmp_path):
+    """open_clip's training step clamps logit_scale to [0, ln 100] after each optimiser step."""
+    trainer = LRMPretrainer(pretrain_config(world, tmp_path, max_train_steps=1))
+    with torch.no_grad():
+        trainer.model.logit_scale.fill_(6.0)
+    trainer.train()
+    assert trainer.model.logit_scale.item() == pytest.approx(math.log(100))
 
 
 @pytest.fixture(scope="module")

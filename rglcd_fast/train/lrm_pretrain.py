@@ -10,6 +10,7 @@ starts from the expert's CLIP text tower when the expert has one, else from the 
 Checkpoints and resume as the trainer's (exact); the result is an LRM folder (`LatentRewardModel.from_pretrained`)
 that `rglcd-fast train --lrm-path` starts from."""
 
+import math
 import os
 import time
 
@@ -192,6 +193,8 @@ class LRMPretrainer:
         acc.backward(loss)
         acc.clip_grad_norm_(self.lrm.parameters(), self.config.max_grad_norm)
         self.optimizer.step()
+        with torch.no_grad():  # as open_clip's training loop, which trained the official latent CLIP
+            self.model.logit_scale.clamp_(0, math.log(100))
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
