@@ -311,6 +311,8 @@ def test_preprocess_non_square():
     torch.testing.assert_close(padded, (torch.nn.functional.pad(small, (0, 0, 4, 4)) - 0.5) / 0.5)
     with pytest.raises(ValueError, match="fit"):
         preprocess(x, 16, fit="stretch")
+    with pytest.raises(ValueError, match="size: fit='pad' resizes to a square"):
+        preprocess(x, (16, 24), fit="pad")
     assert preprocess(torch.rand(2, 3, 40, 24), (16, 16)).shape == (2, 3, 16, 16)
     y.sum().backward()
     assert x.grad.abs().sum() > 0
