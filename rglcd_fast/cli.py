@@ -69,6 +69,22 @@ def _pretrain_lrm(args) -> int:
     return 0
 
 
+def _convert_lrm(args) -> int:
+    from .reward.experts import _load_clip_tokenizer
+    from .reward.open_clip_lrm import lrm_from_open_clip, read_open_clip_checkpoint
+
+    tokenizer = _load_clip_tokenizer(args.tokenizer)
+    lrm = lrm_from_open_clip(read_open_clip_checkpoint(args.checkpoint), tokenizer)
+    lrm.save_pretrained(args.out)
+    vit = lrm.config["vit_config"]
+    print(
+        f"latent reward model: {args.out} (ViT {vit['width']}×{vit['layers']} over {vit['latent_size']}² latents, "
+        f"text {lrm.text_config.hidden_size}×{lrm.text_config.num_hidden_layers}, embed {lrm.config['embed_dim']}; "
+        f"train with it: rglcd-fast train --lrm-path {args.out})"
+    )
+    return 0
+
+
 def _make_world(args) -> int:
     from .world.teacher import main as make_world
 
@@ -253,6 +269,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(pretrain, LRMPretrainConfig)
     pretrain.set_defaults(run=_pretrain_lrm)
+
+    convert = commands.add_parser(
+        "convert-lrm",
+        allow_abbrev=False,
+        help="an official RG-LCD latent CLIP (open_clip latent_ViT checkpoint) as an LRM folder",
+        description="Reads the official code's --pretrained_latent_rm file (open_clip's training checkpoint, "
+        "rg-lcd's checkpoint-<step>-rm.pt, a state dict or .safetensors) and writes it as an LRM folder of ours, "
+        "with the tokenizer given. `train --lrm-path FILE` reads such a file directly (with the teacher's "
+        "tokenizer).",
+    )
+    convert.add_argument("checkpoint", help="the open_clip latent_ViT checkpoint")
+    convert.add_argument(
+        "--tokenizer",
+        required=True,
+        help="a CLIP tokenizer folder, or a model folder holding tokenizer/ (e.g. SD 2.1's): CLIP's BPE, the "
+        "vocabulary of open_clip's ViT-H-14 tokenizer",
+    )
+    convert.add_argument("--out", required=True, help="the LRM folder to write")
+    convert.set_defaults(run=_convert_lrm)
 
     world = commands.add_parser(
         "make-world", help="rebuild the digits world (classifiers, teacher) from scratch", add_help=False

@@ -218,7 +218,10 @@ def test_validation_grids_reach_the_tracker_as_images(world, tmp_path, monkeypat
             "reward_model_path: reward model 'clip' needs a transformers CLIP folder",
         ),
         (["--lrm-path", "TEACHER"], "lrm_path: no LRM folder (lrm_config.json)"),
-        (["--pretrained_latent_rm", "TEACHER/model_index.json"], "lrm_path: TEACHER/model_index.json is a file"),
+        (
+            ["--pretrained_latent_rm", "TEACHER/model_index.json"],
+            "lrm_path: TEACHER/model_index.json is not a torch checkpoint",
+        ),
         (["--vae", "TEACHER"], "vae: no diffusers AutoencoderKL folder (config.json)"),
         (["--pretrained_vae_model_name_or_path", "TEACHER"], "vae: no diffusers AutoencoderKL folder (config.json)"),
         (["--lora-rank", "0"], "lora_rank: expected a positive integer, got 0"),

@@ -340,6 +340,13 @@ class LatentRewardModel(nn.Module):
             self.tokenizer.save_pretrained(folder)
         return folder
 
+    def load_flat_state_dict(self, state):
+        """load_state_dict (strict) of a state whose text transformer keys are transformers 5's, as
+        save_pretrained writes them (on transformers 4.x they nest one level deeper)."""
+        if any(k.startswith(_NESTED) for k in self.state_dict()):
+            state = {k.replace(_FLAT, _NESTED, 1) if not k.startswith(_NESTED) else k: v for k, v in state.items()}
+        self.load_state_dict(state)
+
     @classmethod
     def from_pretrained(cls, folder, device=None, dtype=None):
         from safetensors.torch import load_file
@@ -356,10 +363,7 @@ class LatentRewardModel(nn.Module):
             tokenizer = CLIPTokenizer.from_pretrained(folder)
         text_config = config.pop("text_config")
         model = cls(text_config, tokenizer=tokenizer, **config)  # folders before image_tower: a conv tower
-        state = load_file(os.path.join(folder, WEIGHTS_NAME))
-        if any(k.startswith(_NESTED) for k in model.state_dict()):  # transformers 4.x
-            state = {k.replace(_FLAT, _NESTED, 1) if not k.startswith(_NESTED) else k: v for k, v in state.items()}
-        model.load_state_dict(state)
+        model.load_flat_state_dict(load_file(os.path.join(folder, WEIGHTS_NAME)))
         if dtype is not None:
             model = model.to(dtype=dtype)
         return model.to(device) if device is not None else model

@@ -13,6 +13,7 @@ import torch
 from ..files import check_pipeline_folder, is_sdxl_folder
 from ..prompts import encode_sd, encode_sdxl, token_ids
 from ..reward import LatentRewardModel, RewardModel
+from ..reward.open_clip_lrm import check_checkpoint_file, lrm_from_open_clip, read_open_clip_checkpoint
 
 # The LoRA targets of diffusers' train_lcm_distill_lora_sd.py.
 LORA_TARGET_MODULES = [
@@ -245,20 +246,19 @@ def _read_json(folder, name):
         return json.load(f)
 
 
-def lrm_folder(path: str) -> str:
-    """The folder of lrm_path ("digits": the digits world's LRM), checked to hold an LRM."""
+def lrm_location(path: str) -> str:
+    """lrm_path checked to be an LRM: a folder of ours ("digits": the digits world's) or an official open_clip
+    latent CLIP file (read by load_lrm)."""
     if path == "digits":
         from ..world.lrm import LRM_DIR
 
         path = LRM_DIR
-    if os.path.isfile(path):  # e.g. the official code's --pretrained_latent_rm, an open_clip LatentCLIP file
+    if os.path.isfile(path):
+        check_checkpoint_file(path)
+    elif not os.path.isfile(os.path.join(path, "lrm_config.json")):
         raise FileNotFoundError(
-            f"lrm_path: {path} is a file; an LRM is a folder (lrm_config.json + weights) written by "
-            "`rglcd-fast pretrain-lrm` (the official code's open_clip LatentCLIP checkpoints are not read)"
-        )
-    if not os.path.isfile(os.path.join(path, "lrm_config.json")):
-        raise FileNotFoundError(
-            f"lrm_path: no LRM folder (lrm_config.json) at {path} (make one with `rglcd-fast pretrain-lrm`)"
+            f"lrm_path: no LRM folder (lrm_config.json) or official latent CLIP file at {path} (make one with "
+            "`rglcd-fast pretrain-lrm`)"
         )
     return path
 
@@ -294,14 +294,19 @@ def check_settings(config, teacher: Teacher | None = None, expert_given: bool = 
     if config.reward_mode != "none" and not expert_given:
         check_reward_model_path(config.reward_model, config.reward_model_path)
     if config.reward_mode == "lrm" and config.lrm_path:
-        lrm_folder(config.lrm_path)
+        lrm_location(config.lrm_path)
 
 
 def load_lrm(path: str, teacher: Teacher, device=None) -> LatentRewardModel:
-    """A pre-trained LRM folder ("digits": the digits world's), float32, checked against the teacher: the
-    latent channels of its image tower and a tokenizer for its text tower (it reads the prompts itself)."""
-    path = lrm_folder(path)
-    lrm = LatentRewardModel.from_pretrained(path, device=device).float()
+    """A pre-trained LRM, float32, checked against the teacher: the latent channels of its image tower and a
+    tokenizer for its text tower (it reads the prompts itself). path: a folder of ours ("digits": the digits
+    world's), or the official code's --pretrained_latent_rm file (an open_clip latent_ViT checkpoint; its text
+    tower reads the teacher's tokens, CLIP's BPE as open_clip's tokenizer)."""
+    path = lrm_location(path)
+    if os.path.isfile(path):
+        lrm = lrm_from_open_clip(read_open_clip_checkpoint(path), teacher.tokenizer).to(device)
+    else:
+        lrm = LatentRewardModel.from_pretrained(path, device=device).float()
     channels = teacher.vae.config.latent_channels
     if lrm.config["latent_channels"] != channels:
         raise ValueError(
