@@ -115,13 +115,13 @@ def open_clip_tokens(tokenizer, prompts):
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     """A character-level CLIP tokenizer whose end-of-text token has the highest id, as in CLIP's vocabulary
-    (open_clip pools the argmax id)."""
+    (open_clip pools the argmax id), with one merge ("!!") and SD 2.1's pad token "!"."""
     folder = tmp_path_factory.mktemp("tokenizer")
-    symbols = list(string.ascii_lowercase + string.digits)
-    vocab = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    symbols = list(string.ascii_lowercase + string.digits + '!&"')
+    vocab = symbols + [s + "</w>" for s in symbols] + ["!!</w>", "<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=12)
+    (folder / "merges.txt").write_text("#version: 0.2\n! !</w>\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=12, pad_token="!")
 
 
 def official(tokenizer, seed=0, **sizes):
@@ -170,6 +170,16 @@ def test_the_official_latent_clip_scores_as_open_clip(tokenizer, tmp_path, layou
         torch.testing.assert_close(
             lrm.encode_text(PROMPTS), reference.encode_text(open_clip_tokens(tokenizer, PROMPTS))
         )
+
+
+def test_prompts_are_tokenised_as_open_clip_does(tokenizer):
+    """open_clip's cleaning (ftfy, HTML entities, whitespace, lower case) before the BPE, and a special token's
+    text inside a prompt left to the BPE: "!!" is one token, not two pad tokens "!"."""
+    lrm = lrm_from_open_clip(official(tokenizer).state_dict(), tokenizer)
+    ids = lrm.tokenize(["  A &amp;amp; “B”!!  "])
+    expected = tokenizer(['a & "b"!!'], split_special_tokens=True).input_ids[0]
+    assert ids[0, : len(expected)].tolist() == expected and tokenizer.convert_ids_to_tokens(expected[-2]) == "!!</w>"
+    assert (ids[0, len(expected) :] == tokenizer.pad_token_id).all()
 
 
 def test_the_trainer_reads_the_official_pretrained_latent_rm_file(world, tmp_path):

@@ -15,6 +15,8 @@ from ..ops import pairwise_preference_loss, reward_head
 
 CONFIG_NAME = "lrm_config.json"
 IMAGE_TOWERS = ("conv", "vit")
+# How prompts become tokens: the tokenizer's own way, or open_clip's (the official LRM's: see tokenize)
+TEXT_PREPROCESSING = ("transformers", "open_clip")
 WEIGHTS_NAME = "model.safetensors"
 _NESTED, _FLAT = "text_model.text_model.", "text_model."  # LRM state keys of the text transformer
 
@@ -163,6 +165,7 @@ class LatentRewardModel(nn.Module):
         logit_scale_init=CLIP_LOGIT_SCALE_INIT,
         image_tower="conv",
         vit_config=None,
+        text_preprocessing="transformers",
     ):
         super().__init__()
         from transformers import CLIPTextConfig, CLIPTextModel
@@ -171,6 +174,10 @@ class LatentRewardModel(nn.Module):
             text_config = CLIPTextConfig(**text_config)
         if image_tower not in IMAGE_TOWERS:
             raise ValueError(f"image_tower: expected one of {', '.join(IMAGE_TOWERS)}, got {image_tower!r}")
+        if text_preprocessing not in TEXT_PREPROCESSING:
+            raise ValueError(
+                f"text_preprocessing: expected one of {', '.join(TEXT_PREPROCESSING)}, got {text_preprocessing!r}"
+            )
         self.config = {
             "embed_dim": embed_dim,
             "latent_channels": latent_channels,
@@ -179,6 +186,7 @@ class LatentRewardModel(nn.Module):
             "logit_scale_init": logit_scale_init,
             "image_tower": image_tower,
             "vit_config": dict(vit_config or {}),
+            "text_preprocessing": text_preprocessing,
         }
         if image_tower == "conv":
             self.image_encoder = LatentImageEncoder(latent_channels, tuple(widths), embed_dim, groups)
@@ -206,8 +214,15 @@ class LatentRewardModel(nn.Module):
                 "pass token ids or set .tokenizer"
             )
         max_length = min(self.tokenizer.model_max_length, self.text_config.max_position_embeddings)
+        prompts, options = list(prompts), {}
+        if self.config["text_preprocessing"] == "open_clip":
+            from .open_clip_lrm import open_clip_clean
+
+            # open_clip's SimpleTokenizer: its cleaning, and no special token matched inside the text (SD 2.1's
+            # tokenizer pads with "!", which transformers would otherwise split out of "!!")
+            prompts, options = [open_clip_clean(p) for p in prompts], dict(split_special_tokens=True)
         tokens = self.tokenizer(
-            list(prompts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+            prompts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt", **options
         )
         return tokens.input_ids.to(self.logit_scale.device)
 

@@ -5,6 +5,7 @@ TextTransformer onto a transformers CLIPTextModel (the fused in_proj split into 
 CLIP conversion), the [width, embed] projection matrices transposed into Linear weights. Head counts are not in
 the weights: open_clip's are width / 64 (its head_width) in both towers, as rg-lcd's config gives."""
 
+import html
 import os
 import re
 import zipfile
@@ -48,6 +49,15 @@ _TEXT = {
 }
 
 
+def open_clip_clean(text: str) -> str:
+    """open_clip's tokenizer.py text cleaning before BPE: ftfy.fix_text, HTML entities unescaped twice,
+    whitespace runs to one space, stripped, lower case."""
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
 def check_checkpoint_file(path: str) -> None:
     """The cheap check of a checkpoint file before any model is built: a torch zip archive or .safetensors."""
     if not os.path.isfile(path):
@@ -59,8 +69,7 @@ def check_checkpoint_file(path: str) -> None:
 def read_open_clip_checkpoint(path: str) -> dict:
     """The state dict of an official latent CLIP file: open_clip's training checkpoint ({"state_dict": ...},
     `module.`-prefixed under DDP), rg-lcd's `checkpoint-<step>-rm.pt` ({"latent_rm": ...}, the LRM after online
-    updates), a bare state dict, or a .safetensors file. The SD VAE that LatentCLIP carries (`vae.*`) is
-    dropped: the LRM reads latents."""
+    updates), a bare state dict, or a .safetensors file."""
     check_checkpoint_file(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
@@ -76,8 +85,7 @@ def read_open_clip_checkpoint(path: str) -> dict:
             state = state[key]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"lrm_path: {path} holds no state dict of tensors")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    return {k: v for k, v in state.items() if not k.startswith("vae.")}
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def _layers(state, tower):
@@ -129,6 +137,7 @@ def lrm_from_open_clip(state: dict, tokenizer=None) -> LatentRewardModel:
         logit_scale_init=float(state["logit_scale"]),
         image_tower="vit",
         vit_config=vit_config,
+        text_preprocessing="open_clip",
     )
     model.load_flat_state_dict(_ours(state))
     return model
@@ -143,9 +152,12 @@ def _block_part(rest):
 
 
 def _ours(state):
-    """open_clip's keys → the LRM's (as transformers 5 names the text tower); a key left over raises."""
+    """open_clip's keys → the LRM's (as transformers 5 names the text tower); a key left over raises. The SD
+    VAE that LatentCLIP carries (`vae.*`) is left out: the LRM reads latents."""
     ours, unread = {}, []
     for key, value in state.items():
+        if key.startswith("vae."):
+            continue
         block = _BLOCK.fullmatch(key)
         part, parameter = _block_part(block[3]) if block else (None, None)
         if key in _VISION:
