@@ -197,7 +197,8 @@ def test_the_trainer_reads_the_official_pretrained_latent_rm_file(world, tmp_pat
     outputs = trainer.train()
     moved = [k for k, v in lrm.state_dict().items() if not torch.equal(v, start[k])]
     assert moved and not frozen & set(moved)
-    assert LatentRewardModel.from_pretrained(outputs["lrm"]).config["image_tower"] == "vit"
+    saved = LatentRewardModel.from_pretrained(outputs["lrm"])
+    assert (saved.config["image_tower"], saved.config["text_preprocessing"]) == ("vit", "open_clip")
 
 
 def test_convert_lrm_writes_an_lrm_folder(tokenizer, tmp_path, capsys):
