@@ -181,6 +181,23 @@ def test_pretrain_clamps_the_logit_scale_as_open_clip(world, tmp_path):
     assert trainer.model.logit_scale.item() == pytest.approx(math.log(100))
 
 
+@pytest.mark.parametrize("tower, betas, eps", [("vit", (0.9, 0.98), 1e-6), ("conv", (0.9, 0.999), 1e-8)])
+def test_pretrain_optimiser_is_open_clips(world, tmp_path, tower, betas, eps):
+    """open_clip's AdamW: no weight decay on parameters of fewer than 2 dimensions (gains, biases, the class
+    token, the logit scale), its betas and epsilon for the tower's kind (ViT; ResNet for the conv tower); the
+    digits preset decays every parameter, as its shipped LRM was trained."""
+    extra = dict(image_tower=tower, vit_patch_size=2, vit_width=16, vit_layers=2, vit_heads=2)
+    trainer = LRMPretrainer(pretrain_config(world, tmp_path, **extra))
+    decayed, undecayed = trainer.optimizer.param_groups
+    assert (decayed["weight_decay"], undecayed["weight_decay"]) == (0.1, 0.0)
+    assert all(p.ndim >= 2 for p in decayed["params"]) and all(p.ndim < 2 for p in undecayed["params"])
+    assert any(p is trainer.model.logit_scale for p in undecayed["params"])
+    assert len(decayed["params"]) + len(undecayed["params"]) == len(list(trainer.model.parameters()))
+    assert (decayed["betas"], decayed["eps"]) == (betas, eps)
+    digits = make_config(config_class=LRMPretrainConfig, teacher="digits")
+    assert digits.decay_every_parameter and (digits.adam_beta2, digits.adam_epsilon) == (0.999, 1e-8)
+
+
 @pytest.fixture(scope="module")
 def pretrained(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrained")

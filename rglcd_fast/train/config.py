@@ -260,7 +260,14 @@ class LRMPretrainConfig:
     max_train_steps: int = 2000
     train_batch_size: int = 64
     learning_rate: float = 5e-4
+    # AdamW as open_clip trains a CLIP (the official latent CLIP): the weight decay on weight matrices only (no
+    # gain, bias, class token or logit scale), betas and epsilon by tower (None: open_clip's for a ViT, 0.98 and
+    # 1e-6; for a ResNet, the conv tower's kin, 0.999 and 1e-8)
     adam_weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: Optional[float] = None
+    adam_epsilon: Optional[float] = None
+    decay_every_parameter: bool = False  # True: decay the gains, biases and logit scale too (the digits LRM's run)
     lr_scheduler: str = "cosine"
     lr_warmup_steps: int = 100
     max_grad_norm: float = 1.0
@@ -295,6 +302,9 @@ class LRMPretrainConfig:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
         if self.distill_weight < 0:
             raise ValueError(f"distill_weight: expected a value >= 0, got {self.distill_weight}")
+        vit = self.image_tower == "vit"
+        self.adam_beta2 = self.adam_beta2 if self.adam_beta2 is not None else (0.98 if vit else 0.999)
+        self.adam_epsilon = self.adam_epsilon if self.adam_epsilon is not None else (1e-6 if vit else 1e-8)
         self.lrm_widths = tuple(self.lrm_widths)
 
     to_dict = TrainConfig.to_dict
@@ -313,6 +323,7 @@ DIGITS_LRM_PRESET = dict(
     train_batch_size=64,
     learning_rate=1e-3,
     lr_warmup_steps=50,
+    decay_every_parameter=True,  # as the shipped weights were trained
     checkpointing_steps=500,
     logging_steps=50,
     output_dir="rglcd-digits-lrm",

@@ -53,6 +53,17 @@ def contrastive_loss(image_emb, text_emb, logit_scale, captions):
     return loss, accuracy
 
 
+def weight_decay_groups(model, weight_decay, every_parameter=False):
+    """AdamW parameter groups as open_clip's training: weight_decay on the weight matrices, none on the
+    parameters of fewer than 2 dimensions (norm gains, biases, the class token, the logit scale);
+    every_parameter: one group, all decayed."""
+    if every_parameter:
+        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+    matrices = [p for p in model.parameters() if p.ndim >= 2]
+    others = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": matrices, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}]
+
+
 @torch.no_grad()
 def ranking_candidates(teacher, latents, captions, count, generator):
     """[real latents, `count` one-step x0 predictions of the teacher (conditional) from noisy versions at
@@ -128,7 +139,12 @@ class LRMPretrainer:
             image_tower=config.image_tower,
             vit_config=vit_config,
         ).to(self.device)
-        optimizer = torch.optim.AdamW(lrm.parameters(), lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+        optimizer = torch.optim.AdamW(
+            weight_decay_groups(lrm, config.adam_weight_decay, config.decay_every_parameter),
+            lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_epsilon,
+        )
         lr_scheduler = get_scheduler(
             config.lr_scheduler,
             optimizer,
