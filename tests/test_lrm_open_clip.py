@@ -234,6 +234,10 @@ def test_files_that_are_no_latent_vit_stop_with_one_line(tokenizer, tmp_path, ca
             "latent_RN50",
         ),
         "layer_scale.pt": ({**state, "visual.transformer.resblocks.0.ls_1.gamma": torch.ones(128)}, "no place.*ls_1"),
+        "custom_text.pt": (
+            {k if k.startswith(("visual.", "logit")) else f"text.{k}": v for k, v in state.items()},
+            "own text tower: no token_embedding.weight",
+        ),
         "not_tensors.pt": ({"state_dict": {"logit_scale": 1.0}}, "no state dict of tensors"),
     }
     for name, (content, match) in cases.items():

@@ -15,6 +15,15 @@ import torch
 from .lrm import LatentRewardModel
 
 OPEN_CLIP_HEAD_WIDTH = 64
+_REQUIRED = (
+    "visual.positional_embedding",
+    "visual.proj",
+    "token_embedding.weight",
+    "positional_embedding",
+    "transformer.resblocks.0.mlp.c_fc.weight",
+    "text_projection",
+    "logit_scale",
+)
 _BLOCK = re.compile(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+)")
 _VISION_BLOCK = {  # open_clip ResidualAttentionBlock → _ViTBlock
     "ln_1": "ln_1",
@@ -99,8 +108,11 @@ def lrm_from_open_clip(state: dict, tokenizer=None) -> LatentRewardModel:
     read_open_clip_checkpoint, or open_clip's model.state_dict()). tokenizer: a CLIPTokenizer for its text
     tower (open_clip's ViT-H-14 tokenizer is CLIP's BPE; SD 2.1's tokenizer/ folder is one)."""
     if "visual.conv1.weight" not in state or "visual.transformer.resblocks.0.attn.in_proj_weight" not in state:
-        kind = "a ModifiedResNet (latent_RN50)" if "visual.attnpool.positional_embedding" in state else "not one"
+        kind = "a ModifiedResNet (latent_RN50)" if "visual.attnpool.positional_embedding" in state else "no ViT"
         raise ValueError(f"lrm_path: only open_clip latent_ViT checkpoints are read; this image tower is {kind}")
+    missing = [key for key in _REQUIRED if key not in state]
+    if missing:  # e.g. a CustomTextCLIP's `text.*` tower
+        raise ValueError(f"lrm_path: not an open_clip CLIP with its own text tower: no {', '.join(missing)}")
     conv, positions = state["visual.conv1.weight"], state["visual.positional_embedding"]
     width, channels, patch = conv.shape[0], conv.shape[1], conv.shape[-1]
     grid = round((positions.shape[0] - 1) ** 0.5)
