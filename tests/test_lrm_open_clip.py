@@ -190,7 +190,9 @@ def test_the_trainer_reads_the_official_pretrained_latent_rm_file(world, tmp_pat
     path = save_official(official(teacher_tokenizer).float(), tmp_path / "epoch_32.pt", "open_clip")
     trainer = Trainer(tiny_config(world, tmp_path / "run", reward_mode="lrm", lrm_path=path, lrm_learning_rate=None))
     lrm = trainer.guidance.lrm
-    start = lrm_from_open_clip(read_open_clip_checkpoint(path)).state_dict()
+    start = {
+        k: v.to(trainer.device) for k, v in lrm_from_open_clip(read_open_clip_checkpoint(path)).state_dict().items()
+    }
     assert all(torch.equal(v, start[k]) for k, v in lrm.state_dict().items())
     frozen = {n for n, p in lrm.named_parameters() if not p.requires_grad}
     assert "image_encoder.conv_in.weight" in frozen and "image_encoder.proj.weight" not in frozen
