@@ -29,17 +29,12 @@ def main(argv=None):
     parser.add_argument("--size", type=int, nargs=2, default=(512, 384), help="the images' height and width")
     args = parser.parse_args(argv)
     sys.path[:0] = [args.rg_lcd_src, args.hpsv2_src]
-    import torchvision.transforms.functional as TF
     from hpsv2.src.open_clip import create_model
+    from official_code import resize_tensors_as_torchvision_0_16, verdict
 
     from rglcd_fast.reward import HPSv2
 
-    tensor_resize = TF.resize
-
-    def resize_as_0_16(img, size, interpolation=TF.InterpolationMode.BILINEAR, max_size=None, antialias=None):
-        return tensor_resize(img, size, interpolation, max_size, antialias=False)  # 0.16.2 on tensors
-
-    TF.resize = resize_as_0_16
+    resize_tensors_as_torchvision_0_16()
     with tempfile.TemporaryDirectory() as home:
         os.environ["HOME"] = home
         checkpoint = os.path.join(home, ".cache", "hpsv2", "HPS_v2.1_compressed.pt")
@@ -58,22 +53,22 @@ def main(argv=None):
         ours = HPSv2.from_pretrained(checkpoint)
 
     images = torch.rand(len(PROMPTS), 3, *args.size)
-    results = {}
-    for name, score in {"official": official, "ours": None}.items():
+
+    def scored(reward_and_logits):
+        """(reward, logits, d reward / d images)"""
         x = images.clone().requires_grad_(True)
-        if score is None:
-            reward, logits = ours.reward_and_logits(x, PROMPTS)
-        else:
-            reward, logits = score(x, PROMPTS), score(x.detach(), PROMPTS, return_logits=True)
+        reward, logits = reward_and_logits(x)
         (grad,) = torch.autograd.grad(reward.sum(), x)
-        results[name] = (reward.detach(), logits.detach(), grad)
+        return reward.detach(), logits.detach(), grad
+
+    theirs_all = scored(lambda x: (official(x, PROMPTS), official(x.detach(), PROMPTS, return_logits=True)))
+    mine_all = scored(lambda x: ours.reward_and_logits(x, PROMPTS))
     worst = 0.0
-    for what, theirs, mine in zip(("reward", "logits", "d reward / d images"), results["official"], results["ours"]):
+    for what, theirs, mine in zip(("reward", "logits", "d reward / d images"), theirs_all, mine_all):
         error = (mine - theirs).abs().max().item() / max(theirs.abs().max().item(), 1e-30)
         worst = max(worst, error)
         print(f"{what}: official {theirs.flatten()[:2].tolist()}, max relative |ours - official| = {error:.1e}")
-    print("match" if worst < 1e-4 else "MISMATCH")
-    return 0 if worst < 1e-4 else 1
+    return verdict(worst, 1e-4)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     sys.path.insert(0, args.open_clip_src)
     import open_clip
+    from official_code import verdict
     from open_clip.model import CLIP
 
     from rglcd_fast.reward.open_clip_lrm import lrm_from_open_clip, read_open_clip_checkpoint
@@ -82,9 +83,8 @@ def main(argv=None):
         error = (mine.double() - theirs.double()).abs().max().item()
         print(f"{name}: max |ours - official| = {error:.2e} (official's max |value| {theirs.abs().max().item():.2e})")
     tolerance = 1e-9 if dtype == torch.float64 else 1e-4
-    same = all(torch.allclose(m, t, rtol=tolerance, atol=tolerance) for t, m in (image, text, cos))
-    print("match" if same else "MISMATCH")
-    return 0 if same else 1
+    worst = max(((m - t).abs() / (1 + t.abs())).max().item() for t, m in (image, text, cos))
+    return verdict(worst, tolerance)
 
 
 if __name__ == "__main__":

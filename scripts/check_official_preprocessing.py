@@ -37,18 +37,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hpsv2-src", required=True, help="a checkout of tgxs002/HPSv2")
     args = parser.parse_args(argv)
-    import torchvision.transforms.functional as TF
+    from official_code import resize_tensors_as_torchvision_0_16, verdict
     from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize
 
     from rglcd_fast.reward import preprocess
     from rglcd_fast.reward.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    tensor_resize = TF.resize
-
-    def resize_as_0_16(img, size, interpolation=InterpolationMode.BILINEAR, max_size=None, antialias=None):
-        return tensor_resize(img, size, interpolation, max_size, antialias=False)  # 0.16.2 on tensors
-
-    TF.resize = resize_as_0_16  # Resize and HPSv2's ResizeMaxSize both call torchvision.transforms.functional.resize
+    resize_tensors_as_torchvision_0_16()
     bicubic = InterpolationMode.BICUBIC
     clip_normalize = Normalize(mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
     clip_resize = Resize(224, interpolation=bicubic)  # reward_fn.py's CLIP_RESIZE
@@ -74,8 +69,7 @@ def main(argv=None):
             error = (ours - theirs).abs().max().item() if ours.shape == theirs.shape else float("inf")
             worst = max(worst, error)
             print(f"{name}, {h}×{w}: {tuple(theirs.shape[1:])}, max |ours - official| = {error:.1e}")
-    print("match" if worst < 1e-9 else "MISMATCH")
-    return 0 if worst < 1e-9 else 1
+    return verdict(worst, 1e-9)
 
 
 if __name__ == "__main__":

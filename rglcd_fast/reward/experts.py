@@ -124,10 +124,11 @@ class PickScore(ClipScore):
     name = "pickscore"
 
 
-def load_state_file(path, what: str) -> dict:
-    """A state dict from .safetensors or a torch.save'd .pt/.pth/.bin (optionally under "state_dict", keys
-    without DDP's "module." prefix). Pickles load with weights_only=True: tensors and plain containers only,
-    so a crafted checkpoint cannot run code; one that holds other objects is refused with a way out."""
+def load_state_file(path, what: str, containers=("state_dict",)) -> dict:
+    """A state dict from .safetensors or a torch.save'd .pt/.pth/.bin (optionally under one of the keys
+    `containers`, keys without DDP's "module." prefix). Pickles load with weights_only=True: tensors and plain
+    containers only, so a crafted checkpoint cannot run code; one that holds other objects is refused with a way
+    out, and so is one that holds no state dict of tensors."""
     import pickle
 
     if not os.path.isfile(path):
@@ -148,8 +149,11 @@ def load_state_file(path, what: str) -> dict:
                 f"'{os.path.splitext(path)[0]}.safetensors')\" "
                 f"and pass the .safetensors file ({str(error).splitlines()[0]})"
             ) from None
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
+        for key in containers:
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{what}: {path} holds no state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 

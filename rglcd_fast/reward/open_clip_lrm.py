@@ -10,8 +10,7 @@ import os
 import re
 import zipfile
 
-import torch
-
+from .experts import load_state_file
 from .lrm import LatentRewardModel
 
 OPEN_CLIP_HEAD_WIDTH = 64
@@ -80,21 +79,7 @@ def read_open_clip_checkpoint(path: str) -> dict:
     `module.`-prefixed under DDP), rg-lcd's `checkpoint-<step>-rm.pt` ({"latent_rm": ...}, the LRM after online
     updates), a bare state dict, or a .safetensors file."""
     check_checkpoint_file(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # pickle, zip and weights_only errors alike: one line naming the file
-            raise ValueError(f"lrm_path: {path} is not a torch checkpoint ({type(error).__name__}: {error})") from None
-    for key in ("state_dict", "latent_rm"):
-        if isinstance(state, dict) and key in state:
-            state = state[key]
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"lrm_path: {path} holds no state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return load_state_file(path, "lrm_path", containers=("state_dict", "latent_rm"))
 
 
 def _layers(state, tower):

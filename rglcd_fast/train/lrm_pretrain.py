@@ -112,7 +112,7 @@ class LRMPretrainer:
         from diffusers.optimization import get_scheduler
 
         from ..reward import load_reward_model
-        from .trainer import make_accelerator, weight_dtype
+        from .trainer import adamw, make_accelerator, weight_dtype
 
         self.config = config
         self.accelerator = acc = accelerator or make_accelerator(config)
@@ -139,12 +139,8 @@ class LRMPretrainer:
             image_tower=config.image_tower,
             vit_config=vit_config,
         ).to(self.device)
-        optimizer = torch.optim.AdamW(
-            weight_decay_groups(lrm, config.adam_weight_decay, config.decay_every_parameter),
-            lr=config.learning_rate,
-            betas=(config.adam_beta1, config.adam_beta2),
-            eps=config.adam_epsilon,
-        )
+        groups = weight_decay_groups(lrm, config.adam_weight_decay, config.decay_every_parameter)
+        optimizer = adamw(groups, config.learning_rate, config, fused=False)
         lr_scheduler = get_scheduler(
             config.lr_scheduler,
             optimizer,

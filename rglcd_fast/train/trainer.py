@@ -78,16 +78,17 @@ def make_accelerator(config, **kwargs):
     )
 
 
-def adamw(params, learning_rate, config) -> torch.optim.AdamW:
-    """The run's AdamW (its betas, epsilon and weight decay), for the student and the LRM alike (as the official
-    code); fused: its found_inf flag skips a non-finite step on the device."""
+def adamw(params, learning_rate, config, fused=True) -> torch.optim.AdamW:
+    """The run's AdamW (its betas, epsilon and weight decay; parameter groups may set their own decay), for the
+    student and the LRM alike (as the official code) and for pretrain-lrm; fused: its found_inf flag skips a
+    non-finite step on the device (pretrain-lrm's is not fused, as the digits LRM was trained)."""
     return torch.optim.AdamW(
         params,
         lr=learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.adam_weight_decay,
         eps=config.adam_epsilon,
-        fused=True,
+        fused=fused,
     )
 
 
