@@ -462,6 +462,31 @@ def test_an_sdxl_teacher_encodes_prompts_as_the_sdxl_pipeline(tmp_path):
         Teacher.from_pretrained(folder, "cpu", torch.float32)
 
 
+@pytest.mark.parametrize("teacher_scheduler", ["PNDMScheduler", "DDPMScheduler"])  # SD 1.5's; the digits world's
+def test_the_lcm_scheduler_has_the_teachers_schedule_and_no_leftover_settings(tmp_path, teacher_scheduler):
+    """The saved pipeline's scheduler is what LCMScheduler.from_config makes of the teacher's (defaults included),
+    less the teacher class's own settings (skip_prk_steps, variance_type), which made diffusers warn on every load."""
+    import diffusers
+    from diffusers import LCMScheduler
+
+    from rglcd_fast.schedulers import FusedLCMScheduler
+
+    folder = save_tiny_pipeline(str(tmp_path / "sd"))
+    own = {"PNDMScheduler": dict(skip_prk_steps=True), "DDPMScheduler": dict(variance_type="fixed_small")}
+    schedule = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    getattr(diffusers, teacher_scheduler)(**schedule, **own[teacher_scheduler]).save_pretrained(f"{folder}/scheduler")
+    teacher = Teacher.from_pretrained(folder, "cpu", torch.float32)
+    scheduler = teacher.lcm_scheduler()
+    scheduler.save_pretrained(tmp_path / "lcm")
+    with open(tmp_path / "lcm" / "scheduler_config.json") as f:
+        saved = json.load(f)
+    theirs = LCMScheduler.from_config(teacher.noise_scheduler.config)
+    assert set(own[teacher_scheduler]).isdisjoint(saved) and set(own[teacher_scheduler]) <= set(theirs.config)
+    assert {k: v for k, v in theirs.config.items() if k not in own[teacher_scheduler]} == dict(scheduler.config)
+    assert torch.equal(scheduler.alphas_cumprod, theirs.alphas_cumprod)
+    assert isinstance(teacher.lcm_scheduler(FusedLCMScheduler), FusedLCMScheduler)
+
+
 @pytest.fixture(scope="module")
 def xl_world(tmp_path_factory):
     return save_tiny_world(tmp_path_factory.mktemp("xl_world"), xl=True)

@@ -115,6 +115,22 @@ class Teacher:
         size = self.unet.config.sample_size
         return (size[0] if isinstance(size, (list, tuple)) else size) * self.vae_scale_factor
 
+    def lcm_scheduler(self, scheduler_class=None):
+        """An LCMScheduler (or scheduler_class) on the teacher's schedule, as scheduler_class.from_config makes it
+        (the settings the teacher's file left out take the class's own defaults), but holding that class's own
+        settings only: from_config keeps the others (a DDPM config's variance_type, PNDM's skip_prk_steps) in its
+        config, and every load of a saved copy then warns that they are ignored."""
+        import inspect
+
+        from diffusers import LCMScheduler
+
+        scheduler_class = scheduler_class or LCMScheduler
+        config = self.noise_scheduler.config
+        accepted = set(inspect.signature(scheduler_class.__init__).parameters) - set(
+            config.get("_use_default_values", ())
+        )
+        return scheduler_class(**{k: v for k, v in config.items() if k in accepted})
+
     def encode_prompts(self, prompts) -> torch.Tensor:
         """SD: the text encoder's last hidden states [B, L, D]."""
         return encode_sd(self.text_encoder, token_ids(self.tokenizer, prompts, self.text_encoder.device))

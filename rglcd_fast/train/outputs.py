@@ -38,7 +38,6 @@ def save_pipeline(folder, teacher, student, settings, grid, prompts) -> None:
     model_index.json and the model card. SDXL: a StableDiffusionXLPipeline folder (it runs a full student's
     guidance embedding too)."""
     import diffusers
-    from diffusers import LCMScheduler
 
     os.makedirs(folder)
     texts = ("text_encoder", "tokenizer") + (("text_encoder_2", "tokenizer_2") if teacher.is_sdxl else ())
@@ -49,7 +48,7 @@ def save_pipeline(folder, teacher, student, settings, grid, prompts) -> None:
         shutil.copytree(os.path.join(teacher.folder, "unet"), os.path.join(folder, "unet"))
     else:
         student.save_pretrained(os.path.join(folder, "unet"))
-    LCMScheduler.from_config(teacher.noise_scheduler.config).save_pretrained(os.path.join(folder, "scheduler"))
+    teacher.lcm_scheduler().save_pretrained(os.path.join(folder, "scheduler"))
     index = {
         "_diffusers_version": diffusers.__version__,
         "unet": ["diffusers", "UNet2DConditionModel"],

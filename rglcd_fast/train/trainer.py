@@ -571,7 +571,7 @@ class Trainer:
             vae=self.teacher.vae,
             text_encoder=self.teacher.text_encoder,
             tokenizer=self.teacher.tokenizer,
-            scheduler=FusedLCMScheduler.from_config(self.teacher.noise_scheduler.config),
+            scheduler=self.teacher.lcm_scheduler(FusedLCMScheduler),
             device=self.device,
             dtype=next(unet.parameters()).dtype,
             text_encoder_2=self.teacher.text_encoder_2,
