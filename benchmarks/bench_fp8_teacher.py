@@ -95,7 +95,10 @@ def main():
         g = torch.Generator(device).manual_seed(seed)
         latents = torch.randn(args.batch, 4, latent, latent, device=device, generator=g)
         embeds = torch.randn(args.batch, 77, text, device=device, generator=g)
-        return latents, embeds, torch.zeros_like(embeds), torch.Generator(device).manual_seed(seed + 1000)
+        # the unconditional embedding as the text encoder gives it for "" (not zeros: torchao's per-row float8
+        # scale of an all-zero row is 0, and the row quantises to 0 / 0 = NaN)
+        uncond = torch.randn(1, 77, text, device=device, generator=g).expand_as(embeds)
+        return latents, embeds, uncond, torch.Generator(device).manual_seed(seed + 1000)
 
     def run(unet, seed, backward=False):
         latents, embeds, uncond, g = inputs(seed)
