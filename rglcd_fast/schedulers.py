@@ -7,16 +7,49 @@ draws it) in one kernel, without synchronising with the device, so a denoising l
 be captured in a CUDA graph:
 
     pipe.scheduler = FusedLCMScheduler.from_config(pipe.scheduler.config)
+
+As diffusers' step, it takes inputs of mixed dtypes (computing in their promoted dtype) and settings the
+configuration does not use; a step that autograd must see through (an input that requires grad, grad mode on)
+runs diffusers' own step, as the ops are forward only.
 """
 
+import functools
+
 import torch
-from diffusers import DDIMScheduler, LCMScheduler
+
+# SchedulerMixin here: diffusers' pipeline loader looks a component's loadable base classes up in the module that
+# model_index.json names for it (this one, for a pipeline saved with a fused scheduler)
+from diffusers import DDIMScheduler, LCMScheduler, SchedulerMixin  # noqa: F401
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from . import ops
 from .ops import solver as solver_ops
+
+
+def _x0_limits(config) -> dict:
+    """The clipping / thresholding settings as the ops take them; those diffusers' step does not read (it
+    thresholds if asked, else clips if asked) at their defaults, so that any value passes there as in diffusers."""
+    thresholding, clip = bool(config.thresholding), bool(config.clip_sample)
+    return dict(
+        clip_sample=clip,
+        clip_sample_range=config.clip_sample_range if clip and not thresholding else 1.0,
+        thresholding=thresholding,
+        dynamic_thresholding_ratio=config.dynamic_thresholding_ratio if thresholding else 0.995,
+        sample_max_value=config.sample_max_value if thresholding else 1.0,
+    )
+
+
+def _promoted(*tensors) -> list:
+    """The tensors (None left) in their promoted dtype, the dtype diffusers' step computes in (a bf16 UNet output
+    under autocast on float32 latents: float32); the ops take one dtype."""
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors if t is not None])
+    return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
+
+
+def _needs_autograd(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class _FusedStepMixin:
@@ -66,19 +99,22 @@ class FusedLCMScheduler(_FusedStepMixin, LCMScheduler):
 
     _compatibles = [*LCMScheduler._compatibles, "LCMScheduler"]
 
+    @functools.wraps(LCMScheduler.set_timesteps)  # its signature: pipelines look for a `timesteps` parameter
     def set_timesteps(self, *args, **kwargs):
         super().set_timesteps(*args, **kwargs)
+        self._prepare_steps()
+
+    def _prepare_steps(self):
+        """The host-side state of set_timesteps' schedule and the configuration, checked once here, not in every
+        step(); step() calls it again where self.timesteps or the configuration was replaced since."""
         self._remember_host_timesteps()
-        config = self.config  # checked once here, not in every step()
+        config = self._rglcd_config = self.config
+        self._rglcd_timesteps = self.timesteps
         self._rglcd_constants = solver_ops.lcm_step_constants(
             self._final_alpha_cumprod(),
             config.prediction_type,
             config.timestep_scaling,
-            config.clip_sample,
-            config.clip_sample_range,
-            config.thresholding,
-            config.dynamic_thresholding_ratio,
-            config.sample_max_value,
+            **_x0_limits(config),
         )
         self._rglcd_prev_timesteps = {}
 
@@ -115,8 +151,13 @@ class FusedLCMScheduler(_FusedStepMixin, LCMScheduler):
             raise ValueError(
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
             )
+        if _needs_autograd(model_output, sample):
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        if self.timesteps is not self._rglcd_timesteps or self.config is not self._rglcd_config:
+            self._prepare_steps()  # e.g. an img2img loop's `scheduler.timesteps = scheduler.timesteps[k:]`
         if self._step_index is None:
             self._init_step_index(timestep)
+        model_output, sample = _promoted(model_output, sample)
         # The host work of a step is most of its time on the GPU: the configuration was checked in
         # set_timesteps, the next timesteps live on the device, and the op is called directly (it checks
         # the tensors it is given, naming the argument).
@@ -169,6 +210,10 @@ class FusedDDIMScheduler(_FusedStepMixin, DDIMScheduler):
             raise ValueError(
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
             )
+        if _needs_autograd(model_output, sample, variance_noise):
+            return super().step(
+                model_output, timestep, sample, eta, use_clipped_model_output, generator, variance_noise, return_dict
+            )
         device = sample.device
         t = self._timestep_tensor(timestep, device)
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps  # negative: final ᾱ, in the kernel
@@ -186,6 +231,8 @@ class FusedDDIMScheduler(_FusedStepMixin, DDIMScheduler):
                     model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
                 )
             )
+            noise = noise.expand(sample.shape) if noise.shape != sample.shape else noise  # diffusers broadcasts it
+        model_output, sample, noise = _promoted(model_output, sample, noise)
         config = self.config
         prev_sample, pred_original_sample = ops.ddim_step(
             model_output,
@@ -197,11 +244,7 @@ class FusedDDIMScheduler(_FusedStepMixin, DDIMScheduler):
             final_alpha_cumprod=self._final_alpha_cumprod(),
             eta=float(eta),
             prediction_type=config.prediction_type,
-            clip_sample=config.clip_sample,
-            clip_sample_range=config.clip_sample_range,
-            thresholding=config.thresholding,
-            dynamic_thresholding_ratio=config.dynamic_thresholding_ratio,
-            sample_max_value=config.sample_max_value,
+            **_x0_limits(config),
             use_clipped_model_output=use_clipped_model_output,
         )
         if not return_dict:

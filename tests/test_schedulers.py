@@ -329,3 +329,78 @@ def test_latent_consistency_pipeline_accepts_the_fused_scheduler():
     actual = pipe(generator=torch.Generator().manual_seed(3), **kw).images
     assert isinstance(pipe.scheduler, FusedLCMScheduler)
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
+def test_the_pipeline_takes_custom_timesteps_autocast_and_a_save_round_trip(tmp_path):
+    """What pipelines do around step(): diffusers' retrieve_timesteps passes `timesteps` only to a set_timesteps
+    whose signature names it; a float32 pipeline under bf16 autocast hands step() a bf16 UNet output and float32
+    latents; a pipeline saved with the fused scheduler names this module in model_index.json and loads it back."""
+    from tiny_pipeline import save_tiny_pipeline
+
+    pipe = LatentConsistencyModelPipeline.from_pretrained(save_tiny_pipeline(str(tmp_path / "lcm")))
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt="a digit one", guidance_scale=8.0, height=16, width=16)
+
+    def images(output_type="pt", **more):
+        return pipe(generator=torch.Generator().manual_seed(3), output_type=output_type, **kw, **more).images
+
+    runs = [dict(timesteps=[999, 759, 499, 259]), dict(num_inference_steps=2)]
+    expected = [images(**run) for run in runs]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected_autocast = images(num_inference_steps=1, output_type="latent")
+    pipe.scheduler = FusedLCMScheduler.from_config(pipe.scheduler.config)
+    for run, theirs in zip(runs, expected):
+        torch.testing.assert_close(images(**run), theirs, rtol=0, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        latents = images(num_inference_steps=1, output_type="latent")
+    # diffusers' step rounds sqrt(1 - ᾱ)·ε to bf16 there (a 0-dim float32 factor keeps the bf16 dtype); ours
+    # computes in float32 (test_step_takes_what_diffusers_step_takes judges both against float64)
+    assert latents.dtype == torch.float32
+    assert (latents - expected_autocast).abs().max() <= 2 * 2**-8 * expected_autocast.abs().max()
+    pipe.save_pretrained(tmp_path / "saved")
+    assert isinstance(LatentConsistencyModelPipeline.from_pretrained(tmp_path / "saved").scheduler, FusedLCMScheduler)
+
+
+@pytest.mark.parametrize(
+    "fused_cls,diffusers_cls", [(FusedLCMScheduler, LCMScheduler), (FusedDDIMScheduler, DDIMScheduler)]
+)
+def test_step_takes_what_diffusers_step_takes(fused_cls, diffusers_cls):
+    """Mixed dtypes (computed in the promoted dtype; diffusers rounds some products to the lower one, so both are
+    judged against diffusers' step in float64), a DDIM variance_noise of another dtype or to broadcast, settings
+    the configuration does not use, a step autograd sees through (diffusers' own step, the same gradient), and
+    self.timesteps or the configuration replaced after set_timesteps (an img2img loop's slice)."""
+    unused = dict(dynamic_thresholding_ratio=1.5, sample_max_value=None, clip_sample=False, clip_sample_range=None)
+    ours, theirs = pair(fused_cls, diffusers_cls, dict(SD_SCHEDULE, **unused), num_inference_steps=4)
+    output = 1 if fused_cls is FusedLCMScheduler else 0  # LCM's denoised, DDIM's prev_sample: no noise drawn
+    base = torch.randn(2, 4, 4, 4)
+
+    def step(scheduler, m, x, i=0, **kw):
+        scheduler._step_index = scheduler._begin_index = None
+        kw = {"generator": torch.Generator().manual_seed(0), **kw}
+        return scheduler.step(m, scheduler.timesteps[i], x, **kw)
+
+    def judged(m, x, name, **kw):
+        exact = {k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()}
+        a, b = step(ours, m, x, **kw)[output], step(theirs, m, x, **kw)[output]
+        assert a.dtype == b.dtype, name
+        assert_close(a, b, step(theirs, m.double(), x.double(), **exact)[output], name)
+
+    for m_dtype, x_dtype in [(torch.bfloat16, torch.float32), (torch.float32, torch.float16)]:
+        judged(base.to(m_dtype), 2 * base.to(x_dtype), f"{m_dtype} output on a {x_dtype} sample")
+    if fused_cls is FusedDDIMScheduler:
+        for noise in (torch.randn(2, 4, 4, 4), torch.randn(1, 4, 4, 4)):  # float32 noise on float16 latents
+            kw = dict(eta=0.5, generator=None, variance_noise=noise)
+            judged(base.half(), 2 * base.half(), f"variance_noise {tuple(noise.shape)}", **kw)
+
+    extra = dict(eta=0.5) if fused_cls is FusedDDIMScheduler else {}
+    grads = []
+    for scheduler in (ours, theirs):
+        m = base.clone().requires_grad_()
+        (step(scheduler, m, 2 * base, **extra)[0] * base).sum().backward()
+        grads.append(m.grad)
+    assert_tight(*grads, "gradient through step")
+
+    for scheduler in (ours, theirs):
+        scheduler.timesteps = scheduler.timesteps[1:]
+        scheduler.register_to_config(prediction_type="v_prediction")
+    assert_tight(step(ours, base, 2 * base, i=1)[0], step(theirs, base, 2 * base, i=1)[0], "replaced timesteps, config")
