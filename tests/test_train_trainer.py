@@ -3,6 +3,7 @@ mode and LoRA, exact resume, non-finite loss handling, the outputs diffusers and
 config file and command line, and two processes (gloo)."""
 
 import csv
+import glob
 import json
 import math
 import os
@@ -292,6 +293,105 @@ def test_logs_of_a_resumed_run_drop_later_rows_and_a_torn_line(tmp_path):
     log = CsvLog(str(path), ("step", "loss"), resume_step=2)
     log.write({"step": 3, "loss": 0.75})
     assert path.read_text().splitlines() == ["step,loss", "1,0.5", "2,0.25", "3,0.75"]
+
+
+class Interrupted(Exception):
+    """A kill, as the tests stand it in."""
+
+
+def interrupt_at(trainer, step):
+    """trainer.train() stops (as a killed process) when step `step` begins."""
+    train_step = trainer.train_step
+
+    def stopping(batches):
+        if trainer.step + 1 == step:
+            raise Interrupted
+        return train_step(batches)
+
+    trainer.train_step = stopping
+
+
+def poison(trainer, steps):
+    """A NaN loss at the given steps."""
+    distill = trainer.distill
+
+    def poisoned(*args, **kwargs):
+        out = distill(*args, **kwargs)
+        if trainer.step + 1 in steps:
+            out.loss = out.loss * float("nan")
+        return out
+
+    trainer.distill = poisoned
+
+
+TIMINGS = ("step_time_s", "images_per_s")  # wall-clock columns
+
+
+def logged(output_dir):
+    """logs.csv's rows without the wall-clock columns."""
+    with open(output_dir / "logs.csv") as f:
+        return [{k: v for k, v in row.items() if k not in TIMINGS} for row in csv.DictReader(f)]
+
+
+def board_scalars(output_dir) -> dict:
+    """TensorBoard's scalars as TensorBoard reads them (purged events hidden), the wall-clock ones left out."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = {os.path.dirname(p) for p in glob.glob(str(output_dir / "logs" / "*" / "events.*"))}  # not hparams
+    board = EventAccumulator(events)
+    board.Reload()
+    tags = [tag for tag in board.Tags()["scalars"] if tag not in TIMINGS]
+    return {tag: [(e.step, e.value) for e in board.Scalars(tag)] for tag in tags}
+
+
+@pytest.mark.parametrize("logging_steps,killed_at", [(3, 3), (1, 4)])
+def test_a_resumed_runs_logs_equal_an_uninterrupted_runs(world, tmp_path, logging_steps, killed_at):
+    """Checkpoints every 2 steps. Logging every 3, a row spans the checkpoint: it averages the steps before it
+    too. Logging every step, killed after step 3 was logged: TensorBoard shows step 3 once."""
+    settings = dict(reward_mode="lrm", logging_steps=logging_steps, max_train_steps=6)
+    Trainer(tiny_config(world, tmp_path / "straight", **settings)).train()
+    killed = Trainer(tiny_config(world, tmp_path / "resumed", **settings))
+    interrupt_at(killed, killed_at)
+    with pytest.raises(Interrupted):
+        killed.train()
+    Trainer(tiny_config(world, tmp_path / "resumed", resume_from_checkpoint="latest", **settings)).train()
+    rows = logged(tmp_path / "straight")
+    assert [int(row["step"]) for row in rows] == list(range(logging_steps, 7, logging_steps))
+    assert logged(tmp_path / "resumed") == rows
+    assert board_scalars(tmp_path / "resumed") == board_scalars(tmp_path / "straight")
+
+
+def test_a_resumed_run_stops_within_a_streak_of_nonfinite_losses_as_an_uninterrupted_one(world, tmp_path):
+    settings = dict(reward_mode="none", max_nonfinite_steps=2, max_train_steps=6)
+    stop = r"2 non-finite losses in a row \(by step 3\)"
+    straight = Trainer(tiny_config(world, tmp_path / "straight", **settings))
+    poison(straight, {2, 3})
+    with pytest.raises(NonFiniteLossError, match=stop):
+        straight.train()
+    killed = Trainer(tiny_config(world, tmp_path / "resumed", **settings))
+    poison(killed, {2})
+    interrupt_at(killed, 3)
+    with pytest.raises(Interrupted):
+        killed.train()
+    resumed = Trainer(tiny_config(world, tmp_path / "resumed", resume_from_checkpoint="latest", **settings))
+    poison(resumed, {3})
+    with pytest.raises(NonFiniteLossError, match=stop):
+        resumed.train()
+
+
+def test_a_run_killed_while_drawing_a_validation_grid_draws_it_again(world, tmp_path):
+    settings = dict(validation_steps=2, max_train_steps=4)
+    killed = Trainer(tiny_config(world, tmp_path, **settings))
+
+    def killed_while_sampling(path=None):
+        raise Interrupted
+
+    killed.sample_grid = killed_while_sampling
+    with pytest.raises(Interrupted):
+        killed.train()
+    Trainer(tiny_config(world, tmp_path, resume_from_checkpoint="latest", **settings)).train()
+    expected = [f"step-00000{step}{kind}.png" for step in (2, 4) for kind in ("", "-target")]
+    assert sorted(os.listdir(tmp_path / "samples")) == sorted(expected)
 
 
 def test_compiled_training_matches_eager(world, tmp_path):
@@ -622,12 +722,6 @@ def test_the_decoder_upsamplers_are_folded_where_a_reward_decodes_on_cuda(world,
 def test_fsdp_needs_several_processes(world, tmp_path):
     with pytest.raises(ValueError, match="fsdp: shards over several processes"):
         Trainer(tiny_config(world, tmp_path, fsdp=True))
-
-
-def logged(output_dir):
-    """logs.csv's rows without the wall-clock columns."""
-    with open(output_dir / "logs.csv") as f:
-        return [{k: v for k, v in row.items() if k not in ("step_time_s", "images_per_s")} for row in csv.DictReader(f)]
 
 
 def test_fsdp_student_on_two_ranks_resumes_exactly(xl_world, tmp_path):

@@ -114,11 +114,11 @@ class NonFiniteLossError(RuntimeError):
 class NonFiniteCounter:
     """Skipped (non-finite) steps counted on the device; the host reads them at logging steps."""
 
-    def __init__(self, device, total: int = 0):
-        self._total = torch.tensor(total, device=device)
+    def __init__(self, device):
+        self._total = torch.zeros((), dtype=torch.long, device=device)
         self._in_row = torch.zeros((), dtype=torch.long, device=device)
         self._max_in_row = torch.zeros((), dtype=torch.long, device=device)
-        self._reported = total
+        self._reported = 0
 
     def add(self, bad: torch.Tensor) -> None:
         self._total += bad
@@ -128,6 +128,23 @@ class NonFiniteCounter:
     @property
     def total(self) -> int:
         return int(self._total)
+
+    def state(self) -> dict:
+        """The counts a checkpoint keeps: a run resumed within a streak of skipped steps stops where the
+        uninterrupted run stops."""
+        return {
+            "nonfinite_skipped": self.total,
+            "nonfinite_in_row": int(self._in_row),
+            "nonfinite_max_in_row": int(self._max_in_row),
+            "nonfinite_reported": self._reported,
+        }
+
+    def load(self, state: dict) -> None:
+        """state(), or a checkpoint of an earlier version, which kept the total alone."""
+        self._total.fill_(state["nonfinite_skipped"])
+        self._in_row.fill_(state.get("nonfinite_in_row", 0))
+        self._max_in_row.fill_(state.get("nonfinite_max_in_row", 0))
+        self._reported = state.get("nonfinite_reported", state["nonfinite_skipped"])
 
     def check(self, step: int, limit: int, output_dir: str) -> None:
         """Report new skips; raise once `limit` happened in a row (seen at this logging step)."""
@@ -277,6 +294,7 @@ class Trainer:
         self.uncond_embeds = None if self.teacher.is_sdxl else self.teacher.encode_prompts([""])
         self.step = 0
         self.nonfinite = NonFiniteCounter(self.device)
+        self.log_window = []  # the metrics of the micro-batches since the last log row (device tensors)
 
     # ---- construction ----------------------------------------------------------------------------
 
@@ -341,7 +359,12 @@ class Trainer:
             "optimizer": self.optimizer,
             "lr_scheduler": self.lr_scheduler,
             "data": self.loader,
-            "trainer": {"step": self.step, "nonfinite_skipped": self.nonfinite.total},
+            "trainer": {
+                "step": self.step,
+                **self.nonfinite.state(),
+                # a log row that spans the checkpoint averages the steps before it too
+                "log_window": [{k: float(v) for k, v in m.items()} for m in self.log_window],
+            },
             "rng": capture_rng_state({"train": self.generator}),
         }
         if self.target is not None:
@@ -390,8 +413,11 @@ class Trainer:
         state["rng"] = {"train": self.generator}
         state["trainer"] = None
         info = load_checkpoint(checkpoint, state, map_location=self.device, rank=self.accelerator.process_index)
-        self.step = int(info["trainer"]["step"])
-        self.nonfinite = NonFiniteCounter(self.device, int(info["trainer"]["nonfinite_skipped"]))
+        trainer = info["trainer"]
+        self.step = int(trainer["step"])
+        self.nonfinite.load(trainer)
+        window = trainer.get("log_window", [])  # none in an earlier version's checkpoint
+        self.log_window = [{k: torch.tensor(v, device=self.device) for k, v in m.items()} for m in window]
 
     # ---- one optimiser step ----------------------------------------------------------------------
 
@@ -491,6 +517,8 @@ class Trainer:
         acc.init_trackers(
             config.tracker_project_name,
             config={k: v for k, v in self.settings().items() if isinstance(v, (int, float, str, bool))},
+            # resumed: TensorBoard hides what the interrupted run logged after the checkpoint (logged again)
+            init_kwargs={"tensorboard": {"purge_step": self.step + 1}} if self.step else {},
         )
         batches = self.loader.infinite()
         progress = tqdm(
@@ -499,28 +527,30 @@ class Trainer:
             desc="RG-LCD",
             disable=not (config.progress and acc.is_main_process),
         )
-        window, steps_in_window, last_log = [], 0, time.perf_counter()
+        steps_timed, last_log = 0, time.perf_counter()
         images_per_step = config.train_batch_size * config.gradient_accumulation_steps * acc.num_processes
         while self.step < config.max_train_steps:
-            window += self.train_step(batches)
-            steps_in_window += 1
+            self.log_window += self.train_step(batches)
+            steps_timed += 1
             progress.update()
             if self.step % config.logging_steps == 0 or self.step == config.max_train_steps:
-                row = self._log_row(window, (time.perf_counter() - last_log) / steps_in_window, images_per_step)
+                row = self._log_row(self.log_window, (time.perf_counter() - last_log) / steps_timed, images_per_step)
                 acc.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=self.step)
                 if log is not None:
                     log.write(row)
                 progress.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "reward") if row[k] is not None})
                 self.nonfinite.check(self.step, config.max_nonfinite_steps, config.output_dir)
-                window, steps_in_window, last_log = [], 0, time.perf_counter()
-            if self.step % config.checkpointing_steps == 0 or self.step == config.max_train_steps:
-                self.save_checkpoint()
+                self.log_window, steps_timed, last_log = [], 0, time.perf_counter()
+            # the grid before the checkpoint: a run that dies while sampling it resumes before this step, and
+            # draws it again
             if (
                 config.validation_steps
                 and self.step % config.validation_steps == 0
                 and self.step < config.max_train_steps
             ):
                 self.sample_grid()
+            if self.step % config.checkpointing_steps == 0 or self.step == config.max_train_steps:
+                self.save_checkpoint()
         progress.close()
         return self.save_outputs()
 
