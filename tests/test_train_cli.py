@@ -170,6 +170,17 @@ def test_accelerate_mixed_precision_sets_the_weight_dtype(world, tmp_path, monke
         AcceleratorState._reset_state()
 
 
+def test_fp16_on_the_cpu_is_refused_by_name():
+    from types import SimpleNamespace
+
+    from rglcd_fast.train.trainer import weight_dtype
+
+    with pytest.raises(ValueError, match="mixed_precision: fp16 needs a CUDA device"):
+        weight_dtype(SimpleNamespace(mixed_precision="fp16", device=torch.device("cpu")))
+    assert weight_dtype(SimpleNamespace(mixed_precision="fp16", device=torch.device("cuda"))) == torch.float16
+    assert weight_dtype(SimpleNamespace(mixed_precision="bf16", device=torch.device("cpu"))) == torch.bfloat16
+
+
 @pytest.mark.parametrize("report_to", ["tensorboard", "wandb"])
 def test_validation_grids_reach_the_tracker_as_images(world, tmp_path, monkeypatch, report_to):
     """--report-to through accelerate's trackers (wandb offline): the student's and the EMA target's

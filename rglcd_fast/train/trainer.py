@@ -57,6 +57,10 @@ def weight_dtype(accelerator) -> torch.dtype:
             f"mixed_precision: accelerate's {accelerator.mixed_precision!r} is not supported "
             f"(use one of {', '.join(WEIGHT_DTYPES)})"
         )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ValueError(  # the student would run float32 against float16 frozen models
+            "mixed_precision: fp16 needs a CUDA device (accelerate runs no float16 autocast on the CPU): use bf16 or no"
+        )
     return WEIGHT_DTYPES[accelerator.mixed_precision]
 
 
