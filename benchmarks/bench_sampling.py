@@ -153,6 +153,9 @@ def main():
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    compiled = args.compiled.split(",")
+    if not set(compiled) <= {"diffusers", "rglcd_fast"}:
+        parser.error(f"--compiled: expected diffusers and/or rglcd_fast, got {args.compiled!r}")
     torch._dynamo.config.cache_size_limit = 64  # a compile per (mode, batch)
     device = torch.device(args.device)
     graphs = device.type == "cuda"
@@ -216,7 +219,6 @@ def main():
     add_ours("rglcd_fast eager", False)
     if graphs:
         add_ours("rglcd_fast CUDA graph", True)
-    compiled = args.compiled.split(",")
     for mode in modes:
         if "diffusers" in compiled:
             pipe.unet = torch.compile(unet, mode=mode)

@@ -48,10 +48,6 @@ def _promoted(*tensors) -> list:
     return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
 
 
-def _needs_autograd(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 class _FusedStepMixin:
     """What both fused schedulers need to call the ops from host-side state only."""
 
@@ -151,7 +147,7 @@ class FusedLCMScheduler(_FusedStepMixin, LCMScheduler):
             raise ValueError(
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
             )
-        if _needs_autograd(model_output, sample):
+        if solver_ops.needs_autograd(model_output, sample):  # the op is forward only
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
         if self.timesteps is not self._rglcd_timesteps or self.config is not self._rglcd_config:
             self._prepare_steps()  # e.g. an img2img loop's `scheduler.timesteps = scheduler.timesteps[k:]`
@@ -159,9 +155,8 @@ class FusedLCMScheduler(_FusedStepMixin, LCMScheduler):
             self._init_step_index(timestep)
         model_output, sample = _promoted(model_output, sample)
         # The host work of a step is most of its time on the GPU: the configuration was checked in
-        # set_timesteps, the next timesteps live on the device, and the op is called directly (it checks
-        # the tensors it is given, naming the argument).
-        solver_ops._forward_only("lcm_step", model_output=model_output, sample=sample)
+        # set_timesteps, autograd above, the next timesteps live on the device, and the op is called directly
+        # (it checks the tensors it is given, naming the argument).
         device, index = sample.device, self._step_index
         t = self._timestep_tensor(timestep, device)
         prev_t = self._prev_timesteps_on(device)[index] if index + 1 < len(self.timesteps) else t
@@ -210,7 +205,7 @@ class FusedDDIMScheduler(_FusedStepMixin, DDIMScheduler):
             raise ValueError(
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
             )
-        if _needs_autograd(model_output, sample, variance_noise):
+        if solver_ops.needs_autograd(model_output, sample, variance_noise):
             return super().step(
                 model_output, timestep, sample, eta, use_clipped_model_output, generator, variance_noise, return_dict
             )

@@ -104,14 +104,18 @@ def _number(name, value, valid=None, expected=""):
     return value
 
 
+def needs_autograd(*tensors) -> bool:
+    """Whether autograd would record an op on these tensors (None entries ignored)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _forward_only(op_name, **tensors):
-    if torch.is_grad_enabled():
-        for name, value in tensors.items():
-            if value is not None and value.requires_grad:
-                raise RuntimeError(
-                    f"{op_name} is an inference op (forward only), but {name} requires grad; call it under "
-                    "torch.no_grad() or torch.inference_mode(), or pass detached tensors"
-                )
+    if needs_autograd(*tensors.values()):
+        name = next(name for name, value in tensors.items() if value is not None and value.requires_grad)
+        raise RuntimeError(
+            f"{op_name} is an inference op (forward only), but {name} requires grad; call it under "
+            "torch.no_grad() or torch.inference_mode(), or pass detached tensors"
+        )
 
 
 def _step_schedule_arguments(sample, timesteps, prev_timesteps, alphas_cumprod, prediction_type):

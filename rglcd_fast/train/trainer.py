@@ -417,10 +417,10 @@ class Trainer:
         state["rng"] = {"train": self.generator}
         state["trainer"] = None
         info = load_checkpoint(checkpoint, state, map_location=self.device, rank=self.accelerator.process_index)
-        trainer = info["trainer"]
-        self.step = int(trainer["step"])
-        self.nonfinite.load(trainer)
-        window = trainer.get("log_window", [])  # none in an earlier version's checkpoint
+        saved = info["trainer"]
+        self.step = int(saved["step"])
+        self.nonfinite.load(saved)
+        window = saved.get("log_window", [])  # none in an earlier version's checkpoint
         self.log_window = [{k: torch.tensor(v, device=self.device) for k, v in m.items()} for m in window]
 
     # ---- one optimiser step ----------------------------------------------------------------------
