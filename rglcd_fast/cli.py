@@ -85,10 +85,10 @@ def _convert_lrm(args) -> int:
     return 0
 
 
-def _make_world(args) -> int:
+def _make_world(argv) -> int:
     from .world.teacher import main as make_world
 
-    return make_world(args.rest)
+    return make_world(argv, prog="rglcd-fast make-world")
 
 
 def _seeds(text: str) -> list:
@@ -200,6 +200,15 @@ def _sweep(args) -> int:
     return 0
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in its help, unless it is None, a switch's False, or the help already says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .sample.sampler import COMPILE_MODES
 
@@ -210,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sample",
         allow_abbrev=False,
         help="few-step LCM sampling from a diffusers-format model folder",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelp,
     )
     sample.add_argument(
         "--model",
@@ -222,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num-images", type=int, default=1, help="images per prompt (one grid column each)")
     sample.add_argument("--steps", type=int, default=4, help="LCM steps (1-8)")
     sample.add_argument("--guidance-scale", type=float, default=8.0, help="w of the guidance embedding + 1")
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--seed", type=int, default=0, help="seeds the initial noise")
     sample.add_argument("--height", type=int, default=None, help="pixels (default: the model's size)")
     sample.add_argument("--width", type=int, default=None, help="pixels (default: the model's size)")
     sample.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -289,16 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, help="the LRM folder to write")
     convert.set_defaults(run=_convert_lrm)
 
-    world = commands.add_parser(
-        "make-world", help="rebuild the digits world (classifiers, teacher) from scratch", add_help=False
-    )
-    world.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of python -m rglcd_fast.world.teacher")
-    world.set_defaults(run=_make_world)
+    # listed here for the help; main() hands its arguments to python -m rglcd_fast.world.teacher's own parser
+    commands.add_parser("make-world", help="rebuild the digits world (classifiers, teacher) from scratch")
 
     def comparison(name, help, out):
-        command = commands.add_parser(
-            name, help=help, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-        )
+        command = commands.add_parser(name, help=help, allow_abbrev=False, formatter_class=_DefaultsHelp)
         command.add_argument(
             "--work-dir",
             default="rglcd-eval",
@@ -336,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["make-world"]:
+        return _make_world(argv[1:])
     args = build_parser().parse_args(argv)
     args.argv = argv[1:]
     errors = (FileNotFoundError, ValueError)

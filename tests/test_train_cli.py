@@ -144,6 +144,8 @@ def test_spellings_bare_switches_and_no_abbreviations(capsys):
         ("--teacher_revision fp16", "--teacher_revision: not supported"),
         ("--mixed_precision fp8", "mixed_precision: expected one of no, fp16, bf16"),
         ("--report_to comet", "report_to: expected one of"),
+        # the official script would guide with a random LRM it never trains
+        ("--optimize_reward_fn", "lrm_frozen: .*--pretrained_latent_rm.*--guide_with_expert_reward"),
     ],
 )
 def test_what_we_do_not_take_stops_with_one_clear_line(command, match):
@@ -291,3 +293,29 @@ def test_the_readmes_accelerate_launch_command_runs_at_tiny_size(world, tmp_path
         "none",
         True,
     )
+
+
+def test_make_world_takes_the_world_builders_options(capsys, monkeypatch):
+    """`rglcd-fast make-world ARGS` is `python -m rglcd_fast.world.teacher ARGS`: options reach it, bad ones stop."""
+    from rglcd_fast import cli
+    from rglcd_fast.world import teacher
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["make-world", "--help"])
+    assert stop.value.code == 0 and "--skip-classifiers" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["make-world", "--bogus"])
+    assert stop.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    seen = []
+    monkeypatch.setattr(teacher, "main", lambda argv, prog: seen.append((argv, prog)) or 0)
+    assert cli.main(["make-world", "--seed", "1", "--skip-lrm"]) == 0
+    assert seen == [(["--seed", "1", "--skip-lrm"], "rglcd-fast make-world")]
+
+
+@pytest.mark.parametrize("command, shown", [("sample", "(default: 4)"), ("eval", "(default: 50)")])
+def test_help_shows_each_default_once_and_never_none(capsys, command, shown):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert shown in text and "default: None" not in text and "(default: False)" not in text
+    assert "(default: the model's size) (default" not in text

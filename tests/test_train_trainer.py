@@ -17,6 +17,7 @@ from helpers import no_tf32
 from PIL import Image
 from tiny_pipeline import assert_sdxl_sampler_matches_pipeline, save_tiny_pipeline, save_tiny_world, tiny_config
 
+from rglcd_fast import cli
 from rglcd_fast.reward import RewardModel
 from rglcd_fast.train.config import TrainConfig, make_config
 from rglcd_fast.train.models import Teacher
@@ -242,10 +243,20 @@ def test_lora_student_writes_weights_diffusers_loads(world, tmp_path):
     assert_lora_loaded(pipe.unet, trainer.student)
     pipe.load_lora_weights(str(tmp_path / "unet_lora"), adapter_name="as_the_script_names_it")
     sampler = LCMSampler.from_pretrained(outputs["pipeline"], lora=outputs["lora"], device="cpu")
-    assert len(sampler(["a digit one"], steps=1)) == 1
+    (image,) = sampler(["a digit one"], steps=1)
     for folder in (outputs["pipeline"], outputs["lora"]):
         card = open(os.path.join(folder, "README.md")).read()
         assert card.startswith("---") and "LCM-LoRA (rank 2)" in card and "| use_lora | True |" in card
+    # the pipeline card's own command and snippet run as written: they load the adapters
+    card = open(os.path.join(outputs["pipeline"], "README.md")).read()
+    command = card.split("or `rglcd-fast ")[1].split(" --prompt")[0].split()
+    grid = str(tmp_path / "card.png")
+    assert cli.main([*command, "--prompt", "a digit one", "--steps", "1", "--out", grid, "--quiet"]) == 0
+    assert Image.open(grid).size == image.size  # one prompt, one image
+    snippet = card.split("```python\n")[1].split("```")[0].replace("num_inference_steps=4", "num_inference_steps=1")
+    scope = {"PROMPT": "a digit one"}
+    exec(snippet, scope)
+    assert_lora_loaded(scope["pipe"].unet, trainer.student)
 
 
 @pytest.mark.parametrize(

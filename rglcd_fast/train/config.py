@@ -195,7 +195,11 @@ class TrainConfig:
         if self.fsdp and self.compile_unets != "none":
             raise ValueError(f"fsdp: not with compile_unets {self.compile_unets!r} yet (use 'none')")
         if self.lrm_frozen and not self.lrm_path:
-            raise ValueError("lrm_frozen: a frozen LRM must be a pre-trained one (set lrm_path)")
+            raise ValueError(
+                "lrm_frozen: a frozen LRM must be a pre-trained one (set lrm_path, the scripts' "
+                "--pretrained_latent_rm), or train it online (lrm_frozen false, the scripts' "
+                "--guide_with_expert_reward)"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -115,14 +115,16 @@ def write_model_card(folder, kind, settings, grid, prompts) -> str:
         else "A latent consistency model (the teacher's UNet with a guidance embedding)"
     )
     here = os.path.join(settings["output_dir"], kind)
-    if kind == "lora":
+    if lora:  # the adapters go on the teacher's UNet: the run's pipeline folder holds it, so does the teacher
+        model, literal = (here, f'"{here}"') if kind == "pipeline" else ("BASE_MODEL", "BASE_MODEL")
+        adapters = os.path.join(settings["output_dir"], "lora")
         usage = (
-            "pipe = DiffusionPipeline.from_pretrained(BASE_MODEL)\n"
+            f"pipe = DiffusionPipeline.from_pretrained({literal})\n"
             "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)\n"
-            f'pipe.load_lora_weights("{here}")\n'
+            f'pipe.load_lora_weights("{adapters}")\n'
             "image = pipe(PROMPT, num_inference_steps=4, guidance_scale=1.0).images[0]"
         )
-        command = f"rglcd-fast sample --model BASE_MODEL --lora {here}"
+        command = f"rglcd-fast sample --model {model} --lora {adapters}"
     else:
         usage = (
             f'pipe = DiffusionPipeline.from_pretrained("{here}")\n'

@@ -323,8 +323,8 @@ def sample_accuracy(
     return (evaluator(images.float() * 2 - 1).argmax(1) == labels).float().mean().item()
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rglcd_fast.world.teacher", description=__doc__.split("\n\n")[0])
+def main(argv=None, prog="python -m rglcd_fast.world.teacher") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--out",
         default=TEACHER_DIR,
