@@ -1,7 +1,6 @@
 """bench_train_step.py's models and data: SD2.1-size (or, small, tiny) configs built with random weights, the
 teacher's parts, the expert, random images."""
 
-import os
 import tempfile
 
 import torch
@@ -225,7 +224,9 @@ def make_tokenizer():
     """A local character-level CLIP tokenizer (tests/tiny_pipeline.py) with model_max_length 77."""
     from tiny_pipeline import tiny_tokenizer
 
-    tokenizer, _ = tiny_tokenizer(os.path.join(tempfile.gettempdir(), "rglcd_bench_train_tokenizer"))
+    # a folder of its own: ranks started together would read each other's half-written vocab.json
+    with tempfile.TemporaryDirectory(prefix="rglcd_bench_tokenizer_") as folder:
+        tokenizer, _ = tiny_tokenizer(folder)
     tokenizer.model_max_length = 77
     return tokenizer
 
