@@ -12,6 +12,7 @@ def _sample(args) -> int:
 
     from .sample import LCMSampler, image_grid
 
+    _check_image_path(args.out, "--out")
     dtype = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     sampler = LCMSampler.from_pretrained(args.model, lora=args.lora, device=args.device, dtype=dtype)
     if args.compile:
@@ -33,6 +34,21 @@ def _sample(args) -> int:
     image_grid(images, columns=args.num_images).save(args.out)
     print(f"wrote {args.out}: {len(images)} image(s), {args.steps} step(s), {seconds:.2f} s on {sampler.device}")
     return 0
+
+
+def _check_image_path(path, name) -> None:
+    """Before any work: a file name whose extension Pillow writes, in an existing folder."""
+    from PIL import Image
+
+    Image.init()
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in Image.registered_extensions():
+        raise ValueError(f"{name}: {path!r} has no image extension Pillow writes (e.g. .png)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{name}: the folder {folder!r} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"{name}: {path!r} is a folder")
 
 
 def _train(args) -> int:
@@ -91,8 +107,26 @@ def _make_world(argv) -> int:
     return make_world(argv, prog="rglcd-fast make-world")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: argparse names the flag in the error."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _lcm_steps(text: str) -> int:
+    from .sample.sampler import MAX_STEPS
+
+    if not text.strip().isdigit() or not 1 <= int(text) <= MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"expected 1 to {MAX_STEPS} LCM steps, got {text!r}")
+    return int(text)
+
+
 def _seeds(text: str) -> list:
-    return [int(s) for s in text.replace(",", " ").split()]
+    seeds = text.replace(",", " ").split()
+    if not seeds or not all(s.isdigit() for s in seeds):
+        raise argparse.ArgumentTypeError(f"expected seeds >= 0 separated by commas, e.g. 0,1,2; got {text!r}")
+    return [int(s) for s in seeds]
 
 
 def commit_id() -> str:
@@ -135,7 +169,7 @@ def _eval(args) -> int:
     from .world.evaluate import VARIANTS, evaluate, markdown_table, run_folder, train_runs
     from .world.teacher import TEACHER_DIR
 
-    seeds = _seeds(args.seeds)
+    seeds = args.seeds
     extra = {} if args.train_steps is None else {"max_train_steps": args.train_steps}
     runs = {name: [run_folder(args.work_dir, name, seed) for seed in seeds] for name in VARIANTS}
     train_runs(
@@ -171,7 +205,7 @@ def _sweep(args) -> int:
     )
     from .world.teacher import TEACHER_DIR
 
-    seeds = _seeds(args.seeds)
+    seeds = args.seeds
     extra = {} if args.train_steps is None else {"max_train_steps": args.train_steps}
     runs, settings = {"LCD": [run_folder(args.work_dir, "LCD", s) for s in seeds]}, {}
     settings.update({folder: {"reward_mode": "none", **extra, "seed": s} for s, folder in zip(seeds, runs["LCD"])})
@@ -228,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--lora", default=None, help="LCM-LoRA weights (file or folder) to fuse into the UNet")
     sample.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
-    sample.add_argument("--num-images", type=int, default=1, help="images per prompt (one grid column each)")
+    sample.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt (one grid column each)")
     sample.add_argument("--steps", type=int, default=4, help="LCM steps (1-8)")
     sample.add_argument("--guidance-scale", type=float, default=8.0, help="w of the guidance embedding + 1")
     sample.add_argument("--seed", type=int, default=0, help="seeds the initial noise")
@@ -309,12 +343,16 @@ def build_parser() -> argparse.ArgumentParser:
             help="where the students are trained / found "
             "(<work-dir>/<row>/[scale-<s>/]seed-<n>; reused only with the same settings)",
         )
-        command.add_argument("--seeds", default="0,1,2", help="training seeds, e.g. 0,1,2 (mean ± std over them)")
-        command.add_argument("--train-steps", type=int, default=None, help="training steps (default: the preset's)")
-        command.add_argument("--per-digit", type=int, default=50, help="samples per digit in every row")
+        command.add_argument(
+            "--seeds", type=_seeds, default="0,1,2", help="training seeds, e.g. 0,1,2 (mean ± std over them)"
+        )
+        command.add_argument(
+            "--train-steps", type=_positive_int, default=None, help="training steps (default: the preset's)"
+        )
+        command.add_argument("--per-digit", type=_positive_int, default=50, help="samples per digit in every row")
         command.add_argument(
             "--jobs",
-            type=int,
+            type=_positive_int,
             default=1,
             help="students trained at once (rglcd-fast train processes, the CPU's threads split between them)",
         )
@@ -325,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = comparison(
         "eval", "the digits world comparison table (trains the students first)", "results/digits_eval.md"
     )
-    evaluation.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="LCM step counts")
+    evaluation.add_argument("--steps", type=_lcm_steps, nargs="+", default=[1, 2, 4], help="LCM step counts")
     evaluation.set_defaults(run=_eval)
     sweep = comparison(
         "sweep",
@@ -333,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
         "results/reward_vs_frechet.png",
     )
     sweep.add_argument("--reward-scales", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0])
-    sweep.add_argument("--steps", type=int, default=2, help="LCM steps")
+    sweep.add_argument("--steps", type=_lcm_steps, default=2, help="LCM steps")
     sweep.set_defaults(run=_sweep)
     return parser
 

@@ -9,6 +9,12 @@ import shutil
 from typing import Any, Callable
 
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+PART_CONFIGS = {
+    "unet": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "scheduler": "scheduler_config.json",
+}
 
 
 def write_text(path: str, text: str) -> None:
@@ -48,6 +54,11 @@ def check_pipeline_folder(folder: str, argument: str) -> None:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{argument}: no such folder {folder!r} (expected a diffusers Stable Diffusion folder)")
     missing = [p for p in PIPELINE_PARTS if not os.path.isdir(os.path.join(folder, p))]
+    for part, config in PART_CONFIGS.items():  # an empty or half-copied part
+        if part not in missing and not os.path.isfile(os.path.join(folder, part, config)):
+            missing.append(f"{part}/{config}")
+    if "tokenizer" not in missing and not os.listdir(os.path.join(folder, "tokenizer")):
+        missing.append("the tokenizer's files")
     if missing:
         raise ValueError(
             f"{argument}: {folder!r} is not a diffusers Stable Diffusion folder (missing {', '.join(missing)})"

@@ -165,6 +165,12 @@ def test_pretrain_resumes_exactly(world, tmp_path, tower):
     assert [r["loss"] for r in resumed_rows] == [r["loss"] for r in rows]
 
 
+def test_pretrain_beside_an_earlier_runs_checkpoints_is_refused(world, tmp_path):
+    os.makedirs(tmp_path / "checkpoint-5")
+    with pytest.raises(ValueError, match="output_dir: .* earlier run \\(checkpoint-5\\)"):
+        LRMPretrainer(pretrain_config(world, tmp_path))
+
+
 def test_pretrain_contrastive_only(world, tmp_path):
     trainer = LRMPretrainer(pretrain_config(world, tmp_path, distill_weight=0.0, max_train_steps=2))
     with open(trainer.train()["logs"]) as f:

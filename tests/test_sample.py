@@ -1,6 +1,7 @@
 """The fast sampler and `rglcd-fast sample` on tiny random pipelines (no downloads)."""
 
 import os
+import re
 import shutil
 
 import numpy as np
@@ -110,16 +111,37 @@ def test_sampler_errors(lcm_folder, base_and_lora, tmp_path):
         LCMSampler.from_pretrained(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="missing unet"):
         LCMSampler.from_pretrained(str(tmp_path))
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):  # the parts, each empty
+        os.makedirs(tmp_path / "partial" / part)
+    with pytest.raises(ValueError, match="missing unet/config.json, .*scheduler_config.json, the tokenizer's files"):
+        LCMSampler.from_pretrained(str(tmp_path / "partial"))
     with pytest.raises(ValueError, match="time_cond_proj_dim"):
         LCMSampler.from_pretrained(base_and_lora[0], device="cpu")
     with pytest.raises(FileNotFoundError, match="lora"):
         LCMSampler.from_pretrained(base_and_lora[0], lora=str(tmp_path / "nope"), device="cpu")
+    # files that hold no LoRA weights: diffusers would fuse nothing and sample the base model
+    unet_file = os.path.join(base_and_lora[0], "unet", "diffusion_pytorch_model.safetensors")
+    for not_lora, line in [(unet_file, "no lora keys"), (str(tmp_path), "no LoRA weights diffusers can read")]:
+        with pytest.raises(ValueError, match=f"lora: .*{line}"):
+            LCMSampler.from_pretrained(base_and_lora[0], lora=not_lora, device="cpu")
+    for device, line in [("gpu", "not a device torch knows"), ("cuda:1", "no CUDA device")]:
+        if device.startswith("cuda") and torch.cuda.is_available():
+            continue
+        with pytest.raises(ValueError, match=f"device: .*{line}"):
+            LCMSampler.from_pretrained(lcm_folder, device=device)
     sampler = LCMSampler.from_pretrained(lcm_folder, device="cpu")
     for kwargs, name in [
         (dict(steps=0), "steps"),
         (dict(steps=9), "steps"),
+        (dict(steps=2.5), "steps"),
+        (dict(steps=True), "steps"),
         (dict(height=13), "height"),
+        (dict(height=0), "height"),  # not the model's size
         (dict(width=-8), "width"),
+        (dict(width=16.0), "width"),
+        (dict(guidance_scale=float("nan")), "guidance_scale: expected a finite"),
+        (dict(guidance_scale=float("inf")), "guidance_scale: expected a finite"),
+        (dict(guidance_scale="8"), "guidance_scale: expected a number"),
         (dict(cuda_graph=True), "cuda_graph"),
     ]:
         with pytest.raises(ValueError, match=name):
@@ -155,6 +177,18 @@ def test_cli_sample_writes_a_grid(lcm_folder, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert main(["sample", "--model", str(tmp_path / "missing"), "--prompt", "x", "--out", out]) == 2
     assert "model: no such folder" in capsys.readouterr().err
+    # a grid that could not be written is named before any model is loaded or sampled
+    for bad, line in [
+        (str(tmp_path / "grid"), "--out: .* no image extension"),
+        (str(tmp_path / "no" / "grid.png"), "--out: the folder .* does not exist"),
+        (str(tmp_path / "folder.png"), "--out: .* is a folder"),
+    ]:
+        os.makedirs(tmp_path / "folder.png", exist_ok=True)
+        assert main(["sample", "--model", str(tmp_path / "missing"), "--prompt", "x", "--out", bad]) == 2
+        assert re.search(line, capsys.readouterr().err)
+    with pytest.raises(SystemExit):  # argparse's error, naming the flag
+        main(["sample", "--model", lcm_folder, "--prompt", "x", "--num-images", "0", "--out", out])
+    assert "argument --num-images: expected a positive integer" in capsys.readouterr().err
 
 
 def test_a_sampling_run_repeats(lcm_folder):

@@ -241,6 +241,25 @@ def test_validation_grids_reach_the_tracker_as_images(world, tmp_path, monkeypat
         (["--fsdp", "true", "--use-lora", "true"], "fsdp: shards a full student"),
         (["--fsdp", "true", "--compile-unets", "frozen"], "fsdp: not with compile_unets 'frozen' yet"),
         (["--fsdp-shard-teacher", "true"], "fsdp_shard_teacher: shards the teacher beside an FSDP student"),
+        # values that would otherwise fail a step, a checkpoint or the final save later, or train NaN weights
+        (["--learning-rate", "inf"], "learning_rate: expected a finite value >= 0, got inf"),
+        (["--learning-rate", "-1"], "learning_rate: expected a finite value >= 0, got -1.0"),
+        (["--lrm-learning-rate", "-1"], "lrm_learning_rate: expected a finite value >= 0, got -1.0"),
+        (["--max-grad-norm", "nan"], "max_grad_norm: expected a finite value > 0, got nan"),
+        (["--reward-scale", "nan"], "reward_scale: expected a finite value >= 0, got nan"),
+        (["--timestep-scaling", "0"], "timestep_scaling: expected a finite value > 0, got 0.0"),
+        (["--w-max", "inf"], "w_max: expected a finite value >= 0, got inf"),
+        (["--adam-beta1", "2"], "adam_beta1: expected a value in [0, 1), got 2.0"),
+        (["--seed", "-1"], "seed: expected an integer in [0, 2**32), got -1"),
+        (["--num-ddim-timesteps", "0"], "num_ddim_timesteps: expected a positive integer, got 0"),
+        (["--time-cond-proj-dim", "0"], "time_cond_proj_dim: expected a positive integer, got 0"),
+        (["--lrm-widths", "0", "8"], "lrm_widths: expected positive channel counts, got (0, 8)"),
+        (["--validation-steps", "-1"], "validation_steps: expected an integer >= 0, got -1"),
+        (["--validation-lcm-steps", "9"], "validation_lcm_steps: expected LCM step counts from 1 to 8, got (9,)"),
+        (["--checkpoints-total-limit", "0"], "checkpoints_total_limit: expected a positive integer, or None"),
+        (["--dataloader-num-workers", "-1"], "dataloader_num_workers: expected an integer >= 0, got -1"),
+        (["--lr-scheduler", "cosinee"], "lr_scheduler: expected one of linear, cosine,"),
+        (["--output-dir", "TEACHER/model_index.json/run"], "output_dir: TEACHER/model_index.json is a file"),
     ],
 )
 def test_bad_settings_stop_with_one_line_before_any_model_is_built(world, tmp_path, capsys, monkeypatch, flags, line):
@@ -319,3 +338,20 @@ def test_help_shows_each_default_once_and_never_none(capsys, command, shown):
     text = " ".join(capsys.readouterr().out.split())
     assert shown in text and "default: None" not in text and "(default: False)" not in text
     assert "(default: the model's size) (default" not in text
+
+
+@pytest.mark.parametrize(
+    "command, line",
+    [
+        ("eval --jobs 0", "argument --jobs: expected a positive integer"),
+        ("eval --per-digit 0", "argument --per-digit: expected a positive integer"),
+        ("eval --seeds a,b", "argument --seeds: expected seeds >= 0"),
+        ("eval --steps 0", "argument --steps: expected 1 to 8 LCM steps"),
+        ("sweep --steps 9", "argument --steps: expected 1 to 8 LCM steps"),
+        ("sweep --train-steps -3", "argument --train-steps: expected a positive integer"),
+    ],
+)
+def test_comparison_flags_are_checked_before_anything_trains(capsys, command, line):
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(command.split())
+    assert stop.value.code == 2 and line in capsys.readouterr().err

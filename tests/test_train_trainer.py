@@ -296,6 +296,37 @@ def test_resume_matches_an_uninterrupted_run_exactly(world, tmp_path, mode, mixe
     assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
 
 
+def test_a_fresh_run_beside_an_earlier_runs_checkpoints_is_refused_or_clears_them(world, tmp_path):
+    """A fresh run would overwrite checkpoint-2 and keep the earlier run's checkpoint-4, which a later
+    `latest` would resume: refused before any model is built, or (overwrite_output_dir) cleared first."""
+    Trainer(tiny_config(world, tmp_path, reward_mode="none")).train()
+    with pytest.raises(ValueError, match=r"output_dir: .* earlier run \(checkpoint-2, checkpoint-4\): continue"):
+        Trainer(tiny_config(world, tmp_path, reward_mode="none", max_train_steps=2))
+    fresh = tiny_config(world, tmp_path, reward_mode="none", max_train_steps=2, overwrite_output_dir=True)
+    Trainer(fresh).train()
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith("checkpoint")) == ["checkpoint-2"]
+
+
+@pytest.mark.parametrize(
+    "changed, line",
+    [
+        (dict(use_lora=True), "its 'student' does not fit this run's"),
+        (dict(time_cond_proj_dim=16), "its 'student' does not fit this run's"),
+        (dict(reward_mode="lrm"), "has no 'lrm'"),
+    ],
+)
+def test_resuming_with_other_model_settings_names_what_does_not_fit(world, tmp_path, changed, line):
+    Trainer(tiny_config(world, tmp_path, reward_mode="none", max_train_steps=2)).train()
+    resumed = Trainer(
+        tiny_config(world, tmp_path, **{"reward_mode": "none", **changed, "resume_from_checkpoint": "latest"})
+    )
+    with pytest.raises(
+        ValueError, match=f"checkpoint .*checkpoint-2.*{line}.*saved by a run with other settings"
+    ) as error:
+        resumed.train()
+    assert len(str(error.value)) < 600  # a line, not torch's list of every key
+
+
 def test_logs_of_a_resumed_run_drop_later_rows_and_a_torn_line(tmp_path):
     """A run killed mid-write leaves a torn last line ("1" of "12,..." looks like step 1): only whole lines
     up to the checkpoint's step are kept."""
@@ -459,7 +490,8 @@ def test_a_nonfinite_loss_skips_the_update_and_is_counted(world, tmp_path):
 
 
 def test_nonfinite_losses_in_a_row_stop_the_run_without_touching_the_weights(world, tmp_path):
-    trainer = Trainer(tiny_config(world, tmp_path, max_nonfinite_steps=2, reward_scale=float("nan")))
+    trainer = Trainer(tiny_config(world, tmp_path, max_nonfinite_steps=2))
+    poison(trainer, steps=range(1, 5))
     before = weights(trainer.accelerator.unwrap_model(trainer.student))
     with pytest.raises(NonFiniteLossError, match="2 non-finite losses in a row"):
         trainer.train()

@@ -10,6 +10,8 @@ overhead and one copy to the host per call. `compile()` compiles the UNet and th
 torch.compile; the compiled kernels run inside the graph too.
 """
 
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 
@@ -79,7 +81,7 @@ class LCMSampler:
         xl = os.path.isdir(os.path.join(model, "text_encoder_2"))
         if xl and not os.path.isdir(os.path.join(model, "tokenizer_2")):
             raise ValueError(f"model: {model!r} has text_encoder_2 but no tokenizer_2 (an incomplete SDXL folder)")
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = _device(device)
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
         if (unet.config.addition_embed_type == "text_time") != xl:
@@ -94,7 +96,7 @@ class LCMSampler:
         elif not unet.config.time_cond_proj_dim:
             raise ValueError(
                 f"model: the UNet in {model!r} has no guidance embedding (time_cond_proj_dim), so it is "
-                "not a latent consistency model; pass its LCM-LoRA weights with lora="
+                "not a latent consistency model; pass its LCM-LoRA weights with lora= (rglcd-fast sample: --lora)"
             )
         vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype)
         if xl and dtype == torch.float16 and vae.config.force_upcast:  # SDXL's VAE overflows in float16, so
@@ -166,12 +168,12 @@ class LCMSampler:
     def size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """(height, width), each defaulting to the UNet's sample size in pixels."""
         side = self.unet.config.sample_size * self.vae_scale_factor
-        return height or side, width or side
+        return side if height is None else height, side if width is None else width
 
     def _check_size(self, height: int, width: int) -> None:
         factor = self.vae_scale_factor
         for name, value in (("height", height), ("width", width)):
-            if value <= 0 or value % factor:
+            if not isinstance(value, numbers.Integral) or value <= 0 or value % factor:
                 raise ValueError(
                     f"{name}: expected a positive multiple of {factor} (the VAE's downsampling), got {value}"
                 )
@@ -243,8 +245,12 @@ class LCMSampler:
             prompts = [prompts]
         if not prompts:
             raise ValueError("prompts: expected at least one prompt")
-        if not 1 <= steps <= MAX_STEPS:
-            raise ValueError(f"steps: expected 1 to {MAX_STEPS} LCM steps, got {steps}")
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"steps: expected 1 to {MAX_STEPS} LCM steps, got {steps!r}")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
+            raise ValueError(f"guidance_scale: expected a number, got {guidance_scale!r}")
+        if not math.isfinite(guidance_scale):  # its embedding would make every latent NaN: black images
+            raise ValueError(f"guidance_scale: expected a finite number, got {guidance_scale}")
         height, width = self.size(height, width)
         self._check_size(height, width)
         if cuda_graph and self.device.type != "cuda":
@@ -302,6 +308,17 @@ class LCMSampler:
         return self._graphs[key]
 
 
+def _device(device) -> torch.device:
+    """The sampler's device: as given (checked), else CUDA when there is one."""
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as error:
+        raise ValueError(f"device: {device!r} is not a device torch knows ({error})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {str(device)!r}, but this torch sees no CUDA device")
+    return device
+
+
 def _pil_images(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(image) for image in images.cpu().numpy()]
 
@@ -311,7 +328,12 @@ def _fuse_lora(unet, lora: str, xl: bool):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     pipeline = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
-    state_dict, network_alphas = pipeline.lora_state_dict(lora)
+    try:
+        state_dict, network_alphas = pipeline.lora_state_dict(lora)
+    except (OSError, ValueError) as error:  # no LoRA file in the folder, or a file torch/safetensors cannot read
+        raise ValueError(f"lora: {lora!r} holds no LoRA weights diffusers can read ({error})") from error
+    if not any("lora" in key for key in state_dict):  # diffusers would load nothing and only warn
+        raise ValueError(f"lora: {lora!r} holds no LoRA weights (no lora keys among its {len(state_dict)} tensors)")
     pipeline.load_lora_into_unet(state_dict, network_alphas=network_alphas, unet=unet)
     unet.fuse_lora()
     unet.unload_lora()

@@ -41,6 +41,7 @@ Files are loaded with ``torch.load(weights_only=True)`` by default (pass ``weigh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -64,6 +65,8 @@ __all__ = [
     "load_checkpoint",
     "latest_checkpoint",
     "resolve_resume",
+    "check_fresh_start",
+    "remove_checkpoints",
     "list_checkpoints",
     "write_folder",
     "write_file_atomic",
@@ -327,6 +330,35 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
     return ckpts[-1][1] if ckpts else None
 
 
+def check_fresh_start(output_dir: str, resume: Optional[str], overwrite: bool) -> None:
+    """A run that does not resume must not start beside an earlier run's checkpoints: it would overwrite some
+    and leave the others, and a later ``latest`` would resume the earlier run. Refused with the ways out,
+    unless ``overwrite`` (then :func:`remove_checkpoints` clears them when the run starts)."""
+    if resume or overwrite:
+        return
+    found = _checkpoint_folders(output_dir)
+    if found:
+        names = ", ".join(os.path.basename(path) for path in found[:3]) + (", ..." if len(found) > 3 else "")
+        raise ValueError(
+            f"output_dir: {output_dir} holds checkpoints of an earlier run ({names}): continue it with "
+            "--resume-from-checkpoint latest, start over with --overwrite-output-dir true (removes them), or "
+            "pick another --output-dir"
+        )
+
+
+def remove_checkpoints(output_dir: str) -> None:
+    """Removes every ``checkpoint-<step>`` folder in ``output_dir`` (a fresh run's --overwrite-output-dir)."""
+    for path in _checkpoint_folders(output_dir):
+        shutil.rmtree(path)
+
+
+def _checkpoint_folders(output_dir: str) -> list:
+    if not os.path.isdir(output_dir):
+        return []
+    names = [e for e in os.listdir(output_dir) if _CKPT_RE.match(e) and os.path.isdir(os.path.join(output_dir, e))]
+    return [os.path.join(output_dir, e) for e in sorted(names, key=lambda e: int(_CKPT_RE.match(e).group(1)))]
+
+
 def resolve_resume(resume: Optional[str], output_dir: str) -> Optional[str]:
     """``None``/"" -> None (start fresh); ``"latest"`` -> :func:`latest_checkpoint` (None if none);
     otherwise an explicit checkpoint path, which must exist and be COMPLETE."""
@@ -469,6 +501,21 @@ def _prune(output_dir: str, new: str, keep: Optional[int]) -> None:
 
 
 # --------------------------------------------------------------------------------------------- load
+@contextlib.contextmanager
+def _named_misfit(path: str, name: str):
+    """A saved state that does not fit what it is loaded into (other LoRA / embedding / LRM sizes, a LoRA
+    checkpoint for a full student): one line naming the entry instead of torch's list of every key."""
+    try:
+        yield
+    except (RuntimeError, ValueError, KeyError) as error:
+        text = " ".join(str(error).split()) or type(error).__name__
+        text = text if len(text) <= 200 else text[:200] + "..."
+        raise ValueError(
+            f"checkpoint {path}: its {name!r} does not fit this run's ({text}): it was saved by a run with "
+            "other settings (LoRA, its rank, time_cond_proj_dim, the LRM's sizes); resume with those"
+        ) from error
+
+
 def load_checkpoint(
     path: str, state: Mapping[str, Any], map_location="cpu", *, rank: Optional[int] = None, weights_only: bool = True
 ) -> Dict[str, Any]:
@@ -511,7 +558,10 @@ def load_checkpoint(
                 restore_rng_state(saved, obj)
             continue
         if name not in entries:
-            raise KeyError(f"entry {name!r} not in checkpoint {path} (has {sorted(entries)})")
+            raise ValueError(
+                f"checkpoint {path} has no {name!r} (it has {', '.join(sorted(entries))}): it was saved by a run "
+                "with other settings; resume with those"
+            )
         kind, file = entries[name]["kind"], os.path.join(path, entries[name]["file"])
         if kind == "module":
             if not isinstance(obj, (torch.nn.Module, GatheredState)):
@@ -519,14 +569,16 @@ def load_checkpoint(
             from safetensors.torch import load_file
 
             tensors = load_file(file, device=device)
-            if isinstance(obj, GatheredState):
-                obj.load_state_dict(tensors)
-            else:
-                obj.load_state_dict(tensors, strict=True)
+            with _named_misfit(path, name):
+                if isinstance(obj, GatheredState):
+                    obj.load_state_dict(tensors)
+                else:
+                    obj.load_state_dict(tensors, strict=True)
         elif kind == "stateful":
             # on the CPU: Optimizer.load_state_dict moves each state to its parameter's device itself and
             # keeps "step" on the CPU as a fresh optimiser does (unless capturable / fused)
-            obj.load_state_dict(torch.load(file, map_location="cpu", weights_only=weights_only))
+            with _named_misfit(path, name):
+                obj.load_state_dict(torch.load(file, map_location="cpu", weights_only=weights_only))
         else:
             with open(file) as f:
                 out[name] = json.load(f)

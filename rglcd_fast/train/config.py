@@ -5,6 +5,7 @@ selects the embedded digits world (docs/design.md §4), whose preset overrides t
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -25,6 +26,54 @@ REPORT_TO = ("tensorboard", "wandb", "all", "none")
 def _check_mixed_precision(value):
     if value is not None and value not in MIXED_PRECISION:
         raise ValueError(f"mixed_precision: expected one of {', '.join(MIXED_PRECISION)}, got {value!r}")
+
+
+def _finite(low, high=math.inf, low_open=False):
+    return lambda v: math.isfinite(v) and (v > low if low_open else v >= low) and v <= high
+
+
+# (settings, test, what is expected): checked before any model is built, so a bad value stops the run at once
+# instead of a step, a checkpoint or the final save later (or weights turned non-finite by an infinite rate)
+_NUMBER_RULES = (
+    (("learning_rate", "lrm_learning_rate", "adam_weight_decay", "adam_epsilon"), _finite(0.0), "a finite value >= 0"),
+    (("max_grad_norm", "timestep_scaling"), _finite(0.0, low_open=True), "a finite value > 0"),
+    (("reward_scale", "rm_loss_scale", "w_min", "w_max", "distill_weight"), _finite(0.0), "a finite value >= 0"),
+    (("adam_beta1", "adam_beta2"), lambda v: 0.0 <= v < 1.0, "a value in [0, 1)"),
+    (
+        ("num_ddim_timesteps", "lrm_embed_dim", "vit_patch_size", "vit_width", "vit_layers", "vit_heads"),
+        lambda v: v >= 1,
+        "a positive integer",
+    ),  # fmt: skip
+    (
+        ("validation_steps", "lr_warmup_steps", "dataloader_num_workers", "lrm_unlocked_text_layers"),
+        lambda v: v >= 0,
+        "an integer >= 0",
+    ),  # fmt: skip
+    (("checkpoints_total_limit",), lambda v: v >= 1, "a positive integer, or None to keep every checkpoint"),
+    (("seed",), lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+)
+
+
+def _check_common_settings(config) -> None:
+    """The numeric settings of _NUMBER_RULES (those the config has), the LR schedule's name and the output
+    folder (it or the first existing folder above it must be a folder)."""
+    from diffusers.optimization import SchedulerType
+
+    for names, ok, expected in _NUMBER_RULES:
+        for name in names:
+            value = getattr(config, name, None)
+            if value is not None and not ok(value):
+                raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    if not all(w >= 1 for w in config.lrm_widths) or not config.lrm_widths:
+        raise ValueError(f"lrm_widths: expected positive channel counts, got {config.lrm_widths!r}")
+    schedules = [s.value for s in SchedulerType]
+    if config.lr_scheduler not in schedules:
+        raise ValueError(f"lr_scheduler: expected one of {', '.join(schedules)}, got {config.lr_scheduler!r}")
+    existing = os.path.abspath(config.output_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"output_dir: {existing} is a file, not a folder")
 
 
 @dataclass
@@ -121,6 +170,9 @@ class TrainConfig:
     checkpointing_steps: int = 500
     checkpoints_total_limit: Optional[int] = 3
     resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
+    # a run that does not resume, into an output_dir holding an earlier run's checkpoints: refused, or (true)
+    # those checkpoints removed first (so a later "latest" never resumes the earlier run)
+    overwrite_output_dir: bool = False
     logging_steps: int = 10
     validation_steps: int = 500  # sample grid every N steps (and at the end); 0: only at the end
     validation_prompts: list = field(default_factory=list)  # default: the data's first captions
@@ -186,6 +238,15 @@ class TrainConfig:
             self.learning_rate = 1e-4 if self.use_lora else 1e-6
         if self.lrm_learning_rate is None:
             self.lrm_learning_rate = 3.3e-6 if self.lrm_path else 1e-5
+        _check_common_settings(self)
+        from ..sample.sampler import MAX_STEPS
+
+        if not self.validation_lcm_steps or not all(1 <= n <= MAX_STEPS for n in self.validation_lcm_steps):
+            raise ValueError(
+                f"validation_lcm_steps: expected LCM step counts from 1 to {MAX_STEPS}, got {self.validation_lcm_steps}"
+            )
+        if not self.use_lora and self.time_cond_proj_dim < 1:  # the full student's guidance embedding
+            raise ValueError(f"time_cond_proj_dim: expected a positive integer, got {self.time_cond_proj_dim}")
         if self.fsdp and self.use_lora:
             raise ValueError(
                 "fsdp: shards a full student; a LoRA student's adapters are small: train it with DDP (fsdp false)"
@@ -286,6 +347,7 @@ class LRMPretrainConfig:
     checkpointing_steps: int = 500
     checkpoints_total_limit: Optional[int] = 2
     resume_from_checkpoint: Optional[str] = None
+    overwrite_output_dir: bool = False  # as the trainer's
     logging_steps: int = 50
     dataloader_num_workers: int = 0
     progress: bool = True
@@ -304,12 +366,13 @@ class LRMPretrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
-        if self.distill_weight < 0:
-            raise ValueError(f"distill_weight: expected a value >= 0, got {self.distill_weight}")
         vit = self.image_tower == "vit"
         self.adam_beta2 = self.adam_beta2 if self.adam_beta2 is not None else (0.98 if vit else 0.999)
         self.adam_epsilon = self.adam_epsilon if self.adam_epsilon is not None else (1e-6 if vit else 1e-8)
         self.lrm_widths = tuple(self.lrm_widths)
+        _check_common_settings(self)
+        if self.vit_width % self.vit_heads:
+            raise ValueError(f"vit_heads: must divide vit_width ({self.vit_width}), got {self.vit_heads}")
 
     to_dict = TrainConfig.to_dict
     save = TrainConfig.save

@@ -20,7 +20,15 @@ from tqdm import tqdm
 
 from .. import ops
 from ..prompts import fixed_time_ids
-from .checkpoint import capture_rng_state, load_checkpoint, resolve_resume, save_checkpoint, write_folder
+from .checkpoint import (
+    capture_rng_state,
+    check_fresh_start,
+    load_checkpoint,
+    remove_checkpoints,
+    resolve_resume,
+    save_checkpoint,
+    write_folder,
+)
 from .config import LRMPretrainConfig
 from .data import ResumableDataLoader, training_dataset
 from .models import Teacher, make_lrm
@@ -113,6 +121,8 @@ class LRMPretrainer:
 
         from ..reward import load_reward_model
         from .trainer import adamw, make_accelerator, weight_dtype
+
+        check_fresh_start(config.output_dir, config.resume_from_checkpoint, config.overwrite_output_dir)
 
         self.config = config
         self.accelerator = acc = accelerator or make_accelerator(config)
@@ -229,6 +239,8 @@ class LRMPretrainer:
             state["rng"], state["trainer"] = {"train": self.generator}, None
             info = load_checkpoint(checkpoint, state, map_location=self.device, rank=acc.process_index)
             self.step = int(info["trainer"]["step"])
+        elif config.overwrite_output_dir and acc.is_main_process:
+            remove_checkpoints(config.output_dir)
         log = None
         if acc.is_main_process:
             os.makedirs(config.output_dir, exist_ok=True)

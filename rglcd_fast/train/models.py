@@ -281,10 +281,13 @@ def lrm_location(path: str) -> str:
 
 def check_settings(config, teacher: Teacher | None = None, expert_given: bool = False) -> None:
     """What can be checked from the config and the folders' JSON files before any model is built, each with
-    one line naming the setting: the resolution against the teacher's VAE and UNet, the expert's path, the
-    LRM folder. teacher: one already in memory (its configs are read instead of its folder's)."""
+    one line naming the setting: no earlier run's checkpoints beside a fresh one, the resolution against the
+    teacher's VAE and UNet, the expert's path, the LRM folder. teacher: one already in memory (its configs are
+    read instead of its folder's)."""
     from ..reward.experts import check_reward_model_path
+    from .checkpoint import check_fresh_start
 
+    check_fresh_start(config.output_dir, config.resume_from_checkpoint, config.overwrite_output_dir)
     if teacher is None:
         folder = resolve_teacher(config.teacher)
         unet, vae = _read_json(folder, "unet/config.json"), _read_json(folder, "vae/config.json")

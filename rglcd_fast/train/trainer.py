@@ -20,6 +20,7 @@ from .checkpoint import (
     capture_rng_state,
     latest_checkpoint,
     load_checkpoint,
+    remove_checkpoints,
     resolve_resume,
     save_checkpoint,
     write_file_atomic,
@@ -513,6 +514,8 @@ class Trainer:
         checkpoint = resolve_resume(config.resume_from_checkpoint, config.output_dir)
         if checkpoint is not None:
             self.resume(checkpoint)
+        elif config.overwrite_output_dir and acc.is_main_process:
+            remove_checkpoints(config.output_dir)
         log = None
         if acc.is_main_process:
             os.makedirs(config.output_dir, exist_ok=True)
