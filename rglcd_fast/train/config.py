@@ -28,27 +28,32 @@ def _check_mixed_precision(value):
         raise ValueError(f"mixed_precision: expected one of {', '.join(MIXED_PRECISION)}, got {value!r}")
 
 
-def _finite(low, high=math.inf, low_open=False):
-    return lambda v: math.isfinite(v) and (v > low if low_open else v >= low) and v <= high
+def _finite(low, above=False):
+    return lambda v: math.isfinite(v) and (v > low if above else v >= low)
 
 
 # (settings, test, what is expected): checked before any model is built, so a bad value stops the run at once
 # instead of a step, a checkpoint or the final save later (or weights turned non-finite by an infinite rate)
 _NUMBER_RULES = (
     (("learning_rate", "lrm_learning_rate", "adam_weight_decay", "adam_epsilon"), _finite(0.0), "a finite value >= 0"),
-    (("max_grad_norm", "timestep_scaling"), _finite(0.0, low_open=True), "a finite value > 0"),
+    (("max_grad_norm", "timestep_scaling"), _finite(0.0, above=True), "a finite value > 0"),
     (("reward_scale", "rm_loss_scale", "w_min", "w_max", "distill_weight"), _finite(0.0), "a finite value >= 0"),
     (("adam_beta1", "adam_beta2"), lambda v: 0.0 <= v < 1.0, "a value in [0, 1)"),
     (
-        ("num_ddim_timesteps", "lrm_embed_dim", "vit_patch_size", "vit_width", "vit_layers", "vit_heads"),
+        (
+            *("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"),
+            *("logging_steps", "max_nonfinite_steps", "num_ddim_timesteps", "lora_rank", "lora_alpha"),
+            *("lrm_batch_size", "lrm_embed_dim", "distill_candidates"),
+            *("vit_patch_size", "vit_width", "vit_layers", "vit_heads"),
+        ),
         lambda v: v >= 1,
         "a positive integer",
-    ),  # fmt: skip
+    ),
     (
         ("validation_steps", "lr_warmup_steps", "dataloader_num_workers", "lrm_unlocked_text_layers"),
         lambda v: v >= 0,
         "an integer >= 0",
-    ),  # fmt: skip
+    ),
     (("checkpoints_total_limit",), lambda v: v >= 1, "a positive integer, or None to keep every checkpoint"),
     (("seed",), lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
 )
@@ -219,19 +224,6 @@ class TrainConfig:
             raise ValueError(f"w_min: must be <= w_max ({self.w_max}), got {self.w_min}")
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ValueError(f"ema_decay: expected a value in [0, 1], got {self.ema_decay}")
-        for name in (
-            "max_train_steps",
-            "train_batch_size",
-            "gradient_accumulation_steps",
-            "lrm_batch_size",
-            "checkpointing_steps",
-            "logging_steps",
-            "max_nonfinite_steps",
-            "lora_rank",
-            "lora_alpha",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
         self.lrm_widths = tuple(self.lrm_widths)
         self.validation_lcm_steps = tuple(self.validation_lcm_steps)
         if self.learning_rate is None:
@@ -357,15 +349,6 @@ class LRMPretrainConfig:
             raise ValueError(f"image_tower: expected 'conv' or 'vit', got {self.image_tower!r}")
         _check_mixed_precision(self.mixed_precision)
         check_data_settings(self)
-        for name in (
-            "max_train_steps",
-            "train_batch_size",
-            "checkpointing_steps",
-            "logging_steps",
-            "distill_candidates",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
         vit = self.image_tower == "vit"
         self.adam_beta2 = self.adam_beta2 if self.adam_beta2 is not None else (0.98 if vit else 0.999)
         self.adam_epsilon = self.adam_epsilon if self.adam_epsilon is not None else (1e-6 if vit else 1e-8)
