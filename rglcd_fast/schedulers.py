@@ -103,15 +103,15 @@ class FusedLCMScheduler(_FusedStepMixin, LCMScheduler):
     def _prepare_steps(self):
         """The host-side state of set_timesteps' schedule and the configuration, checked once here, not in every
         step(); step() calls it again where self.timesteps or the configuration was replaced since."""
-        self._remember_host_timesteps()
-        config = self._rglcd_config = self.config
-        self._rglcd_timesteps = self.timesteps
-        self._rglcd_constants = solver_ops.lcm_step_constants(
+        config = self.config
+        constants = solver_ops.lcm_step_constants(  # checks the configuration first: a bad one changes nothing
             self._final_alpha_cumprod(),
             config.prediction_type,
             config.timestep_scaling,
             **_x0_limits(config),
         )
+        self._remember_host_timesteps()
+        self._rglcd_config, self._rglcd_timesteps, self._rglcd_constants = config, self.timesteps, constants
         self._rglcd_prev_timesteps = {}
 
     def restart(self) -> None:
@@ -130,8 +130,14 @@ class FusedLCMScheduler(_FusedStepMixin, LCMScheduler):
 
     def _init_step_index(self, timestep):
         if self.begin_index is None:
-            host = self._rglcd_host_timesteps
-            self._step_index = self.index_for_timestep(self._timestep_value_on_host(timestep), host)
+            if isinstance(timestep, torch.Tensor) and timestep.numel() != 1:
+                raise ValueError(
+                    f"timestep: expected one timestep for the batch, got a tensor of shape {timestep.shape}"
+                )
+            host, value = self._rglcd_host_timesteps, self._timestep_value_on_host(timestep)
+            if value not in host:  # diffusers' index_for_timestep: an IndexError
+                raise ValueError(f"timestep: {value} is not in the schedule set_timesteps made ({host.tolist()})")
+            self._step_index = self.index_for_timestep(value, host)
         else:
             self._step_index = self._begin_index
 
@@ -149,7 +155,8 @@ class FusedLCMScheduler(_FusedStepMixin, LCMScheduler):
             )
         if solver_ops.needs_autograd(model_output, sample):  # the op is forward only
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
-        if self.timesteps is not self._rglcd_timesteps or self.config is not self._rglcd_config:
+        prepared = self.__dict__.get("_rglcd_timesteps"), self.__dict__.get("_rglcd_config")
+        if self.timesteps is not prepared[0] or self.config is not prepared[1]:
             self._prepare_steps()  # e.g. an img2img loop's `scheduler.timesteps = scheduler.timesteps[k:]`
         if self._step_index is None:
             self._init_step_index(timestep)

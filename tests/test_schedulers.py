@@ -229,6 +229,17 @@ def test_lcm_step_bad_inputs_are_named():
         scheduler.step(x, scheduler.timesteps[0], x[:1])
     with pytest.raises(ValueError, match="prediction_type"):
         FusedLCMScheduler(**SD_SCHEDULE, prediction_type="x0").set_timesteps(4)
+    # the first step finds its place in the schedule: diffusers raises an IndexError or a conversion error here
+    for timestep, line in [(123, "timestep: 123 is not in the schedule"), (torch.tensor([999, 759]), "one timestep")]:
+        scheduler.restart()
+        with pytest.raises(ValueError, match=line):
+            scheduler.step(x, timestep, x)
+    # a configuration refused by set_timesteps is refused again by step(), not half set up
+    misconfigured = FusedLCMScheduler(**SD_SCHEDULE)
+    misconfigured.register_to_config(prediction_type="eps")
+    for call in (lambda: misconfigured.set_timesteps(4), lambda: misconfigured.step(x, misconfigured.timesteps[0], x)):
+        with pytest.raises(ValueError, match="prediction_type: expected one of"):
+            call()
 
 
 def test_config_round_trip_and_compatibles(tmp_path):
