@@ -199,10 +199,19 @@ def test_a_sampling_run_repeats(lcm_folder):
     generator = torch.Generator()
     run, _ = sampler._sampling_run(sampler.token_ids(["a digit seven"]), 16, 16, 4, 8.0, generator, decode=False)
     with torch.no_grad():
-        first = run()
+        (first,) = run()
         generator.manual_seed(generator.initial_seed())
-        torch.testing.assert_close(run(), first, rtol=0, atol=0)
+        torch.testing.assert_close(run()[0], first, rtol=0, atol=0)
     torch.testing.assert_close(sampler.latents("a digit seven", steps=4, seed=generator.initial_seed()), first)
+
+
+def test_images_that_decode_to_nan_are_refused_not_returned_black(lcm_folder):
+    sampler = LCMSampler.from_pretrained(lcm_folder, device="cpu")
+    with torch.no_grad():
+        sampler.vae.decoder.conv_out.bias[0] = float("nan")
+    with pytest.raises(ValueError, match=r"images \[0, 1\] decoded to non-finite values"):
+        sampler(["a digit one", "a digit two"], steps=1)
+    assert sampler.latents("a digit one", steps=1).isfinite().all()  # the latents are fine: the decode is not
 
 
 @pytest.mark.skipif(not CUDA_GRAPHS, reason="CUDA graphs need CUDA and its caching allocator")

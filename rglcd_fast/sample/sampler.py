@@ -53,7 +53,7 @@ class _Graph:
     graph: "torch.cuda.CUDAGraph"
     token_ids: list  # what it reads: each tokenizer's ids, copied in before a replay
     generator: torch.Generator  # where it draws the initial latents and the noise: seeded before a replay
-    output: torch.Tensor  # what it writes: the images' bytes [B, H, W, 3] (decode) or the denoised latents
+    output: tuple  # what it writes: (the images' bytes [B, H, W, 3], each image finite [B]) or (latents,)
     keep_alive: tuple  # tensors made before the capture that the graph reads (size ids, guidance, timesteps)
 
 
@@ -201,14 +201,17 @@ class LCMSampler:
                 progress.update()
         return denoised
 
-    def decode_bytes(self, denoised: torch.Tensor) -> torch.Tensor:
-        """The VAE's images as 8-bit RGB [B, H, W, 3] on the device, rounded as diffusers' image processor does."""
+    def decode_bytes(self, denoised: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's images as 8-bit RGB [B, H, W, 3] on the device, rounded as diffusers' image processor does,
+        and per image whether every decoded value was finite [B] (a byte cannot hold a NaN: it would be black)."""
         images = self.vae.decode((denoised / self.vae.config.scaling_factor).to(self.vae.dtype), return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        finite = images.isfinite().flatten(1).all(1)
+        pixels = (images.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
+        return pixels.permute(0, 2, 3, 1).contiguous(), finite
 
     @torch.no_grad()
     def decode(self, denoised: torch.Tensor) -> list[Image.Image]:
-        return _pil_images(self.decode_bytes(denoised))
+        return _pil_images(*self.decode_bytes(denoised))
 
     def initial_latents(self, batch, height, width, generator):
         factor = self.vae_scale_factor
@@ -231,14 +234,18 @@ class LCMSampler:
         progress=None,
     ) -> torch.Tensor:
         """The final denoised latents for the prompts (what __call__ decodes)."""
-        return self._sample(prompts, steps, guidance_scale, seed, height, width, cuda_graph, progress, decode=False)
+        (latents,) = self._sample(
+            prompts, steps, guidance_scale, seed, height, width, cuda_graph, progress, decode=False
+        )
+        return latents
 
     @torch.no_grad()
     def __call__(self, prompts, steps: int = 4, guidance_scale: float = 8.0, seed: int = 0, height=None, width=None,
                  cuda_graph: bool = False, progress=None) -> list[Image.Image]:  # fmt: skip
         """The images for the prompts (the arguments as latents())."""
-        images = self._sample(prompts, steps, guidance_scale, seed, height, width, cuda_graph, progress, decode=True)
-        return _pil_images(images)
+        return _pil_images(
+            *self._sample(prompts, steps, guidance_scale, seed, height, width, cuda_graph, progress, True)
+        )
 
     def _sample(self, prompts, steps, guidance_scale, seed, height, width, cuda_graph, progress, decode):
         if isinstance(prompts, str):
@@ -267,12 +274,13 @@ class LCMSampler:
         graph.graph.replay()
         if progress is not None:
             progress.update(steps)
-        return graph.output.clone()
+        return tuple(output.clone() for output in graph.output)
 
     def _sampling_run(self, ids, height, width, steps, guidance_scale, generator, decode, progress=None):
-        """Returns (run, constants): the run from token ids to denoised latents (decode: to the images' bytes) as
-        a function of no arguments, which can run any number of times, and the tensors it reads that are made
-        now, outside any capture (the size ids, the guidance embedding, the scheduler's timesteps)."""
+        """Returns (run, constants): the run from token ids to (denoised latents,) (decode: to decode_bytes'
+        (bytes, finite)) as a function of no arguments, which can run any number of times, and the tensors it
+        reads that are made now, outside any capture (the size ids, the guidance embedding, the scheduler's
+        timesteps)."""
         batch = ids[0].shape[0]
         time_ids = self.time_ids(batch, height, width)
         w_embedding = self._guidance(guidance_scale, batch)
@@ -282,7 +290,7 @@ class LCMSampler:
             conditioning = self.encode(ids, time_ids)
             latents = self.initial_latents(batch, height, width, generator)
             denoised = self.denoise(conditioning, latents, w_embedding, generator, progress)
-            return self.decode_bytes(denoised) if decode else denoised
+            return self.decode_bytes(denoised) if decode else (denoised,)
 
         return sample, (time_ids, w_embedding, self.scheduler.timesteps)
 
@@ -319,8 +327,15 @@ def _device(device) -> torch.device:
     return device
 
 
-def _pil_images(images: torch.Tensor) -> list[Image.Image]:
-    return [Image.fromarray(image) for image in images.cpu().numpy()]
+def _pil_images(images: torch.Tensor, finite: torch.Tensor) -> list[Image.Image]:
+    """PIL images of the bytes; images whose decode was not finite are refused, not returned black."""
+    images, finite = images.cpu(), finite.cpu()
+    if not finite.all():
+        raise ValueError(
+            f"images {(~finite).nonzero().flatten().tolist()} decoded to non-finite values (NaN/Inf): the model's "
+            "weights or the sampling settings are not finite"
+        )
+    return [Image.fromarray(image) for image in images.numpy()]
 
 
 def _fuse_lora(unet, lora: str, xl: bool):
