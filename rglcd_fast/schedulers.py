@@ -233,7 +233,14 @@ class FusedDDIMScheduler(_FusedStepMixin, DDIMScheduler):
                     model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
                 )
             )
-            noise = noise.expand(sample.shape) if noise.shape != sample.shape else noise  # diffusers broadcasts it
+            if noise.shape != sample.shape:  # diffusers broadcasts it
+                try:
+                    noise = noise.expand(sample.shape)
+                except RuntimeError:
+                    raise ValueError(
+                        f"variance_noise: shape {tuple(noise.shape)} does not broadcast to the sample's "
+                        f"{tuple(sample.shape)}"
+                    ) from None
         model_output, sample, noise = _promoted(model_output, sample, noise)
         config = self.config
         prev_sample, pred_original_sample = ops.ddim_step(

@@ -212,6 +212,9 @@ def test_ddim_variance_noise_and_generator_exclusive():
     x = torch.randn(1, 4, 4, 4)
     with pytest.raises(ValueError, match="variance_noise"):
         scheduler.step(x, scheduler.timesteps[0], x, eta=0.5, generator=torch.Generator(), variance_noise=x)
+    batch = torch.randn(2, 4, 4, 4)
+    with pytest.raises(ValueError, match=r"variance_noise: shape \(3, 4, 4, 4\) does not broadcast"):
+        scheduler.step(batch, scheduler.timesteps[0], batch, eta=0.5, variance_noise=torch.randn(3, 4, 4, 4))
 
 
 def test_lcm_step_bad_inputs_are_named():
