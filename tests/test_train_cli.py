@@ -355,3 +355,12 @@ def test_comparison_flags_are_checked_before_anything_trains(capsys, command, li
     with pytest.raises(SystemExit) as stop:
         build_parser().parse_args(command.split())
     assert stop.value.code == 2 and line in capsys.readouterr().err
+
+
+def test_reward_settings_a_reward_mode_does_not_use_get_a_line(capsys):
+    assert parse("x --reward-mode none --lrm-path /x --reward-scale 3").reward_mode == "none"
+    assert "--lrm-path, --reward-scale: ignored: reward_mode none does not use them" in capsys.readouterr().err
+    parse("x --reward-mode direct --lrm-batch-size 4 --reward-scale 2")
+    assert capsys.readouterr().err.strip() == "--lrm-batch-size: ignored: reward_mode direct does not use them"
+    parse("x --lrm-batch-size 4 --reward-scale 2")  # the LRM mode uses both
+    assert capsys.readouterr().err == ""

@@ -570,4 +570,20 @@ def config_from_args(args: argparse.Namespace, config_class=TrainConfig):
         print(f"--{flag}: ignored: {message}", file=sys.stderr)
     if config_class is TrainConfig:
         settings.update(_script_settings(given, settings))
-    return make_config(args.config, config_class, **settings)
+    config = make_config(args.config, config_class, **settings)
+    unused = [name for name in settings if name in _UNUSED_BY_REWARD_MODE.get(getattr(config, "reward_mode", ""), ())]
+    if unused:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unused)
+        print(f"{flags}: ignored: reward_mode {config.reward_mode} does not use them", file=sys.stderr)
+    return config
+
+
+_LRM_SETTINGS = {f.name for f in dataclasses.fields(TrainConfig) if f.name.startswith("lrm_")} | {
+    "smooth_gt_label",
+    "rm_loss_scale",
+}
+# the settings each reward mode leaves unused: a flag given for one of them gets a line on stderr
+_UNUSED_BY_REWARD_MODE = {
+    "none": _LRM_SETTINGS | {"reward_model", "reward_model_path", "reward_scale"},
+    "direct": _LRM_SETTINGS,
+}
