@@ -94,6 +94,8 @@ class FusedLCMScheduler(_FusedStepMixin, LCMScheduler):
     """diffusers' LCMScheduler with step() as the fused `lcm_step` op."""
 
     _compatibles = [*LCMScheduler._compatibles, "LCMScheduler"]
+    # what _prepare_steps prepared for (none yet): step() prepares again when either was replaced
+    _rglcd_timesteps = _rglcd_config = None
 
     @functools.wraps(LCMScheduler.set_timesteps)  # its signature: pipelines look for a `timesteps` parameter
     def set_timesteps(self, *args, **kwargs):
@@ -155,8 +157,7 @@ class FusedLCMScheduler(_FusedStepMixin, LCMScheduler):
             )
         if solver_ops.needs_autograd(model_output, sample):  # the op is forward only
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
-        prepared = self.__dict__.get("_rglcd_timesteps"), self.__dict__.get("_rglcd_config")
-        if self.timesteps is not prepared[0] or self.config is not prepared[1]:
+        if self.timesteps is not self._rglcd_timesteps or self.config is not self._rglcd_config:
             self._prepare_steps()  # e.g. an img2img loop's `scheduler.timesteps = scheduler.timesteps[k:]`
         if self._step_index is None:
             self._init_step_index(timestep)

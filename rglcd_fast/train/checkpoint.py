@@ -66,7 +66,7 @@ __all__ = [
     "latest_checkpoint",
     "resolve_resume",
     "check_fresh_start",
-    "remove_checkpoints",
+    "start_from",
     "list_checkpoints",
     "write_folder",
     "write_file_atomic",
@@ -307,20 +307,14 @@ def _damage(path: str) -> Optional[str]:
 def list_checkpoints(output_dir: str, warn: bool = False) -> list:
     """``[(step, path)]`` of the intact checkpoints in ``output_dir`` (COMPLETE, every file as saved), oldest
     first; ``warn``: a warning for each damaged one skipped."""
-    if not os.path.isdir(output_dir):
-        return []
     out = []
-    for entry in os.listdir(output_dir):
-        m = _CKPT_RE.match(entry)
-        path = os.path.join(output_dir, entry)
-        if not (m and os.path.isdir(path)):
-            continue
+    for step, path in _checkpoint_folders(output_dir):
         damage = _damage(path)
         if damage is None:
-            out.append((int(m.group(1)), path))
+            out.append((step, path))
         elif warn:
             warnings.warn(f"skipping checkpoint {path}: {damage}", RuntimeWarning, stacklevel=3)
-    return sorted(out)
+    return out
 
 
 def latest_checkpoint(output_dir: str) -> Optional[str]:
@@ -333,12 +327,12 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
 def check_fresh_start(output_dir: str, resume: Optional[str], overwrite: bool) -> None:
     """A run that does not resume must not start beside an earlier run's checkpoints: it would overwrite some
     and leave the others, and a later ``latest`` would resume the earlier run. Refused with the ways out,
-    unless ``overwrite`` (then :func:`remove_checkpoints` clears them when the run starts)."""
+    unless ``overwrite`` (then :func:`start_from` clears them when the run starts)."""
     if resume or overwrite:
         return
     found = _checkpoint_folders(output_dir)
     if found:
-        names = ", ".join(os.path.basename(path) for path in found[:3]) + (", ..." if len(found) > 3 else "")
+        names = ", ".join(os.path.basename(path) for _, path in found[:3]) + (", ..." if len(found) > 3 else "")
         raise ValueError(
             f"output_dir: {output_dir} holds checkpoints of an earlier run ({names}): continue it with "
             "--resume-from-checkpoint latest, start over with --overwrite-output-dir true (removes them), or "
@@ -346,17 +340,26 @@ def check_fresh_start(output_dir: str, resume: Optional[str], overwrite: bool) -
         )
 
 
-def remove_checkpoints(output_dir: str) -> None:
-    """Removes every ``checkpoint-<step>`` folder in ``output_dir`` (a fresh run's --overwrite-output-dir)."""
-    for path in _checkpoint_folders(output_dir):
-        shutil.rmtree(path)
+def start_from(resume: Optional[str], output_dir: str, overwrite: bool, main_process: bool = True) -> Optional[str]:
+    """Where a run starts: :func:`resolve_resume`'s checkpoint, or None for a fresh run, which with ``overwrite``
+    first removes every ``checkpoint-<step>`` folder in ``output_dir`` (the main process does)."""
+    checkpoint = resolve_resume(resume, output_dir)
+    if checkpoint is None and overwrite and main_process:
+        for _, path in _checkpoint_folders(output_dir):
+            shutil.rmtree(path)
+    return checkpoint
 
 
 def _checkpoint_folders(output_dir: str) -> list:
+    """``[(step, path)]`` of every ``checkpoint-<step>`` folder in ``output_dir``, intact or not, oldest first."""
     if not os.path.isdir(output_dir):
         return []
-    names = [e for e in os.listdir(output_dir) if _CKPT_RE.match(e) and os.path.isdir(os.path.join(output_dir, e))]
-    return [os.path.join(output_dir, e) for e in sorted(names, key=lambda e: int(_CKPT_RE.match(e).group(1)))]
+    found = []
+    for entry in os.listdir(output_dir):
+        match, path = _CKPT_RE.match(entry), os.path.join(output_dir, entry)
+        if match and os.path.isdir(path):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
 
 
 def resolve_resume(resume: Optional[str], output_dir: str) -> Optional[str]:

@@ -39,6 +39,8 @@ _NUMBER_RULES = (
     (("max_grad_norm", "timestep_scaling"), _finite(0.0, above=True), "a finite value > 0"),
     (("reward_scale", "rm_loss_scale", "w_min", "w_max", "distill_weight"), _finite(0.0), "a finite value >= 0"),
     (("adam_beta1", "adam_beta2"), lambda v: 0.0 <= v < 1.0, "a value in [0, 1)"),
+    (("ema_decay",), lambda v: 0.0 <= v <= 1.0, "a value in [0, 1]"),
+    (("compile_memory_budget",), lambda v: 0.0 < v <= 1.0, "a value in (0, 1]"),
     (
         (
             *("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"),
@@ -206,8 +208,6 @@ class TrainConfig:
             raise ValueError(f"report_to: expected one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
         if self.compile_unets not in COMPILE_UNETS:
             raise ValueError(f"compile_unets: expected one of {', '.join(COMPILE_UNETS)}, got {self.compile_unets!r}")
-        if self.compile_memory_budget is not None and not 0.0 < self.compile_memory_budget <= 1.0:
-            raise ValueError(f"compile_memory_budget: expected a value in (0, 1], got {self.compile_memory_budget}")
         if self.loss_type not in ("huber", "l2"):
             raise ValueError(f"loss_type: expected 'huber' or 'l2', got {self.loss_type!r}")
         self.lrm_loss = {"distillation": "kl", "cross_entropy": "ce"}.get(
@@ -222,8 +222,6 @@ class TrainConfig:
             self.w_min = SDXL_W_MIN if sdxl else _STEP_DEFAULTS.w_min
         if not self.w_min <= self.w_max:
             raise ValueError(f"w_min: must be <= w_max ({self.w_max}), got {self.w_min}")
-        if not 0.0 <= self.ema_decay <= 1.0:
-            raise ValueError(f"ema_decay: expected a value in [0, 1], got {self.ema_decay}")
         self.lrm_widths = tuple(self.lrm_widths)
         self.validation_lcm_steps = tuple(self.validation_lcm_steps)
         if self.learning_rate is None:

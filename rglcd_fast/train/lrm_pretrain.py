@@ -24,9 +24,8 @@ from .checkpoint import (
     capture_rng_state,
     check_fresh_start,
     load_checkpoint,
-    remove_checkpoints,
-    resolve_resume,
     save_checkpoint,
+    start_from,
     write_folder,
 )
 from .config import LRMPretrainConfig
@@ -233,14 +232,14 @@ class LRMPretrainer:
         from .trainer import CsvLog
 
         acc, config = self.accelerator, self.config
-        checkpoint = resolve_resume(config.resume_from_checkpoint, config.output_dir)
+        checkpoint = start_from(
+            config.resume_from_checkpoint, config.output_dir, config.overwrite_output_dir, acc.is_main_process
+        )
         if checkpoint is not None:
             state = self._state()
             state["rng"], state["trainer"] = {"train": self.generator}, None
             info = load_checkpoint(checkpoint, state, map_location=self.device, rank=acc.process_index)
             self.step = int(info["trainer"]["step"])
-        elif config.overwrite_output_dir and acc.is_main_process:
-            remove_checkpoints(config.output_dir)
         log = None
         if acc.is_main_process:
             os.makedirs(config.output_dir, exist_ok=True)

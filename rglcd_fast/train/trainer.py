@@ -20,9 +20,8 @@ from .checkpoint import (
     capture_rng_state,
     latest_checkpoint,
     load_checkpoint,
-    remove_checkpoints,
-    resolve_resume,
     save_checkpoint,
+    start_from,
     write_file_atomic,
     write_folder,
 )
@@ -511,11 +510,11 @@ class Trainer:
         """Runs to max_train_steps (resuming when asked) and writes the outputs; returns their paths.
         The host reads the device (losses, non-finite counts) only at logging and checkpoint steps."""
         acc, config = self.accelerator, self.config
-        checkpoint = resolve_resume(config.resume_from_checkpoint, config.output_dir)
+        checkpoint = start_from(
+            config.resume_from_checkpoint, config.output_dir, config.overwrite_output_dir, acc.is_main_process
+        )
         if checkpoint is not None:
             self.resume(checkpoint)
-        elif config.overwrite_output_dir and acc.is_main_process:
-            remove_checkpoints(config.output_dir)
         log = None
         if acc.is_main_process:
             os.makedirs(config.output_dir, exist_ok=True)
